@@ -1,0 +1,183 @@
+"""`seqguard` command line: generate, train, score-file, evaluate, export, up, demo.
+
+Heavy imports (torch, sklearn, grpc) happen inside each subcommand so `--help` is instant and
+the gateway never imports torch.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _add_input_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--map", dest="column_map", default=None, metavar="FIELD=COLUMN,...",
+                   help="map your column names to schema-v1 fields, e.g. user_id=customer,ts=timestamp")
+    p.add_argument("--on-bad-row", choices=["error", "skip"], default="error",
+                   help="error (default): stop at the first bad row, naming file, row and field; "
+                        "skip: skip bad rows and print counts per reason at the end")
+
+
+def _read(path: str, args) -> list:
+    from tqdm import tqdm
+    from .schema import ReadReport, parse_column_map, read_events
+    report = ReadReport()
+    events = list(tqdm(read_events(path, parse_column_map(args.column_map), args.on_bad_row, report),
+                       desc=f"read {os.path.basename(path)}", unit="ev", mininterval=1.0, leave=False))
+    if report.skipped:
+        print(report.summary(), file=sys.stderr)
+    return events
+
+
+def cmd_generate(args) -> int:
+    from training.generate import main_generate
+    main_generate(users=args.users, seed=args.seed, out=args.out, labels=args.labels, days=args.days)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from training.train import TrainConfig, train
+    from .schema import parse_column_map
+    cfg = TrainConfig(hidden=args.hidden, epochs=args.epochs, seed=args.seed, min_type_count=args.min_type_count,
+                      max_train_minutes=args.max_train_minutes, n_estimators=args.trees,
+                      action_fpr={"REVIEW": args.review_fpr, "CHALLENGE": args.target_fpr, "BLOCK": args.block_fpr},
+                      threads=args.threads)
+    train(args.events, args.out, cfg, labels_path=args.labels, column_map=parse_column_map(args.column_map),
+          on_bad_row=args.on_bad_row)
+    return 0
+
+
+def cmd_score_file(args) -> int:
+    import resource
+    from .artifact import ModelArtifact
+    from .batch import score_events, write_scores_csv
+    t0 = time.time()
+    model = ModelArtifact.load(args.model)
+    events = _read(args.input, args)
+    t1 = time.time()
+    risk, actions, _ = score_events(model, events, progress=not args.quiet)
+    t2 = time.time()
+    write_scores_csv(args.output, events, risk, actions, model.model_version)
+    t3 = time.time()
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    n = len(events)
+    print(f"scored {n} events with model {model.model_version} -> {args.output}\n"
+          f"  read {t1 - t0:.1f}s, score {t2 - t1:.1f}s ({n / max(t2 - t1, 1e-9):,.0f} events/s), "
+          f"write {t3 - t2:.1f}s; total {n / max(t3 - t0, 1e-9):,.0f} events/s; peak RSS {peak_mb:,.0f} MB",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from training.evaluate import main_evaluate
+    return main_evaluate(args)
+
+
+def cmd_export(args) -> int:
+    from training.export import main_export
+    return main_export(args)
+
+
+def cmd_up(args) -> int:
+    from gateway.up import main_up
+    return main_up(args)
+
+
+def cmd_demo(args) -> int:
+    from gateway.demo import main_demo
+    return main_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="seqguard", description=(
+        "Real-time risk scoring of e-commerce user behaviour sequences: an LSTM step encoder "
+        "(served by Triton) + IsolationForest, with per-user state in Redis behind a gRPC gateway."))
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="write a synthetic labelled event log (normal personas, attacks, hard negatives)")
+    g.add_argument("--users", type=int, default=2000)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--days", type=int, default=30)
+    g.add_argument("--out", required=True, help="events file (.jsonl, .csv or .parquet)")
+    g.add_argument("--labels", default=None, help="labels file (.jsonl), one line per event")
+    g.set_defaults(fn=cmd_generate)
+
+    t = sub.add_parser("train", help="train encoder + IsolationForest on an (unlabelled) event log")
+    t.add_argument("--events", required=True, help="event log (.jsonl, .csv, .parquet; schema v1)")
+    t.add_argument("--labels", default=None, help="optional labels, only used for a report line")
+    t.add_argument("--out", required=True, help="artifact directory to write")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--hidden", type=int, default=128, help="LSTM hidden size")
+    t.add_argument("--epochs", type=int, default=2)
+    t.add_argument("--trees", type=int, default=200, help="IsolationForest trees")
+    t.add_argument("--max-train-minutes", type=float, default=10.0, help="encoder training time budget")
+    t.add_argument("--min-type-count", type=int, default=5, help="event types seen this often get their own token")
+    t.add_argument("--target-fpr", type=float, default=0.01, help="CHALLENGE threshold: FPR on training traffic")
+    t.add_argument("--review-fpr", type=float, default=0.05)
+    t.add_argument("--block-fpr", type=float, default=0.001)
+    t.add_argument("--threads", type=int, default=2)
+    _add_input_opts(t)
+    t.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("score-file", help="batch-score a log: risk right after every event (same numbers as online)")
+    s.add_argument("--model", required=True, help="artifact directory written by `seqguard train`")
+    s.add_argument("--input", required=True)
+    s.add_argument("--output", required=True, help="CSV: event_id,user_id,risk,action,model_version")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_input_opts(s)
+    s.set_defaults(fn=cmd_score_file)
+
+    e = sub.add_parser("evaluate", help="metrics, baselines, plots and a Markdown report on a labelled log")
+    e.add_argument("--events", required=True)
+    e.add_argument("--labels", required=True)
+    e.add_argument("--model", required=True)
+    e.add_argument("--report", required=True, help="directory for report.md and PNG plots")
+    _add_input_opts(e)
+    e.set_defaults(fn=cmd_evaluate)
+
+    x = sub.add_parser("export", help="(re-)export a trained encoder into a Triton model repository (ONNX, TensorRT)")
+    x.add_argument("--model", required=True)
+    x.add_argument("--repository", default=None, help="model repository (default: the artifact's own)")
+    x.add_argument("--tensorrt", action="store_true", help="also build a TensorRT FP16 plan (needs a GPU + tensorrt)")
+    x.add_argument("--int8", action="store_true", help="with --tensorrt: INT8 with calibration")
+    x.add_argument("--instances", type=int, default=1)
+    x.set_defaults(fn=cmd_export)
+
+    u = sub.add_parser("up", help="start Redis + Triton + the gRPC gateway for a model; Ctrl-C stops all three")
+    u.add_argument("--model", required=True)
+    u.add_argument("--host", default=os.environ.get("SEQGUARD_HOST", "127.0.0.1"))
+    u.add_argument("--port", type=int, default=int(os.environ.get("SEQGUARD_PORT", "50051")), help="gateway gRPC port")
+    u.add_argument("--redis-port", type=int, default=int(os.environ.get("SEQGUARD_REDIS_PORT", "6379")))
+    u.add_argument("--triton-http-port", type=int, default=int(os.environ.get("SEQGUARD_TRITON_HTTP_PORT", "8000")))
+    u.add_argument("--triton-grpc-port", type=int, default=int(os.environ.get("SEQGUARD_TRITON_GRPC_PORT", "8001")))
+    u.add_argument("--triton-metrics-port", type=int, default=int(os.environ.get("SEQGUARD_TRITON_METRICS_PORT", "8002")))
+    u.add_argument("--run-dir", default=os.environ.get("SEQGUARD_RUN_DIR", "runs/up"),
+                   help="logs, Redis AOF and the pseudonymisation key file live here")
+    u.set_defaults(fn=cmd_up)
+
+    d = sub.add_parser("demo", help="end to end: generate, train a small model, start services, stream traffic, report")
+    d.add_argument("--users", type=int, default=1500)
+    d.add_argument("--workdir", default="runs/demo")
+    d.add_argument("--seed", type=int, default=7)
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        from .artifact import ArtifactError
+        from .schema import SchemaError
+        if isinstance(e, (SchemaError, ArtifactError, FileNotFoundError)) or os.environ.get("SEQGUARD_DEBUG") is None:
+            print(f"seqguard {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

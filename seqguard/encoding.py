@@ -1,0 +1,83 @@
+"""Running the exported step model: locally with ONNX Runtime, over many users at once.
+
+Batch scoring and training's post-processing run the very graph Triton serves (model.onnx),
+one step per event, batched across users. ONNX Runtime's CPU kernels give each row the same
+bits whatever the batch composition, so an offline embedding equals the online one exactly.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+STEP_INPUTS = ("event_type", "features", "h_in", "c_in")
+STEP_OUTPUTS = ("h_out", "c_out", "embedding", "surprise")
+
+
+class OrtStep:
+    """(type_ids [B], features [B,F], h [B,H], c [B,H]) -> (h', c', embedding, surprise)."""
+
+    def __init__(self, onnx_path: str, threads: int = 0):
+        import onnxruntime as ort
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        self.session = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        shapes = {i.name: i.shape for i in self.session.get_inputs()}
+        self.hidden = int(shapes["h_in"][1])
+        self.n_features = int(shapes["features"][1])
+
+    def __call__(self, type_ids, feats, h, c):
+        out = self.session.run(list(STEP_OUTPUTS), {
+            "event_type": np.asarray(type_ids, np.int64).reshape(-1, 1),
+            "features": np.asarray(feats, np.float32),
+            "h_in": np.asarray(h, np.float32), "c_in": np.asarray(c, np.float32)})
+        return tuple(out)
+
+
+def encode_sequences(step, user_idx: np.ndarray, type_ids: np.ndarray, feats: np.ndarray, n_users: int,
+                     reduce=None, max_batch: int = 8192, progress: bool = False):
+    """Run every user's events through the step model in order, all users in lock-step.
+
+    Events are given in replay order (a user's events appear in their own order). Returns
+    (reduce(embedding) per event, surprise per event [N,2] float32, final h, final c).
+    `reduce` maps an embedding batch to what the caller keeps (default: all of it), so
+    millions of events never hold millions of 128-float embeddings.
+    """
+    N = len(user_idx)
+    H = step.hidden
+    user_idx = np.asarray(user_idx, np.int64)
+    by_user = np.argsort(user_idx, kind="stable")
+    counts = np.bincount(user_idx, minlength=n_users)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty(N, np.int64)
+    rank[by_user] = np.arange(N) - np.repeat(starts, counts)
+    by_rank = np.argsort(rank, kind="stable")
+    steps = np.bincount(rank) if N else np.zeros(0, np.int64)
+    h = np.zeros((n_users, H), np.float32)
+    c = np.zeros((n_users, H), np.float32)
+    surprise = np.empty((N, 2), np.float32)
+    kept = None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=N, desc="encode", unit="ev", mininterval=1.0, leave=False)
+    pos = 0
+    for n_k in steps:
+        rows_k = by_rank[pos:pos + n_k]
+        pos += n_k
+        for a in range(0, n_k, max_batch):
+            rows = rows_k[a:a + max_batch]
+            users = user_idx[rows]
+            h2, c2, emb, sur = step(type_ids[rows], feats[rows], h[users], c[users])
+            h[users], c[users] = h2, c2
+            surprise[rows] = sur
+            out = emb if reduce is None else reduce(emb)
+            if kept is None:
+                kept = np.empty((N, out.shape[1]), out.dtype)
+            kept[rows] = out
+            if bar is not None:
+                bar.update(len(rows))
+    if bar is not None:
+        bar.close()
+    if kept is None:
+        kept = np.empty((0, H), np.float32)
+    return kept, surprise, h, c

@@ -1,0 +1,458 @@
+"""The ONE featuriser: event + compact contexts -> (event-type id, feature vector), contexts updated.
+
+Training, batch scoring (`score-file`) and the online gateway all call `Featurizer.featurize`
+with the same contexts, so an offline score and an online score of the same events are
+identical. It is pure Python/numpy (no torch) and keeps all state in small structs that
+serialise to bytes (the gateway keeps them in Redis):
+
+* UserContext   - one per user: previous timestamp, recently seen devices / countries /
+                  IP prefixes, decayed activity and failure counters, amount and timing stats.
+* EntityContext - one per device, IP and IP /24 prefix: accounts seen in the last 24 h,
+                  decayed failed logins and events. Shared across users, this is what
+                  exposes rings (brushing, promo abuse, credential stuffing). Offline it is
+                  replayed in global timestamp order, online it lives in Redis.
+
+All counters are exponentially decayed (value, shared last timestamp), so they are exact,
+O(1) to update and independent of how the stream is chunked.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterable, NamedTuple
+
+import numpy as np
+
+from .schema import COMMON_EVENT_TYPES, SCHEMA_VERSION, Event
+
+FEATURIZER_VERSION = 1
+UNKNOWN_TOKEN = "<unknown>"
+
+# Event-type groups the featuriser reacts to (by name, so team-specific ids do not matter).
+ACCOUNT_CHANGES = frozenset({"change_password", "change_email", "change_address", "add_payment_method"})
+PAYMENTS = frozenset({"payment", "checkout"})
+AMOUNT_STATS_TYPES = frozenset({"payment"})
+
+MINUTE_MS, HOUR_MS, DAY_MS = 60_000, 3_600_000, 86_400_000
+MAX_DEVICES, MAX_COUNTRIES, MAX_PREFIXES = 8, 4, 8
+MAX_ENTITY_USERS = 32
+GAP_EWMA_ALPHA = 0.1
+
+FEATURE_NAMES = (
+    "is_first_event", "log_gap_s", "log_account_age_h", "log_n_events",
+    "has_amount", "log_amount", "amount_z", "amount_vs_max",
+    "has_device", "new_device", "device_changed", "log_n_devices",
+    "has_country", "new_country", "country_changed",
+    "has_ip", "new_ip_prefix", "ip_prefix_changed",
+    "log_events_1m", "log_events_1h", "log_login_failed_1h", "log_payment_failed_1h",
+    "log_payments_24h", "log_amount_24h", "log_coupons_24h",
+    "recent_account_change", "gap_mean", "gap_std",
+    "review_without_purchase", "review_vs_purchase", "log_session_events", "new_session",
+    "log_device_accounts_24h", "log_device_failed_1h", "log_device_new_accounts_24h",
+    "log_ip_accounts_24h", "log_ip_failed_1h", "log_ip_events_1h",
+    "log_prefix_accounts_24h", "log_prefix_failed_1h",
+)
+N_FEATURES = len(FEATURE_NAMES)
+FEATURE_INDEX = {name: i for i, name in enumerate(FEATURE_NAMES)}
+
+
+# --------------------------------------------------------------------------- tokens
+
+class Vocabulary:
+    """Event-type tokens learned from a training log.
+
+    Id 0 is the shared "unknown" token; the common types always have ids; a team's own type
+    gets an id when seen at least `min_count` times. An unseen type maps to unknown, never an error.
+    """
+
+    def __init__(self, tokens: Iterable[str]):
+        self.tokens = [UNKNOWN_TOKEN] + [t for t in tokens if t != UNKNOWN_TOKEN]
+        self.index = {t: i for i, t in enumerate(self.tokens)}
+
+    @classmethod
+    def learn(cls, event_types: Iterable[str], min_count: int = 5) -> "Vocabulary":
+        counts = Counter(event_types)
+        extra = sorted(t for t, n in counts.items() if n >= min_count and t not in COMMON_EVENT_TYPES)
+        return cls(list(COMMON_EVENT_TYPES) + extra)
+
+    def id(self, event_type: str) -> int:
+        return self.index.get(event_type, 0)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+class TokenHasher:
+    """Keyed 32-bit hashes of identifiers (devices, IPs, ...) kept inside contexts.
+
+    Contexts only compare hashes for equality, so features do not depend on the key; keying
+    keeps raw identifiers (an IPv4 is trivially brute-forced from an unkeyed hash) out of Redis.
+    """
+
+    def __init__(self, key: bytes = b"seqguard-context"):
+        self._key = key[:64]
+        self._memo: dict[str, int] = {}
+
+    def __call__(self, value: str | None) -> int:
+        if value is None:
+            return 0
+        h = self._memo.get(value)
+        if h is None:
+            d = hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=4, key=self._key).digest()
+            h = int.from_bytes(d, "little") or 1          # 0 means "missing"
+            if len(self._memo) > 1_000_000:
+                self._memo.clear()
+            self._memo[value] = h
+        return h
+
+
+def ip_prefix(ip: str | None) -> str | None:
+    """IPv4 /24 ("1.2.3") or IPv6 /48 (first three hextets): where carrier NAT and rings live."""
+    if ip is None:
+        return None
+    if ":" in ip:
+        return ":".join(ip.split(":")[:3]) + "::/48"
+    parts = ip.split(".")
+    return ".".join(parts[:3]) if len(parts) == 4 else ip
+
+
+class Tokens(NamedTuple):
+    """The hashed, vocabulary-mapped view of one event that the featuriser consumes."""
+    ts: int
+    type_id: int
+    event_type: str
+    amount: float | None
+    user: int
+    device: int
+    ip: int
+    prefix: int
+    country: int
+    session: int
+
+
+# --------------------------------------------------------------------------- contexts
+
+def _decay(dt_ms: int, tau_ms: int) -> float:
+    return math.exp(-dt_ms / tau_ms) if dt_ms > 0 else 1.0
+
+
+def _lru_touch(items: list, value: int, cap: int) -> bool:
+    """Move value to the front; return True if it was not there (new)."""
+    if value in items:
+        items.remove(value)
+        items.insert(0, value)
+        return False
+    items.insert(0, value)
+    del items[cap:]
+    return True
+
+
+_USER_HEAD = struct.Struct("<BIqqqIIIIIIII" + "d" * 15)
+_ENTITY_HEAD = struct.Struct("<Bqqdddd B")
+
+
+class UserContext:
+    """Per-user featuriser state (~300 bytes serialised)."""
+    __slots__ = ("n", "first_ts", "last_ts", "last_change_ts", "last_device", "last_country",
+                 "last_prefix", "last_session", "session_events", "n_payments", "n_reviews", "last_type",
+                 "ev_1m", "ev_1h", "fail_login", "fail_pay", "pay_24h", "amt_24h", "coupon_24h",
+                 "amt_mean", "amt_m2", "amt_max", "gap_mean", "gap_var", "spare1", "spare2", "spare3",
+                 "devices", "countries", "prefixes")
+
+    def __init__(self):
+        self.n = 0
+        self.first_ts = self.last_ts = self.last_change_ts = 0
+        self.last_device = self.last_country = self.last_prefix = self.last_session = 0
+        self.session_events = self.n_payments = self.n_reviews = self.last_type = 0
+        self.ev_1m = self.ev_1h = self.fail_login = self.fail_pay = 0.0
+        self.pay_24h = self.amt_24h = self.coupon_24h = 0.0
+        self.amt_mean = self.amt_m2 = self.amt_max = 0.0
+        self.gap_mean = self.gap_var = 0.0
+        self.spare1 = self.spare2 = self.spare3 = 0.0
+        self.devices: list[int] = []
+        self.countries: list[int] = []
+        self.prefixes: list[int] = []
+
+    def to_bytes(self) -> bytes:
+        head = _USER_HEAD.pack(
+            FEATURIZER_VERSION, self.n, self.first_ts, self.last_ts, self.last_change_ts,
+            self.last_device, self.last_country, self.last_prefix, self.last_session,
+            self.session_events, self.n_payments, self.n_reviews, self.last_type,
+            self.ev_1m, self.ev_1h, self.fail_login, self.fail_pay, self.pay_24h, self.amt_24h,
+            self.coupon_24h, self.amt_mean, self.amt_m2, self.amt_max, self.gap_mean, self.gap_var,
+            self.spare1, self.spare2, self.spare3)
+        lists = bytes([len(self.devices), len(self.countries), len(self.prefixes)])
+        ids = self.devices + self.countries + self.prefixes
+        return head + lists + struct.pack(f"<{len(ids)}I", *ids)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "UserContext":
+        u = cls()
+        vals = _USER_HEAD.unpack_from(data, 0)
+        if vals[0] != FEATURIZER_VERSION:
+            raise ValueError(f"user context version {vals[0]} != featuriser version {FEATURIZER_VERSION}")
+        (_, u.n, u.first_ts, u.last_ts, u.last_change_ts, u.last_device, u.last_country,
+         u.last_prefix, u.last_session, u.session_events, u.n_payments, u.n_reviews, u.last_type,
+         u.ev_1m, u.ev_1h, u.fail_login, u.fail_pay, u.pay_24h, u.amt_24h, u.coupon_24h,
+         u.amt_mean, u.amt_m2, u.amt_max, u.gap_mean, u.gap_var, u.spare1, u.spare2, u.spare3) = vals
+        off = _USER_HEAD.size
+        nd, nc, npf = data[off], data[off + 1], data[off + 2]
+        ids = list(struct.unpack_from(f"<{nd + nc + npf}I", data, off + 3))
+        u.devices, u.countries, u.prefixes = ids[:nd], ids[nd:nd + nc], ids[nd + nc:]
+        return u
+
+
+class EntityContext:
+    """Per device / IP / IP-prefix state shared by all users (~300 bytes serialised)."""
+    __slots__ = ("first_ts", "last_ts", "events_1h", "failed_1h", "new_accounts_24h", "spare", "users")
+
+    def __init__(self):
+        self.first_ts = self.last_ts = 0
+        self.events_1h = self.failed_1h = self.new_accounts_24h = self.spare = 0.0
+        self.users: list[list[int]] = []     # [user hash, last ts ms], most recent first
+
+    def to_bytes(self) -> bytes:
+        head = _ENTITY_HEAD.pack(FEATURIZER_VERSION, self.first_ts, self.last_ts, self.events_1h,
+                                 self.failed_1h, self.new_accounts_24h, self.spare, len(self.users))
+        flat = [x for pair in self.users for x in pair]
+        return head + struct.pack("<" + "Iq" * len(self.users), *flat)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "EntityContext":
+        e = cls()
+        (ver, e.first_ts, e.last_ts, e.events_1h, e.failed_1h, e.new_accounts_24h, e.spare,
+         n) = _ENTITY_HEAD.unpack_from(data, 0)
+        if ver != FEATURIZER_VERSION:
+            raise ValueError(f"entity context version {ver} != featuriser version {FEATURIZER_VERSION}")
+        flat = struct.unpack_from("<" + "Iq" * n, data, _ENTITY_HEAD.size)
+        e.users = [[flat[2 * i], flat[2 * i + 1]] for i in range(n)]
+        return e
+
+
+def _touch_entity(e: EntityContext | None, t: Tokens, user_is_new: bool, failed: bool) -> tuple[float, float, float, float]:
+    """Update one entity with this event; return (log accounts 24h, log failed 1h, log events 1h, log new accounts 24h)."""
+    if e is None:
+        return 0.0, 0.0, 0.0, 0.0
+    ts = t.ts
+    if e.first_ts == 0:
+        e.first_ts = ts
+    dt = ts - e.last_ts if e.last_ts else 0
+    k1h = _decay(dt, HOUR_MS)
+    e.events_1h = e.events_1h * k1h + 1.0
+    e.failed_1h = e.failed_1h * k1h + (1.0 if failed else 0.0)
+    e.new_accounts_24h = e.new_accounts_24h * _decay(dt, DAY_MS) + (1.0 if user_is_new else 0.0)
+    if ts > e.last_ts:
+        e.last_ts = ts
+    users = e.users
+    for i, pair in enumerate(users):
+        if pair[0] == t.user:
+            del users[i]
+            break
+    users.insert(0, [t.user, ts])
+    horizon = ts - DAY_MS
+    e.users = [p for p in users[:MAX_ENTITY_USERS] if p[1] >= horizon]
+    return (math.log1p(len(e.users)), math.log1p(e.failed_1h), math.log1p(e.events_1h),
+            math.log1p(e.new_accounts_24h))
+
+
+# --------------------------------------------------------------------------- featuriser
+
+@dataclass
+class Featurizer:
+    """Maps events to model inputs; its spec (vocabulary + version + feature names) is model metadata."""
+    vocab: Vocabulary
+    hasher: TokenHasher
+
+    @classmethod
+    def from_spec(cls, spec: dict, hasher: TokenHasher | None = None) -> "Featurizer":
+        if spec.get("featurizer_version") != FEATURIZER_VERSION or list(spec.get("feature_names", [])) != list(FEATURE_NAMES):
+            raise ValueError("model was trained with a different featuriser "
+                             f"(version {spec.get('featurizer_version')}, this code is {FEATURIZER_VERSION})")
+        return cls(Vocabulary(spec["vocab"][1:]), hasher or TokenHasher())
+
+    def spec(self) -> dict:
+        return {"schema_version": SCHEMA_VERSION, "featurizer_version": FEATURIZER_VERSION,
+                "feature_names": list(FEATURE_NAMES), "vocab": list(self.vocab.tokens)}
+
+    def schema_hash(self) -> str:
+        """Fingerprint of everything that must match between a model and the serving code."""
+        return hashlib.sha256(json.dumps(self.spec(), sort_keys=True).encode()).hexdigest()[:16]
+
+    # -- tokens
+    def tokens(self, ev: Event) -> Tokens:
+        h = self.hasher
+        return Tokens(ev.ts, self.vocab.id(ev.event_type), ev.event_type, ev.amount, h(ev.user_id),
+                      h(ev.device_id), h(ev.ip), h(ip_prefix(ev.ip)), h(ev.country), h(ev.session_id))
+
+    # -- the step
+    def featurize(self, t: Tokens, u: UserContext, device: EntityContext | None = None,
+                  ip: EntityContext | None = None, prefix: EntityContext | None = None) -> list[float]:
+        """Features of event t given the contexts *before* it; updates the contexts in place.
+
+        Entity contexts must be given when the event carries that entity (device/ip) for the
+        cross-user features; they are None when the event has no such field.
+        """
+        ts, et, amount = t.ts, t.event_type, t.amount
+        first = u.n == 0
+        if first:
+            u.first_ts = ts
+            gap_ms = 0
+        else:
+            gap_ms = max(0, ts - u.last_ts)
+        log_gap = math.log1p(gap_ms / 1000.0)
+
+        # decayed per-user counters (decay to now, then add this event)
+        k1m, k1h, k24 = _decay(gap_ms, MINUTE_MS), _decay(gap_ms, HOUR_MS), _decay(gap_ms, DAY_MS)
+        u.ev_1m = u.ev_1m * k1m + 1.0
+        u.ev_1h = u.ev_1h * k1h + 1.0
+        u.fail_login = u.fail_login * k1h + (1.0 if et == "login_failed" else 0.0)
+        u.fail_pay = u.fail_pay * k1h + (1.0 if et == "payment_failed" else 0.0)
+        is_payment = et in PAYMENTS
+        has_amount = amount is not None
+        u.pay_24h = u.pay_24h * k24 + (1.0 if et == "payment" else 0.0)
+        u.amt_24h = u.amt_24h * k24 + (amount if (has_amount and et == "payment") else 0.0)
+        u.coupon_24h = u.coupon_24h * k24 + (1.0 if et == "redeem_coupon" else 0.0)
+
+        # amount relative to the user's own payment history (before this event)
+        log_amt = math.log1p(amount) if has_amount else 0.0
+        amount_z = amount_vs_max = 0.0
+        if has_amount and is_payment and u.n_payments > 0:
+            var = u.amt_m2 / u.n_payments
+            amount_z = max(-5.0, min(5.0, (log_amt - u.amt_mean) / math.sqrt(var + 0.25)))
+            amount_vs_max = max(-5.0, min(5.0, log_amt - u.amt_max))
+        if has_amount and et in AMOUNT_STATS_TYPES:
+            n = u.n_payments + 1
+            d = log_amt - u.amt_mean
+            u.amt_mean += d / n
+            u.amt_m2 += d * (log_amt - u.amt_mean)
+            u.amt_max = max(u.amt_max, log_amt)
+        if et == "payment":
+            u.n_payments += 1
+        review_wo_purchase = 1.0 if (et == "review" and u.n_payments == 0) else 0.0
+        if et == "review":
+            u.n_reviews += 1
+
+        # where from: device / country / IP prefix novelty for this user
+        dev, cty, pfx = t.device, t.country, t.prefix
+        new_device = device_changed = new_country = country_changed = new_pfx = pfx_changed = 0.0
+        if dev:
+            new_device = 1.0 if (_lru_touch(u.devices, dev, MAX_DEVICES) and not first) else 0.0
+            device_changed = 1.0 if (u.last_device and dev != u.last_device) else 0.0
+            u.last_device = dev
+        if cty:
+            new_country = 1.0 if (_lru_touch(u.countries, cty, MAX_COUNTRIES) and not first) else 0.0
+            country_changed = 1.0 if (u.last_country and cty != u.last_country) else 0.0
+            u.last_country = cty
+        if pfx:
+            new_pfx = 1.0 if (_lru_touch(u.prefixes, pfx, MAX_PREFIXES) and not first) else 0.0
+            pfx_changed = 1.0 if (u.last_prefix and pfx != u.last_prefix) else 0.0
+            u.last_prefix = pfx
+
+        # account changes shortly before a payment
+        recent_change = 0.0
+        if u.last_change_ts:
+            recent_change = _decay(max(0, ts - u.last_change_ts), HOUR_MS)
+        if et in ACCOUNT_CHANGES:
+            u.last_change_ts = ts
+
+        # timing regularity: EWMA mean/variance of log gaps (bots are machine-regular)
+        if not first:
+            if u.n == 1:
+                u.gap_mean, u.gap_var = log_gap, 1.0
+            else:
+                d = log_gap - u.gap_mean
+                u.gap_mean += GAP_EWMA_ALPHA * d
+                u.gap_var = (1.0 - GAP_EWMA_ALPHA) * (u.gap_var + GAP_EWMA_ALPHA * d * d)
+        gap_std = math.sqrt(u.gap_var) if u.n >= 1 else 1.0
+
+        # sessions
+        new_session = 0.0
+        if t.session != u.last_session or first:
+            new_session = 1.0
+            u.session_events = 0
+            u.last_session = t.session
+        u.session_events += 1
+
+        # cross-user entities
+        failed = et == "login_failed"
+        d_acc, d_fail, _, d_new = _touch_entity(device, t, first, failed)
+        i_acc, i_fail, i_ev, _ = _touch_entity(ip, t, first, failed)
+        p_acc, p_fail, _, _ = _touch_entity(prefix, t, first, failed)
+
+        age_h = (ts - u.first_ts) / HOUR_MS if ts > u.first_ts else 0.0
+        u.n += 1
+        if ts > u.last_ts:
+            u.last_ts = ts
+        u.last_type = t.type_id
+
+        return [
+            1.0 if first else 0.0, log_gap, math.log1p(age_h), math.log1p(u.n - 1),
+            1.0 if has_amount else 0.0, log_amt, amount_z, amount_vs_max,
+            1.0 if dev else 0.0, new_device, device_changed, math.log1p(len(u.devices)),
+            1.0 if cty else 0.0, new_country, country_changed,
+            1.0 if pfx else 0.0, new_pfx, pfx_changed,
+            math.log1p(u.ev_1m), math.log1p(u.ev_1h), math.log1p(u.fail_login), math.log1p(u.fail_pay),
+            math.log1p(u.pay_24h), math.log1p(u.amt_24h), math.log1p(u.coupon_24h),
+            recent_change, u.gap_mean, gap_std,
+            review_wo_purchase, math.log1p(u.n_reviews) - math.log1p(u.n_payments),
+            math.log1p(u.session_events), new_session,
+            d_acc, d_fail, d_new, i_acc, i_fail, i_ev, p_acc, p_fail,
+        ]
+
+
+class ContextStore:
+    """In-memory contexts for offline replay (the gateway keeps the same structs in Redis)."""
+
+    def __init__(self):
+        self.users: dict[int, UserContext] = {}
+        self.devices: dict[int, EntityContext] = {}
+        self.ips: dict[int, EntityContext] = {}
+        self.prefixes: dict[int, EntityContext] = {}
+
+    @staticmethod
+    def _get(table: dict, key: int, factory):
+        if not key:
+            return None
+        c = table.get(key)
+        if c is None:
+            c = table[key] = factory()
+        return c
+
+    def contexts_for(self, t: Tokens):
+        return (self._get(self.users, t.user, UserContext), self._get(self.devices, t.device, EntityContext),
+                self._get(self.ips, t.ip, EntityContext), self._get(self.prefixes, t.prefix, EntityContext))
+
+
+def featurize_log(featurizer: Featurizer, events: list[Event], store: ContextStore | None = None,
+                  progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Replay events in global (ts, position) order; return (order, type_ids, features) in that order.
+
+    `order[k]` is the index into `events` of the k-th replayed event. Rows are float32 exactly as
+    the online gateway computes them for the same event stream.
+    """
+    store = store or ContextStore()
+    order = np.array(sorted(range(len(events)), key=lambda i: (events[i].ts, i)), dtype=np.int64)
+    type_ids = np.empty(len(events), dtype=np.int64)
+    feats = np.empty((len(events), N_FEATURES), dtype=np.float32)
+    it = order
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(order, desc="featurise", unit="ev", mininterval=1.0, leave=False)
+    rows = []
+    tok = featurizer.tokens
+    fz = featurizer.featurize
+    ctx = store.contexts_for
+    for k, i in enumerate(it):
+        t = tok(events[i])
+        type_ids[k] = t.type_id
+        rows.append(fz(t, *ctx(t)))
+        if len(rows) == 65536:
+            feats[k + 1 - len(rows):k + 1] = rows
+            rows = []
+    if rows:
+        feats[len(events) - len(rows):] = rows
+    return order, type_ids, feats

@@ -1,0 +1,233 @@
+"""Triton model repository for the seqguard step encoder.
+
+Layout written by :func:`write_model_repository`::
+
+    repo_dir/
+      seqguard_encoder/
+        config.pbtxt          # rendered by render_config()
+        <version>/
+          model.py            # copy of the committed model_repository/seqguard_encoder/1/model.py
+          model.onnx          # the exported step model
+
+The committed ``model_repository/seqguard_encoder/config.pbtxt`` is ``render_config()`` with
+its defaults (a test checks this), so the template lives in one place only.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+COMMITTED_MODEL_DIR = PROJECT_ROOT / "model_repository" / "seqguard_encoder"
+COMMITTED_MODEL_PY = COMMITTED_MODEL_DIR / "1" / "model.py"
+
+DEFAULT_MODEL_NAME = "seqguard_encoder"
+INPUTS = ("event_type", "features", "h_in", "c_in")
+OUTPUTS = ("h_out", "c_out", "embedding", "surprise")
+DEFAULT_PREFERRED_BATCH_SIZES = (16, 64, 256)
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def render_config(*, model_name: str = DEFAULT_MODEL_NAME, n_features: int = 40,
+                  hidden: int = 128, max_batch_size: int = 1024, instances: int = 1,
+                  max_queue_delay_us: int = 200, ort_threads: int = 1,
+                  preferred_batch_sizes: Sequence[int] = DEFAULT_PREFERRED_BATCH_SIZES) -> str:
+    """The model's config.pbtxt text (the single template for every repository we write)."""
+    for label, value in (("n_features", n_features), ("hidden", hidden),
+                         ("max_batch_size", max_batch_size), ("instances", instances),
+                         ("ort_threads", ort_threads)):
+        if int(value) < 1:
+            raise ValueError(f"{label} must be >= 1, got {value}")
+    if max_queue_delay_us < 0:
+        raise ValueError(f"max_queue_delay_us must be >= 0, got {max_queue_delay_us}")
+    if not _NAME_RE.match(model_name):
+        raise ValueError(f"bad model name {model_name!r}")
+    preferred = sorted({int(b) for b in preferred_batch_sizes if 0 < int(b) <= max_batch_size})
+    preferred_txt = ", ".join(str(b) for b in preferred)
+    return f"""\
+# seqguard step encoder: one LSTM step per event, served by ONNX Runtime inside Triton's
+# Python backend (CPU only). Rendered by seqguard.triton_repo.render_config(); do not edit
+# by hand, re-render instead (tests check the committed copy against the template).
+name: "{model_name}"
+# Python backend: the wheel-bundled tritonserver has no onnxruntime backend, and model.py
+# runs ONNX Runtime itself (one ORT run per merged batch).
+backend: "python"
+# Requests carry the batch as dim 0; the dynamic batcher merges requests up to this many rows.
+max_batch_size: {max_batch_size}
+
+# Shapes below exclude the batch dim. Only the batch dim is dynamic.
+input [
+  {{
+    # Event type id (vocabulary index), one per row.
+    name: "event_type"
+    data_type: TYPE_INT64
+    dims: [ 1 ]
+  }},
+  {{
+    # Featurised event (F = {n_features}).
+    name: "features"
+    data_type: TYPE_FP32
+    dims: [ {n_features} ]
+  }},
+  {{
+    # LSTM state before this event (H = {hidden}); zeros for a new user.
+    name: "h_in"
+    data_type: TYPE_FP32
+    dims: [ {hidden} ]
+  }},
+  {{
+    name: "c_in"
+    data_type: TYPE_FP32
+    dims: [ {hidden} ]
+  }}
+]
+output [
+  {{
+    # LSTM state after this event: the gateway stores it per user.
+    name: "h_out"
+    data_type: TYPE_FP32
+    dims: [ {hidden} ]
+  }},
+  {{
+    name: "c_out"
+    data_type: TYPE_FP32
+    dims: [ {hidden} ]
+  }},
+  {{
+    # Sequence embedding for the downstream anomaly detector.
+    name: "embedding"
+    data_type: TYPE_FP32
+    dims: [ {hidden} ]
+  }},
+  {{
+    # Next-event surprise scores (2 values per row).
+    name: "surprise"
+    data_type: TYPE_FP32
+    dims: [ 2 ]
+  }}
+]
+
+# Merge concurrent single-event requests into one ORT run. The preferred sizes let the
+# batcher cut a batch early once that many rows are waiting; the queue delay is kept
+# tiny ({max_queue_delay_us} us) because the gateway's latency budget is a few ms and one step is
+# cheap. (The batcher only merges requests whose non-batch shapes are identical, which
+# holds here: every request has the same F and H.)
+dynamic_batching {{
+  preferred_batch_size: [ {preferred_txt} ]
+  max_queue_delay_microseconds: {max_queue_delay_us}
+}}
+
+# CPU instances; each is one Python stub process holding its own ORT session. More
+# instances only help with spare cores (the Python backend runs one batch at a time per
+# instance).
+instance_group [
+  {{
+    count: {instances}
+    kind: KIND_CPU
+  }}
+]
+
+# Serve only the newest version directory: dropping in <n+1>/ and reloading swaps models.
+version_policy: {{ latest: {{ num_versions: 1 }} }}
+
+parameters [
+  {{
+    # ONNX Runtime intra-op threads per instance; 1 keeps instances from fighting over cores
+    # (scale with instance_group count instead).
+    key: "ort_intra_op_threads"
+    value: {{ string_value: "{ort_threads}" }}
+  }}
+]
+"""
+
+
+def next_version(repo_dir: str | os.PathLike, model_name: str = DEFAULT_MODEL_NAME) -> int:
+    """1 + the highest numeric version directory of ``repo_dir/model_name`` (1 if none)."""
+    model_dir = Path(repo_dir) / model_name
+    versions = [int(p.name) for p in model_dir.iterdir()
+                if p.is_dir() and p.name.isdigit()] if model_dir.is_dir() else []
+    return max(versions, default=0) + 1
+
+
+def _check_onnx(onnx_path: Path, n_features: int, hidden: int) -> None:
+    """Fail early (with names and shapes) if the ONNX file does not honour the contract."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    want_in = {"event_type": ("tensor(int64)", [1]), "features": ("tensor(float)", [n_features]),
+               "h_in": ("tensor(float)", [hidden]), "c_in": ("tensor(float)", [hidden])}
+    want_out = {"h_out": ("tensor(float)", [hidden]), "c_out": ("tensor(float)", [hidden]),
+                "embedding": ("tensor(float)", [hidden]), "surprise": ("tensor(float)", [2])}
+    problems = []
+    for kind, want, got in (("input", want_in, sess.get_inputs()),
+                            ("output", want_out, sess.get_outputs())):
+        got = {a.name: a for a in got}
+        for name, (dtype, dims) in want.items():
+            arg = got.get(name)
+            if arg is None:
+                problems.append(f"missing {kind} '{name}'")
+                continue
+            tail = list(arg.shape[1:])
+            if arg.type != dtype or len(arg.shape) != 1 + len(dims) or any(
+                    isinstance(g, int) and g != w for g, w in zip(tail, dims)):
+                problems.append(f"{kind} '{name}' is {arg.type} {list(arg.shape)}, "
+                                f"expected {dtype} ['batch', {', '.join(map(str, dims))}]")
+    if problems:
+        raise ValueError(f"{onnx_path} does not match the step-model contract "
+                         f"(F={n_features}, H={hidden}): " + "; ".join(problems))
+
+
+def write_model_repository(repo_dir: str | os.PathLike, onnx_path: str | os.PathLike, *,
+                           model_name: str = DEFAULT_MODEL_NAME, version: int = 1,
+                           n_features: int = 40, hidden: int = 128,
+                           max_batch_size: int = 1024, instances: int = 1,
+                           max_queue_delay_us: int = 200, ort_threads: int = 1,
+                           preferred_batch_sizes: Sequence[int] = DEFAULT_PREFERRED_BATCH_SIZES,
+                           model_py: str | os.PathLike = COMMITTED_MODEL_PY,
+                           validate: bool = True) -> Path:
+    """Write (or update) ``repo_dir/model_name`` for Triton and return ``repo_dir``.
+
+    ``repo_dir`` is what ``tritonserver --model-repository`` takes. The version directory is
+    staged under a hidden name and renamed into place, so a polling server never sees a
+    half-copied model; an existing directory of the same version is replaced. With
+    ``validate`` the ONNX file's I/O is checked against the contract (F, H) first.
+    """
+    repo_dir = Path(repo_dir)
+    onnx_path = Path(onnx_path)
+    model_py = Path(model_py)
+    if version < 1:
+        raise ValueError(f"version must be >= 1, got {version}")
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"ONNX model not found: {onnx_path}")
+    if not model_py.is_file():
+        raise FileNotFoundError(f"Triton model.py not found: {model_py}")
+    config = render_config(model_name=model_name, n_features=n_features, hidden=hidden,
+                           max_batch_size=max_batch_size, instances=instances,
+                           max_queue_delay_us=max_queue_delay_us, ort_threads=ort_threads,
+                           preferred_batch_sizes=preferred_batch_sizes)
+    if validate:
+        _check_onnx(onnx_path, n_features, hidden)
+
+    model_dir = repo_dir / model_name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=model_dir))
+    try:
+        staging.chmod(0o755)
+        shutil.copyfile(model_py, staging / "model.py")
+        shutil.copyfile(onnx_path, staging / "model.onnx")
+        final = model_dir / str(version)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    tmp_cfg = model_dir / f".config.pbtxt.{os.getpid()}"
+    tmp_cfg.write_text(config)
+    os.replace(tmp_cfg, model_dir / "config.pbtxt")
+    return repo_dir

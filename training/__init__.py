@@ -1,0 +1,1 @@
+"""Offline side: synthetic data, encoder training, export, evaluation."""

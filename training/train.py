@@ -1,0 +1,267 @@
+"""`seqguard train`: event log -> encoder + IsolationForest -> versioned artifact + Triton entry.
+
+Read top to bottom:
+  1. read and validate the log; learn the event-type vocabulary
+  2. replay it through the shared featuriser (global time order, cross-user contexts)
+  3. train the LSTM self-supervised (next type + next gap) with truncated BPTT carrying state
+  4. export the step graph to ONNX and check it against the torch model
+  5. run the ONNX step over the training log, fit PCA + IsolationForest, calibrate risk
+  6. write the artifact directory and its Triton model repository
+Labels are never needed; when given they are only used for a report line at the end.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from seqguard import artifact as art
+from seqguard.batch import encode_log
+from seqguard.detector import (DEFAULT_ACTION_FPR, DETECTOR_SIGNALS, Detector, action_thresholds, fit_pca,
+                               signal_indices)
+from seqguard.featurizer import ContextStore, Featurizer, TokenHasher, Vocabulary, featurize_log
+from seqguard.forest import FlatIsolationForest, RiskCalibrator
+from seqguard.schema import ReadReport, read_events
+
+from .model import EncoderConfig, SequenceEncoder, StepModel, export_onnx
+
+
+@dataclass
+class TrainConfig:
+    hidden: int = 128
+    type_dim: int = 16
+    epochs: int = 2
+    batch_users: int = 64
+    bptt: int = 64                  # truncated-BPTT window; state is carried across windows
+    lr: float = 3e-3
+    max_train_minutes: float = 10.0 # encoder training stops early past this budget
+    min_type_count: int = 5
+    pca_dim: int = 16
+    n_estimators: int = 200
+    max_samples: int = 512
+    forest_fit_events: int = 200_000
+    action_fpr: dict = field(default_factory=lambda: dict(DEFAULT_ACTION_FPR))
+    seed: int = 0
+    threads: int = 2
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def user_sequences(user_idx: np.ndarray, n_users: int) -> list[np.ndarray]:
+    """Replay positions of each user's events, in order."""
+    by_user = np.argsort(user_idx, kind="stable")
+    counts = np.bincount(user_idx, minlength=n_users)
+    return np.split(by_user, np.cumsum(counts)[:-1])
+
+
+def train_encoder(cfg: TrainConfig, n_types: int, type_ids: np.ndarray, feats: np.ndarray,
+                  seqs: list[np.ndarray], log=print) -> tuple[SequenceEncoder, list[float]]:
+    """Self-supervised training with truncated BPTT; batches group users of similar length."""
+    enc = SequenceEncoder(EncoderConfig(n_types=n_types, n_features=feats.shape[1], hidden=cfg.hidden,
+                                        type_dim=cfg.type_dim))
+    mean, std = feats.mean(axis=0), feats.std(axis=0)
+    enc.set_normalisation(mean, std)
+    opt = torch.optim.Adam(enc.parameters(), lr=cfg.lr)
+    rng = np.random.default_rng(cfg.seed)
+    lengths = np.array([len(s) for s in seqs])
+    by_len = np.argsort(lengths, kind="stable")
+    batches = [by_len[i:i + cfg.batch_users] for i in range(0, len(by_len), cfg.batch_users)]
+    total_windows = sum(int(np.ceil(lengths[b].max() / cfg.bptt)) for b in batches) * cfg.epochs
+    t_type = torch.from_numpy(type_ids)
+    t_feat = torch.from_numpy(feats)
+    deadline = time.time() + cfg.max_train_minutes * 60
+    losses: list[float] = []
+    bar = tqdm(total=total_windows, desc="train encoder", unit="win", mininterval=1.0)
+    enc.train()
+    stopped = False
+    for epoch in range(cfg.epochs):
+        ep_loss, ep_n = 0.0, 0
+        for bi in rng.permutation(len(batches)):
+            users = batches[bi]
+            L = int(lengths[users].max())
+            idx = np.zeros((len(users), L), np.int64)
+            mask = np.zeros((len(users), L), bool)
+            for r, u in enumerate(users):
+                idx[r, :lengths[u]] = seqs[u]
+                mask[r, :lengths[u]] = True
+            idx_t, mask_t = torch.from_numpy(idx), torch.from_numpy(mask)
+            state = None
+            for a in range(0, L, cfg.bptt):
+                sl = slice(a, a + cfg.bptt)
+                w_idx, w_mask = idx_t[:, sl], mask_t[:, sl]
+                _, surprise, state = enc(t_type[w_idx], t_feat[w_idx], state)
+                state = (state[0].detach(), state[1].detach())
+                m = w_mask.float()
+                loss = (surprise.sum(-1) * m).sum() / m.sum().clamp(min=1.0)
+                opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(enc.parameters(), 1.0)
+                opt.step()
+                ep_loss += float(loss.detach()) * float(m.sum())
+                ep_n += int(m.sum())
+                bar.update(1)
+            if time.time() > deadline:
+                stopped = True
+                break
+        losses.append(ep_loss / max(ep_n, 1))
+        log(f"epoch {epoch + 1}: mean surprise (type + gap NLL) {losses[-1]:.4f}")
+        if stopped:
+            log(f"stopped early: the {cfg.max_train_minutes} min training budget is spent")
+            break
+    bar.close()
+    enc.eval()
+    return enc, losses
+
+
+def check_step_parity(enc: SequenceEncoder, onnx_path: str, type_ids, feats, seqs, n_users: int = 32) -> float:
+    """Max |torch full-sequence - ONNX step| over the first events of a few users (h and surprise)."""
+    from seqguard.encoding import OrtStep
+    step = OrtStep(onnx_path, threads=1)
+    worst = 0.0
+    for s in [s for s in seqs if len(s)][:n_users]:
+        s = s[:200]
+        with torch.no_grad():
+            h_seq, sur, _ = enc(torch.from_numpy(type_ids[s])[None], torch.from_numpy(feats[s])[None])
+        h = np.zeros((1, enc.cfg.hidden), np.float32)
+        c = np.zeros_like(h)
+        for k, i in enumerate(s):
+            h, c, emb, su = step(type_ids[i:i + 1], feats[i:i + 1], h, c)
+            worst = max(worst, float(np.abs(emb[0] - h_seq[0, k].numpy()).max()),
+                        float(np.abs(su[0] - sur[0, k].numpy()).max()))
+    return worst
+
+
+def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, log=print):
+    from sklearn.ensemble import IsolationForest
+    sig = signal_indices(DETECTOR_SIGNALS)
+    proto = Detector(np.zeros(1), np.zeros((1, 1)), sig, None, None)   # only .inputs() is used here
+    X = proto.inputs(emb_proj, surprise, feats)
+    rng = np.random.default_rng(cfg.seed)
+    fit_rows = rng.choice(len(X), size=min(cfg.forest_fit_events, len(X)), replace=False)
+    forest = IsolationForest(n_estimators=cfg.n_estimators, max_samples=min(cfg.max_samples, len(fit_rows)),
+                             random_state=cfg.seed, n_jobs=1).fit(X[fit_rows].astype(np.float32))
+    flat = FlatIsolationForest.from_sklearn(forest)
+    anomaly = np.concatenate([-flat.score_samples(X[a:a + 65536]) for a in range(0, len(X), 65536)])
+    return forest, flat, RiskCalibrator.fit(anomaly), sig
+
+
+def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | None = None,
+          column_map: dict | None = None, on_bad_row: str = "error", log=None) -> Path:
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    t0 = time.time()
+    set_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # 1. read
+    report = ReadReport()
+    events = list(tqdm(read_events(events_path, column_map, on_bad_row, report), desc="read", unit="ev",
+                       mininterval=1.0, leave=False))
+    if report.skipped:
+        log(report.summary())
+    if not events:
+        raise ValueError(f"{events_path}: no valid events to train on")
+    vocab = Vocabulary.learn((e.event_type for e in events), cfg.min_type_count)
+    featurizer = Featurizer(vocab, TokenHasher())
+    log(f"read {len(events)} events; vocabulary of {len(vocab)} event types")
+
+    # 2. featurise in global order
+    order, type_ids, feats = featurize_log(featurizer, events, ContextStore(), progress=True)
+    users: dict[str, int] = {}
+    user_idx = np.array([users.setdefault(events[i].user_id, len(users)) for i in order], np.int64)
+    seqs = user_sequences(user_idx, len(users))
+    log(f"featurised {len(events)} events of {len(users)} users ({time.time() - t0:.0f}s)")
+
+    # 3. encoder
+    enc, losses = train_encoder(cfg, len(vocab), type_ids, feats, seqs, log)
+
+    # 4. export + parity
+    onnx_path = out / art.ONNX_FILE
+    export_onnx(enc, str(onnx_path))
+    parity = check_step_parity(enc, str(onnx_path), type_ids, feats, seqs)
+    log(f"ONNX step vs torch sequence: max abs diff {parity:.2e}")
+    if parity > 1e-4:
+        raise RuntimeError(f"exported step model disagrees with torch by {parity:.2e}")
+    torch.save({"config": enc.cfg.to_dict(), "state_dict": enc.state_dict()}, out / "encoder.pt")
+
+    # 5. detector on the ONNX path's embeddings (exactly what serving computes)
+    sample_users = np.random.default_rng(cfg.seed).permutation(len(seqs))[:2000]
+    with torch.no_grad():
+        sample = []
+        for u in sample_users:
+            s = seqs[u][:512]
+            h_seq, _, _ = enc(torch.from_numpy(type_ids[s])[None], torch.from_numpy(feats[s])[None])
+            sample.append(h_seq[0].numpy())
+    pca_mean, pca = fit_pca(np.concatenate(sample), cfg.pca_dim)
+    project = lambda e: (np.asarray(e, np.float64) - pca_mean) @ pca  # noqa: E731  (same as Detector.project)
+    enc_log = encode_log(featurizer, events, onnx_path=onnx_path, reduce=project, progress=True,
+                         threads=cfg.threads)
+    forest, flat, calibrator, sig = fit_detector(cfg, enc_log.emb, enc_log.surprise, enc_log.feats, log)
+    detector = Detector(pca_mean, pca, sig, flat, calibrator, action_thresholds(cfg.action_fpr))
+    np.savez(out / art.DETECTOR_FILE, **detector.to_arrays())
+    import joblib
+    joblib.dump(forest, out / "isolation_forest.joblib")
+
+    # 6. metadata + Triton repository
+    digest = hashlib.sha256(onnx_path.read_bytes() + (out / art.DETECTOR_FILE).read_bytes()).hexdigest()[:8]
+    model_version = f"{dt.datetime.now(dt.timezone.utc):%Y%m%d}-{digest}"
+    from seqguard.triton_repo import write_model_repository
+    write_model_repository(out / "model_repository", onnx_path, version=1, n_features=feats.shape[1],
+                           hidden=cfg.hidden)
+    import sklearn
+    meta = {
+        "model_version": model_version,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "schema_hash": featurizer.schema_hash(),
+        "featurizer": featurizer.spec(),
+        "encoder": enc.cfg.to_dict(),
+        "detector": {"signals": list(DETECTOR_SIGNALS), "pca_dim": cfg.pca_dim, "n_estimators": cfg.n_estimators,
+                     "max_samples": cfg.max_samples, "sklearn_version": sklearn.__version__},
+        "action_fpr": cfg.action_fpr,
+        "thresholds": detector.thresholds,
+        "triton": {"model_name": "seqguard_encoder", "model_version": 1},
+        "training": {"events_file": os.path.abspath(events_path), "events": len(events), "users": len(users),
+                     "skipped_rows": report.skipped, "epoch_losses": losses, "onnx_parity": parity,
+                     "seconds": round(time.time() - t0, 1), "config": asdict(cfg),
+                     "feature_mean": feats.mean(axis=0).tolist(), "feature_std": feats.std(axis=0).tolist()},
+    }
+    art.save_metadata(out, meta)
+    log(f"wrote model {model_version} to {out} in {time.time() - t0:.0f}s")
+    if labels_path:
+        _report_with_labels(out, events, labels_path, log)
+    return out
+
+
+def _report_with_labels(model_dir: Path, events, labels_path: str, log) -> None:
+    """Labels are optional: a one-line ROC-AUC so the trainer sees if the model learned anything."""
+    from sklearn.metrics import roc_auc_score
+    from seqguard.batch import score_events
+    labels = {}
+    with open(labels_path) as f:
+        for line in f:
+            r = json.loads(line)
+            labels[r["event_id"]] = int(r["label"])
+    y = np.array([labels.get(e.event_id, 0) for e in events])
+    if y.min() == y.max():
+        return
+    risk, _, _ = score_events(art.ModelArtifact.load(model_dir), events)
+    pay = np.array([e.event_type == "payment" for e in events])
+    msg = f"training-log ROC-AUC (labels used for reporting only): all events {roc_auc_score(y, risk):.4f}"
+    if pay.any() and 0 < y[pay].mean() < 1:
+        msg += f", payments {roc_auc_score(y[pay], risk[pay]):.4f}"
+    log(msg)
