@@ -304,6 +304,19 @@ class _ManagedService:
 # --------------------------------------------------------------------------------------------
 # Redis
 # --------------------------------------------------------------------------------------------
+REDIS_FALLBACK_PATHS = ("/usr/bin/redis-server", "/usr/local/bin/redis-server")
+
+
+def find_redis_server() -> str:
+    """Path of ``redis-server`` (PATH first); :class:`ServiceNotInstalled` if there is none."""
+    found = shutil.which("redis-server") or next(
+        (p for p in REDIS_FALLBACK_PATHS if os.access(p, os.X_OK)), None)
+    if found is None:
+        raise ServiceNotInstalled("redis-server not found on PATH; install it with: "
+                                  "apt-get install -y redis-server")
+    return found
+
+
 class RedisServer(_ManagedService):
     """A ``redis-server`` on a loopback port with its data in ``run_dir/data``.
 
@@ -320,13 +333,7 @@ class RedisServer(_ManagedService):
         self.password = password
         self.appendonly = appendonly
         self.extra_args = list(extra_args)
-        exe = executable or shutil.which("redis-server") or (
-            "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
-        if exe is None:
-            raise ServiceNotInstalled(
-                "redis-server not found on PATH; install it with: "
-                "apt-get install -y redis-server")
-        self.executable = exe
+        self.executable = executable or find_redis_server()
 
     @property
     def data_dir(self) -> Path:

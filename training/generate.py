@@ -34,7 +34,7 @@ import os
 import random
 import sys
 from bisect import bisect
-from collections import Counter
+from collections import Counter, defaultdict
 
 from seqguard.schema import COMMON_EVENT_TYPES, FIELDS
 
@@ -79,11 +79,11 @@ _N_ITEMS = 6000
 # persona -> (share, sessions/day median, browse steps mean, p(add to cart per view),
 #             p(buy | cart), p(coupon), p(review per purchase))
 _PERSONAS = {
-    "browser":    (0.25, 0.30, 7.0, 0.05, 0.30, 0.04, 0.05),
-    "regular":    (0.30, 0.22, 4.5, 0.20, 0.65, 0.05, 0.20),
-    "bargain":    (0.15, 0.30, 6.5, 0.15, 0.55, 0.55, 0.15),
-    "heavy":      (0.08, 0.60, 5.0, 0.30, 0.75, 0.08, 0.25),
-    "occasional": (0.22, 0.06, 3.0, 0.25, 0.55, 0.05, 0.10),
+    "browser":    (0.25, 0.18, 7.0, 0.05, 0.30, 0.04, 0.05),
+    "regular":    (0.30, 0.14, 4.5, 0.20, 0.65, 0.05, 0.20),
+    "bargain":    (0.15, 0.18, 6.5, 0.15, 0.55, 0.55, 0.15),
+    "heavy":      (0.08, 0.35, 5.0, 0.30, 0.75, 0.08, 0.25),
+    "occasional": (0.22, 0.04, 3.0, 0.25, 0.55, 0.05, 0.10),
 }
 _EVENING_PEAKS = (20.0, 21.0, 19.5, 12.5, 8.0, 23.5, 16.0, 22.0)
 
@@ -168,7 +168,7 @@ class _World:
         self.res16 = {cc: [new16() for _ in range(max(3, int(w)))] for cc, (w, _) in _COUNTRIES.items()}
         self.mob16 = {cc: [new16() for _ in range(2)] for cc in _COUNTRIES}
         # carrier-grade NAT egress addresses: a handful per country shared by very many users
-        self.nat_ips = {cc: [_host(r, new16()) for _ in range(r.randint(2, 4))] for cc in _COUNTRIES}
+        self.nat_ips = {cc: [_host(r, new16()) for _ in range(r.randint(1, 3))] for cc in _COUNTRIES}
         self.dc16 = [(new16(), cc) for cc in _DATACENTER_CC for _ in range(2)]
 
     def _build_catalogue(self, r):
@@ -244,8 +244,8 @@ class _World:
         self.owned = {}          # attacker-owned (fresh) accounts: idx -> family
         self.groups = []         # (family, variant, [idx...]) for ring attacks and bots
         cap = max(3, n // 60)
-        for fam, frac, lo, hi in (("brushing", 1 / 2000, 4, 10), ("promo_abuse", 1 / 2000, 4, 12),
-                                  ("fake_reviews", 1 / 2500, 3, 8), ("bot_scraping", 1 / 1000, 1, 1)):
+        for fam, frac, lo, hi in (("brushing", 1 / 800, 4, 10), ("promo_abuse", 1 / 700, 4, 12),
+                                  ("fake_reviews", 1 / 900, 3, 8), ("bot_scraping", 1 / 800, 1, 1)):
             for _ in range(cnt(frac)):
                 size = min(cap, r.randint(lo, hi))
                 members = [m for m in (take() for _ in range(size)) if m is not None]
@@ -255,7 +255,7 @@ class _World:
                     self.owned[m] = fam
                 self.groups.append((fam, variant(fam), members))
         self.card_testers = []   # (idx, variant, fresh)
-        for _ in range(cnt(0.003)):
+        for _ in range(cnt(0.005)):
             fresh = r.random() < 0.7 or not variants["card_testing"]
             m = take()
             if m is None:
@@ -267,12 +267,12 @@ class _World:
         self.ato = {}            # victim idx -> variant
         hijacked = {m for m, _, f in self.card_testers if not f}
         cand = [i for i in normal if i not in hijacked]
-        for i in r.sample(cand, min(len(cand), cnt(0.008))):
+        for i in r.sample(cand, min(len(cand), cnt(0.012))):
             self.ato[i] = variant("account_takeover")
         self.card_hijack = {m: v for m, v, f in self.card_testers if not f}
         self.stuffing = []       # (variant, [victim idx...])
-        for _ in range(cnt(1 / 2000)):
-            k = min(len(normal), max(5, min(n // 8, r.randint(40, 220))))
+        for _ in range(cnt(1 / 1500)):
+            k = min(len(normal), max(5, min(n // 8, r.randint(30, 160))))
             if k <= 0:
                 break
             self.stuffing.append((variant("credential_stuffing"), r.sample(normal, k)))
@@ -281,7 +281,7 @@ class _World:
         hn_n = lambda frac: max(3 if mn else 0, int(round(frac * n))) if mn else int(frac * n)
         self.hn = {i: set() for i in normal}
         for kind, frac in (("traveller", 0.03), ("big_purchase", 0.02), ("decline_then_success", 0.02),
-                           ("legit_account_change", 0.02), ("digital_goods", 0.02), ("carrier_nat", 0.08)):
+                           ("legit_account_change", 0.02), ("digital_goods", 0.02), ("carrier_nat", 0.10)):
             for i in r.sample(normal, min(len(normal), hn_n(frac))):
                 self.hn[i].add(kind)
         self.household = {}      # idx -> (shared device, home ip)
@@ -299,17 +299,20 @@ class _World:
                 self.household[m] = (dev, home)
             want -= size
         self.public = {}         # idx -> (public device, ip, country, tz)
-        n_pub_users = hn_n(0.02)
-        n_dev = max(1, n_pub_users // 15) if n_pub_users else 0
-        pub_devs = []
-        for _ in range(n_dev):
-            cc = self._pick_cc(r)
-            pub_devs.append((_dev(r), _host(r, r.choice(self.res16[cc])), cc, _COUNTRIES[cc][1][0]))
-        if pub_devs:
-            users = r.sample(normal, min(len(normal), n_pub_users))
-            for j, i in enumerate(users):
-                pd = pub_devs[j % len(pub_devs)]   # round robin: every public device gets several accounts
-                self.public[i] = pd
+        users = r.sample(normal, min(len(normal), hn_n(0.02)))
+        by_cc = defaultdict(list)
+        for i in users:
+            by_cc[self.user_cc[i]].append(i)
+        # library/cafe terminals sit in countries with several such users; each serves many accounts
+        local = {cc: [(_dev(r), _host(r, r.choice(self.res16[cc])), cc, _COUNTRIES[cc][1][0])
+                      for _ in range(math.ceil(len(v) / 15))] for cc, v in sorted(by_cc.items()) if len(v) >= 3}
+        if users and not local:
+            cc = max(sorted(by_cc), key=lambda c: len(by_cc[c]))
+            local[cc] = [(_dev(r), _host(r, r.choice(self.res16[cc])), cc, _COUNTRIES[cc][1][0])]
+        everywhere = [d for v in local.values() for d in v]
+        for j, i in enumerate(users):
+            devs = local.get(self.user_cc[i]) or everywhere   # others use one while abroad
+            self.public[i] = devs[j % len(devs)]
 
     # ------------------------------------------------------------------ normal users
     def _profile(self, r, idx) -> _User:
@@ -348,7 +351,7 @@ class _World:
             if u.devices[0][1] != "phone":
                 u.devices[0] = (u.devices[0][0], "phone")
         if persona == "digital":
-            share, rate_med, browse, p_cart, p_buy, p_coupon, p_review = 0, 0.8, 2.0, 0.7, 0.9, 0.02, 0.03
+            share, rate_med, browse, p_cart, p_buy, p_coupon, p_review = 0, 0.45, 2.0, 0.7, 0.9, 0.02, 0.03
         else:
             share, rate_med, browse, p_cart, p_buy, p_coupon, p_review = _PERSONAS[persona]
         u.rate = rate_med * math.exp(0.6 * r.gauss(0, 1))
@@ -374,7 +377,7 @@ class _World:
         else:
             u.cat_cum = _cum([rnd() + 0.2 for _ in cats])
         u.cats = cats
-        u.p_search = 0.2 + 0.4 * rnd()
+        u.p_search = 0.1 + 0.3 * rnd()
         u.browse_mean = browse * (0.5 + rnd())
         u.p_cart = p_cart * (0.5 + rnd())
         u.p_buy = min(0.97, p_buy * (0.7 + 0.6 * rnd()))
@@ -548,6 +551,7 @@ class _World:
             for et in changes or ["change_address"]:
                 t += int(20_000 + 90_000 * rnd())
                 app((t, len(out), uid, et, None, None, None, dev, ip, cc, sid, 0, tag, ""))
+            t += gap()
         # ---- reviews of earlier purchases
         if pending and pending[0][0] <= t and rnd() < 0.75:
             _, it = pending.pop(0)
@@ -955,10 +959,11 @@ class _World:
             pfx, cc = r.choice(self.dc16) if r.random() < 0.7 else self._attacker_origin(r)
             dev = None if r.random() < 0.4 else _dev(r)
             sid = _sid(r)
+            ip = _host(r, pfx)
             if r.random() < 0.5:
-                out.append((t, len(out), uid, "login", None, None, None, dev, _host(r, pfx), cc, sid, 1, fam, variant))
+                out.append((t, len(out), uid, "login", None, None, None, dev, ip, cc, sid, 1, fam, variant))
                 t += int(period)
-            crawl(t, n, period, 0.01 + 0.04 * r.random(), dev, _host(r, pfx), cc, sid)
+            crawl(t, n, period, 0.01 + 0.04 * r.random(), dev, ip, cc, sid)
         else:
             period = 20_000 + 70_000 * r.random()
             jitter = 0.02 + 0.03 * r.random()
@@ -1080,7 +1085,7 @@ class _World:
             cart, total = [], 0.0
             while total < min_order and len(cart) < 6:
                 c = r.choice(self.cat_names)
-                it = self._item(r, c)
+                it = r.choice(self.cheap[c][:60])
                 E("view_item", self.item_id[it], c)
                 ts += gap()
                 amt = self.item_price[it]

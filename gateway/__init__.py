@@ -1,0 +1,1 @@
+"""seqguard gateway: asyncio gRPC risk-scoring service."""

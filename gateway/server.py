@@ -1,0 +1,234 @@
+"""The asyncio gRPC gateway: seqguard.v1.RiskScoring + grpc.health.v1 + server reflection.
+
+Every RPC validates its input at the boundary (INVALID_ARGUMENT naming the field, nothing
+written), runs under a deadline (the client's, capped by settings.deadline_ms) and answers
+DEGRADED with the configured fallback when Redis or Triton fails, never hangs.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import signal
+import sys
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from seqguard.artifact import ModelArtifact
+from seqguard.featurizer import TokenHasher
+from seqguard.schema import SchemaError, validate_event
+
+from .engine import Coalescer, Overloaded, ScoreResult, ScoringEngine
+from .proto import risk_pb2, risk_pb2_grpc
+from .settings import Settings
+from .state import RedisStateStore, StateUnavailable
+from .triton_client import TritonStepClient
+
+log = logging.getLogger("seqguard.gateway")
+SERVICE_NAME = risk_pb2.DESCRIPTOR.services_by_name["RiskScoring"].full_name
+_OPTIONAL = ("item_id", "category", "amount", "device_id", "ip", "country", "session_id")
+
+
+def event_from_proto(msg: risk_pb2.Event, where: str = "event"):
+    """Proto Event -> validated schema Event; SchemaError names the field as `where.field`."""
+    raw = {"event_id": msg.event_id, "user_id": msg.user_id, "event_type": msg.event_type,
+           "ts": msg.ts if msg.ts else None}
+    for name in _OPTIONAL:
+        if msg.HasField(name):
+            raw[name] = getattr(msg, name)
+    if "amount" in raw and (math.isnan(raw["amount"]) or math.isinf(raw["amount"])):
+        raise SchemaError(f"{where}.amount", f"must be a finite number >= 0, got {raw['amount']}")
+    try:
+        return validate_event(raw)
+    except SchemaError as e:
+        raise SchemaError(f"{where}.{e.field}", e.reason) from None
+
+
+def result_to_proto(r: ScoreResult) -> risk_pb2.ScoreResponse:
+    return risk_pb2.ScoreResponse(
+        event_id=r.event_id, risk=r.risk, action=risk_pb2.Action.Value(r.action),
+        reasons=[risk_pb2.Reason(code=x.code, message=x.message, weight=x.weight, event_ids=x.event_ids)
+                 for x in r.reasons],
+        model_version=r.model_version, status=risk_pb2.Status.Value(r.status), status_detail=r.detail)
+
+
+class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
+    def __init__(self, settings: Settings, engine: ScoringEngine, coalescer: Coalescer):
+        self.s = settings
+        self.engine = engine
+        self.coalescer = coalescer
+
+    def _deadline(self, context) -> tuple[float, float]:
+        """(loop-time deadline for the pipeline, seconds we may wait) from the client's and our budget."""
+        budget = self.s.deadline_ms / 1000
+        left = context.time_remaining()
+        if left is not None:
+            budget = min(budget, max(0.0, left - 0.002))
+        loop = asyncio.get_running_loop()
+        return loop.time() + budget, budget
+
+    async def _score(self, events, context, explain_reasons=True):
+        deadline, budget = self._deadline(context)
+        try:
+            return await asyncio.wait_for(self.coalescer.submit(events, deadline, explain_reasons), budget)
+        except Overloaded as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except asyncio.TimeoutError:
+            return self.engine.degraded(events, f"deadline of {budget * 1000:.0f} ms exceeded")
+
+    async def Score(self, request, context):
+        try:
+            ev = event_from_proto(request.event)
+        except SchemaError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        results = await self._score([ev], context)
+        return result_to_proto(results[0])
+
+    async def ScoreBatch(self, request, context):
+        if len(request.events) > self.s.max_batch_events:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"field 'events': {len(request.events)} events; at most {self.s.max_batch_events} per batch")
+        try:
+            events = [event_from_proto(m, f"events[{i}]") for i, m in enumerate(request.events)]
+        except SchemaError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if not events:
+            return risk_pb2.ScoreBatchResponse()
+        results = await self._score(events, context)
+        return risk_pb2.ScoreBatchResponse(results=[result_to_proto(r) for r in results])
+
+    async def Ingest(self, request_iterator, context):
+        accepted = rejected = 0
+        errors: list[str] = []
+        chunk = []
+        async for i, msg in _aenumerate(request_iterator):
+            try:
+                chunk.append(event_from_proto(msg, f"event[{i}]"))
+            except SchemaError as e:
+                rejected += 1
+                if len(errors) < 100:
+                    errors.append(str(e))
+                continue
+            if len(chunk) >= 256:
+                accepted += await self._ingest(chunk, context, errors)
+                chunk = []
+        if chunk:
+            accepted += await self._ingest(chunk, context, errors)
+        return risk_pb2.IngestSummary(accepted=accepted, rejected=rejected, errors=errors)
+
+    async def _ingest(self, events, context, errors) -> int:
+        results = await self._score(events, context, explain_reasons=False)
+        bad = [r for r in results if r.status != "OK"]
+        if bad:
+            errors.append(f"{len(bad)} events not applied: {bad[0].detail}")
+        return len(results) - len(bad)
+
+    async def GetUserState(self, request, context):
+        if not request.user_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "field 'user_id': is required")
+        if len(request.user_id) > 256:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "field 'user_id': longer than 256 characters")
+        try:
+            st = await asyncio.wait_for(self.engine.store.get_user(request.user_id), self.s.deadline_ms / 1000)
+        except (StateUnavailable, asyncio.TimeoutError) as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"state store unavailable: {e}")
+        u = st.ctx
+        ctx = {"n_events": float(u.n), "n_payments": float(u.n_payments), "n_reviews": float(u.n_reviews),
+               "events_1m": u.ev_1m, "events_1h": u.ev_1h, "login_failed_1h": u.fail_login,
+               "payment_failed_1h": u.fail_pay, "payments_24h": u.pay_24h, "amount_24h": u.amt_24h,
+               "coupons_24h": u.coupon_24h, "devices_seen": float(len(u.devices)),
+               "countries_seen": float(len(u.countries)), "ip_prefixes_seen": float(len(u.prefixes))}
+        return risk_pb2.UserState(user_key=st.key.split(":")[-1], n_events=st.n, last_ts=u.last_ts,
+                                  model_version=st.model_version, context=ctx,
+                                  recent=[risk_pb2.RecentEvent(event_id=e[0], event_type=e[1], ts=e[2])
+                                          for e in st.ring])
+
+
+async def _aenumerate(it):
+    i = 0
+    async for x in it:
+        yield i, x
+        i += 1
+
+
+class Gateway:
+    """Owns the server and its clients; start()/stop() for tests, serve() for the CLI."""
+
+    def __init__(self, settings: Settings):
+        self.s = settings
+        key = settings.key_bytes()
+        self.artifact = ModelArtifact.load(settings.model_dir, hasher=TokenHasher(key))
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.port = None
+
+    async def start(self) -> int:
+        s = self.s
+        self.store = RedisStateStore.from_settings(s, self.artifact.hidden)
+        version = s.triton_model_version or self.artifact.triton_model_version
+        self.encoder = TritonStepClient(s.triton_url, s.triton_model, version, s.triton_timeout_ms)
+        self.engine = ScoringEngine(self.artifact, self.store, self.encoder, s.fallback)
+        self.coalescer = Coalescer(self.engine, s.coalesce_max_events, s.coalesce_max_wait_us, s.max_in_flight)
+        self.coalescer.start()
+        opts = [("grpc.max_receive_message_length", s.max_message_bytes),
+                ("grpc.max_send_message_length", s.max_message_bytes),
+                ("grpc.so_reuseport", 0)]
+        self.server = grpc.aio.server(options=opts)
+        risk_pb2_grpc.add_RiskScoringServicer_to_server(RiskScoringService(s, self.engine, self.coalescer), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
+        if not self.port:
+            raise RuntimeError(f"cannot bind {s.host}:{s.port}")
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await _maybe_await(self.health.set(name, health_pb2.HealthCheckResponse.SERVING))
+        log.info("gateway serving model %s on %s:%d (redis %s:%d, triton %s)", self.artifact.model_version,
+                 s.host, self.port, s.redis_host, s.redis_port, s.triton_url)
+        return self.port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Flip health to NOT_SERVING, drain in-flight RPCs for up to `grace` seconds, then close."""
+        for name in ("", SERVICE_NAME):
+            await _maybe_await(self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING))
+        if self.server:
+            await self.server.stop(grace)
+        await self.coalescer.stop()
+        await self.encoder.close()
+        await self.store.close()
+
+    async def serve(self) -> None:
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down: draining in-flight requests")
+        await self.stop()
+
+
+async def _maybe_await(x):
+    if asyncio.iscoroutine(x):
+        await x
+
+
+def main(argv=None) -> int:
+    """`python -m gateway.server`: run the gateway alone (Redis and Triton already running)."""
+    import argparse
+    p = argparse.ArgumentParser(description="seqguard gRPC gateway (settings from SEQGUARD_* env vars / SEQGUARD_CONFIG)")
+    p.add_argument("--model", dest="model_dir")
+    p.add_argument("--port", type=int)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = Settings.load(model_dir=args.model_dir, port=args.port)
+    asyncio.run(Gateway(settings).serve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Gateway configuration: one settings object, from defaults < a JSON file < environment variables.
+
+Every field can be set as SEQGUARD_<FIELD_NAME_UPPER> (e.g. SEQGUARD_REDIS_PORT=6380), or in a
+JSON file named by SEQGUARD_CONFIG. The pseudonymisation key never lives in the repo: it comes
+from SEQGUARD_PSEUDONYM_KEY or the file named by SEQGUARD_PSEUDONYM_KEY_FILE.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_dir: str = "runs/model"
+    host: str = "127.0.0.1"
+    port: int = 50051
+    # Redis: per-user state (h, c, featuriser context, recent-event ring) and entity contexts
+    redis_host: str = "127.0.0.1"
+    redis_port: int = 6379
+    redis_db: int = 0
+    redis_username: str = ""
+    redis_password: str = ""
+    redis_timeout_ms: int = 50          # per command; an outage is detected within this
+    state_ttl_s: int = 30 * 86400       # idle users / entities expire
+    recent_events: int = 8              # ring of recent events per user (audit, reasons)
+    # Triton: the step encoder
+    triton_url: str = "127.0.0.1:8001"
+    triton_model: str = "seqguard_encoder"
+    triton_model_version: str = ""      # "" = latest
+    triton_timeout_ms: int = 100
+    # Requests
+    deadline_ms: int = 250              # server-side budget per Score when the client sets none
+    fallback: str = "fail_open"         # fail_open: ALLOW, fail_closed: REVIEW, when degraded
+    max_batch_events: int = 1000        # ScoreBatch limit
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_in_flight: int = 2048           # queued + running events; beyond -> RESOURCE_EXHAUSTED
+    # Coalescing: concurrent calls share one Redis round trip and one Triton request
+    coalesce_max_events: int = 256
+    coalesce_max_wait_us: int = 0       # 0 = adaptive: take whatever queued while the last batch ran
+    # Privacy: keyed hashing of user ids (and devices / IPs) in keys and logs
+    pseudonym_key: str = ""
+    pseudonym_key_file: str = ""
+
+    @classmethod
+    def load(cls, **overrides) -> "Settings":
+        s = cls()
+        path = os.environ.get("SEQGUARD_CONFIG")
+        if path:
+            with open(path) as f:
+                s = s._merged(json.load(f), f"config file {path}")
+        env = {f.name: os.environ[f"SEQGUARD_{f.name.upper()}"] for f in fields(cls)
+               if f"SEQGUARD_{f.name.upper()}" in os.environ}
+        s = s._merged(env, "environment")
+        s = s._merged({k: v for k, v in overrides.items() if v is not None}, "arguments")
+        s.validate()
+        return s
+
+    def _merged(self, values: dict, source: str) -> "Settings":
+        known = {f.name: f for f in fields(self)}
+        out = {}
+        for k, v in values.items():
+            if k not in known:
+                raise ValueError(f"{source}: unknown setting {k!r}")
+            typ = type(getattr(self, k))
+            try:
+                out[k] = typ(v) if typ is not bool else str(v).lower() in ("1", "true", "yes")
+            except (TypeError, ValueError):
+                raise ValueError(f"{source}: setting {k!r} must be {typ.__name__}, got {v!r}") from None
+        return replace(self, **out)
+
+    def validate(self) -> None:
+        if self.fallback not in ("fail_open", "fail_closed"):
+            raise ValueError(f"fallback must be fail_open or fail_closed, got {self.fallback!r}")
+        for name in ("deadline_ms", "redis_timeout_ms", "triton_timeout_ms", "max_batch_events", "max_in_flight",
+                     "coalesce_max_events"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+
+    def key_bytes(self) -> bytes:
+        """The pseudonymisation key; a missing key is an error, not a silent default."""
+        if self.pseudonym_key:
+            return self.pseudonym_key.encode()
+        if self.pseudonym_key_file:
+            with open(self.pseudonym_key_file, "rb") as f:
+                key = f.read().strip()
+            if len(key) < 16:
+                raise ValueError(f"{self.pseudonym_key_file}: pseudonymisation key must be >= 16 bytes")
+            return key
+        raise ValueError("no pseudonymisation key: set SEQGUARD_PSEUDONYM_KEY or SEQGUARD_PSEUDONYM_KEY_FILE "
+                         "(`seqguard up` creates a key file in its run directory)")

@@ -1,0 +1,52 @@
+"""A small async client for the step encoder on Triton: one persistent gRPC channel, a deadline
+per call, and one typed error for every way the call can fail."""
+from __future__ import annotations
+
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from seqguard.encoding import STEP_OUTPUTS
+
+
+class EncoderUnavailable(RuntimeError):
+    """Triton did not answer in time or answered with an error; the caller degrades explicitly."""
+
+
+class TritonStepClient:
+    def __init__(self, url: str, model_name: str, model_version: str = "", timeout_ms: int = 100):
+        self.url, self.model_name, self.model_version = url, model_name, model_version
+        self.timeout_s = timeout_ms / 1000
+        self.client = grpcclient.InferenceServerClient(url=url)
+        self._outputs = [grpcclient.InferRequestedOutput(n) for n in STEP_OUTPUTS]
+
+    async def step(self, type_ids: np.ndarray, feats: np.ndarray, h: np.ndarray, c: np.ndarray,
+                   timeout_s: float | None = None):
+        """One LSTM step for a batch of users -> (h', c', embedding, surprise)."""
+        arrays = (np.asarray(type_ids, np.int64).reshape(-1, 1), np.ascontiguousarray(feats, np.float32),
+                  np.ascontiguousarray(h, np.float32), np.ascontiguousarray(c, np.float32))
+        inputs = []
+        for name, arr, dtype in zip(("event_type", "features", "h_in", "c_in"), arrays,
+                                    ("INT64", "FP32", "FP32", "FP32")):
+            inp = grpcclient.InferInput(name, list(arr.shape), dtype)
+            inp.set_data_from_numpy(arr)
+            inputs.append(inp)
+        timeout = self.timeout_s if timeout_s is None else max(0.001, min(self.timeout_s, timeout_s))
+        try:
+            res = await self.client.infer(self.model_name, inputs, model_version=self.model_version,
+                                          outputs=self._outputs, client_timeout=timeout)
+        except InferenceServerException as e:
+            raise EncoderUnavailable(f"triton: {e.message() or e}") from None
+        except Exception as e:  # grpc.aio errors, cancelled channels, ...
+            raise EncoderUnavailable(f"triton: {type(e).__name__}: {e}") from None
+        return tuple(res.as_numpy(n) for n in STEP_OUTPUTS)
+
+    async def ready(self) -> bool:
+        try:
+            return bool(await self.client.is_model_ready(self.model_name, self.model_version,
+                                                         client_timeout=self.timeout_s))
+        except Exception:
+            return False
+
+    async def close(self) -> None:
+        await self.client.close()

@@ -1,0 +1,129 @@
+"""Shared fixtures: real Redis and real Triton servers on free loopback ports.
+
+* ``redis_server``: one RedisServer for the session (always stopped at the end).
+* ``triton_server_factory``: ``start(repo_dir, models=("seqguard_encoder",), **kw)`` starts a
+  real TritonServer on free ports, waits until the models are ready and returns it; every
+  server it started is stopped at the end of the session (``server.stop()`` earlier is fine).
+* ``tiny_step_onnx``: a small step model honouring the ONNX I/O contract (F=8, H=16), for
+  tests that need a real model in Triton without training one; ``build_tiny_step_onnx()``
+  makes others.
+
+Tests that need a missing program are skipped with the install command as the reason.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from seqguard.services import (  # noqa: E402
+    RedisServer, ServiceNotInstalled, TritonServer, find_tritonserver, prepare_backend_dir,
+)
+
+TINY_F, TINY_H, TINY_EVENT_TYPES = 8, 16, 6
+
+
+def build_tiny_step_onnx(path, *, n_features: int = TINY_F, hidden: int = TINY_H,
+                         n_event_types: int = TINY_EVENT_TYPES, seed: int = 0) -> Path:
+    """Export a random-weight step model (Embedding + LSTMCell + linear heads) to ``path``.
+
+    Honours the contract: inputs event_type INT64 [B,1], features FP32 [B,F], h_in/c_in FP32
+    [B,H]; outputs h_out, c_out, embedding FP32 [B,H], surprise FP32 [B,2]; batch dynamic.
+    An event type >= n_event_types makes ONNX Runtime fail (out-of-range Gather).
+    """
+    torch = pytest.importorskip("torch", reason="torch needed to export a test model "
+                                                "(pip install -e '.[train]')")
+    pytest.importorskip("onnx", reason="onnx needed by torch.onnx.export")
+    from torch import nn
+
+    class TinyStep(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(n_event_types, 4)
+            self.cell = nn.LSTMCell(4 + n_features, hidden)
+            self.head = nn.Linear(hidden, hidden)
+            self.surprise = nn.Linear(hidden, 2)
+
+        def forward(self, event_type, features, h_in, c_in):
+            x = torch.cat([self.emb(event_type[:, 0]), features], dim=1)
+            h, c = self.cell(x, (h_in, c_in))
+            return h, c, torch.tanh(self.head(h)), self.surprise(h)
+
+    torch.manual_seed(seed)
+    model = TinyStep().eval()
+    b = 2
+    args = (torch.zeros(b, 1, dtype=torch.int64), torch.zeros(b, n_features),
+            torch.zeros(b, hidden), torch.zeros(b, hidden))
+    names_in = ["event_type", "features", "h_in", "c_in"]
+    names_out = ["h_out", "c_out", "embedding", "surprise"]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)   # the legacy exporter warns
+        torch.onnx.export(model, args, str(path), dynamo=False, opset_version=17,
+                          input_names=names_in, output_names=names_out,
+                          dynamic_axes={n: {0: "batch"} for n in names_in + names_out})
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_step_onnx(tmp_path_factory) -> Path:
+    return build_tiny_step_onnx(tmp_path_factory.mktemp("tiny_model") / "step.onnx")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    try:
+        server = RedisServer(run_dir=tmp_path_factory.mktemp("redis"))
+    except ServiceNotInstalled as exc:
+        pytest.skip(str(exc))
+    try:
+        server.start()
+        server.wait_ready(timeout=15)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def triton_install():
+    try:
+        return find_tritonserver()
+    except ServiceNotInstalled as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def triton_backend_dir(triton_install, tmp_path_factory) -> Path:
+    return prepare_backend_dir(tmp_path_factory.mktemp("triton_backends"), triton_install)
+
+
+@pytest.fixture(scope="session")
+def triton_server_factory(triton_install, triton_backend_dir, tmp_path_factory):
+    started: list[TritonServer] = []
+
+    def start(repo_dir, models=("seqguard_encoder",), timeout: float = 60.0,
+              **kwargs) -> TritonServer:
+        server = TritonServer(repo_dir, models=models, install=triton_install,
+                              backend_dir=triton_backend_dir,
+                              run_dir=tmp_path_factory.mktemp("triton_run"), **kwargs)
+        started.append(server)
+        server.start()
+        try:
+            server.wait_ready(timeout=timeout)
+        except BaseException:
+            server.stop()
+            raise
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()

@@ -1,0 +1,591 @@
+"""`seqguard evaluate`: the model against two baselines on a labelled log -> report.md, metrics.json, plots.
+
+Labels are used ONLY here (the model and both baselines are unsupervised). Every scorer gets
+the same metrics on the same events:
+
+* ROC-AUC and PR-AUC (average precision), on all events and on payment attempts
+  (payment, payment_failed, checkout);
+* precision / recall / F1 at the model's CHALLENGE threshold; a baseline is cut where it flags
+  the same fraction of label-0 events as the model does there (same false-positive budget);
+* recall at 1% and 0.1% FPR, the cut-off set on the label-0 events of that subset;
+* recall per attack family (and family x variant) at 1% FPR (all-events cut-off), and the
+  share of each hard-negative kind flagged at that cut-off;
+* user-level ROC-AUC (score of a user = max over its events; positive = any label-1 event);
+* recall and precision at each action threshold (REVIEW / CHALLENGE / BLOCK), baselines
+  again matched on the label-0 flag rate.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from seqguard.schema import Event
+
+MODEL_KEY = "seqguard"
+PAYMENT_ATTEMPTS = ("payment", "payment_failed", "checkout")
+ACTION_NAMES = ("REVIEW", "CHALLENGE", "BLOCK")
+FPR_LEVELS = (0.01, 0.001)
+SCORER_LABELS = {
+    "seqguard": "seqguard (LSTM + IForest)",
+    "hand_rules": "hand rules",
+    "user_agg_iforest": "user aggregates + IForest",
+}
+
+
+class LabelError(ValueError):
+    """A labels file that cannot be used: names the file and line."""
+
+
+# --------------------------------------------------------------------------- labels
+
+def read_labels(path: str) -> dict[str, tuple[int, str, str]]:
+    """event_id -> (label, family, variant); raises LabelError naming the line of a bad row."""
+    import gzip
+    opener = gzip.open if str(path).endswith(".gz") else open
+    out: dict[str, tuple[int, str, str]] = {}
+    name = os.path.basename(str(path))
+    with opener(path, "rt", encoding="utf-8") as f:
+        for ln, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LabelError(f"{name}: line {ln}: invalid JSON ({e.msg})") from None
+            if not isinstance(r, dict):
+                raise LabelError(f"{name}: line {ln}: must be a JSON object")
+            eid = r.get("event_id")
+            if eid is None or eid == "" or isinstance(eid, bool) or not isinstance(eid, (str, int)):
+                raise LabelError(f"{name}: line {ln}: field 'event_id' is required (a string)")
+            lab = r.get("label")
+            if isinstance(lab, bool) or lab not in (0, 1):
+                raise LabelError(f"{name}: line {ln}: field 'label' must be 0 or 1, got {lab!r}")
+            fam = r.get("family") or ("attack" if lab == 1 else "normal")
+            var = r.get("variant") or ""
+            if not isinstance(fam, str) or not isinstance(var, str):
+                raise LabelError(f"{name}: line {ln}: fields 'family' and 'variant' must be strings")
+            out[str(eid)] = (int(lab), fam, var)
+    if not out:
+        raise LabelError(f"{name}: no label rows")
+    return out
+
+
+def align_labels(events: Sequence[Event], labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(y, family, variant) arrays aligned with `events`.
+
+    `labels` is either a mapping event_id -> (label, family, variant) / label dict, or a
+    sequence of label dicts (or (label, family, variant) tuples) already aligned with events.
+    Events without a label are an error that says how many.
+    """
+    n = len(events)
+    y = np.zeros(n, np.int8)
+    fam = np.empty(n, dtype=object)
+    var = np.empty(n, dtype=object)
+
+    def unpack(r):
+        if isinstance(r, Mapping):
+            lab = int(r["label"])
+            return lab, r.get("family") or ("attack" if lab else "normal"), r.get("variant") or ""
+        return int(r[0]), r[1], r[2]
+
+    if isinstance(labels, Mapping):
+        missing = []
+        for i, e in enumerate(events):
+            r = labels.get(e.event_id)
+            if r is None:
+                missing.append(e.event_id)
+                continue
+            y[i], fam[i], var[i] = unpack(r)
+        if missing:
+            raise LabelError(f"{len(missing)} of {n} events have no label line "
+                             f"(e.g. event_id {', '.join(map(repr, missing[:3]))})")
+    else:
+        if len(labels) != n:
+            raise LabelError(f"{n} events but {len(labels)} label rows")
+        for i, r in enumerate(labels):
+            y[i], fam[i], var[i] = unpack(r)
+    return y, fam, var
+
+
+# --------------------------------------------------------------------------- metric helpers
+
+def threshold_at_fpr(neg_scores: np.ndarray, fpr: float) -> float:
+    """Lowest cut-off t with mean(neg >= t) <= fpr (ties never push the FPR above target)."""
+    s = np.sort(np.asarray(neg_scores, np.float64))
+    n = len(s)
+    if n == 0:
+        return math.inf
+    k = int(math.floor(fpr * n + 1e-9))              # negatives we may flag
+    if k <= 0:
+        return float(np.nextafter(s[-1], math.inf))
+    if k >= n:
+        return float(s[0])
+    t = s[n - k]
+    if n - np.searchsorted(s, t, side="left") > k:   # ties at t: move to the next distinct value
+        j = np.searchsorted(s, t, side="right")
+        t = s[j] if j < n else np.nextafter(s[-1], math.inf)
+    return float(t)
+
+
+def _safe_auc(y, s) -> float | None:
+    from sklearn.metrics import roc_auc_score
+    if len(y) == 0 or y.min() == y.max():
+        return None
+    return float(roc_auc_score(y, s))
+
+
+def _safe_ap(y, s) -> float | None:
+    from sklearn.metrics import average_precision_score
+    if len(y) == 0 or y.max() == 0:
+        return None
+    return float(average_precision_score(y, s))
+
+
+def _prf(y: np.ndarray, flagged: np.ndarray) -> dict:
+    tp = int(np.sum(flagged & (y == 1)))
+    fp = int(np.sum(flagged & (y == 0)))
+    pos, neg = int(np.sum(y == 1)), int(np.sum(y == 0))
+    prec = tp / (tp + fp) if tp + fp else None
+    rec = tp / pos if pos else None
+    f1 = 2 * prec * rec / (prec + rec) if prec and rec else (0.0 if prec is not None and rec is not None else None)
+    return {"flagged": int(flagged.sum()), "tp": tp, "fp": fp, "precision": prec, "recall": rec, "f1": f1,
+            "fpr": fp / neg if neg else None}
+
+
+def _recall_at_fpr(y, s, fpr) -> dict:
+    neg = s[y == 0]
+    t = threshold_at_fpr(neg, fpr)
+    flagged = s >= t
+    return {"threshold": t, **_prf(y, flagged)}
+
+
+def _matched_threshold(neg_scores: np.ndarray, flag_rate: float) -> float:
+    """Cut-off on a baseline that flags (at most) `flag_rate` of the label-0 events."""
+    return threshold_at_fpr(neg_scores, flag_rate)
+
+
+def _fmt(x, digits=3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def evaluate(events: Sequence[Event], labels, scores: dict[str, np.ndarray], threshold_risk,
+             report_dir, *, model_version: str | None = None, info: dict | None = None,
+             plots: bool = True, progress: bool = True, out=sys.stdout) -> dict:
+    """Compute all metrics for every scorer, write report.md + metrics.json + plots, return metrics.
+
+    scores: name -> per-event score (higher = riskier) in the order of `events`; the FIRST
+    entry is the model, whose raw risk is compared with the action thresholds.
+    threshold_risk: the detector's thresholds {"REVIEW", "CHALLENGE", "BLOCK"} (risk >= t), or a
+    single float taken as the CHALLENGE threshold.
+    labels: see `align_labels`.
+    """
+    from tqdm import tqdm
+    t0 = time.time()
+    if not scores:
+        raise ValueError("no scores to evaluate")
+    if isinstance(threshold_risk, Mapping):
+        thresholds = {a: float(threshold_risk[a]) for a in ACTION_NAMES if a in threshold_risk}
+    else:
+        thresholds = {"CHALLENGE": float(threshold_risk)}
+    if "CHALLENGE" not in thresholds:
+        raise ValueError("threshold_risk must give the CHALLENGE threshold")
+    n = len(events)
+    y, family, variant = align_labels(events, labels)
+    names = list(scores)
+    model_name = names[0]
+    S = {}
+    for k in names:
+        s = np.asarray(scores[k], np.float64)
+        if s.shape != (n,):
+            raise ValueError(f"scores[{k!r}] has shape {s.shape}, expected ({n},)")
+        if not np.isfinite(s).all():
+            raise ValueError(f"scores[{k!r}] has {int((~np.isfinite(s)).sum())} non-finite values")
+        S[k] = s
+    et = np.array([e.event_type for e in events], dtype=object)
+    pay = np.isin(et, PAYMENT_ATTEMPTS)
+    user_codes, user_idx = np.unique(np.array([e.user_id for e in events], dtype=object).astype(str),
+                                     return_inverse=True)
+    n_users = len(user_codes)
+    user_y = np.zeros(n_users, np.int8)
+    np.maximum.at(user_y, user_idx, y)
+
+    attack_fams = sorted({f for f in family[y == 1]})
+    neg_fams = sorted({f for f in family[y == 0]})
+    fam_var = sorted({(f, v) for f, v in zip(family[y == 1], variant[y == 1])})
+    subsets = {"all": np.ones(n, bool), "payments": pay}
+
+    # flag rates of the model at each action threshold on label-0 events: the baselines get the same budget
+    ms = S[model_name]
+    neg0 = ms[y == 0]
+    model_flag_rate = {a: float(np.mean(neg0 >= t)) if len(neg0) else 0.0 for a, t in thresholds.items()}
+
+    metrics: dict = {
+        "model": model_name, "model_version": model_version,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "data": {"events": n, "users": n_users, "label1_events": int(y.sum()), "label0_events": int(n - y.sum()),
+                 "payment_attempt_events": int(pay.sum()), "label1_payment_attempts": int(y[pay].sum()),
+                 "positive_users": int(user_y.sum()),
+                 "events_per_family": {f: int(np.sum(family == f)) for f in sorted(set(family))},
+                 "attack_events_per_family_variant": {f"{f}/{v or '-'}": int(np.sum((family == f) & (variant == v) & (y == 1)))
+                                                      for f, v in fam_var},
+                 **(info or {})},
+        "thresholds": {"model_risk": thresholds, "model_label0_flag_rate": model_flag_rate},
+        "payment_event_types": list(PAYMENT_ATTEMPTS),
+        "scorers": {},
+    }
+
+    it = tqdm(names, desc="metrics", unit="scorer", leave=False, disable=not progress)
+    for k in it:
+        s = S[k]
+        m: dict = {}
+        for sub, mask in subsets.items():
+            ys, ss = y[mask], s[mask]
+            m[sub] = {"events": int(mask.sum()), "positives": int(ys.sum()),
+                      "roc_auc": _safe_auc(ys, ss), "pr_auc": _safe_ap(ys, ss),
+                      "at_fpr": {str(f): _recall_at_fpr(ys, ss, f) for f in FPR_LEVELS}}
+        # action thresholds: the model's own, or a matched label-0 flag rate for baselines
+        actions = {}
+        for a, t in thresholds.items():
+            cut = t if k == model_name else _matched_threshold(s[y == 0], model_flag_rate[a])
+            actions[a] = {"threshold": cut, **_prf(y, s >= cut)}
+        m["actions"] = actions
+        m["challenge"] = actions["CHALLENGE"]
+        # per family at 1% FPR (all-events cut-off)
+        t1 = m["all"]["at_fpr"]["0.01"]["threshold"]
+        flagged = s >= t1
+        m["family_recall_at_1pct_fpr"] = {f: float(flagged[(family == f) & (y == 1)].mean()) for f in attack_fams}
+        m["family_variant_recall_at_1pct_fpr"] = {
+            f"{f}/{v or '-'}": float(flagged[(family == f) & (variant == v) & (y == 1)].mean()) for f, v in fam_var}
+        m["negative_kind_flag_rate_at_1pct_fpr"] = {f: float(flagged[(family == f) & (y == 0)].mean()) for f in neg_fams}
+        # user level
+        umax = np.full(n_users, -np.inf)
+        np.maximum.at(umax, user_idx, s)
+        m["user"] = {"users": n_users, "positive_users": int(user_y.sum()), "roc_auc": _safe_auc(user_y, umax),
+                     "pr_auc": _safe_ap(user_y, umax),
+                     "at_fpr": {"0.01": _recall_at_fpr(user_y, umax, 0.01)}}
+        metrics["scorers"][k] = m
+
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    if plots:
+        metrics["plots"] = _plots(report_dir, S, names, y, pay, family, variant, thresholds, metrics,
+                                  progress=progress)
+    metrics["seconds"] = round(time.time() - t0, 2)
+    (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
+    summary = summary_table(metrics)
+    (report_dir / "report.md").write_text(_report_md(metrics, summary))
+    if out is not None:
+        print(summary, file=out)
+        print(f"\nreport: {report_dir / 'report.md'}", file=out)
+    return metrics
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    raise TypeError(type(o).__name__)
+
+
+def _label(k: str) -> str:
+    return SCORER_LABELS.get(k, k)
+
+
+def summary_table(metrics: dict) -> str:
+    """Markdown table: one row per scorer."""
+    head = ("| scorer | ROC-AUC | PR-AUC | ROC-AUC pay | PR-AUC pay | R@1%FPR | R@0.1%FPR | R@1%FPR pay "
+            "| R@0.1%FPR pay | P@CHAL | R@CHAL | F1@CHAL | user ROC-AUC |")
+    rows = [head, "|" + "---|" * head.count("|")[:-1] if False else "|" + "|".join(["---"] + ["---:"] * 12) + "|"]
+    for k, m in metrics["scorers"].items():
+        a, p, c = m["all"], m["payments"], m["challenge"]
+        rows.append("| " + " | ".join([
+            _label(k), _fmt(a["roc_auc"]), _fmt(a["pr_auc"]), _fmt(p["roc_auc"]), _fmt(p["pr_auc"]),
+            _fmt(a["at_fpr"]["0.01"]["recall"]), _fmt(a["at_fpr"]["0.001"]["recall"]),
+            _fmt(p["at_fpr"]["0.01"]["recall"]), _fmt(p["at_fpr"]["0.001"]["recall"]),
+            _fmt(c["precision"]), _fmt(c["recall"]), _fmt(c["f1"]), _fmt(m["user"]["roc_auc"])]) + " |")
+    return "\n".join(rows)
+
+
+def _report_md(metrics: dict, summary: str) -> str:
+    d = metrics["data"]
+    names = list(metrics["scorers"])
+    model = metrics["model"]
+    L = [f"# seqguard evaluation report", "",
+         f"- model: `{model}` version **{metrics.get('model_version') or 'n/a'}**",
+         f"- created: {metrics['created']}",
+         f"- events: {d['events']:,} ({d['label1_events']:,} label 1 = {100 * d['label1_events'] / max(d['events'], 1):.2f}%), "
+         f"users: {d['users']:,} ({d['positive_users']:,} with any label-1 event), "
+         f"payment attempts: {d['payment_attempt_events']:,} ({d['label1_payment_attempts']:,} label 1)"]
+    for key in ("events_file", "labels_file", "model_dir", "training_events", "training_users", "timings_s"):
+        if key in d:
+            L.append(f"- {key.replace('_', ' ')}: {d[key]}")
+    L += ["", "## Summary", "", summary, "",
+          "R@x%FPR: recall at the cut-off flagging x% of the label-0 events (of that subset); "
+          "pay: payment attempts only; P/R/F1@CHAL: at the model's CHALLENGE threshold, baselines at the "
+          "cut-off with the same label-0 flag rate; user ROC-AUC: max score per user.", ""]
+
+    # per family
+    L += ["## Recall per attack family at 1% FPR (all-events cut-off)", "",
+          "| family | events | " + " | ".join(_label(k) for k in names) + " |",
+          "|---|---:|" + "---:|" * len(names)]
+    fams = list(metrics["scorers"][model]["family_recall_at_1pct_fpr"])
+    counts = d["events_per_family"]
+    for f in fams:
+        L.append(f"| {f} | {counts.get(f, 0):,} | " + " | ".join(
+            _fmt(metrics["scorers"][k]["family_recall_at_1pct_fpr"][f]) for k in names) + " |")
+    L += ["", "### family x variant", "",
+          "| family / variant | events | " + " | ".join(_label(k) for k in names) + " |",
+          "|---|---:|" + "---:|" * len(names)]
+    fv_counts = d["attack_events_per_family_variant"]
+    for fv in metrics["scorers"][model]["family_variant_recall_at_1pct_fpr"]:
+        L.append(f"| {fv} | {fv_counts.get(fv, 0):,} | " + " | ".join(
+            _fmt(metrics["scorers"][k]["family_variant_recall_at_1pct_fpr"][fv]) for k in names) + " |")
+    L += ["", "### label-0 kinds: share flagged at the same cut-off (lower is better)", "",
+          "| kind | events | " + " | ".join(_label(k) for k in names) + " |",
+          "|---|---:|" + "---:|" * len(names)]
+    for f in metrics["scorers"][model]["negative_kind_flag_rate_at_1pct_fpr"]:
+        L.append(f"| {f} | {counts.get(f, 0):,} | " + " | ".join(
+            _pct(metrics["scorers"][k]["negative_kind_flag_rate_at_1pct_fpr"][f]) for k in names) + " |")
+
+    # thresholds
+    th = metrics["thresholds"]
+    L += ["", "## Action thresholds", "",
+          "Model: risk >= threshold (risk is the calibrated training-score CDF). Baselines: the cut-off "
+          "flagging the same share of label-0 events as the model at that action.", "",
+          "| action | scorer | threshold | label-0 flag rate | flagged | precision | recall | F1 |",
+          "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for a in th["model_risk"]:
+        for k in names:
+            r = metrics["scorers"][k]["actions"][a]
+            L.append(f"| {a} | {_label(k)} | {r['threshold']:.6g} | {_pct(r['fpr'])} | {r['flagged']:,} | "
+                     f"{_fmt(r['precision'])} | {_fmt(r['recall'])} | {_fmt(r['f1'])} |")
+    L += ["", "## Fixed-FPR cut-offs", "",
+          "| scorer | subset | FPR target | threshold | actual FPR | recall | precision |",
+          "|---|---|---:|---:|---:|---:|---:|"]
+    for k in names:
+        for sub in ("all", "payments"):
+            for f, r in metrics["scorers"][k][sub]["at_fpr"].items():
+                L.append(f"| {_label(k)} | {sub} | {float(f):.1%} | {r['threshold']:.6g} | {_pct(r['fpr'])} | "
+                         f"{_fmt(r['recall'])} | {_fmt(r['precision'])} |")
+
+    if metrics.get("plots"):
+        L += ["", "## Plots", ""]
+        for title, fname in metrics["plots"].items():
+            L.append(f"![{title}]({fname})")
+            L.append("")
+
+    L += ["", "## How the numbers were computed", "",
+          "- Every scorer scores every event right after it happens (risk after event *i* uses events up to and "
+          "including *i*); scores are compared with the per-event labels of the generator / analyst.",
+          "- **seqguard**: `seqguard.batch.score_events` (shared featuriser replayed in global time order, the "
+          "exported ONNX step encoder, PCA + IsolationForest + calibration) - the same numbers the online gateway serves.",
+          "- **hand rules** (`training.baselines.hand_rules_score`): weighted sum of hand-written rule hits "
+          "(velocity, new device / country, failure bursts, account change before payment, amount vs the user's "
+          "history, many accounts per device / IP, ...) over the shared featuriser's outputs; weights hand-chosen, "
+          "not fitted.",
+          "- **user aggregates + IForest** (`training.baselines.user_aggregate_iforest_score`): per-user cumulative "
+          "aggregates up to each event (events, distinct devices / countries / IPs / prefixes, failure ratio, "
+          "payments, mean / max amount, events per hour, ...) plus distinct users per device / IP so far; "
+          "IsolationForest fitted unsupervised on the evaluated log itself (it has seen this log, the model has not).",
+          "- ROC-AUC: `sklearn.metrics.roc_auc_score`; PR-AUC: average precision. Payment attempts = event types "
+          f"{', '.join(PAYMENT_ATTEMPTS)}.",
+          "- Recall at x% FPR: the cut-off is the lowest score t with (label-0 events scoring >= t) <= x% of the "
+          "label-0 events of the subset; ties are never split, so the actual FPR can be below target.",
+          "- CHALLENGE / action rows: the model flags risk >= its threshold; a baseline is cut where it flags the same "
+          "share of label-0 events, so precision/recall compare at an equal false-positive budget.",
+          "- Per-family recall: share of that family's label-1 events at or above the all-events 1% FPR cut-off; "
+          "label-0 kinds: share of those events above the same cut-off.",
+          "- User level: a user's score is the max over its events; a user is positive if any of its events is label 1.",
+          ""]
+    return "\n".join(L)
+
+
+# --------------------------------------------------------------------------- plots
+
+def _plots(report_dir: Path, S, names, y, pay, family, variant, thresholds, metrics, progress=True) -> dict:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve, roc_curve
+    from tqdm import tqdm
+
+    files: dict[str, str] = {}
+    steps = tqdm(total=4, desc="plots", unit="plot", leave=False, disable=not progress)
+
+    def _subsample_curve(a, b, k=4000):
+        if len(a) <= k:
+            return a, b
+        idx = np.unique(np.linspace(0, len(a) - 1, k).astype(int))
+        return a[idx], b[idx]
+
+    # ROC (log-x so the operating region 0.1%..5% FPR is visible)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, (sub, mask) in zip(axes, (("all events", np.ones(len(y), bool)), ("payment attempts", pay))):
+        ys = y[mask]
+        if ys.min() != ys.max():
+            for k in names:
+                fpr, tpr, _ = roc_curve(ys, S[k][mask])
+                fpr, tpr = _subsample_curve(fpr, tpr)
+                auc = metrics["scorers"][k]["all" if sub == "all events" else "payments"]["roc_auc"]
+                ax.plot(np.maximum(fpr, 1e-5), tpr, label=f"{_label(k)} (AUC {_fmt(auc)})")
+        for f in FPR_LEVELS:
+            ax.axvline(f, color="grey", lw=0.6, ls=":")
+        ax.set_xscale("log")
+        ax.set_xlim(1e-4, 1)
+        ax.set_xlabel("false-positive rate (log)")
+        ax.set_ylabel("recall (TPR)")
+        ax.set_title(f"ROC - {sub}")
+        ax.legend(loc="lower right", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(report_dir / "roc.png", dpi=110)
+    plt.close(fig)
+    files["ROC curves"] = "roc.png"
+    steps.update()
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, (sub, mask) in zip(axes, (("all events", np.ones(len(y), bool)), ("payment attempts", pay))):
+        ys = y[mask]
+        if ys.max() > 0:
+            for k in names:
+                prec, rec, _ = precision_recall_curve(ys, S[k][mask])
+                rec, prec = _subsample_curve(rec, prec)
+                ap = metrics["scorers"][k]["all" if sub == "all events" else "payments"]["pr_auc"]
+                ax.plot(rec, prec, label=f"{_label(k)} (AP {_fmt(ap)})")
+            ax.axhline(ys.mean(), color="grey", lw=0.6, ls=":", label=f"base rate {ys.mean():.3f}")
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_title(f"precision-recall - {sub}")
+        ax.legend(loc="upper right", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(report_dir / "pr.png", dpi=110)
+    plt.close(fig)
+    files["Precision-recall curves"] = "pr.png"
+    steps.update()
+
+    # model risk per family (log y)
+    model = names[0]
+    s = S[model]
+    fams = [f for f in sorted(set(family[y == 1]))] + ["normal"] + sorted(set(family[y == 0]) - {"normal"})
+    ncol = 4
+    nrow = int(math.ceil(len(fams) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 2.6 * nrow), squeeze=False)
+    lo, hi = float(s.min()), float(s.max())
+    bins = np.linspace(lo, hi if hi > lo else lo + 1, 41)
+    for ax, f in zip(axes.flat, fams):
+        mask = family == f
+        is_attack = bool(np.any(y[mask] == 1))
+        ax.hist(s[mask], bins=bins, color="tab:red" if is_attack else "tab:blue", alpha=0.8)
+        ax.set_yscale("log")
+        for a, t in thresholds.items():
+            ax.axvline(t, color="k", lw=0.7, ls="--" if a == "CHALLENGE" else ":")
+        ax.set_title(f"{f} ({'attack' if is_attack else 'label 0'}, n={int(mask.sum())})", fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(fams):]:
+        ax.axis("off")
+    fig.suptitle(f"{_label(model)} risk per family (log count; dashed = CHALLENGE, dotted = REVIEW / BLOCK)")
+    fig.tight_layout()
+    fig.savefig(report_dir / "risk_by_family.png", dpi=100)
+    plt.close(fig)
+    files["Model risk per family"] = "risk_by_family.png"
+    steps.update()
+
+    # per-family recall bars at 1% FPR
+    attack = list(metrics["scorers"][model]["family_recall_at_1pct_fpr"])
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(attack) + 2), 4.5))
+    w = 0.8 / max(len(names), 1)
+    x = np.arange(len(attack))
+    for j, k in enumerate(names):
+        vals = [metrics["scorers"][k]["family_recall_at_1pct_fpr"][f] for f in attack]
+        ax.bar(x + (j - (len(names) - 1) / 2) * w, vals, width=w, label=_label(k))
+    ax.set_xticks(x)
+    ax.set_xticklabels(attack, rotation=20, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("recall at 1% FPR")
+    ax.set_title("recall per attack family at 1% FPR (all events)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(report_dir / "family_recall.png", dpi=110)
+    plt.close(fig)
+    files["Recall per family"] = "family_recall.png"
+    steps.update()
+    steps.close()
+    return files
+
+
+# --------------------------------------------------------------------------- CLI entry
+
+def main_evaluate(args) -> int:
+    """`seqguard evaluate --events E --labels L --model DIR --report OUT`."""
+    from tqdm import tqdm
+    from seqguard.artifact import ModelArtifact
+    from seqguard.batch import score_events
+    from seqguard.schema import ReadReport, parse_column_map, read_events
+    from .baselines import hand_rules_score, user_aggregate_iforest_score
+
+    timings: dict[str, float] = {}
+    t = time.time()
+    model = ModelArtifact.load(args.model)
+    report = ReadReport()
+    events = list(tqdm(read_events(args.events, parse_column_map(getattr(args, "column_map", None)),
+                                   getattr(args, "on_bad_row", "error"), report),
+                       desc=f"read {os.path.basename(args.events)}", unit="ev", mininterval=1.0, leave=False))
+    if report.skipped:
+        print(report.summary(), file=sys.stderr)
+    if not events:
+        raise ValueError(f"{args.events}: no valid events to evaluate")
+    labels = read_labels(args.labels)
+    y, family, variant = align_labels(events, labels)
+    timings["read"] = time.time() - t
+
+    t = time.time()
+    risk, _, enc = score_events(model, events, progress=True)
+    timings["score_model"] = time.time() - t
+    feats_in = np.empty_like(enc.feats)
+    feats_in[enc.order] = enc.feats
+
+    t = time.time()
+    rules = hand_rules_score(events, feats_in)
+    timings["hand_rules"] = time.time() - t
+    t = time.time()
+    seed = int(model.metadata.get("training", {}).get("config", {}).get("seed", 0))
+    agg = user_aggregate_iforest_score(events, seed=seed)
+    timings["user_agg_iforest"] = time.time() - t
+
+    tr = model.metadata.get("training", {})
+    info = {"events_file": os.path.abspath(args.events), "labels_file": os.path.abspath(args.labels),
+            "model_dir": os.path.abspath(args.model), "training_events": tr.get("events"),
+            "training_users": tr.get("users"), "skipped_rows": report.skipped or {}}
+    t = time.time()
+    labels_aligned = list(zip(y.tolist(), family.tolist(), variant.tolist()))
+    scores = {MODEL_KEY: risk, "hand_rules": rules, "user_agg_iforest": agg}
+    timings_view = {k: round(v, 2) for k, v in timings.items()}
+    info["timings_s"] = timings_view
+    metrics = evaluate(events, labels_aligned, scores, model.detector.thresholds, args.report,
+                       model_version=model.model_version, info=info)
+    timings_view["evaluate_and_report"] = round(time.time() - t, 2)
+    # rewrite metrics.json with the final timing (report.md shows the scoring timings)
+    Path(args.report, "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
+    print("timings (s): " + ", ".join(f"{k} {v}" for k, v in timings_view.items()), file=sys.stderr)
+    return 0
