@@ -85,7 +85,7 @@ def cmd_up(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from gateway.demo import main_demo
+    from .demo import main_demo
     return main_demo(args)
 
 

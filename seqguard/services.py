@@ -9,7 +9,7 @@ is left of its process group (Triton's Python-backend stub processes) is killed 
         client = tritonclient.grpc.InferenceServerClient(triton.grpc_url)
 
 Triton comes from the ``nvidia-pytriton`` wheel, which bundles a real tritonserver binary,
-its libraries and the Python backend (see docs in /work/shared/notes/environment.md):
+its libraries and the Python backend. What it takes to run it (measured on Debian 12):
 
 * the backend directory must hold ``python/{libtriton_python.so, triton_python_backend_utils.py,
   triton_python_backend_stub}`` with the stub built for this Python (3.11);
@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import socket
@@ -33,7 +34,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -51,9 +51,21 @@ class ServiceNotInstalled(ServiceError):
 
 def free_port(host: str = LOOPBACK) -> int:
     """A TCP port that was free on ``host`` a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = LOOPBACK) -> list[int]:
+    """``n`` distinct TCP ports that were free on ``host`` a moment ago."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,7 +154,7 @@ def _venv_bin() -> Path:
 # --------------------------------------------------------------------------------------------
 # Managed child processes
 # --------------------------------------------------------------------------------------------
-_LIVE: "weakref.WeakSet[_ManagedService]" = weakref.WeakSet()
+_LIVE: "set[ManagedService]" = set()   # started and not yet stopped
 
 
 @atexit.register
@@ -154,7 +166,7 @@ def _stop_leftovers() -> None:  # a crashed test run must not leave servers behi
             pass
 
 
-class _ManagedService:
+class ManagedService:
     """One server process: start / wait_ready / stop, log file, context manager.
 
     Subclasses define ``name``, :meth:`_command`, :meth:`_is_ready` and may extend
@@ -162,6 +174,9 @@ class _ManagedService:
     """
     name = "service"
     stop_timeout = 10.0
+    # Log lines worth quoting when startup fails (regex; None: just the log's tail).
+    error_line_re: "re.Pattern[str] | None" = None
+    error_line_ignore_re: "re.Pattern[str] | None" = None
 
     def __init__(self, run_dir: str | os.PathLike | None = None, host: str = LOOPBACK):
         if run_dir is None:
@@ -206,7 +221,7 @@ class _ManagedService:
             return None
         return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
 
-    def start(self) -> "_ManagedService":
+    def start(self) -> "ManagedService":
         """Launch the process (does not wait for readiness; see :meth:`wait_ready`)."""
         if self.running:
             raise ServiceError(f"{self.name} is already running (pid {self.pid})")
@@ -235,13 +250,13 @@ class _ManagedService:
             code = self._exit_status()
             if code is not None:
                 raise ServiceError(f"{self.name} exited with code {code} during startup; "
-                                   f"log {self.log_path} ends with:\n{self.log_tail()}")
+                                   + self._startup_report())
             if self._is_ready():
                 self.startup_s = time.monotonic() - self._t_start
                 return self.startup_s
             if time.monotonic() > deadline:
                 raise ServiceError(f"{self.name} not ready after {timeout:.0f} s; "
-                                   f"log {self.log_path} ends with:\n{self.log_tail()}")
+                                   + self._startup_report())
             time.sleep(0.05)
 
     def stop(self, timeout: float | None = None) -> int | None:
@@ -280,6 +295,24 @@ class _ManagedService:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
 
+    def _startup_report(self, tail_lines: int = 15, max_errors: int = 12,
+                        width: int = 600) -> str:
+        """Error lines of this run's log (if the subclass knows them) plus the log's tail."""
+        parts = []
+        if self.error_line_re is not None:
+            try:
+                text = self.log_path.read_text(errors="replace")
+            except OSError:
+                text = ""
+            run = text.rsplit("\n==== ", 1)[-1]   # this start() only
+            errors = [ln[:width] for ln in run.splitlines()
+                      if self.error_line_re.search(ln)
+                      and not (self.error_line_ignore_re and self.error_line_ignore_re.search(ln))]
+            if errors:
+                parts.append("errors in the log:\n" + "\n".join(errors[-max_errors:]))
+        parts.append(f"log {self.log_path} ends with:\n{self.log_tail(tail_lines)}")
+        return "\n".join(parts)
+
     def __enter__(self):
         self.start()
         try:
@@ -317,7 +350,7 @@ def find_redis_server() -> str:
     return found
 
 
-class RedisServer(_ManagedService):
+class RedisServer(ManagedService):
     """A ``redis-server`` on a loopback port with its data in ``run_dir/data``.
 
     No RDB snapshots (``--save ''``); ``appendonly=True`` turns on the AOF with
@@ -394,7 +427,7 @@ class RedisServer(_ManagedService):
 # --------------------------------------------------------------------------------------------
 # Triton
 # --------------------------------------------------------------------------------------------
-class TritonServer(_ManagedService):
+class TritonServer(ManagedService):
     """A real ``tritonserver`` (CPU only) serving ``model_repository`` on loopback ports.
 
     ``models``: names whose ``/v2/models/NAME/ready`` must answer 200 before
@@ -404,6 +437,8 @@ class TritonServer(_ManagedService):
     """
     name = "triton"
     stop_timeout = 15.0
+    error_line_re = re.compile(r"^E\d{4} |^error: |Failed to initialize Python stub")
+    error_line_ignore_re = re.compile(r"CudaDriverHelper|CUDA driver")   # harmless on CPU
 
     def __init__(self, model_repository: str | os.PathLike, *,
                  models: Iterable[str] = (),
@@ -418,9 +453,10 @@ class TritonServer(_ManagedService):
         super().__init__(run_dir)
         self.model_repository = Path(model_repository).resolve()
         self.models = list(models)
-        self.grpc_port = grpc_port or free_port()
-        self.http_port = http_port or free_port()
-        self.metrics_port = metrics_port or free_port()
+        spare = iter(free_ports(3))
+        self.grpc_port = grpc_port or next(spare)
+        self.http_port = http_port or next(spare)
+        self.metrics_port = metrics_port or next(spare)
         if len({self.grpc_port, self.http_port, self.metrics_port}) != 3:
             raise ValueError("grpc, http and metrics ports must differ")
         self.backend_dir = Path(backend_dir).resolve() if backend_dir else None
@@ -457,9 +493,12 @@ class TritonServer(_ManagedService):
         env.pop("PYTHONHOME", None)
         return env
 
+    # Loopback only: never route readiness probes through an http_proxy from the environment.
+    _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
     def _http_ok(self, path: str) -> bool:
         try:
-            with urllib.request.urlopen(self.http_url + path, timeout=1.0) as resp:
+            with self._opener.open(self.http_url + path, timeout=1.0) as resp:
                 return resp.status == 200
         except (urllib.error.URLError, OSError, ValueError):
             return False

@@ -235,7 +235,7 @@ def user_aggregates(events: Sequence[Event]) -> np.ndarray:
     big = float(log_amt.max(initial=0.0)) + 1.0
     run_max = np.maximum.accumulate(log_amt + u * big) - u * big
     hours = (t - t[sp]) / HOUR_MS
-    per_hour = n_so_far / np.maximum(hours, 1.0 / 60.0)
+    per_hour = n_so_far / np.maximum(hours, 1.0)     # >= 1 h window: a user's first events are no burst
 
     X_o = np.column_stack([
         np.log1p(n_so_far),

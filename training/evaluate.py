@@ -314,7 +314,7 @@ def summary_table(metrics: dict) -> str:
     """Markdown table: one row per scorer."""
     head = ("| scorer | ROC-AUC | PR-AUC | ROC-AUC pay | PR-AUC pay | R@1%FPR | R@0.1%FPR | R@1%FPR pay "
             "| R@0.1%FPR pay | P@CHAL | R@CHAL | F1@CHAL | user ROC-AUC |")
-    rows = [head, "|" + "---|" * head.count("|")[:-1] if False else "|" + "|".join(["---"] + ["---:"] * 12) + "|"]
+    rows = [head, "|" + "|".join(["---"] + ["---:"] * 12) + "|"]
     for k, m in metrics["scorers"].items():
         a, p, c = m["all"], m["payments"], m["challenge"]
         rows.append("| " + " | ".join([
@@ -483,26 +483,40 @@ def _plots(report_dir: Path, S, names, y, pay, family, variant, thresholds, metr
     files["Precision-recall curves"] = "pr.png"
     steps.update()
 
-    # model risk per family (log y)
+    # model risk per family (log y). Risk is a CDF: plot -log10(1 - risk) so the top 1% is visible
     model = names[0]
     s = S[model]
+    tail = bool(s.min() >= 0.0 and s.max() <= 1.0)
+    if tail:
+        def xf(v):
+            return -np.log10(np.maximum(1.0 - np.asarray(v, np.float64), 1e-5))
+        xlabel = "-log10(1 - risk)   (2 = top 1%, 3 = top 0.1%)"
+    else:
+        def xf(v):
+            return np.asarray(v, np.float64)
+        xlabel = "score"
+    x_all = xf(s)
     fams = [f for f in sorted(set(family[y == 1]))] + ["normal"] + sorted(set(family[y == 0]) - {"normal"})
     ncol = 4
     nrow = int(math.ceil(len(fams) / ncol))
     fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 2.6 * nrow), squeeze=False)
-    lo, hi = float(s.min()), float(s.max())
+    lo, hi = float(x_all.min()), float(x_all.max())
     bins = np.linspace(lo, hi if hi > lo else lo + 1, 41)
     for ax, f in zip(axes.flat, fams):
         mask = family == f
         is_attack = bool(np.any(y[mask] == 1))
-        ax.hist(s[mask], bins=bins, color="tab:red" if is_attack else "tab:blue", alpha=0.8)
+        counts, _ = np.histogram(x_all[mask], bins=bins)
+        ax.stairs(counts, bins, fill=True, color="tab:red" if is_attack else "tab:blue", alpha=0.8)
         ax.set_yscale("log")
+        ax.set_ylim(0.8, max(2.0, counts.max() * 1.5))
         for a, t in thresholds.items():
-            ax.axvline(t, color="k", lw=0.7, ls="--" if a == "CHALLENGE" else ":")
+            ax.axvline(float(xf(t)), color="k", lw=0.7, ls="--" if a == "CHALLENGE" else ":")
         ax.set_title(f"{f} ({'attack' if is_attack else 'label 0'}, n={int(mask.sum())})", fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(fams):]:
         ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel(xlabel, fontsize=8)
     fig.suptitle(f"{_label(model)} risk per family (log count; dashed = CHALLENGE, dotted = REVIEW / BLOCK)")
     fig.tight_layout()
     fig.savefig(report_dir / "risk_by_family.png", dpi=100)

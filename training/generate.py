@@ -602,8 +602,8 @@ class _World:
                     cart.pop()
                     app((t, len(out), uid, "remove_from_cart", iid, cat, None, dev, ip, cc, sid, 0, tag, ""))
                     t += gap()
-            elif y > 0.993:
-                app((t, len(out), uid, "wishlist_add" if y > 0.9965 else "share_item", iid, cat, None,
+            elif y > 0.991:
+                app((t, len(out), uid, "wishlist_add" if y > 0.9955 else "share_item", iid, cat, None,
                      dev, ip, cc, sid, 0, tag, ""))
                 t += gap()
             if rnd() < 0.12:

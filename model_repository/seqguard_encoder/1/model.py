@@ -144,6 +144,8 @@ class TritonPythonModel:
                 else:
                     # One bad request (e.g. an unknown event type) must not fail its batch-mates:
                     # rerun each request alone to answer the good ones.
+                    self.logger.log_warn(f"{self.model_name}: merged batch of {len(good)} "
+                                         f"requests failed ({batch_exc}); rerunning one by one")
                     for i, inp in good:
                         try:
                             outputs = self._run(inp)
