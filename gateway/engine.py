@@ -45,6 +45,8 @@ class ScoreResult:
 
 
 class ScoringEngine:
+    MAX_ROWS = 1024          # Triton's max_batch_size for the step model
+
     def __init__(self, artifact: ModelArtifact, store: RedisStateStore, encoder: TritonStepClient,
                  fallback: str = "fail_open"):
         self.artifact = artifact
@@ -103,8 +105,8 @@ class ScoringEngine:
         emb = np.empty((n, self.hidden), np.float32)
         surprise = np.empty((n, 2), np.float32)
         try:
-            for w in range(int(wave.max()) + 1 if n else 0):
-                rows = np.flatnonzero(wave == w)
+            waves = [np.flatnonzero(wave == w) for w in range(int(wave.max()) + 1 if n else 0)]
+            for rows in (r[a:a + self.MAX_ROWS] for r in waves for a in range(0, len(r), self.MAX_ROWS)):
                 sts = [users[events[i].user_id] for i in rows]
                 left = remaining()
                 if left is not None and left <= 0:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from seqguard.featurizer import EntityContext, UserContext, ip_prefix
@@ -62,7 +64,7 @@ class RedisStateStore:
         client = aioredis.Redis(host=s.redis_host, port=s.redis_port, db=s.redis_db,
                                 username=s.redis_username or None, password=s.redis_password or None,
                                 socket_timeout=s.redis_timeout_ms / 1000, socket_connect_timeout=s.redis_timeout_ms / 1000,
-                                retry_on_timeout=False, health_check_interval=0)
+                                retry=Retry(NoBackoff(), 0), health_check_interval=0)  # fail fast: we degrade
         return cls(client, Pseudonymizer(s.key_bytes()), hidden, s.state_ttl_s, s.recent_events)
 
     def user_key(self, user_id: str) -> str:

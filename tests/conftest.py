@@ -127,3 +127,74 @@ def triton_server_factory(triton_install, triton_backend_dir, tmp_path_factory):
     finally:
         for server in started:
             server.stop()
+
+
+# ------------------------------------------------------------------ a small trained model
+@pytest.fixture(scope="session")
+def small_log(tmp_path_factory):
+    """A generated labelled log (400 users, 10 days) written as JSONL: (events path, labels path, events)."""
+    from training.generate import generate, write_events, write_labels
+    d = tmp_path_factory.mktemp("log")
+    events, labels = generate(400, seed=11, days=10)
+    write_events(events, d / "events.jsonl")
+    write_labels(labels, d / "labels.jsonl")
+    return d / "events.jsonl", d / "labels.jsonl", events
+
+
+@pytest.fixture(scope="session")
+def small_model(small_log, tmp_path_factory) -> Path:
+    """A model trained on small_log in seconds (tiny encoder, few trees); same code path as `seqguard train`."""
+    from training.train import TrainConfig, train
+    out = tmp_path_factory.mktemp("model")
+    cfg = TrainConfig(hidden=32, epochs=1, n_estimators=60, max_samples=256, seed=3, threads=2)
+    train(str(small_log[0]), str(out), cfg, log=lambda m: None)
+    return out
+
+
+# ------------------------------------------------------------------ a gateway in a background event loop
+class GatewayThread:
+    """Runs gateway.server.Gateway in its own thread + event loop so tests can use the sync grpc client."""
+
+    def __init__(self, settings):
+        import asyncio
+        import threading
+        from gateway.server import Gateway
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.gateway = Gateway(settings)
+        self.port = self.call(self.gateway.start())
+        self.address = f"127.0.0.1:{self.port}"
+
+    def call(self, coro, timeout=60):
+        import asyncio
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self):
+        try:
+            self.call(self.gateway.stop(grace=2))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def gateway_factory():
+    """start(**settings) -> GatewayThread on a free port; all stopped at the end."""
+    from gateway.settings import Settings
+    from seqguard.services import free_port
+    started = []
+
+    def start(**overrides):
+        overrides.setdefault("port", free_port())
+        overrides.setdefault("pseudonym_key", "test-pseudonym-key-0123456789")
+        gw = GatewayThread(Settings.load(**overrides))
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        try:
+            gw.stop()
+        except Exception:  # noqa: BLE001 - already stopped
+            pass

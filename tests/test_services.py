@@ -28,8 +28,6 @@ MODEL = "seqguard_encoder"
 OUTPUTS = ("h_out", "c_out", "embedding", "surprise")
 ATOL = 1e-6
 
-pytestmark = pytest.mark.slow
-
 
 # -- helpers ----------------------------------------------------------------------------------
 def make_inputs(n: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -90,6 +88,7 @@ def test_committed_config_is_the_rendered_default():
         "re-render it with seqguard.triton_repo.render_config()")
 
 
+@pytest.mark.slow
 def test_write_model_repository_layout(tmp_path, tiny_step_onnx):
     repo = tmp_path / "repo"
     assert next_version(repo, MODEL) == 1
@@ -124,6 +123,7 @@ def triton(triton_server_factory, triton_repo):
     return server
 
 
+@pytest.mark.slow
 def test_triton_server_and_model_ready(triton):
     import tritonclient.grpc as grpcclient
 
@@ -137,6 +137,7 @@ def test_triton_server_and_model_ready(triton):
     assert triton.is_model_ready(MODEL, version=1)
 
 
+@pytest.mark.slow
 def test_triton_batch_of_8_matches_local_onnxruntime(triton, tiny_step_onnx):
     import tritonclient.grpc as grpcclient
 
@@ -151,6 +152,7 @@ def test_triton_batch_of_8_matches_local_onnxruntime(triton, tiny_step_onnx):
         assert np.max(np.abs(got - want[name])) <= ATOL, name
 
 
+@pytest.mark.slow
 def test_triton_32_concurrent_aio_requests(triton, tiny_step_onnx):
     import tritonclient.grpc as grpcclient
     import tritonclient.grpc.aio as aioclient
@@ -183,6 +185,7 @@ def test_triton_32_concurrent_aio_requests(triton, tiny_step_onnx):
     assert int(stats["execution_count"]) <= int(stats["inference_count"])
 
 
+@pytest.mark.slow
 def test_triton_bad_request_gets_an_error_and_server_survives(triton, tiny_step_onnx):
     """An out-of-range event type fails its own request only, even when the dynamic batcher
     merges it with good ones (model.py then reruns the requests one by one)."""
@@ -216,6 +219,7 @@ def test_triton_bad_request_gets_an_error_and_server_survives(triton, tiny_step_
         assert client.is_model_ready(MODEL)
 
 
+@pytest.mark.slow
 def test_triton_death_during_start_raises_with_log(triton_server_factory, tmp_path,
                                                    tiny_step_onnx):
     repo = write_model_repository(tmp_path / "repo", tiny_step_onnx,
@@ -228,6 +232,7 @@ def test_triton_death_during_start_raises_with_log(triton_server_factory, tmp_pa
     assert "failed to load 'seqguard_encoder'" in message
 
 
+@pytest.mark.slow
 def test_triton_stop_leaves_no_process(triton):   # keep last among the Triton tests
     group = process_group(triton.pid)
     assert triton.pid in group and len(group) >= 2, group   # server + Python-backend stub
@@ -240,6 +245,7 @@ def test_triton_stop_leaves_no_process(triton):   # keep last among the Triton t
 
 
 # -- Redis ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_redis_ping_set_get(redis_server):
     client = redis_server.client()
     assert client.ping() is True
@@ -248,6 +254,7 @@ def test_redis_ping_set_get(redis_server):
     client.close()
 
 
+@pytest.mark.slow
 def test_redis_stop_leaves_no_process(tmp_path):
     server = RedisServer(free_port(), run_dir=tmp_path, password="s3cret", appendonly=True)
     with server:

@@ -188,14 +188,14 @@ def _pct(x) -> str:
 
 def evaluate(events: Sequence[Event], labels, scores: dict[str, np.ndarray], threshold_risk,
              report_dir, *, model_version: str | None = None, info: dict | None = None,
-             plots: bool = True, progress: bool = True, out=sys.stdout) -> dict:
+             plots: bool = True, progress: bool = True, quiet: bool = False) -> dict:
     """Compute all metrics for every scorer, write report.md + metrics.json + plots, return metrics.
 
     scores: name -> per-event score (higher = riskier) in the order of `events`; the FIRST
     entry is the model, whose raw risk is compared with the action thresholds.
     threshold_risk: the detector's thresholds {"REVIEW", "CHALLENGE", "BLOCK"} (risk >= t), or a
     single float taken as the CHALLENGE threshold.
-    labels: see `align_labels`.
+    labels: see `align_labels`. The summary table goes to stdout unless `quiet`.
     """
     from tqdm import tqdm
     t0 = time.time()
@@ -292,9 +292,9 @@ def evaluate(events: Sequence[Event], labels, scores: dict[str, np.ndarray], thr
     (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
     summary = summary_table(metrics)
     (report_dir / "report.md").write_text(_report_md(metrics, summary))
-    if out is not None:
-        print(summary, file=out)
-        print(f"\nreport: {report_dir / 'report.md'}", file=out)
+    if not quiet:
+        print(summary)
+        print(f"\nreport: {report_dir / 'report.md'}")
     return metrics
 
 
@@ -337,7 +337,10 @@ def _report_md(metrics: dict, summary: str) -> str:
          f"payment attempts: {d['payment_attempt_events']:,} ({d['label1_payment_attempts']:,} label 1)"]
     for key in ("events_file", "labels_file", "model_dir", "training_events", "training_users", "timings_s"):
         if key in d:
-            L.append(f"- {key.replace('_', ' ')}: {d[key]}")
+            v = d[key]
+            if isinstance(v, dict):
+                v = ", ".join(f"{k} {x}" for k, x in v.items())
+            L.append(f"- {key.replace('_', ' ')}: {v}")
     L += ["", "## Summary", "", summary, "",
           "R@x%FPR: recall at the cut-off flagging x% of the label-0 events (of that subset); "
           "pay: payment attempts only; P/R/F1@CHAL: at the model's CHALLENGE threshold, baselines at the "
@@ -441,7 +444,7 @@ def _plots(report_dir: Path, S, names, y, pay, family, variant, thresholds, metr
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for ax, (sub, mask) in zip(axes, (("all events", np.ones(len(y), bool)), ("payment attempts", pay))):
         ys = y[mask]
-        if ys.min() != ys.max():
+        if len(ys) and ys.min() != ys.max():
             for k in names:
                 fpr, tpr, _ = roc_curve(ys, S[k][mask])
                 fpr, tpr = _subsample_curve(fpr, tpr)
@@ -454,7 +457,8 @@ def _plots(report_dir: Path, S, names, y, pay, family, variant, thresholds, metr
         ax.set_xlabel("false-positive rate (log)")
         ax.set_ylabel("recall (TPR)")
         ax.set_title(f"ROC - {sub}")
-        ax.legend(loc="lower right", fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="lower right", fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(report_dir / "roc.png", dpi=110)
@@ -465,7 +469,7 @@ def _plots(report_dir: Path, S, names, y, pay, family, variant, thresholds, metr
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for ax, (sub, mask) in zip(axes, (("all events", np.ones(len(y), bool)), ("payment attempts", pay))):
         ys = y[mask]
-        if ys.max() > 0:
+        if len(ys) and ys.max() > 0:
             for k in names:
                 prec, rec, _ = precision_recall_curve(ys, S[k][mask])
                 rec, prec = _subsample_curve(rec, prec)
@@ -475,7 +479,8 @@ def _plots(report_dir: Path, S, names, y, pay, family, variant, thresholds, metr
         ax.set_xlabel("recall")
         ax.set_ylabel("precision")
         ax.set_title(f"precision-recall - {sub}")
-        ax.legend(loc="upper right", fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper right", fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(report_dir / "pr.png", dpi=110)
@@ -518,7 +523,8 @@ def _plots(report_dir: Path, S, names, y, pay, family, variant, thresholds, metr
     for ax in axes[-1]:
         ax.set_xlabel(xlabel, fontsize=8)
     fig.suptitle(f"{_label(model)} risk per family (log count; dashed = CHALLENGE, dotted = REVIEW / BLOCK)")
-    fig.tight_layout()
+    # fixed margins: tight_layout on a grid of log axes costs seconds
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.08 if nrow < 3 else 0.05, top=0.93, hspace=0.45, wspace=0.2)
     fig.savefig(report_dir / "risk_by_family.png", dpi=100)
     plt.close(fig)
     files["Model risk per family"] = "risk_by_family.png"

@@ -1,0 +1,191 @@
+"""The online path with real Redis and real Triton: parity with score-file, validation, degradation,
+health and reflection, reasons, pseudonymised state."""
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from gateway.proto import risk_pb2, risk_pb2_grpc
+from seqguard.artifact import ModelArtifact
+from seqguard.batch import score_events
+from seqguard.schema import read_events
+from seqguard.services import free_port
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def triton(small_model, triton_server_factory):
+    return triton_server_factory(small_model / "model_repository")
+
+
+@pytest.fixture(scope="module")
+def gateway(small_model, redis_server, triton, gateway_factory):
+    return gateway_factory(model_dir=str(small_model), redis_port=redis_server.port, triton_url=triton.grpc_url,
+                           deadline_ms=3000, triton_timeout_ms=3000)
+
+
+@pytest.fixture()
+def stub(gateway):
+    with grpc.insecure_channel(gateway.address) as ch:
+        yield risk_pb2_grpc.RiskScoringStub(ch)
+
+
+def to_proto(ev) -> risk_pb2.Event:
+    return risk_pb2.Event(**{k: v for k, v in ev._asdict().items() if v is not None})
+
+
+def test_online_equals_offline(small_model, small_log, redis_server, stub):
+    """Every event of a generated log through the gateway (real Redis + Triton) == seqguard score-file."""
+    redis_server.client().flushall()
+    events = list(read_events(str(small_log[0])))
+    offline, _, _ = score_events(ModelArtifact.load(small_model), events)
+    order = sorted(range(len(events)), key=lambda i: (events[i].ts, i))
+    online = np.full(len(events), np.nan)
+    tail = 300                                  # the last events one Score call at a time, the rest in batches
+    head = order[:-tail]
+    for a in range(0, len(head), 250):
+        idx = head[a:a + 250]
+        rep = stub.ScoreBatch(risk_pb2.ScoreBatchRequest(events=[to_proto(events[i]) for i in idx]), timeout=30)
+        assert [r.event_id for r in rep.results] == [events[i].event_id for i in idx]
+        assert all(r.status == risk_pb2.OK for r in rep.results)
+        online[idx] = [r.risk for r in rep.results]
+    for i in order[-tail:]:
+        r = stub.Score(risk_pb2.ScoreRequest(event=to_proto(events[i])), timeout=10)
+        assert r.status == risk_pb2.OK, r.status_detail
+        online[i] = r.risk
+    assert np.abs(online - offline).max() <= 1e-5
+    assert len(events) > 5000
+
+
+@pytest.mark.parametrize("patch, field", [
+    ({"user_id": ""}, "event.user_id"),
+    ({"ts": 0}, "event.ts"),
+    ({"ts": 1767225600}, "event.ts"),                  # seconds, not milliseconds
+    ({"amount": -1.0}, "event.amount"),
+    ({"amount": float("nan")}, "event.amount"),
+    ({"amount": float("inf")}, "event.amount"),
+    ({"device_id": "x" * 1_000_000}, "event.device_id"),
+    ({"event_type": ""}, "event.event_type"),
+])
+def test_malformed_request_is_rejected_and_writes_nothing(stub, redis_server, patch, field):
+    r = redis_server.client()
+    r.flushall()
+    ev = dict(event_id="bad-1", user_id="victim", ts=1767225600000, event_type="payment", amount=10.0,
+              device_id="d1", ip="1.2.3.4", country="DE")
+    ev.update(patch)
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.Score(risk_pb2.ScoreRequest(event=risk_pb2.Event(**ev)), timeout=5)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in exc.value.details()
+    assert r.dbsize() == 0
+
+
+def test_bad_event_in_batch_names_its_index(stub, redis_server):
+    r = redis_server.client()
+    r.flushall()
+    good = risk_pb2.Event(event_id="g", user_id="u", ts=1767225600000, event_type="login")
+    bad = risk_pb2.Event(event_id="b", user_id="u", ts=1767225600000, event_type="payment", amount=-5)
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.ScoreBatch(risk_pb2.ScoreBatchRequest(events=[good, good, bad]), timeout=5)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "events[2].amount" in exc.value.details()
+    assert r.dbsize() == 0
+
+
+def test_health_and_reflection(gateway):
+    with grpc.insecure_channel(gateway.address) as ch:
+        h = health_pb2_grpc.HealthStub(ch)
+        assert h.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        assert h.Check(health_pb2.HealthCheckRequest(service="seqguard.v1.RiskScoring"),
+                       timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        resp = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                              timeout=5))
+        names = {s.name for s in resp.list_services_response.service}
+        assert {"seqguard.v1.RiskScoring", "grpc.health.v1.Health"} <= names
+
+
+def _history(user, n, start, gap_ms, fields):
+    return [risk_pb2.Event(event_id=f"{user}-{k}", user_id=user, ts=start + k * gap_ms, **fields(k)) for k in range(n)]
+
+
+def test_account_takeover_gets_new_device_and_country_reason(stub):
+    t0 = 1767300000000
+    hist = _history("ato-user", 12, t0, 3_600_000, lambda k: dict(
+        event_type=["login", "view_item", "logout"][k % 3], device_id="phone-1", ip="81.2.3.4", country="DE"))
+    stub.ScoreBatch(risk_pb2.ScoreBatchRequest(events=hist), timeout=10)
+    r = stub.Score(risk_pb2.ScoreRequest(event=risk_pb2.Event(
+        event_id="ato-user-login", user_id="ato-user", ts=t0 + 13 * 3_600_000, event_type="login",
+        device_id="attacker-laptop", ip="185.9.9.9", country="NG")), timeout=10)
+    codes = [x.code for x in r.reasons]
+    assert "NEW_DEVICE_AND_COUNTRY" in codes
+    assert "ato-user-login" in r.reasons[codes.index("NEW_DEVICE_AND_COUNTRY")].event_ids
+
+
+def test_bot_gets_machine_timing_reason(stub):
+    evs = _history("bot-user", 40, 1767400000000, 2000, lambda k: dict(
+        event_type="view_item", item_id=f"i{k}", device_id="bot-dev", ip="5.6.7.8", country="US"))
+    rep = stub.ScoreBatch(risk_pb2.ScoreBatchRequest(events=evs), timeout=10)
+    last = rep.results[-1]
+    assert "MACHINE_TIMING" in [x.code for x in last.reasons]
+    assert last.risk > np.median([r.risk for r in rep.results[:5]])
+
+
+def test_user_state_is_pseudonymised(stub, redis_server):
+    stub.Score(risk_pb2.ScoreRequest(event=risk_pb2.Event(
+        event_id="pii-1", user_id="alice@example.com", ts=1767500000000, event_type="login",
+        device_id="alice-iphone", ip="203.0.113.7", country="FR")), timeout=10)
+    st = stub.GetUserState(risk_pb2.UserStateRequest(user_id="alice@example.com"), timeout=5)
+    assert st.n_events == 1 and st.recent[0].event_id == "pii-1" and "alice" not in st.user_key
+    r = redis_server.client()
+    blob = b"".join(k + b"".join(v for v in (r.hgetall(k).values() if r.type(k) == b"hash" else [r.get(k)]))
+                    for k in r.keys("*"))
+    for secret in (b"alice@example.com", b"alice-iphone", b"203.0.113.7", b"203.0.113"):
+        assert secret not in blob
+    assert all(r.ttl(k) > 0 for k in r.keys("*"))
+
+
+def test_ingest_updates_state_only(stub):
+    evs = _history("ing-user", 5, 1767600000000, 60_000, lambda k: dict(event_type="search"))
+    bad = risk_pb2.Event(event_id="x", user_id="", ts=1767600000000, event_type="search")
+    summary = stub.Ingest(iter(evs + [bad]), timeout=10)
+    assert summary.accepted == 5 and summary.rejected == 1 and "user_id" in summary.errors[0]
+    assert stub.GetUserState(risk_pb2.UserStateRequest(user_id="ing-user"), timeout=5).n_events == 5
+
+
+@pytest.mark.parametrize("fallback, action, risk", [("fail_open", risk_pb2.ALLOW, 0.0),
+                                                    ("fail_closed", risk_pb2.CHALLENGE, 1.0)])
+def test_triton_down_degrades_within_deadline(small_model, redis_server, triton_server_factory, gateway_factory,
+                                              fallback, action, risk):
+    dead = triton_server_factory(small_model / "model_repository")
+    gw = gateway_factory(model_dir=str(small_model), redis_port=redis_server.port, triton_url=dead.grpc_url,
+                         deadline_ms=300, triton_timeout_ms=100, fallback=fallback)
+    dead.stop()
+    with grpc.insecure_channel(gw.address) as ch:
+        stub = risk_pb2_grpc.RiskScoringStub(ch)
+        before = redis_server.client().dbsize()
+        for k in range(3):
+            t = time.perf_counter()
+            r = stub.Score(risk_pb2.ScoreRequest(event=risk_pb2.Event(
+                event_id=f"deg-{fallback}-{k}", user_id="u-deg", ts=1767700000000 + k, event_type="payment",
+                amount=5.0)), timeout=2)
+            elapsed = time.perf_counter() - t
+            assert r.status == risk_pb2.DEGRADED and "encoder unavailable" in r.status_detail
+            assert r.action == action and r.risk == risk
+            assert elapsed < 0.5
+        assert redis_server.client().dbsize() == before       # state did not advance
+
+
+def test_redis_down_degrades_within_deadline(small_model, triton, gateway_factory):
+    gw = gateway_factory(model_dir=str(small_model), redis_port=free_port(), triton_url=triton.grpc_url,
+                         deadline_ms=300, redis_timeout_ms=50)
+    with grpc.insecure_channel(gw.address) as ch:
+        stub = risk_pb2_grpc.RiskScoringStub(ch)
+        t = time.perf_counter()
+        r = stub.Score(risk_pb2.ScoreRequest(event=risk_pb2.Event(
+            event_id="r-1", user_id="u", ts=1767700000000, event_type="login")), timeout=2)
+        assert time.perf_counter() - t < 0.5
+        assert r.status == risk_pb2.DEGRADED and "state store unavailable" in r.status_detail

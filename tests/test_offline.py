@@ -1,0 +1,116 @@
+"""Offline core end to end: train, ONNX step parity, deterministic score-file, sparse logs."""
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from seqguard.artifact import ArtifactError, ModelArtifact
+from seqguard.batch import encode_log, score_events
+from seqguard.encoding import OrtStep
+from seqguard.schema import read_events
+from training.model import EncoderConfig, SequenceEncoder, export_onnx
+from training.train import TrainConfig, train
+
+SEQGUARD = [sys.executable, "-m", "seqguard.cli"]
+
+
+def test_torch_sequence_vs_onnx_step_parity(small_model, small_log):
+    ck = torch.load(small_model / "encoder.pt")
+    enc = SequenceEncoder(EncoderConfig(**ck["config"]))
+    enc.load_state_dict(ck["state_dict"])
+    enc.eval()
+    model = ModelArtifact.load(small_model)
+    events = list(read_events(str(small_log[0])))
+    log = encode_log(model, events)                     # full embeddings via the ONNX step, all users at once
+    worst = 0.0
+    for u in range(25):
+        rows = np.flatnonzero(log.user_idx == u)
+        with torch.no_grad():
+            h_seq, sur, _ = enc(torch.from_numpy(log.type_ids[rows])[None], torch.from_numpy(log.feats[rows])[None])
+        worst = max(worst, np.abs(h_seq[0].numpy() - log.emb[rows]).max(), np.abs(sur[0].numpy() - log.surprise[rows]).max())
+    assert worst <= 1e-5, worst
+
+
+def test_step_graph_is_batch_invariant(tmp_path):
+    """Each row's bits do not depend on what else is in the batch: what makes online == offline exact."""
+    torch.manual_seed(0)
+    enc = SequenceEncoder(EncoderConfig(n_types=20, hidden=64)).eval()
+    export_onnx(enc, str(tmp_path / "m.onnx"))
+    step = OrtStep(str(tmp_path / "m.onnx"), threads=1)
+    rng = np.random.default_rng(0)
+    t = rng.integers(0, 20, 300)
+    x = rng.normal(size=(300, 40)).astype(np.float32)
+    h = rng.normal(size=(300, 64)).astype(np.float32)
+    c = rng.normal(size=(300, 64)).astype(np.float32)
+    full = step(t, x, h, c)
+    for a, b in ((0, 1), (5, 6), (10, 47), (100, 300)):
+        part = step(t[a:b], x[a:b], h[a:b], c[a:b])
+        for p, f in zip(part, full):
+            assert np.array_equal(p, f[a:b])
+
+
+def test_score_file_cli_is_deterministic(small_model, small_log, tmp_path):
+    outs = []
+    for k in range(2):
+        out = tmp_path / f"s{k}.csv"
+        subprocess.run(SEQGUARD + ["score-file", "--model", str(small_model), "--input", str(small_log[0]),
+                                   "--output", str(out), "--quiet"], check=True, capture_output=True)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    rows = list(csv.DictReader(open(tmp_path / "s0.csv")))
+    assert list(rows[0]) == ["event_id", "user_id", "risk", "action", "model_version"]
+    assert len(rows) == len(small_log[2])
+    risk = np.array([float(r["risk"]) for r in rows])
+    assert risk.min() >= 0 and risk.max() <= 1 and risk.std() > 0.05
+    assert {r["action"] for r in rows} <= {"ALLOW", "REVIEW", "CHALLENGE", "BLOCK"}
+
+
+def test_score_file_names_bad_row(small_model, tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps({"event_id": "a", "user_id": "u", "ts": 1767225600000, "event_type": "login"}) + "\n"
+                 + json.dumps({"event_id": "b", "user_id": "u", "ts": "soon", "event_type": "login"}) + "\n")
+    r = subprocess.run(SEQGUARD + ["score-file", "--model", str(small_model), "--input", str(p),
+                                   "--output", str(tmp_path / "o.csv")], capture_output=True, text=True)
+    assert r.returncode == 2 and "row 2" in r.stderr and "'ts'" in r.stderr
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_sparse_log_with_team_event_types(tmp_path):
+    """Only the required fields, event types outside the common list: train, score, unseen type at scoring."""
+    rng = np.random.default_rng(2)
+    types = ["open_app", "browse", "buy", "login", "payment", "wishlist"]
+    rows = []
+    for u in range(60):
+        ts = 1767225600000 + int(rng.integers(0, 10**7))
+        for k in range(int(rng.integers(5, 40))):
+            ts += int(rng.exponential(90_000))
+            rows.append({"event_id": f"{u}-{k}", "user_id": f"user{u}", "ts": ts,
+                         "event_type": types[int(rng.integers(0, len(types)))]})
+    rows.append({"event_id": "new-1", "user_id": "user1", "ts": ts + 1, "event_type": "brand_new_type"})
+    p = tmp_path / "sparse.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
+    model_dir = train(str(p), str(tmp_path / "m"), TrainConfig(hidden=16, epochs=1, n_estimators=30,
+                                                               max_samples=64), log=lambda m: None)
+    meta = json.loads((model_dir / "metadata.json").read_text())
+    assert {"open_app", "browse", "wishlist"} <= set(meta["featurizer"]["vocab"])
+    p2 = tmp_path / "sparse2.jsonl"
+    p2.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = ModelArtifact.load(model_dir)
+    events = list(read_events(str(p2)))
+    risk, actions, _ = score_events(model, events)
+    assert len(risk) == len(rows) and np.isfinite(risk).all()
+
+
+def test_artifact_refuses_schema_mismatch(small_model, tmp_path):
+    import shutil
+    bad = tmp_path / "m"
+    shutil.copytree(small_model, bad)
+    meta = json.loads((bad / "metadata.json").read_text())
+    meta["schema_hash"] = "0000000000000000"
+    (bad / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="schema hash"):
+        ModelArtifact.load(bad)
