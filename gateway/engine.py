@@ -12,8 +12,8 @@ events of one user are never stepped from the same stale state.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,10 +21,9 @@ import numpy as np
 from seqguard.artifact import ModelArtifact
 from seqguard.detector import ACTIONS
 from seqguard.explain import Reason, explain
-from seqguard.featurizer import EntityContext
 from seqguard.schema import Event
 
-from .state import RedisStateStore, StateUnavailable
+from .state import RedisStateStore, StateConflict, StateUnavailable
 from .triton_client import EncoderUnavailable, TritonStepClient
 
 log = logging.getLogger("seqguard.gateway")
@@ -42,10 +41,24 @@ class ScoreResult:
     status: str = OK
     detail: str = ""
     reasons: list[Reason] = field(default_factory=list)
+    sequence: int = 0            # position in the global order events were applied (0: not applied)
+
+    def to_json(self) -> str:
+        """What the idempotency window remembers ("seq":0 is filled in by the atomic write)."""
+        return json.dumps({"risk": self.risk, "action": self.action, "mv": self.model_version,
+                           "reasons": [[r.code, r.message, r.weight, r.event_ids] for r in self.reasons],
+                           "st": self.status, "seq": 0}, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, event_id: str, d: dict) -> "ScoreResult":
+        return cls(event_id, d["risk"], d["action"], d["mv"], d.get("st", OK), "duplicate event_id: original result",
+                   [Reason(*r) for r in d["reasons"]], d["seq"])
 
 
 class ScoringEngine:
     MAX_ROWS = 1024          # Triton's max_batch_size for the step model
+    MAX_PENDING = 1024       # deferred LSTM steps kept per user while the encoder is down
+    MAX_ATTEMPTS = 8         # compare-and-set retries when another gateway wrote the same state
 
     def __init__(self, artifact: ModelArtifact, store: RedisStateStore, encoder: TritonStepClient,
                  fallback: str = "fail_open"):
@@ -57,8 +70,10 @@ class ScoringEngine:
         self.fallback = fallback
         self.model_version = artifact.model_version
         self.hidden = artifact.hidden
+        self.n_features = len(artifact.featurizer.spec()["feature_names"])
         # surprise that counts as "unusual sequence": the 99.9th percentile seen in training, if known
         self.surprise_cut = float(artifact.metadata.get("training", {}).get("surprise_p999", 8.0))
+        self.conflicts = 0
 
     def degraded(self, events: list[Event], detail: str) -> list[ScoreResult]:
         risk, action = FALLBACKS[self.fallback]
@@ -66,17 +81,34 @@ class ScoringEngine:
 
     async def score(self, events: list[Event], deadline: float | None = None, explain_reasons: bool = True
                     ) -> list[ScoreResult]:
-        """Score and apply events in the given order. Never raises for Redis/Triton failures."""
+        """Score and apply events in the given order. Never raises for Redis/Triton failures.
+
+        Retries from a fresh read when another writer changed the same users/entities
+        (compare-and-set), so concurrent gateways never lose or double an update.
+        """
+        loop = asyncio.get_running_loop()
+        for attempt in range(self.MAX_ATTEMPTS):
+            try:
+                return await self._attempt(events, deadline, explain_reasons)
+            except StateConflict:
+                self.conflicts += 1
+                if deadline is not None and loop.time() >= deadline:
+                    break
+                await asyncio.sleep(0.0005 * attempt)
+        return self.degraded(events, f"state kept changing under {self.MAX_ATTEMPTS} attempts; not applied")
+
+    async def _attempt(self, events: list[Event], deadline: float | None, explain_reasons: bool) -> list[ScoreResult]:
         loop = asyncio.get_running_loop()
         remaining = lambda: None if deadline is None else deadline - loop.time()  # noqa: E731
         store, fz = self.store, self.featurizer
 
-        # 1. one read: every user and entity this batch touches
+        # 1. one read: every user, entity and event id this batch touches
         user_ids = list(dict.fromkeys(e.user_id for e in events))
         ent_keys = [store.entity_keys(e) for e in events]
         uniq_ent = list(dict.fromkeys(k for ks in ent_keys for k in ks if k))
         try:
-            users, entities = await store.load(user_ids, uniq_ent)
+            users, (entities, raw_entities), answered = await store.load(
+                user_ids, uniq_ent, list(dict.fromkeys(e.event_id for e in events)))
         except StateUnavailable as e:
             log.warning("degraded: %s", e)
             return self.degraded(events, f"state store unavailable: {e}")
@@ -85,67 +117,128 @@ class ScoringEngine:
                 # state of another model version: restart its sequence state, keep the featuriser context
                 st.h = np.zeros(self.hidden, np.float32)
                 st.c = np.zeros(self.hidden, np.float32)
+                st.pending = []
+
+        # idempotency: an event id already answered (or repeated in this batch) is not applied again
+        fresh, first_of = [], {}
+        for i, ev in enumerate(events):
+            if ev.event_id in answered or ev.event_id in first_of:
+                continue
+            first_of[ev.event_id] = i
+            fresh.append(i)
 
         # 2. featurise in arrival order (mutates the in-memory contexts)
-        n = len(events)
-        feats = np.empty((n, len(fz.spec()["feature_names"])), np.float32)
+        n = len(fresh)
+        feats = np.empty((n, self.n_features), np.float32)
         type_ids = np.empty(n, np.int64)
-        wave = np.empty(n, np.int64)
-        seen: dict[str, int] = {}
-        for i, (ev, (kd, ki, kp)) in enumerate(zip(events, ent_keys)):
+        for j, i in enumerate(fresh):
+            ev, (kd, ki, kp) = events[i], ent_keys[i]
             t = fz.tokens(ev)
-            st = users[ev.user_id]
-            feats[i] = fz.featurize(t, st.ctx, entities.get(kd) if kd else None,
+            feats[j] = fz.featurize(t, users[ev.user_id].ctx, entities.get(kd) if kd else None,
                                     entities.get(ki) if ki else None, entities.get(kp) if kp else None)
-            type_ids[i] = t.type_id
-            wave[i] = seen.get(ev.user_id, 0)
-            seen[ev.user_id] = wave[i] + 1
+            type_ids[j] = t.type_id
 
-        # 3. the encoder, one Triton request per wave
-        emb = np.empty((n, self.hidden), np.float32)
-        surprise = np.empty((n, 2), np.float32)
-        try:
-            waves = [np.flatnonzero(wave == w) for w in range(int(wave.max()) + 1 if n else 0)]
-            for rows in (r[a:a + self.MAX_ROWS] for r in waves for a in range(0, len(r), self.MAX_ROWS)):
-                sts = [users[events[i].user_id] for i in rows]
-                left = remaining()
-                if left is not None and left <= 0:
-                    raise EncoderUnavailable("deadline exceeded before the encoder call")
-                h2, c2, e2, s2 = await self.encoder.step(type_ids[rows], feats[rows],
-                                                         np.stack([s.h for s in sts]), np.stack([s.c for s in sts]),
-                                                         timeout_s=left)
-                for j, s in enumerate(sts):
-                    s.h, s.c = h2[j], c2[j]
-                emb[rows], surprise[rows] = e2, s2
-        except EncoderUnavailable as e:
-            log.warning("degraded: %s", e)
-            # nothing is written: the user's state does not advance past an event it could not encode
-            return self.degraded(events, f"encoder unavailable: {e}")
+        # 3. the encoder: each user's deferred steps first, then this batch's events, in waves
+        encoded = await self._encode(events, fresh, users, type_ids, feats, remaining) if fresh else None
+        out: dict[int, ScoreResult] = {}
+        if fresh and encoded is None:
+            # Triton unavailable: answer with the fallback, keep the featurised steps for later
+            fb_risk, fb_action = FALLBACKS[self.fallback]
+            for j, i in enumerate(fresh):
+                st = users[events[i].user_id]
+                st.pending.append((int(type_ids[j]), feats[j]))
+                if len(st.pending) > self.MAX_PENDING:
+                    del st.pending[0]      # the oldest step is lost; the state restarts from here on
+                self._apply(st, events[i])
+                out[i] = ScoreResult(events[i].event_id, fb_risk, fb_action, self.model_version, DEGRADED,
+                                     "encoder unavailable; event featurised and its model step deferred")
+        elif fresh:
+            # 4. detector, vectorised; 5. reasons + ring
+            emb, surprise = encoded
+            det = self.detector
+            risk = det.risk(emb, surprise, feats)
+            codes = det.action_codes(risk)
+            for j, i in enumerate(fresh):
+                ev = events[i]
+                st = users[ev.user_id]
+                reasons = explain(feats[j], surprise[j], ev.event_id, ev.event_type, st.ring,
+                                  self.surprise_cut) if explain_reasons else []
+                self._apply(st, ev)
+                out[i] = ScoreResult(ev.event_id, float(risk[j]), ACTIONS[codes[j]], self.model_version, OK, "",
+                                     reasons)
 
-        # 4. detector, vectorised
-        det = self.detector
-        risk = det.risk(emb, surprise, feats)
-        codes = det.action_codes(risk)
-
-        # 5. reasons + ring, then one write
+        # 6. one atomic write (compare-and-set) of users, entities and the answers to remember
+        if fresh:
+            responses = [(events[i].event_id, out[i].to_json()) for i in fresh]
+            try:
+                last = await store.save(list(users.values()), {k: entities[k] for k in uniq_ent}, raw_entities,
+                                        responses)
+            except StateUnavailable as e:
+                log.warning("degraded: %s", e)
+                for i in fresh:
+                    r = out[i]
+                    r.detail = (f"{r.detail}; " if r.detail else "scored, but ") + f"the state update was not saved: {e}"
+                    r.status = DEGRADED
+            else:
+                for k, i in enumerate(fresh):
+                    out[i].sequence = last - n + k + 1
         results = []
         for i, ev in enumerate(events):
-            st = users[ev.user_id]
-            reasons = explain(feats[i], surprise[i], ev.event_id, ev.event_type, st.ring,
-                              self.surprise_cut) if explain_reasons else []
-            st.ring.append([ev.event_id, ev.event_type, ev.ts])
-            del st.ring[:-store.ring_size]
-            st.n += 1
-            st.model_version = self.model_version
-            results.append(ScoreResult(ev.event_id, float(risk[i]), ACTIONS[codes[i]], self.model_version,
-                                       OK, "", reasons))
-        try:
-            await store.save(list(users.values()), {k: entities[k] for k in uniq_ent})
-        except StateUnavailable as e:
-            log.warning("degraded: %s", e)
-            for r in results:
-                r.status, r.detail = DEGRADED, f"scored, but the state update was not saved: {e}"
+            if i in out:
+                results.append(out[i])
+            elif ev.event_id in answered:
+                results.append(ScoreResult.from_json(ev.event_id, answered[ev.event_id]))
+            else:                                   # repeated inside this batch
+                twin = out[first_of[ev.event_id]]
+                results.append(ScoreResult(ev.event_id, twin.risk, twin.action, twin.model_version, twin.status,
+                                           "duplicate event_id: original result", twin.reasons, twin.sequence))
         return results
+
+    def _apply(self, st, ev: Event) -> None:
+        st.ring.append([ev.event_id, ev.event_type, ev.ts])
+        del st.ring[:-self.store.ring_size]
+        st.n += 1
+        st.model_version = self.model_version
+
+    async def _encode(self, events, fresh, users, type_ids, feats, remaining):
+        """Run every user's pending steps and new events through Triton; None if it is unavailable."""
+        n = len(fresh)
+        emb = np.empty((n, self.hidden), np.float32)
+        surprise = np.empty((n, 2), np.float32)
+        # per user: a list of steps (row index into this batch, or a pending (type, feats) pair)
+        steps: dict[str, list] = {}
+        for u, st in users.items():
+            if st.pending:
+                steps[u] = list(st.pending)
+        for j, i in enumerate(fresh):
+            steps.setdefault(events[i].user_id, []).append(j)
+        depth = max((len(v) for v in steps.values()), default=0)
+        read_state = {u: (st.h, st.c) for u, st in users.items()}
+        try:
+            for w in range(depth):
+                active = [(u, seq[w]) for u, seq in steps.items() if w < len(seq)]
+                for a in range(0, len(active), self.MAX_ROWS):
+                    chunk = active[a:a + self.MAX_ROWS]
+                    t = np.array([type_ids[s] if isinstance(s, int) else s[0] for _, s in chunk], np.int64)
+                    x = np.stack([feats[s] if isinstance(s, int) else s[1] for _, s in chunk])
+                    sts = [users[u] for u, _ in chunk]
+                    left = remaining()
+                    if left is not None and left <= 0:
+                        raise EncoderUnavailable("deadline exceeded before the encoder call")
+                    h2, c2, e2, s2 = await self.encoder.step(t, x, np.stack([s.h for s in sts]),
+                                                             np.stack([s.c for s in sts]), timeout_s=left)
+                    for k, ((u, s), st) in enumerate(zip(chunk, sts)):
+                        st.h, st.c = h2[k], c2[k]
+                        if isinstance(s, int):
+                            emb[s], surprise[s] = e2[k], s2[k]
+        except EncoderUnavailable as e:
+            log.warning("degraded: %s", e)
+            for u, st in users.items():        # undo steps of earlier waves: all of them are deferred
+                st.h, st.c = read_state[u]
+            return None
+        for st in users.values():
+            st.pending = []
+        return emb, surprise
 
 
 class Overloaded(RuntimeError):

@@ -51,7 +51,8 @@ def result_to_proto(r: ScoreResult) -> risk_pb2.ScoreResponse:
         event_id=r.event_id, risk=r.risk, action=risk_pb2.Action.Value(r.action),
         reasons=[risk_pb2.Reason(code=x.code, message=x.message, weight=x.weight, event_ids=x.event_ids)
                  for x in r.reasons],
-        model_version=r.model_version, status=risk_pb2.Status.Value(r.status), status_detail=r.detail)
+        model_version=r.model_version, status=risk_pb2.Status.Value(r.status), status_detail=r.detail,
+        sequence=r.sequence)
 
 
 class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):

@@ -25,6 +25,7 @@ class Settings:
     redis_timeout_ms: int = 50          # per command; an outage is detected within this
     state_ttl_s: int = 30 * 86400       # idle users / entities expire
     recent_events: int = 8              # ring of recent events per user (audit, reasons)
+    dedupe_ttl_s: int = 600             # a re-sent event_id within this window gets its original answer
     # Triton: the step encoder
     triton_url: str = "127.0.0.1:8001"
     triton_model: str = "seqguard_encoder"

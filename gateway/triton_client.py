@@ -17,7 +17,11 @@ class TritonStepClient:
     def __init__(self, url: str, model_name: str, model_version: str = "", timeout_ms: int = 100):
         self.url, self.model_name, self.model_version = url, model_name, model_version
         self.timeout_s = timeout_ms / 1000
-        self.client = grpcclient.InferenceServerClient(url=url)
+        # reconnect quickly after a Triton restart (gRPC's default backoff grows to 120 s)
+        self.client = grpcclient.InferenceServerClient(url=url, channel_args=[
+            ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000), ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.max_receive_message_length", 64 << 20)])
         self._outputs = [grpcclient.InferRequestedOutput(n) for n in STEP_OUTPUTS]
 
     async def step(self, type_ids: np.ndarray, feats: np.ndarray, h: np.ndarray, c: np.ndarray,

@@ -244,6 +244,7 @@ def evaluate(events: Sequence[Event], labels, scores: dict[str, np.ndarray], thr
                  "payment_attempt_events": int(pay.sum()), "label1_payment_attempts": int(y[pay].sum()),
                  "positive_users": int(user_y.sum()),
                  "events_per_family": {f: int(np.sum(family == f)) for f in sorted(set(family))},
+                 "users_per_family": {f: int(len(np.unique(user_idx[family == f]))) for f in sorted(set(family))},
                  "attack_events_per_family_variant": {f"{f}/{v or '-'}": int(np.sum((family == f) & (variant == v) & (y == 1)))
                                                       for f, v in fam_var},
                  **(info or {})},
@@ -348,12 +349,12 @@ def _report_md(metrics: dict, summary: str) -> str:
 
     # per family
     L += ["## Recall per attack family at 1% FPR (all-events cut-off)", "",
-          "| family | events | " + " | ".join(_label(k) for k in names) + " |",
-          "|---|---:|" + "---:|" * len(names)]
+          "| family | events | users | " + " | ".join(_label(k) for k in names) + " |",
+          "|---|---:|---:|" + "---:|" * len(names)]
     fams = list(metrics["scorers"][model]["family_recall_at_1pct_fpr"])
-    counts = d["events_per_family"]
+    counts, ucounts = d["events_per_family"], d.get("users_per_family", {})
     for f in fams:
-        L.append(f"| {f} | {counts.get(f, 0):,} | " + " | ".join(
+        L.append(f"| {f} | {counts.get(f, 0):,} | {ucounts.get(f, 0):,} | " + " | ".join(
             _fmt(metrics["scorers"][k]["family_recall_at_1pct_fpr"][f]) for k in names) + " |")
     L += ["", "### family x variant", "",
           "| family / variant | events | " + " | ".join(_label(k) for k in names) + " |",
@@ -363,10 +364,10 @@ def _report_md(metrics: dict, summary: str) -> str:
         L.append(f"| {fv} | {fv_counts.get(fv, 0):,} | " + " | ".join(
             _fmt(metrics["scorers"][k]["family_variant_recall_at_1pct_fpr"][fv]) for k in names) + " |")
     L += ["", "### label-0 kinds: share flagged at the same cut-off (lower is better)", "",
-          "| kind | events | " + " | ".join(_label(k) for k in names) + " |",
-          "|---|---:|" + "---:|" * len(names)]
+          "| kind | events | users | " + " | ".join(_label(k) for k in names) + " |",
+          "|---|---:|---:|" + "---:|" * len(names)]
     for f in metrics["scorers"][model]["negative_kind_flag_rate_at_1pct_fpr"]:
-        L.append(f"| {f} | {counts.get(f, 0):,} | " + " | ".join(
+        L.append(f"| {f} | {counts.get(f, 0):,} | {ucounts.get(f, 0):,} | " + " | ".join(
             _pct(metrics["scorers"][k]["negative_kind_flag_rate_at_1pct_fpr"][f]) for k in names) + " |")
 
     # thresholds
@@ -418,6 +419,9 @@ def _report_md(metrics: dict, summary: str) -> str:
           "- Per-family recall: share of that family's label-1 events at or above the all-events 1% FPR cut-off; "
           "label-0 kinds: share of those events above the same cut-off.",
           "- User level: a user's score is the max over its events; a user is positive if any of its events is label 1.",
+          "- Few attacking users make a family's recall coarse (the `users` column): one missed bot is a whole row.",
+          "- A rule score is coarse (many ties); cut-offs never split a tie, so a baseline row can flag fewer "
+          "label-0 events than its target (the `label-0 flag rate` column shows the actual share).",
           ""]
     return "\n".join(L)
 
@@ -567,6 +571,7 @@ def main_evaluate(args) -> int:
     timings: dict[str, float] = {}
     t = time.time()
     model = ModelArtifact.load(args.model)
+    labels = read_labels(args.labels)                 # first: a malformed label fails fast
     report = ReadReport()
     events = list(tqdm(read_events(args.events, parse_column_map(getattr(args, "column_map", None)),
                                    getattr(args, "on_bad_row", "error"), report),
@@ -575,7 +580,6 @@ def main_evaluate(args) -> int:
         print(report.summary(), file=sys.stderr)
     if not events:
         raise ValueError(f"{args.events}: no valid events to evaluate")
-    labels = read_labels(args.labels)
     y, family, variant = align_labels(events, labels)
     timings["read"] = time.time() - t
 

@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16seqguard/v1/risk.proto\x12\x0bseqguard.v1\"\xb8\x02\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\n\n\x02ts\x18\x03 \x01(\x03\x12\x12\n\nevent_type\x18\x04 \x01(\t\x12\x14\n\x07item_id\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x15\n\x08\x63\x61tegory\x18\x06 \x01(\tH\x01\x88\x01\x01\x12\x13\n\x06\x61mount\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x16\n\tdevice_id\x18\x08 \x01(\tH\x03\x88\x01\x01\x12\x0f\n\x02ip\x18\t \x01(\tH\x04\x88\x01\x01\x12\x14\n\x07\x63ountry\x18\n \x01(\tH\x05\x88\x01\x01\x12\x17\n\nsession_id\x18\x0b \x01(\tH\x06\x88\x01\x01\x42\n\n\x08_item_idB\x0b\n\t_categoryB\t\n\x07_amountB\x0c\n\n_device_idB\x05\n\x03_ipB\n\n\x08_countryB\r\n\x0b_session_id\"1\n\x0cScoreRequest\x12!\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x12.seqguard.v1.Event\"7\n\x11ScoreBatchRequest\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.seqguard.v1.Event\"A\n\x12ScoreBatchResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.seqguard.v1.ScoreResponse\"J\n\x06Reason\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x11\n\tevent_ids\x18\x04 \x03(\t\"\xcd\x01\n\rScoreResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04risk\x18\x02 \x01(\x01\x12#\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x13.seqguard.v1.Action\x12$\n\x07reasons\x18\x04 \x03(\x0b\x32\x13.seqguard.v1.Reason\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12#\n\x06status\x18\x06 \x01(\x0e\x32\x13.seqguard.v1.Status\x12\x15\n\rstatus_detail\x18\x07 \x01(\t\"C\n\rIngestSummary\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x10\n\x08rejected\x18\x02 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x03 \x03(\t\"#\n\x10UserStateRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"?\n\x0bRecentEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\n\n\x02ts\x18\x03 \x01(\x03\"\xe7\x01\n\tUserState\x12\x10\n\x08user_key\x18\x01 \x01(\t\x12\x10\n\x08n_events\x18\x02 \x01(\x03\x12\x0f\n\x07last_ts\x18\x03 \x01(\x03\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12(\n\x06recent\x18\x05 \x03(\x0b\x32\x18.seqguard.v1.RecentEvent\x12\x34\n\x07\x63ontext\x18\x06 \x03(\x0b\x32#.seqguard.v1.UserState.ContextEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*Q\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\t\n\x05\x41LLOW\x10\x01\x12\n\n\x06REVIEW\x10\x02\x12\r\n\tCHALLENGE\x10\x03\x12\t\n\x05\x42LOCK\x10\x04*6\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x06\n\x02OK\x10\x01\x12\x0c\n\x08\x44\x45GRADED\x10\x02\x32\x9f\x02\n\x0bRiskScoring\x12>\n\x05Score\x12\x19.seqguard.v1.ScoreRequest\x1a\x1a.seqguard.v1.ScoreResponse\x12M\n\nScoreBatch\x12\x1e.seqguard.v1.ScoreBatchRequest\x1a\x1f.seqguard.v1.ScoreBatchResponse\x12:\n\x06Ingest\x12\x12.seqguard.v1.Event\x1a\x1a.seqguard.v1.IngestSummary(\x01\x12\x45\n\x0cGetUserState\x12\x1d.seqguard.v1.UserStateRequest\x1a\x16.seqguard.v1.UserStateb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16seqguard/v1/risk.proto\x12\x0bseqguard.v1\"\xb8\x02\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\n\n\x02ts\x18\x03 \x01(\x03\x12\x12\n\nevent_type\x18\x04 \x01(\t\x12\x14\n\x07item_id\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x15\n\x08\x63\x61tegory\x18\x06 \x01(\tH\x01\x88\x01\x01\x12\x13\n\x06\x61mount\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x16\n\tdevice_id\x18\x08 \x01(\tH\x03\x88\x01\x01\x12\x0f\n\x02ip\x18\t \x01(\tH\x04\x88\x01\x01\x12\x14\n\x07\x63ountry\x18\n \x01(\tH\x05\x88\x01\x01\x12\x17\n\nsession_id\x18\x0b \x01(\tH\x06\x88\x01\x01\x42\n\n\x08_item_idB\x0b\n\t_categoryB\t\n\x07_amountB\x0c\n\n_device_idB\x05\n\x03_ipB\n\n\x08_countryB\r\n\x0b_session_id\"1\n\x0cScoreRequest\x12!\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x12.seqguard.v1.Event\"7\n\x11ScoreBatchRequest\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.seqguard.v1.Event\"A\n\x12ScoreBatchResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.seqguard.v1.ScoreResponse\"J\n\x06Reason\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x11\n\tevent_ids\x18\x04 \x03(\t\"\xdf\x01\n\rScoreResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04risk\x18\x02 \x01(\x01\x12#\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x13.seqguard.v1.Action\x12$\n\x07reasons\x18\x04 \x03(\x0b\x32\x13.seqguard.v1.Reason\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12#\n\x06status\x18\x06 \x01(\x0e\x32\x13.seqguard.v1.Status\x12\x15\n\rstatus_detail\x18\x07 \x01(\t\x12\x10\n\x08sequence\x18\x08 \x01(\x03\"C\n\rIngestSummary\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x10\n\x08rejected\x18\x02 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x03 \x03(\t\"#\n\x10UserStateRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"?\n\x0bRecentEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\n\n\x02ts\x18\x03 \x01(\x03\"\xe7\x01\n\tUserState\x12\x10\n\x08user_key\x18\x01 \x01(\t\x12\x10\n\x08n_events\x18\x02 \x01(\x03\x12\x0f\n\x07last_ts\x18\x03 \x01(\x03\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12(\n\x06recent\x18\x05 \x03(\x0b\x32\x18.seqguard.v1.RecentEvent\x12\x34\n\x07\x63ontext\x18\x06 \x03(\x0b\x32#.seqguard.v1.UserState.ContextEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*Q\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\t\n\x05\x41LLOW\x10\x01\x12\n\n\x06REVIEW\x10\x02\x12\r\n\tCHALLENGE\x10\x03\x12\t\n\x05\x42LOCK\x10\x04*6\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x06\n\x02OK\x10\x01\x12\x0c\n\x08\x44\x45GRADED\x10\x02\x32\x9f\x02\n\x0bRiskScoring\x12>\n\x05Score\x12\x19.seqguard.v1.ScoreRequest\x1a\x1a.seqguard.v1.ScoreResponse\x12M\n\nScoreBatch\x12\x1e.seqguard.v1.ScoreBatchRequest\x1a\x1f.seqguard.v1.ScoreBatchResponse\x12:\n\x06Ingest\x12\x12.seqguard.v1.Event\x1a\x1a.seqguard.v1.IngestSummary(\x01\x12\x45\n\x0cGetUserState\x12\x1d.seqguard.v1.UserStateRequest\x1a\x16.seqguard.v1.UserStateb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -23,10 +23,10 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
   _globals['_USERSTATE_CONTEXTENTRY']._options = None
   _globals['_USERSTATE_CONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_ACTION']._serialized_start=1218
-  _globals['_ACTION']._serialized_end=1299
-  _globals['_STATUS']._serialized_start=1301
-  _globals['_STATUS']._serialized_end=1355
+  _globals['_ACTION']._serialized_start=1236
+  _globals['_ACTION']._serialized_end=1317
+  _globals['_STATUS']._serialized_start=1319
+  _globals['_STATUS']._serialized_end=1373
   _globals['_EVENT']._serialized_start=40
   _globals['_EVENT']._serialized_end=352
   _globals['_SCOREREQUEST']._serialized_start=354
@@ -38,17 +38,17 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_REASON']._serialized_start=529
   _globals['_REASON']._serialized_end=603
   _globals['_SCORERESPONSE']._serialized_start=606
-  _globals['_SCORERESPONSE']._serialized_end=811
-  _globals['_INGESTSUMMARY']._serialized_start=813
-  _globals['_INGESTSUMMARY']._serialized_end=880
-  _globals['_USERSTATEREQUEST']._serialized_start=882
-  _globals['_USERSTATEREQUEST']._serialized_end=917
-  _globals['_RECENTEVENT']._serialized_start=919
-  _globals['_RECENTEVENT']._serialized_end=982
-  _globals['_USERSTATE']._serialized_start=985
-  _globals['_USERSTATE']._serialized_end=1216
-  _globals['_USERSTATE_CONTEXTENTRY']._serialized_start=1170
-  _globals['_USERSTATE_CONTEXTENTRY']._serialized_end=1216
-  _globals['_RISKSCORING']._serialized_start=1358
-  _globals['_RISKSCORING']._serialized_end=1645
+  _globals['_SCORERESPONSE']._serialized_end=829
+  _globals['_INGESTSUMMARY']._serialized_start=831
+  _globals['_INGESTSUMMARY']._serialized_end=898
+  _globals['_USERSTATEREQUEST']._serialized_start=900
+  _globals['_USERSTATEREQUEST']._serialized_end=935
+  _globals['_RECENTEVENT']._serialized_start=937
+  _globals['_RECENTEVENT']._serialized_end=1000
+  _globals['_USERSTATE']._serialized_start=1003
+  _globals['_USERSTATE']._serialized_end=1234
+  _globals['_USERSTATE_CONTEXTENTRY']._serialized_start=1188
+  _globals['_USERSTATE_CONTEXTENTRY']._serialized_end=1234
+  _globals['_RISKSCORING']._serialized_start=1376
+  _globals['_RISKSCORING']._serialized_end=1663
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,75 @@
+"""Smoke test of the benchmark suite: `python -m bench.run --quick` end to end on a tiny model.
+
+Starts the real echo server, the real gateway stack (Redis + Triton + gateway) and the naive
+service, drives each with the open-loop load generator for a few seconds and checks that the
+report has a row per system with finite numbers. It never asserts on timing: numbers from a
+shared CI machine mean nothing, only that the harness measures something.
+"""
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def bench_model(tmp_path_factory):
+    from seqguard.services import ServiceNotInstalled, find_redis_server, find_tritonserver
+    try:
+        find_redis_server()
+        find_tritonserver()
+    except ServiceNotInstalled as exc:
+        pytest.skip(str(exc))
+    pytest.importorskip("torch", reason="the naive baseline and training need torch")
+    from training.generate import generate, write_events
+    from training.train import TrainConfig, train
+    d = tmp_path_factory.mktemp("bench")
+    events, _ = generate(200, seed=5, days=7)
+    write_events(events, d / "events.jsonl")
+    cfg = TrainConfig(hidden=16, epochs=1, n_estimators=30, max_samples=64, seed=1, threads=2)
+    train(str(d / "events.jsonl"), str(d / "model"), cfg, log=lambda m: None)
+    return d / "model", d / "events.jsonl"
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_quick_run_reports_every_system(bench_model, tmp_path):
+    model, events = bench_model
+    out = tmp_path / "results"
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "bench.run", "--model", str(model), "--events", str(events),
+                        "--quick", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=85)
+    assert p.returncode == 0, f"bench.run failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    assert time.monotonic() - t0 < 85
+
+    md = (out / "results.md").read_text()
+    assert md.strip() == p.stdout.strip()       # the table printed is the table written
+    results = json.loads((out / "results.json").read_text())
+    summary = results["summary"]["systems"]
+    for system in ("echo", "gateway", "naive"):
+        assert f"| {system} |" in md, f"no row for {system} in:\n{md}"
+        res = results["systems"][system]
+        assert len(res["steps"]) == 1           # --quick: one rate per system
+        step = res["steps"][0]
+        assert step["ok"] > 0, step
+        assert step["requests"] > 0
+        for k in ("p50", "p99", "p999", "max"):
+            assert _finite(step["latency_ms"][k]) and step["latency_ms"][k] > 0, (system, k, step["latency_ms"])
+        assert _finite(step["achieved_rps"]) and step["achieved_rps"] > 0
+        assert _finite(step["cpu_ms_per_req"]["server"]) and step["cpu_ms_per_req"]["server"] >= 0
+        assert _finite(summary[system]["cpu_ms_per_req"])
+        assert _finite(summary[system]["sustained_rps"])
+    gw = results["systems"]["gateway"]
+    assert gw["redis"]["keys"]["user"] > 0
+    assert _finite(gw["redis"]["bytes_per_user"])
+    # CPU of the gateway tree is broken down by process (Redis and Triton are children of it)
+    assert {"server", "gateway", "redis", "triton"} <= set(gw["steps"][0]["cpu_ms_per_req"])
+    assert "perf_analyzer" in gw                # rows, or the reason it could not run
