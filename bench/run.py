@@ -194,11 +194,16 @@ def sweep_system(system: str, a, rates: list[float], out_dir: Path) -> dict:
             fails = 0 if r["passed"] else fails + 1
             if fails >= 2:
                 break
-        if not a.quick and not any(st["target_rps"] >= a.cpu_rate for st in res["steps"]):
-            # the latency sweep stopped below the CPU rate: measure CPU there anyway, or at the
-            # highest rate (halving) at which the server still keeps pace
-            rate, tried = a.cpu_rate, max(st["target_rps"] for st in res["steps"])
-            while rate > tried:
+        last = res["steps"][-1] if res["steps"] else None
+        if (not a.quick and last is not None and last["target_rps"] < a.cpu_rate and kept_up(last)
+                and (last["latency_ms"]["p99"] or 0) <= 5 * a.p99_ms):
+            # The latency sweep stopped below the CPU rate although the server still kept pace
+            # (it missed the p99 bound, not throughput): measure CPU at the CPU rate anyway, or at
+            # half of it. Not for a server already queueing (p99 > 5x the bound): an overloaded
+            # run would only pile up a backlog.
+            for rate in (a.cpu_rate, round(a.cpu_rate / 2)):
+                if rate <= last["target_rps"]:
+                    break
                 r = run_step(lg, rate, a, groups)
                 r["cpu_only"] = True
                 res.setdefault("cpu_steps", []).append(r)
@@ -206,7 +211,6 @@ def sweep_system(system: str, a, rates: list[float], out_dir: Path) -> dict:
                     f"{format_step(r)}  cpu {r['cpu_ms_per_req']['server']:.3f} ms/req")
                 if kept_up(r):
                     break
-                rate = round(rate / 2)
         best = sustained_step(res["steps"])
         if system == "gateway" and best is not None and not a.quick:
             half = max(1.0, round(best["target_rps"] / 2))
@@ -218,9 +222,7 @@ def sweep_system(system: str, a, rates: list[float], out_dir: Path) -> dict:
             m = res["redis"]
             log(f"[{system}] redis: {m['keys']} keys; state {(m['bytes_per_user'] or 0):.0f} B per user, "
                 f"idempotency {(m['dedupe_bytes_per_event'] or 0):.0f} B per event")
-    finally:
-        if lg is not None:
-            lg.close()
+        lg.close()
         if system == "gateway" and not a.no_perf and info.get("triton_url"):
             try:
                 from .perf import run_perf_analyzer
@@ -232,6 +234,9 @@ def sweep_system(system: str, a, rates: list[float], out_dir: Path) -> dict:
             except Exception as e:  # noqa: BLE001 - a missing binary must not lose the sweep
                 res["perf_analyzer"] = {"rows": [], "errors": {"all": f"{type(e).__name__}: {e}"}}
                 log(f"[{system}] perf_analyzer skipped: {e}")
+    finally:
+        if lg is not None:
+            lg.close()
         srv.stop()
     return res
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,7 +59,7 @@ class ScoreResult:
 class ScoringEngine:
     MAX_ROWS = 1024          # Triton's max_batch_size for the step model
     MAX_PENDING = 1024       # deferred LSTM steps kept per user while the encoder is down
-    MAX_ATTEMPTS = 8         # compare-and-set retries when another gateway wrote the same state
+    MAX_ATTEMPTS = 64        # compare-and-set retries when another gateway wrote the same state
 
     def __init__(self, artifact: ModelArtifact, store: RedisStateStore, encoder: TritonStepClient,
                  fallback: str = "fail_open"):
@@ -94,7 +95,7 @@ class ScoringEngine:
                 self.conflicts += 1
                 if deadline is not None and loop.time() >= deadline:
                     break
-                await asyncio.sleep(0.0005 * attempt)
+                await asyncio.sleep(random.uniform(0, 0.0005 * 2 ** min(attempt, 6)))  # jittered backoff
         return self.degraded(events, f"state kept changing under {self.MAX_ATTEMPTS} attempts; not applied")
 
     async def _attempt(self, events: list[Event], deadline: float | None, explain_reasons: bool) -> list[ScoreResult]:

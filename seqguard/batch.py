@@ -44,13 +44,13 @@ def dense_user_index(events: list[Event], order: np.ndarray) -> tuple[np.ndarray
 
 
 def encode_log(artifact_or_featurizer, events: list[Event], onnx_path=None, reduce=None,
-               progress: bool = False, threads: int = 0) -> EncodedLog:
+               progress: bool = False, threads: int = 0, order=None) -> EncodedLog:
     if isinstance(artifact_or_featurizer, ModelArtifact):
         featurizer = artifact_or_featurizer.featurizer
         onnx_path = onnx_path or artifact_or_featurizer.onnx_path
     else:
         featurizer = artifact_or_featurizer
-    order, type_ids, feats = featurize_log(featurizer, events, ContextStore(), progress=progress)
+    order, type_ids, feats = featurize_log(featurizer, events, ContextStore(), progress=progress, order=order)
     user_idx, users = dense_user_index(events, order)
     step = OrtStep(str(onnx_path), threads=threads)
     emb, surprise, _, _ = encode_sequences(step, user_idx, type_ids, feats, len(users), reduce=reduce,
@@ -59,10 +59,10 @@ def encode_log(artifact_or_featurizer, events: list[Event], onnx_path=None, redu
 
 
 def score_events(artifact: ModelArtifact, events: list[Event], progress: bool = False,
-                 chunk: int = 65536) -> tuple[np.ndarray, np.ndarray, EncodedLog]:
-    """Risk and action code right after each event, in INPUT order."""
+                 chunk: int = 65536, order=None) -> tuple[np.ndarray, np.ndarray, EncodedLog]:
+    """Risk and action code right after each event, in INPUT order (replayed in `order` if given)."""
     det = artifact.detector
-    enc = encode_log(artifact, events, reduce=det.project, progress=progress)
+    enc = encode_log(artifact, events, reduce=det.project, progress=progress, order=order)
     risk_replay = np.empty(len(events), np.float64)
     for a in range(0, len(events), chunk):
         sl = slice(a, a + chunk)

@@ -428,14 +428,17 @@ class ContextStore:
 
 
 def featurize_log(featurizer: Featurizer, events: list[Event], store: ContextStore | None = None,
-                  progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  progress: bool = False, order=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Replay events in global (ts, position) order; return (order, type_ids, features) in that order.
 
     `order[k]` is the index into `events` of the k-th replayed event. Rows are float32 exactly as
-    the online gateway computes them for the same event stream.
+    the online gateway computes them for the same event stream. `order` replays in another
+    order instead (e.g. the order a gateway applied the events, from its sequence numbers).
     """
     store = store or ContextStore()
-    order = np.array(sorted(range(len(events)), key=lambda i: (events[i].ts, i)), dtype=np.int64)
+    if order is None:
+        order = sorted(range(len(events)), key=lambda i: (events[i].ts, i))
+    order = np.asarray(order, dtype=np.int64)
     type_ids = np.empty(len(events), dtype=np.int64)
     feats = np.empty((len(events), N_FEATURES), dtype=np.float32)
     it = order
