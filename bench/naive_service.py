@@ -89,8 +89,9 @@ class NaiveScorer:
         feats = np.asarray(rows[-1:], np.float32)
         det = self.artifact.detector
         X = det.inputs(det.project(emb), sur, feats)
-        anomaly = -self.forest.score_samples(X.astype(np.float32))
-        risk = float(det.calibrator.risk(anomaly)[0])
+        g = int(det.groups(np.array(types[-1:]))[0])          # the sklearn forest of this event's type group
+        anomaly = -self.forest[g].score_samples(X.astype(np.float32))
+        risk = float(det.calibrators[g].risk(anomaly)[0])
         action = ACTIONS[int(det.action_codes(np.array([risk]))[0])]
         recent = [[x.event_id, x.event_type, x.ts] for x in list(win)[-9:-1]]
         reasons = explain(feats[0], sur[0], ev.event_id, ev.event_type, recent, self.surprise_cut)

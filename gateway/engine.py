@@ -157,7 +157,7 @@ class ScoringEngine:
             # 4. detector, vectorised; 5. reasons + ring
             emb, surprise = encoded
             det = self.detector
-            risk = det.risk(emb, surprise, feats)
+            risk = det.risk(emb, surprise, feats, type_ids)
             codes = det.action_codes(risk)
             for j, i in enumerate(fresh):
                 ev = events[i]

@@ -66,7 +66,8 @@ def score_events(artifact: ModelArtifact, events: list[Event], progress: bool = 
     risk_replay = np.empty(len(events), np.float64)
     for a in range(0, len(events), chunk):
         sl = slice(a, a + chunk)
-        risk_replay[sl] = det.risk_from_inputs(det.inputs(enc.emb[sl], enc.surprise[sl], enc.feats[sl]))
+        risk_replay[sl] = det.risk_from_inputs(det.inputs(enc.emb[sl], enc.surprise[sl], enc.feats[sl]),
+                                               enc.type_ids[sl])
     risk = np.empty_like(risk_replay)
     risk[enc.order] = risk_replay
     return risk, det.action_codes(risk), enc

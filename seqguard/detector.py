@@ -36,13 +36,37 @@ def action_thresholds(fpr: dict[str, float] | None = None) -> dict[str, float]:
     return th
 
 
+# Events are judged against events of the same kind: a payment is compared with payments, a
+# login with logins. One forest per group (conditional anomaly detection) ranks payments far
+# better than one forest that spends its splits telling views from payments.
+TYPE_GROUPS = (
+    ("money", frozenset({"payment", "checkout", "payment_failed", "add_payment_method", "redeem_coupon",
+                         "add_to_cart", "remove_from_cart"})),
+    ("account", frozenset({"login", "login_failed", "logout", "change_password", "change_email",
+                           "change_address"})),
+    ("activity", None),                   # everything else, team-specific and unknown types included
+)
+MIN_GROUP_EVENTS = 500                    # a smaller group in training falls back to "activity"
+
+
+def type_groups(vocab_tokens) -> np.ndarray:
+    """Group index per event-type id."""
+    out = np.full(len(vocab_tokens), len(TYPE_GROUPS) - 1, np.int64)
+    for i, tok in enumerate(vocab_tokens):
+        for g, (_, members) in enumerate(TYPE_GROUPS[:-1]):
+            if tok in members:
+                out[i] = g
+    return out
+
+
 @dataclass
 class Detector:
     proj_mean: np.ndarray                 # [H] float64
     proj: np.ndarray                      # [H, k] float64 (PCA of training embeddings)
     signal_idx: np.ndarray                # indices into the feature vector
-    forest: FlatIsolationForest
-    calibrator: RiskCalibrator
+    forests: list                         # FlatIsolationForest per type group
+    calibrators: list                     # RiskCalibrator per type group
+    type_group: np.ndarray                # group index per event-type id
     thresholds: dict = field(default_factory=action_thresholds)
 
     def project(self, emb: np.ndarray) -> np.ndarray:
@@ -53,11 +77,21 @@ class Detector:
         return np.concatenate([emb_proj, np.asarray(surprise, np.float64),
                                np.asarray(feats, np.float64)[:, self.signal_idx]], axis=1)
 
-    def risk_from_inputs(self, X: np.ndarray) -> np.ndarray:
-        return self.calibrator.risk(-self.forest.score_samples(X))
+    def groups(self, type_ids: np.ndarray) -> np.ndarray:
+        t = np.asarray(type_ids, np.int64)
+        return self.type_group[np.clip(t, 0, len(self.type_group) - 1)]
 
-    def risk(self, emb: np.ndarray, surprise: np.ndarray, feats: np.ndarray) -> np.ndarray:
-        return self.risk_from_inputs(self.inputs(self.project(emb), surprise, feats))
+    def risk_from_inputs(self, X: np.ndarray, type_ids: np.ndarray) -> np.ndarray:
+        """Risk = the event's anomaly score as a quantile among training events of its group."""
+        g = self.groups(type_ids)
+        risk = np.empty(len(X), np.float64)
+        for k in np.unique(g):
+            rows = np.flatnonzero(g == k)
+            risk[rows] = self.calibrators[k].risk(-self.forests[k].score_samples(X[rows]))
+        return risk
+
+    def risk(self, emb: np.ndarray, surprise: np.ndarray, feats: np.ndarray, type_ids: np.ndarray) -> np.ndarray:
+        return self.risk_from_inputs(self.inputs(self.project(emb), surprise, feats), type_ids)
 
     def action_codes(self, risk: np.ndarray) -> np.ndarray:
         """0..3 = ALLOW, REVIEW, CHALLENGE, BLOCK."""
@@ -67,15 +101,20 @@ class Detector:
 
     # -- persistence (numpy arrays; versioned by the artifact metadata)
     def to_arrays(self) -> dict:
-        return {"proj_mean": self.proj_mean, "proj": self.proj, "signal_idx": self.signal_idx,
-                "cal_levels": self.calibrator.levels, "cal_quantiles": self.calibrator.quantiles,
-                **self.forest.to_arrays()}
+        out = {"proj_mean": self.proj_mean, "proj": self.proj, "signal_idx": self.signal_idx,
+               "type_group": self.type_group, "n_groups": np.array(len(self.forests))}
+        for k, (f, c) in enumerate(zip(self.forests, self.calibrators)):
+            out.update(f.to_arrays(prefix=f"g{k}_forest_"))
+            out[f"g{k}_cal_levels"], out[f"g{k}_cal_quantiles"] = c.levels, c.quantiles
+        return out
 
     @classmethod
     def from_arrays(cls, a, thresholds: dict | None = None) -> "Detector":
+        G = int(a["n_groups"])
         return cls(np.asarray(a["proj_mean"]), np.asarray(a["proj"]), np.asarray(a["signal_idx"]),
-                   FlatIsolationForest.from_arrays(a), RiskCalibrator(a["cal_levels"], a["cal_quantiles"]),
-                   thresholds or action_thresholds())
+                   [FlatIsolationForest.from_arrays(a, prefix=f"g{k}_forest_") for k in range(G)],
+                   [RiskCalibrator(a[f"g{k}_cal_levels"], a[f"g{k}_cal_quantiles"]) for k in range(G)],
+                   np.asarray(a["type_group"]), thresholds or action_thresholds())
 
 
 def signal_indices(names=DETECTOR_SIGNALS) -> np.ndarray:

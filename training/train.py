@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from seqguard import artifact as art
 from seqguard.batch import encode_log
-from seqguard.detector import (DEFAULT_ACTION_FPR, DETECTOR_SIGNALS, Detector, action_thresholds, fit_pca,
-                               signal_indices)
+from seqguard.detector import (DEFAULT_ACTION_FPR, DETECTOR_SIGNALS, MIN_GROUP_EVENTS, TYPE_GROUPS, Detector,
+                               action_thresholds, fit_pca, signal_indices, type_groups)
 from seqguard.featurizer import ContextStore, Featurizer, TokenHasher, Vocabulary, featurize_log
 from seqguard.forest import FlatIsolationForest, RiskCalibrator
 from seqguard.schema import ReadReport, read_events
@@ -145,18 +145,34 @@ def check_step_parity(enc: SequenceEncoder, onnx_path: str, type_ids, feats, seq
     return worst
 
 
-def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, log=print):
+def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_tokens, log=print):
+    """One IsolationForest per event-type group, each calibrated on its own group's training scores."""
     from sklearn.ensemble import IsolationForest
     sig = signal_indices(DETECTOR_SIGNALS)
-    proto = Detector(np.zeros(1), np.zeros((1, 1)), sig, None, None)   # only .inputs() is used here
-    X = proto.inputs(emb_proj, surprise, feats)
+    X = np.concatenate([emb_proj, np.asarray(surprise, np.float64), np.asarray(feats, np.float64)[:, sig]], axis=1)
+    groups = type_groups(vocab_tokens)
+    ev_group = groups[type_ids]
+    default = len(TYPE_GROUPS) - 1
+    for g in range(default):                          # too rare to learn: judged with the default group
+        if (ev_group == g).sum() < MIN_GROUP_EVENTS:
+            groups[groups == g] = default
+            ev_group[ev_group == g] = default
     rng = np.random.default_rng(cfg.seed)
-    fit_rows = rng.choice(len(X), size=min(cfg.forest_fit_events, len(X)), replace=False)
-    forest = IsolationForest(n_estimators=cfg.n_estimators, max_samples=min(cfg.max_samples, len(fit_rows)),
-                             random_state=cfg.seed, n_jobs=1).fit(X[fit_rows].astype(np.float32))
-    flat = FlatIsolationForest.from_sklearn(forest)
-    anomaly = np.concatenate([-flat.score_samples(X[a:a + 65536]) for a in range(0, len(X), 65536)])
-    return forest, flat, RiskCalibrator.fit(anomaly), sig
+    forests, flats, cals = [], [], []
+    for g in range(len(TYPE_GROUPS)):
+        rows = np.flatnonzero(ev_group == g)
+        if len(rows) == 0:                            # keep indices aligned; never used for scoring
+            rows = np.arange(len(X))
+        fit_rows = rng.choice(rows, size=min(cfg.forest_fit_events, len(rows)), replace=False)
+        forest = IsolationForest(n_estimators=cfg.n_estimators, max_samples=min(cfg.max_samples, len(fit_rows)),
+                                 random_state=cfg.seed, n_jobs=1).fit(X[fit_rows].astype(np.float32))
+        flat = FlatIsolationForest.from_sklearn(forest)
+        anomaly = np.concatenate([-flat.score_samples(X[rows[a:a + 65536]]) for a in range(0, len(rows), 65536)])
+        forests.append(forest)
+        flats.append(flat)
+        cals.append(RiskCalibrator.fit(anomaly))
+        log(f"forest '{TYPE_GROUPS[g][0]}': fitted on {len(fit_rows)} of {len(rows)} events")
+    return forests, flats, cals, sig, groups
 
 
 def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | None = None,
@@ -211,11 +227,12 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
     project = lambda e: (np.asarray(e, np.float64) - pca_mean) @ pca  # noqa: E731  (same as Detector.project)
     enc_log = encode_log(featurizer, events, onnx_path=onnx_path, reduce=project, progress=True,
                          threads=cfg.threads)
-    forest, flat, calibrator, sig = fit_detector(cfg, enc_log.emb, enc_log.surprise, enc_log.feats, log)
-    detector = Detector(pca_mean, pca, sig, flat, calibrator, action_thresholds(cfg.action_fpr))
+    forests, flats, cals, sig, groups = fit_detector(cfg, enc_log.emb, enc_log.surprise, enc_log.feats,
+                                                     enc_log.type_ids, vocab.tokens, log)
+    detector = Detector(pca_mean, pca, sig, flats, cals, groups, action_thresholds(cfg.action_fpr))
     np.savez(out / art.DETECTOR_FILE, **detector.to_arrays())
     import joblib
-    joblib.dump(forest, out / "isolation_forest.joblib")
+    joblib.dump(forests, out / "isolation_forest.joblib")   # list: one per type group
 
     # 6. metadata + Triton repository
     digest = hashlib.sha256(onnx_path.read_bytes() + (out / art.DETECTOR_FILE).read_bytes()).hexdigest()[:8]
@@ -230,7 +247,7 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
         "schema_hash": featurizer.schema_hash(),
         "featurizer": featurizer.spec(),
         "encoder": enc.cfg.to_dict(),
-        "detector": {"signals": list(DETECTOR_SIGNALS), "pca_dim": cfg.pca_dim, "n_estimators": cfg.n_estimators,
+        "detector": {"signals": list(DETECTOR_SIGNALS), "type_groups": [g for g, _ in TYPE_GROUPS], "pca_dim": cfg.pca_dim, "n_estimators": cfg.n_estimators,
                      "max_samples": cfg.max_samples, "sklearn_version": sklearn.__version__},
         "action_fpr": cfg.action_fpr,
         "thresholds": detector.thresholds,
