@@ -7,6 +7,7 @@ DEGRADED with the configured fallback when Redis or Triton fails, never hangs.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import math
 import signal
@@ -154,6 +155,33 @@ async def _aenumerate(it):
         i += 1
 
 
+class BearerAuth(grpc.aio.ServerInterceptor):
+    """`authorization: Bearer <token>` on every seqguard RPC; health and reflection stay open for probes."""
+
+    OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+    def __init__(self, tokens: list[bytes]):
+        self.tokens = tokens
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+        self._deny = deny
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith(self.OPEN):
+            return await continuation(details)
+        sent = dict(details.invocation_metadata or ()).get("authorization", "")
+        token = sent[7:].encode() if sent.startswith("Bearer ") else b""
+        if token and any(hmac.compare_digest(token, t) for t in self.tokens):
+            return await continuation(details)
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        if handler.request_streaming and not handler.response_streaming:
+            return grpc.stream_unary_rpc_method_handler(lambda it, ctx: self._deny(None, ctx))
+        return grpc.unary_unary_rpc_method_handler(self._deny)
+
+
 class Gateway:
     """Owns the server and its clients; start()/stop() for tests, serve() for the CLI."""
 
@@ -176,13 +204,24 @@ class Gateway:
         opts = [("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_message_bytes),
                 ("grpc.so_reuseport", 0)]
-        self.server = grpc.aio.server(options=opts)
+        tokens = s.auth_tokens()
+        if not tokens:
+            log.warning("bearer-token auth is OFF (set SEQGUARD_AUTH_TOKEN or SEQGUARD_AUTH_TOKEN_FILE)")
+        self.server = grpc.aio.server(options=opts, interceptors=[BearerAuth(tokens)] if tokens else [])
         risk_pb2_grpc.add_RiskScoringServicer_to_server(RiskScoringService(s, self.engine, self.coalescer), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
-        self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
+        if s.tls_cert_file:
+            read = lambda p: open(p, "rb").read()  # noqa: E731
+            creds = grpc.ssl_server_credentials(
+                [(read(s.tls_key_file), read(s.tls_cert_file))],
+                root_certificates=read(s.tls_client_ca_file) if s.tls_client_ca_file else None,
+                require_client_auth=bool(s.tls_client_ca_file))
+            self.port = self.server.add_secure_port(f"{s.host}:{s.port}", creds)
+        else:
+            self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
         if not self.port:
             raise RuntimeError(f"cannot bind {s.host}:{s.port}")
         await self.server.start()

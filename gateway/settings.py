@@ -40,6 +40,12 @@ class Settings:
     # Coalescing: concurrent calls share one Redis round trip and one Triton request
     coalesce_max_events: int = 256
     coalesce_max_wait_us: int = 0       # 0 = adaptive: take whatever queued while the last batch ran
+    # Security: bearer-token auth (empty = off) and TLS (optional mTLS with a client CA)
+    auth_token: str = ""
+    auth_token_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
     # Privacy: keyed hashing of user ids (and devices / IPs) in keys and logs
     pseudonym_key: str = ""
     pseudonym_key_file: str = ""
@@ -78,6 +84,14 @@ class Settings:
                      "coalesce_max_events"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+
+    def auth_tokens(self) -> list[bytes]:
+        """Accepted bearer tokens (one per line in the file); empty list = auth disabled."""
+        tokens = [self.auth_token.encode()] if self.auth_token else []
+        if self.auth_token_file:
+            with open(self.auth_token_file, "rb") as f:
+                tokens += [t.strip() for t in f if t.strip()]
+        return tokens
 
     def key_bytes(self) -> bytes:
         """The pseudonymisation key; a missing key is an error, not a silent default."""

@@ -209,3 +209,20 @@ def test_redis_down_degrades_within_deadline(small_model, triton, gateway_factor
             event_id="r-1", user_id="u", ts=1767700000000, event_type="login")), timeout=2)
         assert time.perf_counter() - t < 0.5
         assert r.status == risk_pb2.DEGRADED and "state store unavailable" in r.status_detail
+
+
+def test_bearer_token_auth(small_model, redis_server, triton, gateway_factory):
+    gw = gateway_factory(model_dir=str(small_model), redis_port=redis_server.port, triton_url=triton.grpc_url,
+                         auth_token="s3cret-token-for-tests")
+    ev = risk_pb2.ScoreRequest(event=risk_pb2.Event(event_id="auth-1", user_id="u-auth", ts=1767800000000,
+                                                    event_type="login"))
+    with grpc.insecure_channel(gw.address) as ch:
+        stub = risk_pb2_grpc.RiskScoringStub(ch)
+        for md in ((), (("authorization", "Bearer wrong"),), (("authorization", "s3cret-token-for-tests"),)):
+            with pytest.raises(grpc.RpcError) as exc:
+                stub.Score(ev, metadata=md, timeout=5)
+            assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        r = stub.Score(ev, metadata=(("authorization", "Bearer s3cret-token-for-tests"),), timeout=5)
+        assert r.status == risk_pb2.OK
+        h = health_pb2_grpc.HealthStub(ch)          # probes need no token
+        assert h.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
