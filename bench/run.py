@@ -223,7 +223,7 @@ def sweep_system(system: str, a, rates: list[float], out_dir: Path) -> dict:
             res["redis"] = redis_memory(info["redis_port"])
             m = res["redis"]
             log(f"[{system}] redis: {m['keys']} keys; state {(m['bytes_per_user'] or 0):.0f} B per user, "
-                f"idempotency {(m['dedupe_bytes_per_event'] or 0):.0f} B per event")
+                f"idempotency {_f(m['dedupe_bytes_per_event'], '{:.0f}', 'n/a (< 1000 keys)')} B per event")
         lg.close()
         if system == "gateway" and not a.no_perf and info.get("triton_url"):
             try:
@@ -475,20 +475,24 @@ def parse_args(argv=None):
     q = a.quick
     a.rates = [float(x) for x in (a.rates or ("50" if q else DEFAULT_RATES)).split(",") if x.strip()]
     a.rates.sort()
-    a.duration = a.duration if a.duration is not None else (2.0 if q else 10.0)
-    a.warmup = a.warmup if a.warmup is not None else (1.0 if q else 3.0)
+    a.duration = a.duration if a.duration is not None else (1.5 if q else 10.0)
+    a.warmup = a.warmup if a.warmup is not None else (0.5 if q else 3.0)
     a.clients = a.clients or (1 if q else 2)
     a.channels = a.channels or (2 if q else 4)
     a.perf_concurrency = [int(x) for x in (a.perf_concurrency or ("1" if q else "1,2,4,8,16")).split(",")]
-    a.perf_interval_ms = a.perf_interval_ms or (1000 if q else 2000)
+    a.perf_interval_ms = a.perf_interval_ms or (500 if q else 2000)
     if q:
-        a.perf_max_trials = min(a.perf_max_trials, 4)
+        a.perf_max_trials = min(a.perf_max_trials, 3)
     a.systems = [x.strip() for x in a.systems.split(",") if x.strip()]
     bad = [x for x in a.systems if x not in SYSTEMS]
     if bad:
         ap.error(f"unknown system(s) {bad}; choose from {SYSTEMS}")
-    if not (a.model / "metadata.json").is_file():
-        ap.error(f"--model {a.model}: not a model directory (no metadata.json)")
+    try:   # fail before starting anything: a model this code cannot load would only fail in the servers
+        from seqguard.artifact import ModelArtifact
+        ModelArtifact.load(a.model)
+    except Exception as e:  # noqa: BLE001
+        ap.error(f"--model {a.model}: cannot load it with this code ({type(e).__name__}: {e}); "
+                 "retrain it with `seqguard train`")
     if not a.events.is_file():
         ap.error(f"--events {a.events}: no such file")
     a.model, a.events = a.model.resolve(), a.events.resolve()

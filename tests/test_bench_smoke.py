@@ -30,7 +30,7 @@ def bench_model(tmp_path_factory):
     from training.generate import generate, write_events
     from training.train import TrainConfig, train
     d = tmp_path_factory.mktemp("bench")
-    events, _ = generate(200, seed=5, days=7)
+    events, _ = generate(200, seed=5, days=5)
     write_events(events, d / "events.jsonl")
     cfg = TrainConfig(hidden=16, epochs=1, n_estimators=30, max_samples=64, seed=1, threads=2)
     train(str(d / "events.jsonl"), str(d / "model"), cfg, log=lambda m: None)
