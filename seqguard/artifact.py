@@ -91,7 +91,11 @@ class ModelArtifact:
                 raise ArtifactError(f"{path}: missing {f}")
         with np.load(path / DETECTOR_FILE) as arrays:
             fpr = {**meta.get("action_fpr", {}), **(action_fpr or {})}
-            detector = Detector.from_arrays(dict(arrays), action_thresholds(fpr))
+            try:
+                detector = Detector.from_arrays(dict(arrays), action_thresholds(fpr))
+            except KeyError as e:
+                raise ArtifactError(f"{path}: {DETECTOR_FILE} lacks {e}; it was written by an older seqguard "
+                                    "(before per-type-group forests): retrain the model") from None
         return cls(path, meta, featurizer, detector)
 
 

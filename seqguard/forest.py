@@ -75,9 +75,8 @@ class FlatIsolationForest:
             go_left = Xd[rows, flat_feat[g]] <= flat_thr[g]
             node = np.where(go_left, flat_left[g], flat_right[g])
         vals = self.leaf_value.ravel()[node + off]
-        depths = np.zeros(n, np.float64)
-        for k in range(T):                                 # tree order, as sklearn accumulates
-            depths += vals[:, k]
+        # summed in tree order, as sklearn accumulates (a sequential scan, not pairwise summation)
+        depths = np.add.accumulate(np.ascontiguousarray(vals.T), axis=0)[-1] if T else np.zeros(n)
         if self.denominator == 0:
             return -np.ones(n)
         return -(2.0 ** (-(depths / self.denominator)))
