@@ -213,13 +213,23 @@ def write_model_repository(repo_dir: str | os.PathLike, onnx_path: str | os.Path
     if validate:
         _check_onnx(onnx_path, n_features, hidden)
 
-    model_dir = repo_dir / model_name
+    publish_version(repo_dir / model_name, version, {"model.py": model_py, "model.onnx": onnx_path}, config)
+    return repo_dir
+
+
+def publish_version(model_dir: Path, version: int, files: dict, config: str, move: bool = False) -> Path:
+    """Put `files` ({name in the version dir: source path}) into model_dir/<version>/ and write config.pbtxt.
+
+    The version directory is built under a hidden name and renamed into place, so a polling
+    Triton never sees a half-copied model; an existing directory of that version is replaced.
+    """
+    model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=model_dir))
     try:
         staging.chmod(0o755)
-        shutil.copyfile(model_py, staging / "model.py")
-        shutil.copyfile(onnx_path, staging / "model.onnx")
+        for name, src in files.items():
+            (shutil.move if move else shutil.copyfile)(str(src), str(staging / name))
         final = model_dir / str(version)
         if final.exists():
             shutil.rmtree(final)
@@ -230,4 +240,4 @@ def write_model_repository(repo_dir: str | os.PathLike, onnx_path: str | os.Path
     tmp_cfg = model_dir / f".config.pbtxt.{os.getpid()}"
     tmp_cfg.write_text(config)
     os.replace(tmp_cfg, model_dir / "config.pbtxt")
-    return repo_dir
+    return model_dir

@@ -20,14 +20,13 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from seqguard.triton_repo import (DEFAULT_MODEL_NAME, INPUTS, OUTPUTS, next_version,
+from seqguard.triton_repo import (DEFAULT_MODEL_NAME, INPUTS, OUTPUTS, next_version, publish_version,
                                   write_model_repository)
 
 TRT_MODEL_NAME = "seqguard_encoder_trt"
@@ -253,23 +252,7 @@ def write_tensorrt_repository(repository: str | os.PathLike, plan_path: str | os
     config = render_tensorrt_config(model_name=model_name, n_features=n_features, hidden=hidden,
                                     max_batch_size=max_batch_size, instances=instances, gpus=gpus,
                                     keep_versions=keep_versions, event_type_dtype=event_type_dtype)
-    model_dir = repository / model_name
-    model_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=model_dir))
-    try:
-        staging.chmod(0o755)
-        (shutil.move if move else shutil.copyfile)(str(plan_path), str(staging / "model.plan"))
-        final = model_dir / str(version)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    tmp = model_dir / f".config.pbtxt.{os.getpid()}"
-    tmp.write_text(config)
-    os.replace(tmp, model_dir / "config.pbtxt")
-    return model_dir
+    return publish_version(repository / model_name, version, {"model.plan": plan_path}, config, move=move)
 
 
 # ------------------------------------------------------------------------------ TensorRT build
