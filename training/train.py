@@ -46,7 +46,7 @@ class TrainConfig:
     lr: float = 3e-3
     max_train_minutes: float = 10.0 # encoder training stops early past this budget
     min_type_count: int = 5
-    pca_dim: int = 16
+    pca_dim: int = 64                # embedding dims given to the forests (16: 0.93 payment ROC-AUC, 64: 0.98 on a held-out seed)
     n_estimators: int = 200
     max_samples: int = 512
     forest_fit_events: int = 200_000
