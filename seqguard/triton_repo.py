@@ -35,7 +35,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 def render_config(*, model_name: str = DEFAULT_MODEL_NAME, n_features: int = 40,
                   hidden: int = 128, max_batch_size: int = 1024, instances: int = 1,
-                  max_queue_delay_us: int = 200, ort_threads: int = 1,
+                  max_queue_delay_us: int = 0, ort_threads: int = 1,
                   preferred_batch_sizes: Sequence[int] = DEFAULT_PREFERRED_BATCH_SIZES) -> str:
     """The model's config.pbtxt text (the single template for every repository we write)."""
     for label, value in (("n_features", n_features), ("hidden", hidden),
@@ -113,9 +113,9 @@ output [
 ]
 
 # Merge concurrent single-event requests into one ORT run. The preferred sizes let the
-# batcher cut a batch early once that many rows are waiting; the queue delay is kept
-# tiny ({max_queue_delay_us} us) because the gateway's latency budget is a few ms and one step is
-# cheap. (The batcher only merges requests whose non-batch shapes are identical, which
+# batcher cut a batch early once that many rows are waiting. Queue delay {max_queue_delay_us} us: the
+# gateway already coalesces concurrent calls into one request, so waiting here only adds latency
+# (measured: ~0.3 ms per call at 200 us); raise it for many gateways sharing one Triton. (The batcher only merges requests whose non-batch shapes are identical, which
 # holds here: every request has the same F and H.)
 dynamic_batching {{
   preferred_batch_size: [ {preferred_txt} ]
@@ -186,7 +186,7 @@ def write_model_repository(repo_dir: str | os.PathLike, onnx_path: str | os.Path
                            model_name: str = DEFAULT_MODEL_NAME, version: int = 1,
                            n_features: int = 40, hidden: int = 128,
                            max_batch_size: int = 1024, instances: int = 1,
-                           max_queue_delay_us: int = 200, ort_threads: int = 1,
+                           max_queue_delay_us: int = 0, ort_threads: int = 1,
                            preferred_batch_sizes: Sequence[int] = DEFAULT_PREFERRED_BATCH_SIZES,
                            model_py: str | os.PathLike = COMMITTED_MODEL_PY,
                            validate: bool = True) -> Path:
