@@ -144,15 +144,15 @@ class ScoringEngine:
         out: dict[int, ScoreResult] = {}
         if fresh and encoded is None:
             # Triton unavailable: answer with the fallback, keep the featurised steps for later
-            fb_risk, fb_action = FALLBACKS[self.fallback]
+            fallback = self.degraded([events[i] for i in fresh],
+                                     "encoder unavailable; event featurised and its model step deferred")
             for j, i in enumerate(fresh):
                 st = users[events[i].user_id]
                 st.pending.append((int(type_ids[j]), feats[j]))
                 if len(st.pending) > self.MAX_PENDING:
                     del st.pending[0]      # the oldest step is lost; the state restarts from here on
                 self._apply(st, events[i])
-                out[i] = ScoreResult(events[i].event_id, fb_risk, fb_action, self.model_version, DEGRADED,
-                                     "encoder unavailable; event featurised and its model step deferred")
+                out[i] = fallback[j]
         elif fresh:
             # 4. detector, vectorised; 5. reasons + ring
             emb, surprise = encoded

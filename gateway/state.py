@@ -180,7 +180,6 @@ class RedisStateStore:
         answered = {}
         if event_ids:
             answered = {e: json.loads(raw) for e, raw in zip(event_ids, res[pos]) if raw}
-        self._raw_entities = raw_entities
         return users, (entities, raw_entities), answered
 
     def _decode_user(self, key: str, vals) -> UserState:

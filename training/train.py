@@ -33,7 +33,7 @@ from seqguard.featurizer import ContextStore, Featurizer, TokenHasher, Vocabular
 from seqguard.forest import FlatIsolationForest, RiskCalibrator
 from seqguard.schema import ReadReport, read_events
 
-from .model import EncoderConfig, SequenceEncoder, StepModel, export_onnx
+from .model import EncoderConfig, SequenceEncoder, export_onnx
 
 
 @dataclass
