@@ -17,8 +17,11 @@ class TritonStepClient:
     def __init__(self, url: str, model_name: str, model_version: str = "", timeout_ms: int = 100):
         self.url, self.model_name, self.model_version = url, model_name, model_version
         self.timeout_s = timeout_ms / 1000
-        # reconnect quickly after a Triton restart (gRPC's default backoff grows to 120 s)
+        # reconnect quickly after a Triton restart (gRPC's default backoff grows to 120 s); with a
+        # "dns:///triton-headless:8001" url, round_robin spreads calls over every Triton pod the name
+        # resolves to instead of pinning one (a plain host:port resolves to one address: no change)
         self.client = grpcclient.InferenceServerClient(url=url, channel_args=[
+            ("grpc.lb_policy_name", "round_robin"),
             ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000), ("grpc.max_send_message_length", 64 << 20),
             ("grpc.max_receive_message_length", 64 << 20)])
