@@ -69,62 +69,85 @@ def user_sequences(user_idx: np.ndarray, n_users: int) -> list[np.ndarray]:
 
 
 def train_encoder(cfg: TrainConfig, n_types: int, type_ids: np.ndarray, feats: np.ndarray,
-                  seqs: list[np.ndarray], log=print) -> tuple[SequenceEncoder, list[float]]:
-    """Self-supervised training with truncated BPTT; batches group users of similar length."""
+                  seqs: list[np.ndarray], log=print, dist_ctx=None) -> tuple[SequenceEncoder, list[float]]:
+    """Self-supervised training with truncated BPTT; batches group users of similar length.
+
+    Under torchrun (`dist_ctx`, see training/distributed.py) each rank takes one batch of every
+    step of `world` similar-length batches and DDP averages the gradients.
+    """
+    from .distributed import rank_schedule
     enc = SequenceEncoder(EncoderConfig(n_types=n_types, n_features=feats.shape[1], hidden=cfg.hidden,
                                         type_dim=cfg.type_dim))
     mean, std = feats.mean(axis=0), feats.std(axis=0)
     enc.set_normalisation(mean, std)
-    opt = torch.optim.Adam(enc.parameters(), lr=cfg.lr)
-    rng = np.random.default_rng(cfg.seed)
+    rank, world = (dist_ctx.rank, dist_ctx.world) if dist_ctx else (0, 1)
+    device = dist_ctx.device if dist_ctx else torch.device("cpu")
+    enc.to(device)
+    model = enc
+    if dist_ctx:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(enc, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    rng = np.random.default_rng(cfg.seed)             # same seed on every rank: same step order
     lengths = np.array([len(s) for s in seqs])
     by_len = np.argsort(lengths, kind="stable")
     batches = [by_len[i:i + cfg.batch_users] for i in range(0, len(by_len), cfg.batch_users)]
-    total_windows = sum(int(np.ceil(lengths[b].max() / cfg.bptt)) for b in batches) * cfg.epochs
-    t_type = torch.from_numpy(type_ids)
-    t_feat = torch.from_numpy(feats)
+    step_len = [int(lengths[[u for b in range(i, min(i + world, len(batches))) for u in batches[b]]].max())
+                for i in range(0, len(batches), world)]
+    total_windows = sum(int(np.ceil(L / cfg.bptt)) for L in step_len) * cfg.epochs
+    t_type = torch.from_numpy(type_ids).to(device)
+    t_feat = torch.from_numpy(feats).to(device)
     deadline = time.time() + cfg.max_train_minutes * 60
     losses: list[float] = []
-    bar = tqdm(total=total_windows, desc="train encoder", unit="win", mininterval=1.0)
-    enc.train()
+    bar = tqdm(total=total_windows, desc="train encoder" + (f" (rank {rank}/{world})" if dist_ctx else ""),
+               unit="win", mininterval=1.0, disable=rank != 0 or None)
+    model.train()
     stopped = False
+    my_windows = 0
     for epoch in range(cfg.epochs):
         ep_loss, ep_n = 0.0, 0
-        for bi in rng.permutation(len(batches)):
-            users = batches[bi]
-            L = int(lengths[users].max())
+        for step in rank_schedule(len(batches), world, rng.permutation):
+            mine = step[rank]
+            L = max(int(lengths[batches[b]].max()) for b in step if b is not None)
+            users = batches[mine] if mine is not None else batches[step[0]][:1]
             idx = np.zeros((len(users), L), np.int64)
             mask = np.zeros((len(users), L), bool)
             for r, u in enumerate(users):
                 idx[r, :lengths[u]] = seqs[u]
-                mask[r, :lengths[u]] = True
-            idx_t, mask_t = torch.from_numpy(idx), torch.from_numpy(mask)
+                mask[r, :lengths[u]] = mine is not None
+            idx_t, mask_t = torch.from_numpy(idx).to(device), torch.from_numpy(mask).to(device)
             state = None
             for a in range(0, L, cfg.bptt):
                 sl = slice(a, a + cfg.bptt)
                 w_idx, w_mask = idx_t[:, sl], mask_t[:, sl]
-                _, surprise, state = enc(t_type[w_idx], t_feat[w_idx], state)
+                _, surprise, state = model(t_type[w_idx], t_feat[w_idx], state)
                 state = (state[0].detach(), state[1].detach())
                 m = w_mask.float()
                 loss = (surprise.sum(-1) * m).sum() / m.sum().clamp(min=1.0)
                 opt.zero_grad()
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(enc.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 ep_loss += float(loss.detach()) * float(m.sum())
                 ep_n += int(m.sum())
+                my_windows += int(m.sum() > 0)
                 bar.update(1)
-            if time.time() > deadline:
+            late = time.time() > deadline
+            if (dist_ctx.all_max(late) if dist_ctx else late):   # every rank stops at the same step
                 stopped = True
                 break
+        if dist_ctx:
+            ep_loss, ep_n = dist_ctx.all_sum(ep_loss, ep_n)
         losses.append(ep_loss / max(ep_n, 1))
         log(f"epoch {epoch + 1}: mean surprise (type + gap NLL) {losses[-1]:.4f}")
         if stopped:
             log(f"stopped early: the {cfg.max_train_minutes} min training budget is spent")
             break
     bar.close()
+    if dist_ctx:
+        log(f"rank {rank}/{world}: trained on {my_windows} windows of its own batches")
     enc.eval()
-    return enc, losses
+    return enc.cpu(), losses
 
 
 def check_step_parity(enc: SequenceEncoder, onnx_path: str, type_ids, feats, seqs, n_users: int = 32) -> float:
@@ -207,8 +230,18 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
     seqs = user_sequences(user_idx, len(users))
     log(f"featurised {len(events)} events of {len(users)} users ({time.time() - t0:.0f}s)")
 
-    # 3. encoder
-    enc, losses = train_encoder(cfg, len(vocab), type_ids, feats, seqs, log)
+    # 3. encoder (data-parallel when launched by torchrun; rank 0 alone goes on to export)
+    from .distributed import init_from_env, shutdown
+    dist_ctx = init_from_env()
+    try:
+        enc, losses = train_encoder(cfg, len(vocab), type_ids, feats, seqs, log, dist_ctx)
+        if dist_ctx and os.environ.get("SEQGUARD_DDP_WEIGHTS_DIGEST"):     # lets tests compare ranks
+            digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in enc.parameters())).hexdigest()
+            Path(os.environ["SEQGUARD_DDP_WEIGHTS_DIGEST"] + f".{dist_ctx.rank}").write_text(digest)
+    finally:
+        shutdown(dist_ctx)
+    if dist_ctx and not dist_ctx.is_main:
+        return out
 
     # 4. export + parity
     onnx_path = out / art.ONNX_FILE
