@@ -1,4 +1,4 @@
-"""`seqguard` command line: generate, train, score-file, evaluate, export, up, demo.
+"""`seqguard` command line: generate, train, score-file, evaluate, export, up, retrain, drift, demo.
 
 Heavy imports (torch, sklearn, grpc) happen inside each subcommand so `--help` is instant and
 the gateway never imports torch.
@@ -36,12 +36,20 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _train_action_fpr(args) -> dict:
+    """--thresholds FILE (TOML/JSON target FPR per action) wins over the per-action flags."""
+    if getattr(args, "thresholds", None):
+        from training.thresholds import load_action_fpr
+        return load_action_fpr(args.thresholds)
+    return {"REVIEW": args.review_fpr, "CHALLENGE": args.target_fpr, "BLOCK": args.block_fpr}
+
+
 def cmd_train(args) -> int:
     from training.train import TrainConfig, train
     from .schema import parse_column_map
     cfg = TrainConfig(hidden=args.hidden, epochs=args.epochs, seed=args.seed, min_type_count=args.min_type_count,
                       max_train_minutes=args.max_train_minutes, n_estimators=args.trees,
-                      action_fpr={"REVIEW": args.review_fpr, "CHALLENGE": args.target_fpr, "BLOCK": args.block_fpr},
+                      action_fpr=_train_action_fpr(args),
                       threads=args.threads)
     train(args.events, args.out, cfg, labels_path=args.labels, column_map=parse_column_map(args.column_map),
           on_bad_row=args.on_bad_row)
@@ -84,6 +92,42 @@ def cmd_up(args) -> int:
     return main_up(args)
 
 
+def cmd_retrain(args) -> int:
+    from training.retrain import retrain
+    from training.train import TrainConfig
+    from .artifact import ModelArtifact
+    from .schema import parse_column_map
+    live = ModelArtifact.load(args.live)
+    cfg = TrainConfig(hidden=args.hidden or live.hidden, epochs=args.epochs, seed=args.seed, n_estimators=args.trees,
+                      max_train_minutes=args.max_train_minutes, threads=args.threads,
+                      action_fpr=dict(live.metadata.get("action_fpr") or TrainConfig().action_fpr))
+    import json
+    report = retrain(args.live, args.events, args.out, cfg, labels_path=args.labels, holdout_frac=args.holdout_frac,
+                     column_map=parse_column_map(args.column_map))
+    print(json.dumps({k: report[k] for k in ("recommend_candidate", "reason")}))
+    return 0
+
+
+def cmd_drift(args) -> int:
+    """PSI of score and feature distributions vs training; exit 0 either way (the report says DRIFT)."""
+    import json
+    from training.drift import drift
+    report = drift(args.model, _read(args.events, args), _read(args.reference, args) if args.reference else None,
+                   threshold=args.threshold, log=lambda m: print(m, file=sys.stderr))
+    from .artifact import ModelArtifact
+    md = report.to_markdown(ModelArtifact.load(args.model).model_version)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(md)
+        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+            json.dump(report.to_json(), f, indent=2)
+    else:
+        print(md, file=sys.stderr)
+    print(json.dumps({"flagged": report.flagged, "score_psi": round(report.score_psi, 4),
+                      "drifted_features": report.drifted_features}))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import main_demo
     return main_demo(args)
@@ -116,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target-fpr", type=float, default=0.01, help="CHALLENGE threshold: FPR on training traffic")
     t.add_argument("--review-fpr", type=float, default=0.05)
     t.add_argument("--block-fpr", type=float, default=0.001)
+    t.add_argument("--thresholds", default=None,
+                   help="TOML/JSON file: target FPR per action (REVIEW/CHALLENGE/BLOCK); overrides the *-fpr flags")
     t.add_argument("--threads", type=int, default=2)
     _add_input_opts(t)
     t.set_defaults(fn=cmd_train)
@@ -133,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--labels", required=True)
     e.add_argument("--model", required=True)
     e.add_argument("--report", required=True, help="directory for report.md and PNG plots")
+    e.add_argument("--thresholds", default=None,
+                   help="TOML/JSON file: target FPR per action; report precision/recall at those cut-offs "
+                        "instead of the artifact's")
     _add_input_opts(e)
     e.set_defaults(fn=cmd_evaluate)
 
@@ -155,6 +204,31 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--run-dir", default=os.environ.get("SEQGUARD_RUN_DIR", "runs/up"),
                    help="logs, Redis AOF and the pseudonymisation key file live here")
     u.set_defaults(fn=cmd_up)
+
+    r = sub.add_parser("retrain", help="train a candidate on new events (+ labels) and compare it with the live model")
+    r.add_argument("--live", required=True, help="artifact directory of the model serving now")
+    r.add_argument("--events", required=True, help="new event log; its latest --holdout-frac is held out for the comparison")
+    r.add_argument("--labels", default=None, help="optional outcome labels (e.g. exported ReportOutcome labels)")
+    r.add_argument("--out", required=True, help="artifact directory for the candidate (+ retrain_report.md/json)")
+    r.add_argument("--holdout-frac", type=float, default=0.2)
+    r.add_argument("--hidden", type=int, default=0, help="LSTM hidden size (default: the live model's)")
+    r.add_argument("--epochs", type=int, default=2)
+    r.add_argument("--trees", type=int, default=200)
+    r.add_argument("--max-train-minutes", type=float, default=10.0)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--threads", type=int, default=2)
+    _add_input_opts(r)
+    r.set_defaults(fn=cmd_retrain)
+
+    dr = sub.add_parser("drift", help="PSI of risk-score and feature distributions of an event log vs training")
+    dr.add_argument("--model", required=True, help="artifact directory (its drift_reference.json is the baseline)")
+    dr.add_argument("--events", required=True, help="recent events to check")
+    dr.add_argument("--reference", default=None,
+                    help="training events log, used (and cached in the artifact) when the model has no reference yet")
+    dr.add_argument("--out", default=None, help="Markdown report (+ the same name .json); default: stderr")
+    dr.add_argument("--threshold", type=float, default=0.2, help="PSI above this is flagged (default 0.2)")
+    _add_input_opts(dr)
+    dr.set_defaults(fn=cmd_drift)
 
     d = sub.add_parser("demo", help="end to end: generate, train a small model, start services, stream traffic, report")
     d.add_argument("--users", type=int, default=1500)

@@ -253,3 +253,63 @@ def test_baselines_one_finite_score_per_event(tiny):
     assert a.std() > 0 and r.std() > 0
     # deterministic in the seed
     assert np.array_equal(a, user_aggregate_iforest_score(events, seed=0))
+
+
+# --------------------------------------------------------------------------- thresholds config file
+
+def test_thresholds_file_toml_json_and_errors(tmp_path):
+    from pathlib import Path
+    from training.thresholds import ThresholdConfigError, load_action_fpr, load_thresholds
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "thresholds.toml"
+    assert load_action_fpr(str(shipped)) == {"REVIEW": 0.05, "CHALLENGE": 0.01, "BLOCK": 0.001}
+    t = tmp_path / "t.toml"
+    t.write_text("[action_fpr]\nreview = 0.1\nCHALLENGE = 0.02\n")
+    th = load_thresholds(str(t))                      # BLOCK keeps its default
+    assert th == pytest.approx({"REVIEW": 0.9, "CHALLENGE": 0.98, "BLOCK": 0.999})
+    j = tmp_path / "t.json"
+    j.write_text(json.dumps({"REVIEW": 0.2, "CHALLENGE": 0.05, "BLOCK": 0.005}))
+    assert load_action_fpr(str(j)) == {"REVIEW": 0.2, "CHALLENGE": 0.05, "BLOCK": 0.005}
+    for body, msg in (("[action_fpr]\nCHALLENGE = 1.5\n", "CHALLENGE target FPR must be"),
+                      ("[action_fpr]\nDENY = 0.01\n", "unknown action 'DENY'"),
+                      ("[action_fpr]\nREVIEW = 0.001\n", "must shrink from REVIEW to BLOCK"),
+                      ("[action_fpr\n", "cannot parse")):
+        t.write_text(body)
+        with pytest.raises(ThresholdConfigError, match=msg):
+            load_action_fpr(str(t))
+    (tmp_path / "t.yaml").write_text("CHALLENGE: 0.01\n")
+    with pytest.raises(ThresholdConfigError, match=r"\.toml or \.json"):
+        load_action_fpr(str(tmp_path / "t.yaml"))
+
+
+def test_train_and_evaluate_use_thresholds_file(tiny, tmp_path, capsys):
+    """`seqguard train --thresholds` stores the cut-offs; `seqguard evaluate --thresholds` reports at them."""
+    from seqguard.artifact import ModelArtifact
+    from seqguard.cli import main as cli_main
+    cfg = tmp_path / "th.json"
+    cfg.write_text(json.dumps({"action_fpr": {"REVIEW": 0.1, "CHALLENGE": 0.03, "BLOCK": 0.002}}))
+    out = tmp_path / "m"
+    assert cli_main(["train", "--events", str(tiny["events"]), "--out", str(out), "--hidden", "16", "--epochs", "1",
+                     "--trees", "20", "--thresholds", str(cfg)]) == 0
+    th = ModelArtifact.load(out).detector.thresholds
+    assert th == pytest.approx({"REVIEW": 0.9, "CHALLENGE": 0.97, "BLOCK": 0.998})
+    # evaluate the 250-user tiny model at other cut-offs than its own
+    cfg2 = tmp_path / "th2.toml"
+    cfg2.write_text("[action_fpr]\nREVIEW = 0.2\nCHALLENGE = 0.1\nBLOCK = 0.05\n")
+    assert cli_main(["evaluate", "--events", str(tiny["events"]), "--labels", str(tiny["labels"]),
+                     "--model", str(tiny["model"]), "--report", str(tmp_path / "rep"), "--thresholds", str(cfg2)]) == 0
+    m = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert m["thresholds"]["model_risk"] == pytest.approx({"REVIEW": 0.8, "CHALLENGE": 0.9, "BLOCK": 0.95})
+    acts = m["scorers"]["seqguard"]["actions"]
+    rows = tiny["label_rows"]
+    y = np.array([r["label"] for r in rows])
+    risk = None
+    from seqguard.batch import score_events
+    from seqguard.schema import read_events
+    risk, _, _ = score_events(ModelArtifact.load(tiny["model"]), list(read_events(str(tiny["events"]))))
+    for a, t in (("REVIEW", 0.8), ("CHALLENGE", 0.9), ("BLOCK", 0.95)):
+        flagged = risk >= t
+        assert acts[a]["threshold"] == pytest.approx(t)
+        assert acts[a]["tp"] == int((flagged & (y == 1)).sum()) and acts[a]["fp"] == int((flagged & (y == 0)).sum())
+        if acts[a]["recall"] is not None:
+            assert acts[a]["recall"] == pytest.approx(int((flagged & (y == 1)).sum()) / int(y.sum()))
+    assert "thresholds file" in (tmp_path / "rep" / "report.md").read_text()

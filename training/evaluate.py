@@ -336,7 +336,8 @@ def _report_md(metrics: dict, summary: str) -> str:
          f"- events: {d['events']:,} ({d['label1_events']:,} label 1 = {100 * d['label1_events'] / max(d['events'], 1):.2f}%), "
          f"users: {d['users']:,} ({d['positive_users']:,} with any label-1 event), "
          f"payment attempts: {d['payment_attempt_events']:,} ({d['label1_payment_attempts']:,} label 1)"]
-    for key in ("events_file", "labels_file", "model_dir", "training_events", "training_users", "timings_s"):
+    for key in ("events_file", "labels_file", "model_dir", "training_events", "training_users",
+                "thresholds_file", "thresholds_target_fpr", "timings_s"):
         if key in d:
             v = d[key]
             if isinstance(v, dict):
@@ -572,6 +573,9 @@ def main_evaluate(args) -> int:
     t = time.time()
     model = ModelArtifact.load(args.model)
     labels = read_labels(args.labels)                 # first: a malformed label fails fast
+    if getattr(args, "thresholds", None):
+        from .thresholds import load_action_fpr
+        load_action_fpr(args.thresholds)              # and so does a malformed thresholds file
     report = ReadReport()
     events = list(tqdm(read_events(args.events, parse_column_map(getattr(args, "column_map", None)),
                                    getattr(args, "on_bad_row", "error"), report),
@@ -606,7 +610,15 @@ def main_evaluate(args) -> int:
     scores = {MODEL_KEY: risk, "hand_rules": rules, "user_agg_iforest": agg}
     timings_view = {k: round(v, 2) for k, v in timings.items()}
     info["timings_s"] = timings_view
-    metrics = evaluate(events, labels_aligned, scores, model.detector.thresholds, args.report,
+    thresholds = model.detector.thresholds
+    if getattr(args, "thresholds", None):
+        from .thresholds import load_action_fpr
+        from seqguard.detector import action_thresholds
+        fpr = load_action_fpr(args.thresholds)
+        thresholds = action_thresholds(fpr)
+        info["thresholds_file"] = os.path.abspath(args.thresholds)
+        info["thresholds_target_fpr"] = fpr
+    metrics = evaluate(events, labels_aligned, scores, thresholds, args.report,
                        model_version=model.model_version, info=info)
     timings_view["evaluate_and_report"] = round(time.time() - t, 2)
     # rewrite metrics.json with the final timing (report.md shows the scoring timings)
