@@ -24,7 +24,7 @@ from seqguard.detector import ACTIONS
 from seqguard.explain import Reason, explain
 from seqguard.schema import Event
 
-from .state import RedisStateStore, StateConflict, StateUnavailable
+from .state import RedisStateStore, StateConflict, StateUnavailable, ring_entry, unpack_features
 from .triton_client import EncoderUnavailable, TritonStepClient
 
 log = logging.getLogger("seqguard.gateway")
@@ -75,6 +75,7 @@ class ScoringEngine:
         # surprise that counts as "unusual sequence": the 99.9th percentile seen in training, if known
         self.surprise_cut = float(artifact.metadata.get("training", {}).get("surprise_p999", 8.0))
         self.conflicts = 0
+        self.rebuilds = 0            # user states rebuilt from the ring after a model version change
 
     def degraded(self, events: list[Event], detail: str) -> list[ScoreResult]:
         risk, action = FALLBACKS[self.fallback]
@@ -115,10 +116,7 @@ class ScoringEngine:
             return self.degraded(events, f"state store unavailable: {e}")
         for st in users.values():
             if st.existed and (st.model_version != self.model_version or st.h.shape[0] != self.hidden):
-                # state of another model version: restart its sequence state, keep the featuriser context
-                st.h = np.zeros(self.hidden, np.float32)
-                st.c = np.zeros(self.hidden, np.float32)
-                st.pending = []
+                self._rebuild(st)
 
         # idempotency: an event id already answered (or repeated in this batch) is not applied again
         fresh, first_of = [], {}
@@ -151,7 +149,7 @@ class ScoringEngine:
                 st.pending.append((int(type_ids[j]), feats[j]))
                 if len(st.pending) > self.MAX_PENDING:
                     del st.pending[0]      # the oldest step is lost; the state restarts from here on
-                self._apply(st, events[i])
+                self._apply(st, events[i], feats[j])
                 out[i] = fallback[j]
         elif fresh:
             # 4. detector, vectorised; 5. reasons + ring
@@ -164,7 +162,7 @@ class ScoringEngine:
                 st = users[ev.user_id]
                 reasons = explain(feats[j], surprise[j], ev.event_id, ev.event_type, st.ring,
                                   self.surprise_cut) if explain_reasons else []
-                self._apply(st, ev)
+                self._apply(st, ev, feats[j])
                 out[i] = ScoreResult(ev.event_id, float(risk[j]), ACTIONS[codes[j]], self.model_version, OK, "",
                                      reasons)
 
@@ -195,8 +193,28 @@ class ScoringEngine:
                                            "duplicate event_id: original result", twin.reasons, twin.sequence))
         return results
 
-    def _apply(self, st, ev: Event) -> None:
-        st.ring.append([ev.event_id, ev.event_type, ev.ts])
+    def _rebuild(self, st) -> None:
+        """State written by another model version (or hidden size): rebuild h, c with THIS model.
+
+        The ring keeps the feature rows of the user's last `rebuild_steps` events (features do not
+        depend on the model), so h, c restart from zero and those steps run first, as deferred
+        steps in the same Triton waves as this batch. The result equals an offline replay of those
+        events from a zero state (tests/test_gateway.py::test_state_rebuilt_from_ring_on_model_upgrade);
+        older history only survives in the featuriser context. Type ids are re-mapped through
+        this model's vocabulary, so a vocabulary change is handled too.
+        """
+        st.h = np.zeros(self.hidden, np.float32)
+        st.c = np.zeros(self.hidden, np.float32)
+        steps = []
+        for e in reversed(st.ring):                     # the newest run of entries that carry features
+            if not e.feat:
+                break
+            steps.append((self.featurizer.vocab.id(e.event_type), unpack_features(e.feat, self.n_features)))
+        st.pending = steps[::-1]
+        self.rebuilds += 1
+
+    def _apply(self, st, ev: Event, feats=None) -> None:
+        st.ring.append(ring_entry(ev.event_id, ev.event_type, ev.ts, feats))
         del st.ring[:-self.store.ring_size]
         st.n += 1
         st.model_version = self.model_version

@@ -12,6 +12,7 @@ import logging
 import math
 import signal
 import sys
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,7 +23,9 @@ from seqguard.featurizer import TokenHasher
 from seqguard.schema import SchemaError, validate_event
 
 from .engine import Coalescer, Overloaded, ScoreResult, ScoringEngine
+from .metrics import GatewayMetrics, MeteredEngine, TimedEncoder, TimedStore, metered
 from .proto import risk_pb2, risk_pb2_grpc
+from .reload import ModelReloader
 from .settings import Settings
 from .state import RedisStateStore, StateUnavailable
 from .triton_client import TritonStepClient
@@ -57,10 +60,15 @@ def result_to_proto(r: ScoreResult) -> risk_pb2.ScoreResponse:
 
 
 class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
-    def __init__(self, settings: Settings, engine: ScoringEngine, coalescer: Coalescer):
+    def __init__(self, settings: Settings, coalescer: Coalescer, metrics: GatewayMetrics):
         self.s = settings
-        self.engine = engine
         self.coalescer = coalescer
+        self.metrics = metrics
+
+    @property
+    def engine(self) -> ScoringEngine:
+        """The live engine: a hot reload swaps the coalescer's engine between batches."""
+        return self.coalescer.engine
 
     def _deadline(self, context) -> tuple[float, float]:
         """(loop-time deadline for the pipeline, seconds we may wait) from the client's and our budget."""
@@ -80,6 +88,7 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
         except asyncio.TimeoutError:
             return self.engine.degraded(events, f"deadline of {budget * 1000:.0f} ms exceeded")
 
+    @metered("Score")
     async def Score(self, request, context):
         try:
             ev = event_from_proto(request.event)
@@ -88,6 +97,7 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
         results = await self._score([ev], context)
         return result_to_proto(results[0])
 
+    @metered("ScoreBatch")
     async def ScoreBatch(self, request, context):
         if len(request.events) > self.s.max_batch_events:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -101,6 +111,7 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
         results = await self._score(events, context)
         return risk_pb2.ScoreBatchResponse(results=[result_to_proto(r) for r in results])
 
+    @metered("Ingest")
     async def Ingest(self, request_iterator, context):
         accepted = rejected = 0
         errors: list[str] = []
@@ -127,6 +138,7 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
             errors.append(f"{len(bad)} events not applied: {bad[0].detail}")
         return len(results) - len(bad)
 
+    @metered("GetUserState")
     async def GetUserState(self, request, context):
         if not request.user_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "field 'user_id': is required")
@@ -146,6 +158,29 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
                                   model_version=st.model_version, context=ctx,
                                   recent=[risk_pb2.RecentEvent(event_id=e[0], event_type=e[1], ts=e[2])
                                           for e in st.ring])
+
+    @metered("ReportOutcome")
+    async def ReportOutcome(self, request, context):
+        if not request.event_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "field 'event_id': is required")
+        if len(request.event_id) > 256:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "field 'event_id': longer than 256 characters")
+        if request.label not in (risk_pb2.GENUINE, risk_pb2.FRAUD):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"field 'label': must be GENUINE or FRAUD, got {request.label}")
+        family = request.family if request.HasField("family") else ""
+        if len(family) > 64 or not family.isprintable():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "field 'family': at most 64 printable characters")
+        try:
+            prev = await asyncio.wait_for(self.engine.store.record_outcome(
+                request.event_id, risk_pb2.Label.Name(request.label), family, int(time.time() * 1000),
+                self.s.outcome_ttl_s, self.s.outcome_stream_max), self.s.deadline_ms / 1000)
+        except (StateUnavailable, asyncio.TimeoutError) as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"state store unavailable: {e}")
+        if prev is None:
+            return risk_pb2.OutcomeAck(scored=False)
+        return risk_pb2.OutcomeAck(scored=True, risk=prev["risk"], model_version=prev["mv"])
 
 
 async def _aenumerate(it):
@@ -178,7 +213,7 @@ class BearerAuth(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         if handler.request_streaming and not handler.response_streaming:
-            return grpc.stream_unary_rpc_method_handler(lambda it, ctx: self._deny(None, ctx))
+            return grpc.stream_unary_rpc_method_handler(self._deny)   # a coroutine function: aio awaits it
         return grpc.unary_unary_rpc_method_handler(self._deny)
 
 
@@ -188,7 +223,11 @@ class Gateway:
     def __init__(self, settings: Settings):
         self.s = settings
         key = settings.key_bytes()
-        self.artifact = ModelArtifact.load(settings.model_dir, hasher=TokenHasher(key))
+        self.hasher = TokenHasher(key)
+        self.artifact = ModelArtifact.load(settings.model_dir, hasher=self.hasher)
+        self.metrics = GatewayMetrics()
+        self.metrics_port: int | None = None
+        self._retired: list[asyncio.Task] = []
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.port = None
@@ -196,11 +235,17 @@ class Gateway:
     async def start(self) -> int:
         s = self.s
         self.store = RedisStateStore.from_settings(s, self.artifact.hidden)
-        version = s.triton_model_version or self.artifact.triton_model_version
-        self.encoder = TritonStepClient(s.triton_url, s.triton_model, version, s.triton_timeout_ms)
-        self.engine = ScoringEngine(self.artifact, self.store, self.encoder, s.fallback)
+        self.encoder = self._encoder_for(self.artifact)
+        self.engine = self._engine_for(self.artifact, self.store, self.encoder)
         self.coalescer = Coalescer(self.engine, s.coalesce_max_events, s.coalesce_max_wait_us, s.max_in_flight)
         self.coalescer.start()
+        self.metrics.in_flight.set_function(lambda: self.coalescer.in_flight)
+        self.metrics.set_model(self.artifact.model_version, self.encoder.model_version)
+        if s.metrics_port:
+            self.metrics_port = self.metrics.serve(s.metrics_host or s.host, s.metrics_port)
+            log.info("prometheus metrics on %s:%d", s.metrics_host or s.host, self.metrics_port)
+        self.reloader = ModelReloader(self, s.model_poll_s)
+        self.reloader.start()
         opts = [("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_message_bytes),
                 ("grpc.so_reuseport", 0)]
@@ -208,7 +253,8 @@ class Gateway:
         if not tokens:
             log.warning("bearer-token auth is OFF (set SEQGUARD_AUTH_TOKEN or SEQGUARD_AUTH_TOKEN_FILE)")
         self.server = grpc.aio.server(options=opts, interceptors=[BearerAuth(tokens)] if tokens else [])
-        risk_pb2_grpc.add_RiskScoringServicer_to_server(RiskScoringService(s, self.engine, self.coalescer), self.server)
+        risk_pb2_grpc.add_RiskScoringServicer_to_server(RiskScoringService(s, self.coalescer, self.metrics),
+                                                        self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -231,15 +277,82 @@ class Gateway:
                  s.host, self.port, s.redis_host, s.redis_port, s.triton_url)
         return self.port
 
+    def _encoder_for(self, artifact: ModelArtifact):
+        s = self.s
+        version = s.triton_model_version or artifact.triton_model_version
+        return TimedEncoder(TritonStepClient(s.triton_url, s.triton_model, version, s.triton_timeout_ms), self.metrics)
+
+    def _engine_for(self, artifact: ModelArtifact, store, encoder):
+        return MeteredEngine(ScoringEngine(artifact, TimedStore(store, self.metrics), encoder, self.s.fallback),
+                             self.metrics)
+
+    async def reload_model(self) -> bool:
+        """Load the artifact now at model_dir and make it live between two batches; False if it is already live.
+
+        Raises (and the old model keeps serving) if the artifact is unusable or its Triton version
+        is not ready / fails a warm-up step within settings.model_ready_timeout_s.
+        """
+        loop = asyncio.get_running_loop()
+        art = await loop.run_in_executor(None, lambda: ModelArtifact.load(self.s.model_dir, hasher=self.hasher))
+        if art.model_version == self.artifact.model_version:
+            return False
+        encoder = self._encoder_for(art)
+        try:
+            await self._warm(encoder, art)
+        except BaseException:
+            await encoder.close()
+            raise
+        old_store, old_encoder = self.store, self.encoder
+        store = old_store if art.hidden == self.artifact.hidden else RedisStateStore.from_settings(self.s, art.hidden)
+        engine = self._engine_for(art, store, encoder)
+        # the swap: one attribute, read by the coalescer once per batch (a running batch finishes on the old model)
+        self.coalescer.engine = engine
+        old_version = self.artifact.model_version
+        self.artifact, self.engine, self.encoder, self.store = art, engine, encoder, store
+        self.metrics.set_model(art.model_version, encoder.model_version)
+        self.metrics.reloads.labels("ok").inc()
+        log.info("model reloaded: %s -> %s (triton %s version %s)", old_version, art.model_version,
+                 self.s.triton_model, encoder.model_version or "latest")
+        # close the old clients once no batch can still be using them
+        grace = max(self.s.deadline_ms, self.s.triton_timeout_ms) / 1000 + 5.0
+        self._retired.append(loop.create_task(self._close_later(
+            old_encoder, old_store if store is not old_store else None, grace)))
+        return True
+
+    async def _warm(self, encoder, art: ModelArtifact) -> None:
+        """Wait until Triton serves the artifact's version, then run one real step through it."""
+        import numpy as np
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.s.model_ready_timeout_s
+        while not await encoder.ready():
+            if loop.time() >= end:
+                raise TimeoutError(f"triton model {self.s.triton_model} version {encoder.model_version or 'latest'} "
+                                   f"not ready after {self.s.model_ready_timeout_s:.0f} s")
+            await asyncio.sleep(0.2)
+        n_feat = len(art.featurizer.spec()["feature_names"])
+        h = np.zeros((1, art.hidden), np.float32)
+        await encoder.step(np.zeros(1, np.int64), np.zeros((1, n_feat), np.float32), h, h,
+                           timeout_s=max(1.0, self.s.triton_timeout_ms / 1000))
+
+    async def _close_later(self, encoder, store, delay: float) -> None:
+        await asyncio.sleep(delay)
+        await encoder.close()
+        if store is not None:
+            await store.close()
+
     async def stop(self, grace: float = 5.0) -> None:
         """Flip health to NOT_SERVING, drain in-flight RPCs for up to `grace` seconds, then close."""
         for name in ("", SERVICE_NAME):
             await _maybe_await(self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING))
         if self.server:
             await self.server.stop(grace)
+        await self.reloader.stop()
         await self.coalescer.stop()
+        for t in self._retired:
+            t.cancel()
         await self.encoder.close()
         await self.store.close()
+        self.metrics.close()
 
     async def serve(self) -> None:
         await self.start()
@@ -247,6 +360,9 @@ class Gateway:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # SIGHUP: reload the model at model_dir now (kubectl exec ... kill -HUP 1 after flipping `current`)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._retired.append(
+            loop.create_task(self.reloader.check(force=True))))
         await stop.wait()
         log.info("shutting down: draining in-flight requests")
         await self.stop()

@@ -40,6 +40,14 @@ class Settings:
     # Coalescing: concurrent calls share one Redis round trip and one Triton request
     coalesce_max_events: int = 256
     coalesce_max_wait_us: int = 0       # 0 = adaptive: take whatever queued while the last batch ran
+    # Operations: Prometheus /metrics (0 = off; host "" = same as `host`) and hot model reload
+    metrics_port: int = 0
+    metrics_host: str = ""
+    model_poll_s: float = 0.0           # check model_dir (e.g. an artifacts/current symlink) this often; 0 = SIGHUP only
+    model_ready_timeout_s: float = 30.0  # a new model's Triton version must answer within this, else keep the old
+    # Feedback: ReportOutcome labels (sg:o:<hmac(event_id)>) and the sg:outcomes export stream
+    outcome_ttl_s: int = 180 * 86400    # chargebacks arrive weeks later; keep labels ~6 months
+    outcome_stream_max: int = 5_000_000  # approximate cap on the stream (export it before it wraps)
     # Security: bearer-token auth (empty = off) and TLS (optional mTLS with a client CA)
     auth_token: str = ""
     auth_token_file: str = ""
@@ -84,6 +92,10 @@ class Settings:
                      "coalesce_max_events"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be 0 (off) or a TCP port, got {self.metrics_port}")
+        if self.model_poll_s < 0 or self.model_ready_timeout_s <= 0:
+            raise ValueError("model_poll_s must be >= 0 and model_ready_timeout_s > 0")
 
     def auth_tokens(self) -> list[bytes]:
         """Accepted bearer tokens (one per line in the file); empty list = auth disabled."""

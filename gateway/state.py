@@ -3,9 +3,14 @@
 Keys are pseudonymised with a keyed hash (HMAC-SHA256), so neither Redis nor the logs ever hold a
 raw user id, device id, IP or event id:
 
-    sg:u:<hmac(user)>     hash: h, c (float32 LSTM state), ctx (UserContext bytes), ring (recent
-                          events), pend (featurised events whose LSTM step is deferred), mv (model
-                          version), n (events applied: the optimistic-concurrency version)
+    sg:u:<hmac(user)>     one binary string (see pack_user): n (events applied: the optimistic-
+                          concurrency version, the first 8 bytes so the write script compares it
+                          with GETRANGE), mv (model version), h, c (float32 LSTM state), ctx
+                          (UserContext bytes), pend (featurised events whose LSTM step is deferred),
+                          ring (recent events; the newest `rebuild_steps` carry their feature row so
+                          a new model version can rebuild h, c). One string instead of a hash: a
+                          hash with 1 KB of h/c is hashtable-encoded (~70 B per field overhead);
+                          the JSON ring cost ~40 B per event.
     sg:d: / sg:i: / sg:p:<hmac(device | ip | ip prefix)>   EntityContext bytes
     sg:e:<hmac(event_id)> the response already given for that event (idempotency window)
     sg:seq                global apply counter: the order in which events changed state
@@ -19,7 +24,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import struct
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -31,20 +38,20 @@ from seqguard.featurizer import EntityContext, UserContext, ip_prefix
 from seqguard.schema import Event
 
 SEQ_KEY = "sg:seq"
-USER_FIELDS = ("h", "c", "ctx", "ring", "pend", "mv", "n")
+USER_FORMAT = 2                 # 1 was the hash layout (h, c, ctx, ring as JSON, pend, mv, n)
 
 # KEYS: seq, users..., entities..., events...
-# ARGV: U, E, M, ttl, dedupe_ttl, then per user: expected_n, h, c, ctx, ring, pend, mv, n;
+# ARGV: U, E, M, ttl, dedupe_ttl, then per user: expected first 8 bytes ('' for a new user), blob;
 #       per entity: expected, value; per event: response
 _SAVE_LUA = """
 local U, E, M = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local ttl, dttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local a = 6
 for i = 1, U do
-  local cur = redis.call('HGET', KEYS[1 + i], 'n')
-  if not cur then cur = '0' end
+  local cur = redis.pcall('GETRANGE', KEYS[1 + i], 0, 7)
+  if type(cur) ~= 'string' then cur = '' end      -- a legacy (hash) state key: replaced below
   if cur ~= ARGV[a] then return -1 end
-  a = a + 8
+  a = a + 2
 end
 local b = a
 for j = 1, E do
@@ -55,11 +62,8 @@ for j = 1, E do
 end
 a = 6
 for i = 1, U do
-  local k = KEYS[1 + i]
-  redis.call('HSET', k, 'h', ARGV[a + 1], 'c', ARGV[a + 2], 'ctx', ARGV[a + 3], 'ring', ARGV[a + 4],
-             'pend', ARGV[a + 5], 'mv', ARGV[a + 6], 'n', ARGV[a + 7])
-  redis.call('EXPIRE', k, ttl)
-  a = a + 8
+  redis.call('SET', KEYS[1 + i], ARGV[a + 1], 'EX', ttl)
+  a = a + 2
 end
 for j = 1, E do
   redis.call('SET', KEYS[1 + U + j], ARGV[a + 1], 'EX', ttl)
@@ -93,18 +97,111 @@ class Pseudonymizer:
         return hmac.new(self._key, f"{kind}:{value}".encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:32]
 
 
+class RingEntry(NamedTuple):
+    """One recent event. `feat`: its packed feature row (pack_features) or b"" beyond rebuild_steps."""
+    event_id: str
+    event_type: str
+    ts: int
+    feat: bytes = b""
+    head: bytes = b""           # its encoded id/type/ts (cached: a ring is re-encoded on every write)
+
+
 @dataclass
 class UserState:
     key: str
     h: np.ndarray
     c: np.ndarray
     ctx: UserContext
-    ring: list = field(default_factory=list)        # [[event_id, event_type, ts], ...] oldest first
+    ring: list = field(default_factory=list)        # [RingEntry, ...] oldest first
     pending: list = field(default_factory=list)     # [(type_id, features float32 [F]), ...] not yet stepped
     model_version: str = ""
     n: int = 0
     version: int = 0                                # n as read: the compare-and-set expectation
     existed: bool = False
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _read_varint(b: bytes, i: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        x = b[i]
+        i += 1
+        n |= (x & 0x7F) << shift
+        if x < 0x80:
+            return n, i
+        shift += 7
+
+
+def pack_features(row: np.ndarray) -> bytes:
+    """Lossless float32 row: bitmask of non-zero values, bitmask of those == 1.0, then the others.
+
+    Most features are 0/1 flags or zero (no amount, no entity), so a 40-feature row is ~60-90 B
+    instead of 160 B, and the unpacked row is bit-identical (the offline replay must match).
+    """
+    row = np.ascontiguousarray(row, np.float32)
+    bits = row.view(np.uint32)
+    nz = bits != 0                      # by bits: -0.0 is kept as a value, not dropped as zero
+    one = bits == 0x3F800000
+    return (np.packbits(nz, bitorder="little").tobytes() + np.packbits(one, bitorder="little").tobytes()
+            + row[nz & ~one].tobytes())
+
+
+def unpack_features(raw: bytes, n_features: int) -> np.ndarray:
+    m = (n_features + 7) // 8
+    nz = np.unpackbits(np.frombuffer(raw[:m], np.uint8), count=n_features, bitorder="little").astype(bool)
+    one = np.unpackbits(np.frombuffer(raw[m:2 * m], np.uint8), count=n_features, bitorder="little").astype(bool)
+    row = np.zeros(n_features, np.float32)
+    row[one] = 1.0
+    row[nz & ~one] = np.frombuffer(raw[2 * m:], np.float32)
+    return row
+
+
+def ring_entry(event_id: str, event_type: str, ts: int, feats: np.ndarray | None = None) -> RingEntry:
+    e, t = event_id.encode("utf-8", "surrogatepass"), event_type.encode("utf-8", "surrogatepass")
+    head = _varint(len(e)) + e + _varint(len(t)) + t + _varint(ts)
+    return RingEntry(event_id, event_type, ts, pack_features(feats) if feats is not None else b"", head)
+
+
+def pack_ring(ring: list, rebuild_steps: int) -> bytes:
+    """[count] then per entry: varint-prefixed id and type, varint ts, varint feature-length, features.
+
+    Only the newest `rebuild_steps` entries keep their feature rows (what a rebuild replays).
+    """
+    parts = [bytes([len(ring)])]
+    keep_from = len(ring) - rebuild_steps
+    for k, e in enumerate(ring):
+        head = e.head or ring_entry(e.event_id, e.event_type, e.ts).head
+        f = e.feat if k >= keep_from else b""
+        parts += (head, _varint(len(f)), f)
+    return b"".join(parts)
+
+
+def unpack_ring(raw: bytes) -> list:
+    if not raw:
+        return []
+    out, i = [], 1
+    for _ in range(raw[0]):
+        start = i
+        n, i = _read_varint(raw, i)
+        eid = raw[i:i + n].decode("utf-8", "surrogatepass")
+        i += n
+        n, i = _read_varint(raw, i)
+        et = raw[i:i + n].decode("utf-8", "surrogatepass")
+        i += n
+        ts, i = _read_varint(raw, i)
+        head = raw[start:i]
+        n, i = _read_varint(raw, i)
+        out.append(RingEntry(eid, et, ts, raw[i:i + n], head))
+        i += n
+    return out
 
 
 def _pack_pending(pending: list) -> bytes:
@@ -124,10 +221,47 @@ def _unpack_pending(raw: bytes | None) -> list:
     return [(int(types[i]), feats[i].copy()) for i in range(n)]
 
 
+_BLOB_HEAD = struct.Struct("<QB")           # n (compare-and-set version, first 8 bytes), format
+
+
+def pack_user(st: UserState, ring_size: int, rebuild_steps: int) -> bytes:
+    mv = st.model_version.encode()
+    h = np.asarray(st.h, np.float32).tobytes()
+    c = np.asarray(st.c, np.float32).tobytes()
+    ctx = st.ctx.to_bytes()
+    pend = _pack_pending(st.pending)
+    return b"".join((_BLOB_HEAD.pack(st.n, USER_FORMAT), bytes([len(mv)]), mv,
+                     struct.pack("<H", len(h) // 4), h, c, struct.pack("<H", len(ctx)), ctx,
+                     struct.pack("<I", len(pend)), pend, pack_ring(st.ring[-ring_size:], rebuild_steps)))
+
+
+def unpack_user(key: str, raw: bytes) -> UserState:
+    n, fmt = _BLOB_HEAD.unpack_from(raw, 0)
+    if fmt != USER_FORMAT:
+        raise ValueError(f"user state format {fmt} != {USER_FORMAT}")
+    i = _BLOB_HEAD.size
+    m = raw[i]
+    mv = raw[i + 1:i + 1 + m].decode()
+    i += 1 + m
+    (H,) = struct.unpack_from("<H", raw, i)
+    i += 2
+    h = np.frombuffer(raw, np.float32, H, i).copy()
+    c = np.frombuffer(raw, np.float32, H, i + 4 * H).copy()
+    i += 8 * H
+    (lc,) = struct.unpack_from("<H", raw, i)
+    ctx = UserContext.from_bytes(raw[i + 2:i + 2 + lc])
+    i += 2 + lc
+    (lp,) = struct.unpack_from("<I", raw, i)
+    pend = _unpack_pending(raw[i + 4:i + 4 + lp])
+    i += 4 + lp
+    return UserState(key, h, c, ctx, unpack_ring(raw[i:]), pend, mv, n, n, True)
+
+
 class RedisStateStore:
     def __init__(self, client: aioredis.Redis, pseudonymize: Pseudonymizer, hidden: int, ttl_s: int,
-                 ring_size: int = 8, dedupe_ttl_s: int = 600):
+                 ring_size: int = 8, dedupe_ttl_s: int = 600, rebuild_steps: int = 3):
         self.r = client
+        self.rebuild_steps = min(rebuild_steps, ring_size)
         self.p = pseudonymize
         self.hidden = hidden
         self.ttl_s = ttl_s
@@ -142,7 +276,8 @@ class RedisStateStore:
                                 username=s.redis_username or None, password=s.redis_password or None,
                                 socket_timeout=t, socket_connect_timeout=t,
                                 retry=Retry(NoBackoff(), 0), health_check_interval=0)  # fail fast: we degrade
-        return cls(client, Pseudonymizer(s.key_bytes()), hidden, s.state_ttl_s, s.recent_events, s.dedupe_ttl_s)
+        return cls(client, Pseudonymizer(s.key_bytes()), hidden, s.state_ttl_s, s.recent_events, s.dedupe_ttl_s,
+                   getattr(s, "rebuild_steps", 3))
 
     def user_key(self, user_id: str) -> str:
         return "sg:u:" + self.p("user", user_id)
@@ -161,12 +296,15 @@ class RedisStateStore:
         try:
             async with self.r.pipeline(transaction=False) as pipe:
                 for u in user_ids:
-                    pipe.hmget(self.user_key(u), *USER_FIELDS)
+                    pipe.get(self.user_key(u))
                 if entity_keys:
                     pipe.mget(entity_keys)
                 if event_ids:
                     pipe.mget([self.event_key(e) for e in event_ids])
-                res = await pipe.execute()
+                res = await pipe.execute(raise_on_error=False)
+            for x in res:
+                if isinstance(x, Exception) and "WRONGTYPE" not in str(x):   # legacy hash state: fresh
+                    raise x
         except (RedisError, OSError, TimeoutError) as e:
             raise StateUnavailable(f"redis read failed: {type(e).__name__}: {e}") from None
         users = {u: self._decode_user(self.user_key(u), vals) for u, vals in zip(user_ids, res)}
@@ -182,16 +320,11 @@ class RedisStateStore:
             answered = {e: json.loads(raw) for e, raw in zip(event_ids, res[pos]) if raw}
         return users, (entities, raw_entities), answered
 
-    def _decode_user(self, key: str, vals) -> UserState:
-        h, c, ctx, ring, pend, mv, n = vals
-        H = self.hidden
-        version = int(n or 0)
-        if h is None or ctx is None:
-            z = np.zeros(H, np.float32)
-            return UserState(key, z, z.copy(), UserContext(), version=version)
-        return UserState(key, np.frombuffer(h, np.float32).copy(), np.frombuffer(c, np.float32).copy(),
-                         UserContext.from_bytes(ctx), json.loads(ring) if ring else [], _unpack_pending(pend),
-                         mv.decode() if mv else "", version, version, True)
+    def _decode_user(self, key: str, raw) -> UserState:
+        if not raw or isinstance(raw, Exception):
+            z = np.zeros(self.hidden, np.float32)
+            return UserState(key, z, z.copy(), UserContext())
+        return unpack_user(key, raw)
 
     async def save(self, users: list[UserState], entities: dict[str, EntityContext], expected_entities: dict,
                    responses: list[str]) -> int:
@@ -205,9 +338,8 @@ class RedisStateStore:
             self.event_key(r_id) for r_id, _ in responses]
         argv: list = [len(users), len(entities), len(responses), self.ttl_s, self.dedupe_ttl_s]
         for st in users:
-            argv += [str(st.version), st.h.astype(np.float32).tobytes(), st.c.astype(np.float32).tobytes(),
-                     st.ctx.to_bytes(), json.dumps(st.ring[-self.ring_size:], separators=(",", ":")),
-                     _pack_pending(st.pending), st.model_version, str(st.n)]
+            argv += [_BLOB_HEAD.pack(st.version, USER_FORMAT)[:8] if st.version else b"",
+                     pack_user(st, self.ring_size, self.rebuild_steps)]
         for k, e in entities.items():
             argv += [expected_entities.get(k, b""), e.to_bytes()]
         argv += [resp for _, resp in responses]
@@ -231,3 +363,29 @@ class RedisStateStore:
 
     async def close(self) -> None:
         await self.r.aclose()
+
+    OUTCOME_STREAM = "sg:outcomes"
+
+    async def record_outcome(self, event_id: str, label: str, family: str, reported_ms: int, ttl_s: int,
+                             stream_max: int) -> dict | None:
+        """Store a reported label at sg:o:<hmac(event_id)> (TTL) and append it to the sg:outcomes stream.
+
+        Returns the answer the gateway gave for that event if it is still in the idempotency
+        window (so the label can be joined with the score), else None. Keys and the stream carry
+        only the pseudonymised event id; export jobs hash their log's event ids the same way.
+        """
+        h = self.p("event", event_id)
+        try:
+            answered = await self.r.get("sg:e:" + h)
+            prev = json.loads(answered) if answered else None
+            rec = {"label": label, "family": family, "ts": reported_ms}
+            if prev:
+                rec.update(risk=prev["risk"], mv=prev["mv"])
+            async with self.r.pipeline(transaction=True) as pipe:
+                pipe.set("sg:o:" + h, json.dumps(rec, separators=(",", ":")), ex=ttl_s)
+                pipe.xadd(self.OUTCOME_STREAM, {"event": h, **{k: str(v) for k, v in rec.items()}},
+                          maxlen=stream_max, approximate=True)
+                await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as e:
+            raise StateUnavailable(f"redis outcome write failed: {type(e).__name__}: {e}") from None
+        return prev

@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/audit.sh          # bandit + pip-audit: real findings fail the run
 exec .venv/bin/python -m pytest -q -ra "$@"

@@ -59,8 +59,13 @@ def encode_log(artifact_or_featurizer, events: list[Event], onnx_path=None, redu
 
 
 def score_events(artifact: ModelArtifact, events: list[Event], progress: bool = False,
-                 chunk: int = 65536, order=None) -> tuple[np.ndarray, np.ndarray, EncodedLog]:
-    """Risk and action code right after each event, in INPUT order (replayed in `order` if given)."""
+                 chunk: int = 8192, order=None) -> tuple[np.ndarray, np.ndarray, EncodedLog]:
+    """Risk and action code right after each event, in INPUT order (replayed in `order` if given).
+
+    `chunk`: rows per detector call. The flattened forest walks rows x trees index arrays per
+    level; 8192 rows keep them in cache (measured 1.45x faster than 65536; per-row results are
+    independent of the chunking, so the output is identical).
+    """
     det = artifact.detector
     enc = encode_log(artifact, events, reduce=det.project, progress=progress, order=order)
     risk_replay = np.empty(len(events), np.float64)

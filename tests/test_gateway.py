@@ -226,3 +226,66 @@ def test_bearer_token_auth(small_model, redis_server, triton, gateway_factory):
         assert r.status == risk_pb2.OK
         h = health_pb2_grpc.HealthStub(ch)          # probes need no token
         assert h.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_user_state_blob_roundtrip_is_exact():
+    """The compact user record (binary ring with packed feature rows) decodes bit-identically."""
+    from gateway.state import UserState, pack_features, pack_user, ring_entry, unpack_features, unpack_user
+    from seqguard.featurizer import N_FEATURES, UserContext
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((10, N_FEATURES)).astype(np.float32)
+    rows[:, ::3] = 0.0
+    rows[:, 1::5] = 1.0
+    rows[0, 2] = -0.0
+    for r in rows:
+        assert unpack_features(pack_features(r), N_FEATURES).tobytes() == r.tobytes()
+    ring = [ring_entry(f"ev-{k}-é", "login" if k % 2 else "team_custom", 1767225600000 + k, rows[k]) for k in range(10)]
+    st = UserState("k", rng.standard_normal(128).astype(np.float32), rng.standard_normal(128).astype(np.float32),
+                   UserContext(), ring, [(3, rows[0])], "v-1", 12, 12, True)
+    back = unpack_user("k", pack_user(st, ring_size=8, rebuild_steps=4))
+    assert (back.n, back.model_version, back.h.tobytes(), back.c.tobytes()) == (12, "v-1", st.h.tobytes(), st.c.tobytes())
+    assert [(e.event_id, e.event_type, e.ts) for e in back.ring] == [(e.event_id, e.event_type, e.ts) for e in ring[-8:]]
+    assert [bool(e.feat) for e in back.ring] == [False] * 4 + [True] * 4
+    assert unpack_features(back.ring[-1].feat, N_FEATURES).tobytes() == rows[9].tobytes()
+    assert back.pending[0][0] == 3 and back.pending[0][1].tobytes() == rows[0].tobytes()
+
+
+def test_state_rebuilt_from_ring_on_model_upgrade(small_model, small_log, redis_server, triton, gateway_factory):
+    """Events scored with model version A; the engine switches to B; the next score rebuilds h, c from the
+    ring's last K feature rows with B, and equals an offline replay of those K events + the new one."""
+    from seqguard.encoding import OrtStep, encode_sequences
+    from seqguard.featurizer import featurize_log
+    gw = gateway_factory(model_dir=str(small_model), redis_port=redis_server.port, triton_url=triton.grpc_url,
+                         deadline_ms=3000, triton_timeout_ms=3000)
+    art = ModelArtifact.load(small_model)
+    events = list(read_events(str(small_log[0])))
+    user = max({e.user_id for e in events}, key=lambda u: sum(e.user_id == u for e in events))
+    mine = sorted([e for e in events if e.user_id == user], key=lambda e: e.ts)[:24]
+    mine = [e._replace(event_id=f"up-{e.event_id}", user_id=f"up-{user}", device_id=None, ip=None) for e in mine]
+    engine = gw.gateway.coalescer.engine
+    engine = getattr(engine, "_inner", engine)            # the ScoringEngine behind the metrics proxy
+    K = engine.store.rebuild_steps
+    assert K >= 2
+
+    def offline_risk(steps):
+        """Replay the featuriser over the whole history, then the model over only `steps` from a zero state."""
+        _, types, feats = featurize_log(art.featurizer, mine)
+        t, f = types[steps], feats[steps]
+        emb, sur, _, _ = encode_sequences(OrtStep(str(art.onnx_path)), np.zeros(len(steps), np.int64), t, f, 1,
+                                          reduce=art.detector.project)
+        return art.detector.risk_from_inputs(art.detector.inputs(emb, sur, f), t)
+
+    with grpc.insecure_channel(gw.address) as ch:
+        stub = risk_pb2_grpc.RiskScoringStub(ch)
+        for e in mine[:20]:
+            assert stub.Score(risk_pb2.ScoreRequest(event=to_proto(e)), timeout=5).status == risk_pb2.OK
+        engine.model_version = "upgraded-B"               # the same weights under a new version: a rebuild
+        r20 = stub.Score(risk_pb2.ScoreRequest(event=to_proto(mine[20])), timeout=5)
+        r21 = stub.Score(risk_pb2.ScoreRequest(event=to_proto(mine[21])), timeout=5)
+        st = stub.GetUserState(risk_pb2.UserStateRequest(user_id=mine[0].user_id), timeout=5)
+    assert engine.rebuilds == 1 and r20.status == r21.status == risk_pb2.OK
+    assert r20.model_version == "upgraded-B" and st.model_version == "upgraded-B" and st.n_events == 22
+    replay = offline_risk(list(range(20 - K, 22)))        # last K events before the upgrade, then 20, 21
+    assert abs(r20.risk - replay[K]) <= 1e-5 and abs(r21.risk - replay[K + 1]) <= 1e-5
+    full, _, _ = score_events(art, mine[:22])              # continuing the old state would differ
+    assert abs(r20.risk - full[20]) > 1e-7 or abs(r21.risk - full[21]) > 1e-7

@@ -19,6 +19,12 @@ class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STATUS_UNSPECIFIED: _ClassVar[Status]
     OK: _ClassVar[Status]
     DEGRADED: _ClassVar[Status]
+
+class Label(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LABEL_UNSPECIFIED: _ClassVar[Label]
+    GENUINE: _ClassVar[Label]
+    FRAUD: _ClassVar[Label]
 ACTION_UNSPECIFIED: Action
 ALLOW: Action
 REVIEW: Action
@@ -27,6 +33,9 @@ BLOCK: Action
 STATUS_UNSPECIFIED: Status
 OK: Status
 DEGRADED: Status
+LABEL_UNSPECIFIED: Label
+GENUINE: Label
+FRAUD: Label
 
 class Event(_message.Message):
     __slots__ = ("event_id", "user_id", "ts", "event_type", "item_id", "category", "amount", "device_id", "ip", "country", "session_id")
@@ -152,3 +161,23 @@ class UserState(_message.Message):
     recent: _containers.RepeatedCompositeFieldContainer[RecentEvent]
     context: _containers.ScalarMap[str, float]
     def __init__(self, user_key: _Optional[str] = ..., n_events: _Optional[int] = ..., last_ts: _Optional[int] = ..., model_version: _Optional[str] = ..., recent: _Optional[_Iterable[_Union[RecentEvent, _Mapping]]] = ..., context: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class OutcomeRequest(_message.Message):
+    __slots__ = ("event_id", "label", "family")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    label: Label
+    family: str
+    def __init__(self, event_id: _Optional[str] = ..., label: _Optional[_Union[Label, str]] = ..., family: _Optional[str] = ...) -> None: ...
+
+class OutcomeAck(_message.Message):
+    __slots__ = ("scored", "risk", "model_version")
+    SCORED_FIELD_NUMBER: _ClassVar[int]
+    RISK_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    scored: bool
+    risk: float
+    model_version: str
+    def __init__(self, scored: bool = ..., risk: _Optional[float] = ..., model_version: _Optional[str] = ...) -> None: ...

@@ -36,6 +36,11 @@ class RiskScoringStub(object):
                 request_serializer=seqguard_dot_v1_dot_risk__pb2.UserStateRequest.SerializeToString,
                 response_deserializer=seqguard_dot_v1_dot_risk__pb2.UserState.FromString,
                 )
+        self.ReportOutcome = channel.unary_unary(
+                '/seqguard.v1.RiskScoring/ReportOutcome',
+                request_serializer=seqguard_dot_v1_dot_risk__pb2.OutcomeRequest.SerializeToString,
+                response_deserializer=seqguard_dot_v1_dot_risk__pb2.OutcomeAck.FromString,
+                )
 
 
 class RiskScoringServicer(object):
@@ -71,6 +76,15 @@ class RiskScoringServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportOutcome(self, request, context):
+        """Report what an event turned out to be (chargeback, confirmed account takeover, cleared
+        review). Stored keyed by the pseudonymised event id and appended to a stream that
+        retraining and drift jobs export; reporting again overwrites the stored label.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RiskScoringServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +107,11 @@ def add_RiskScoringServicer_to_server(servicer, server):
                     servicer.GetUserState,
                     request_deserializer=seqguard_dot_v1_dot_risk__pb2.UserStateRequest.FromString,
                     response_serializer=seqguard_dot_v1_dot_risk__pb2.UserState.SerializeToString,
+            ),
+            'ReportOutcome': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportOutcome,
+                    request_deserializer=seqguard_dot_v1_dot_risk__pb2.OutcomeRequest.FromString,
+                    response_serializer=seqguard_dot_v1_dot_risk__pb2.OutcomeAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -171,5 +190,22 @@ class RiskScoring(object):
         return grpc.experimental.unary_unary(request, target, '/seqguard.v1.RiskScoring/GetUserState',
             seqguard_dot_v1_dot_risk__pb2.UserStateRequest.SerializeToString,
             seqguard_dot_v1_dot_risk__pb2.UserState.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ReportOutcome(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/seqguard.v1.RiskScoring/ReportOutcome',
+            seqguard_dot_v1_dot_risk__pb2.OutcomeRequest.SerializeToString,
+            seqguard_dot_v1_dot_risk__pb2.OutcomeAck.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

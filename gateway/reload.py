@@ -1,0 +1,80 @@
+"""Hot model reload: notice a new artifact at settings.model_dir and switch to it without failing a request.
+
+The model directory is usually a `current` symlink (artifacts/current -> <model_version>) that a
+release job flips atomically; a reload is triggered by polling it (settings.model_poll_s) or by
+SIGHUP. The new artifact (featuriser spec, detector/forests) is loaded off the event loop, its
+Triton model version is checked ready and warmed with one real step, and only then does the
+gateway swap engines. The coalescer reads its engine once per batch, so the switch happens
+between two coalesced batches: a batch runs entirely on the old or entirely on the new model.
+If anything fails the old model keeps serving and the reload is retried on the next poll.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+from seqguard.artifact import METADATA
+
+log = logging.getLogger("seqguard.gateway")
+
+
+def artifact_marker(model_dir: str) -> tuple:
+    """What changes when a new model is published: the resolved directory and its metadata file's mtime."""
+    real = os.path.realpath(model_dir)
+    try:
+        st = os.stat(Path(real) / METADATA)
+    except OSError:
+        return (real, None)
+    return (real, st.st_mtime_ns, st.st_size)
+
+
+class ModelReloader:
+    def __init__(self, gateway, poll_s: float):
+        self.gw = gateway
+        self.poll_s = poll_s
+        self.marker = artifact_marker(gateway.s.model_dir)
+        self._task: asyncio.Task | None = None
+        self._lock = asyncio.Lock()
+        self.reloads = 0
+        self.last_error = ""
+
+    def start(self) -> None:
+        if self.poll_s > 0:
+            self._task = asyncio.get_running_loop().create_task(self._poll(), name="model-reloader")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                await self.check()
+            except Exception:   # never let the watcher die; the old model keeps serving
+                log.exception("model reload check failed")
+
+    async def check(self, force: bool = False) -> bool:
+        """Reload if the artifact changed (or always with force, e.g. on SIGHUP). True if a new model went live."""
+        async with self._lock:
+            marker = artifact_marker(self.gw.s.model_dir)
+            if marker == self.marker and not force:
+                return False
+            try:
+                changed = await self.gw.reload_model()
+            except Exception as e:  # noqa: BLE001 - reported, retried on the next poll
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.warning("model reload failed, still serving %s: %s", self.gw.artifact.model_version,
+                            self.last_error)
+                self.gw.metrics.reloads.labels("failed").inc()
+                return False
+            self.marker = marker
+            if changed:
+                self.reloads += 1
+            return changed
