@@ -63,9 +63,11 @@ def test_same_generator_not_flagged_shift_flagged(model_copy, reference_stream, 
 
 def test_cli_writes_report(model_copy, fresh_stream, tmp_path, capsys):
     ev = tmp_path / "live.jsonl"
-    write_events(fresh_stream[:3000], ev)
+    write_events([e._asdict() for e in fresh_stream], ev)
     out = tmp_path / "drift.md"
     rc = cli_main(["drift", "--model", str(model_copy), "--events", str(ev), "--out", str(out)])
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cap = capsys.readouterr()
+    assert cap.out.strip(), cap.err[-2000:]
+    summary = json.loads(cap.out.strip().splitlines()[-1])
     assert rc == 0 and summary["flagged"] is False
     assert "risk score" in out.read_text() and (tmp_path / "drift.json").is_file()
