@@ -125,3 +125,32 @@ def test_redis_password(small_model, gateway_factory, tmp_path):
                 assert _code(lambda: _state(ch)) == grpc.StatusCode.UNAVAILABLE
     finally:
         redis.stop()
+
+
+def test_redis_acl_user(small_model, gateway_factory, tmp_path):
+    """A least-privilege ACL user (keys sg:* only, no dangerous commands) is enough for the gateway;
+    a user without access to the sg:* keys is refused rather than served stale or empty state."""
+    import redis as redis_py
+
+    redis = RedisServer(run_dir=tmp_path / "redis", password="admin-pass-for-tests")
+    redis.start()
+    try:
+        redis.wait_ready(timeout=15)
+        admin = redis_py.Redis(host=redis.host, port=redis.port, password="admin-pass-for-tests")
+        admin.execute_command("ACL", "SETUSER", "seqguard", "on", ">gw-pass", "~sg:*", "+@all", "-@dangerous")
+        admin.execute_command("ACL", "SETUSER", "outsider", "on", ">out-pass", "~other:*", "+@all", "-@dangerous")
+        admin.close()
+        good = gateway_factory(model_dir=str(small_model), redis_port=redis.port, triton_url=DEAD_TRITON,
+                               redis_username="seqguard", redis_password="gw-pass", redis_timeout_ms=500)
+        outsider = gateway_factory(model_dir=str(small_model), redis_port=redis.port, triton_url=DEAD_TRITON,
+                                   redis_username="outsider", redis_password="out-pass", redis_timeout_ms=500)
+        wrong = gateway_factory(model_dir=str(small_model), redis_port=redis.port, triton_url=DEAD_TRITON,
+                                redis_username="seqguard", redis_password="admin-pass-for-tests",
+                                redis_timeout_ms=500)
+        with grpc.insecure_channel(good.address) as ch:
+            assert _code(lambda: _state(ch)) == grpc.StatusCode.OK
+        for gw in (outsider, wrong):
+            with grpc.insecure_channel(gw.address) as ch:
+                assert _code(lambda: _state(ch)) != grpc.StatusCode.OK
+    finally:
+        redis.stop()
