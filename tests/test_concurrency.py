@@ -1,10 +1,6 @@
 """Two gateway PROCESSES sharing one Redis, many concurrent clients, same-user collisions:
 0 lost or doubled updates, and every returned risk equals the offline replay in the apply order."""
 import asyncio
-import os
-import subprocess
-import sys
-import time
 
 import grpc
 import numpy as np
@@ -14,30 +10,9 @@ from gateway.proto import risk_pb2, risk_pb2_grpc
 from seqguard.artifact import ModelArtifact
 from seqguard.batch import score_events
 from seqguard.schema import read_events
-from seqguard.services import free_port
+from gateway_process import start_gateway_process
 
 pytestmark = pytest.mark.slow
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def start_gateway_process(model, redis_port, triton_url, tmp_path, name):
-    port = free_port()
-    env = dict(os.environ, SEQGUARD_MODEL_DIR=str(model), SEQGUARD_PORT=str(port),
-               SEQGUARD_REDIS_PORT=str(redis_port), SEQGUARD_TRITON_URL=triton_url,
-               SEQGUARD_PSEUDONYM_KEY="concurrency-test-key-0123456789", SEQGUARD_DEADLINE_MS="5000",
-               SEQGUARD_TRITON_TIMEOUT_MS="5000", SEQGUARD_REDIS_TIMEOUT_MS="1000")
-    log = open(tmp_path / f"{name}.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.server"], cwd=ROOT, env=env, stdout=log, stderr=log)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-                grpc.channel_ready_future(ch).result(timeout=1)
-            return proc, port
-        except grpc.FutureTimeoutError:
-            assert proc.poll() is None, (tmp_path / f"{name}.log").read_text()
-    proc.kill()
-    raise RuntimeError("gateway did not start")
 
 
 def test_two_gateways_concurrent_clients_no_lost_updates(small_model, small_log, redis_server,
@@ -51,7 +26,8 @@ def test_two_gateways_concurrent_clients_no_lost_updates(small_model, small_log,
         counts[e.user_id] = counts.get(e.user_id, 0) + 1
     users = sorted(counts, key=lambda u: -counts[u])[:40]
     chosen = [e for e in sorted(events, key=lambda e: e.ts) if e.user_id in set(users)][:3000]
-    gws = [start_gateway_process(small_model, redis_server.port, triton.grpc_url, tmp_path, f"gw{k}") for k in range(2)]
+    gws = [start_gateway_process(small_model, redis_server.port, triton.grpc_url, tmp_path / f"gw{k}.log",
+                                 pseudonym_key="concurrency-test-key-0123456789") for k in range(2)]
     try:
         results = asyncio.run(_drive(chosen, [p for _, p in gws], clients=32))
     finally:

@@ -7,8 +7,6 @@
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import grpc
@@ -17,10 +15,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.proto import risk_pb2, risk_pb2_grpc
 from seqguard.schema import read_events
-from seqguard.services import free_port
+from gateway_process import start_gateway_process
 
 pytestmark = pytest.mark.slow
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -63,28 +60,9 @@ def test_overload_gets_resource_exhausted_fast(small_model, small_log, redis_ser
     assert rejected[len(rejected) // 2] < 0.5                     # rejections are quick, not queued
 
 
-def _start_gateway(model, redis_port, triton_url, log_path):
-    port = free_port()
-    env = dict(os.environ, SEQGUARD_MODEL_DIR=str(model), SEQGUARD_PORT=str(port),
-               SEQGUARD_REDIS_PORT=str(redis_port), SEQGUARD_TRITON_URL=triton_url,
-               SEQGUARD_PSEUDONYM_KEY="shutdown-test-key-0123456789", SEQGUARD_DEADLINE_MS="5000",
-               SEQGUARD_TRITON_TIMEOUT_MS="5000", SEQGUARD_REDIS_TIMEOUT_MS="1000")
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.server"], cwd=ROOT, env=env, stdout=log, stderr=log)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-                grpc.channel_ready_future(ch).result(timeout=1)
-            return proc, port
-        except grpc.FutureTimeoutError:
-            assert proc.poll() is None, open(log_path).read()
-    proc.kill()
-    raise RuntimeError("gateway did not start")
-
-
 def test_sigterm_drains_and_exits_zero(small_model, small_log, redis_server, triton, tmp_path):
-    proc, port = _start_gateway(small_model, redis_server.port, triton.grpc_url, tmp_path / "gw.log")
+    proc, port = start_gateway_process(small_model, redis_server.port, triton.grpc_url, tmp_path / "gw.log",
+                                       pseudonym_key="shutdown-test-key-0123456789")
     events = list(read_events(str(small_log[0])))[:200]
     try:
         async def scenario():
