@@ -5,8 +5,20 @@ single row. FlatIsolationForest copies the fitted trees into padded numpy arrays
 trees for all rows at once; it reproduces sklearn's arithmetic step by step (float32 inputs
 compared with float64 thresholds, per-tree path lengths summed in tree order), so its scores
 are bit-identical to `IsolationForest.score_samples` (tested).
+
+Where `onnx` and `onnxruntime` are installed (the default install) the same trees are also
+compiled into one ONNX `TreeEnsemble` node (ai.onnx.ml opset 5: float64 splits, float64 leaf
+sums, tree order) and scored by ONNX Runtime on ONE intra-op thread: still bit-identical to
+sklearn (tested at batch 1 to 50k), 3-5x faster than the numpy walk (measured: one row
+0.04 ms vs 0.15-0.2 ms; ~100k rows/s vs 20-37k). One thread because ONNX Runtime's
+multi-threaded tree ensemble merges per-thread partial sums, which changes the summation order
+(measured: not bit-identical); big batches are split across threads by the caller instead.
+`SEQGUARD_FOREST=numpy` forces the numpy walk.
 """
 from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -30,6 +42,11 @@ class FlatIsolationForest:
         self.leaf_value = np.asarray(leaf_value, np.float64)
         self.max_depth, self.denominator, self.n_features = int(max_depth), float(denominator), int(n_features)
         self._tree_offsets = (np.arange(self.left.shape[0]) * self.left.shape[1]).astype(np.int64)
+        self._onnx = _OnnxForest.build(self) if os.environ.get("SEQGUARD_FOREST", "onnx") != "numpy" else None
+
+    @property
+    def backend(self) -> str:
+        return "onnx" if self._onnx is not None else "numpy"
 
     @classmethod
     def from_sklearn(cls, forest) -> "FlatIsolationForest":
@@ -64,6 +81,14 @@ class FlatIsolationForest:
             raise ValueError(f"expected an array of shape (n, {self.n_features}), got {X.shape}")
         Xd = X.astype(np.float32).astype(np.float64)      # sklearn compares float32 X with float64 thresholds
         n = Xd.shape[0]
+        if self._onnx is not None and n:
+            if self.denominator == 0:
+                return -np.ones(n)
+            return -(2.0 ** (-(self._onnx.path_sums(Xd) / self.denominator)))
+        return self._score_numpy(Xd)
+
+    def _score_numpy(self, Xd: np.ndarray) -> np.ndarray:
+        n = Xd.shape[0]
         T = self.left.shape[0]
         node = np.zeros((n, T), np.int64)
         flat_left, flat_right = self.left.ravel(), self.right.ravel()
@@ -92,6 +117,91 @@ class FlatIsolationForest:
         meta = arrays[prefix + "meta"]
         return cls(arrays[prefix + "left"], arrays[prefix + "right"], arrays[prefix + "feature"],
                    arrays[prefix + "threshold"], arrays[prefix + "leaf_value"], int(meta[0]), float(meta[1]), int(meta[2]))
+
+
+class _OnnxForest:
+    """The flat trees as one ONNX TreeEnsemble node, run by ONNX Runtime on one thread per call."""
+
+    SPLIT_ROWS = 4096          # above this, rows are split over a thread pool (ORT releases the GIL)
+
+    def __init__(self, session, threads: int):
+        self.session = session
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="forest") if threads > 1 else None
+
+    @classmethod
+    def build(cls, forest: "FlatIsolationForest") -> "_OnnxForest | None":
+        try:
+            import onnxruntime as ort
+            from onnx import TensorProto, helper, numpy_helper
+        except ImportError:
+            return None
+        feat, splits, true_ids, true_leaf, false_ids, false_leaf, roots, leaf_w = [], [], [], [], [], [], [], []
+        for k in range(forest.left.shape[0]):
+            L, R = forest.left[k], forest.right[k]
+            index: dict[int, int] = {}
+            interior, stack = [], [0]
+            while stack:                                   # interior nodes, depth first
+                o = stack.pop()
+                if L[o] != o:
+                    index[o] = len(feat) + len(interior)
+                    interior.append(o)
+                    stack += [int(R[o]), int(L[o])]
+            if not interior:                               # a one-leaf tree: a split every row passes
+                index[-1] = len(feat)
+                interior = [-1]
+            roots.append(len(feat))
+
+            def target(o: int) -> tuple[int, int]:
+                if L[o] == o:
+                    leaf_w.append(float(forest.leaf_value[k, o]))
+                    return len(leaf_w) - 1, 1
+                return index[o], 0
+
+            for o in interior:
+                if o == -1:
+                    t, leaf = target(0)
+                    f, thr, (ti, tl), (fi, fl) = 0, np.inf, (t, leaf), (t, leaf)
+                else:
+                    f, thr = int(forest.feature[k, o]), float(forest.threshold[k, o])
+                    (ti, tl), (fi, fl) = target(int(L[o])), target(int(R[o]))
+                feat.append(f)
+                splits.append(thr)
+                true_ids.append(ti), true_leaf.append(tl), false_ids.append(fi), false_leaf.append(fl)
+        node = helper.make_node(
+            "TreeEnsemble", ["X"], ["Y"], domain="ai.onnx.ml", aggregate_function=1, post_transform=0,
+            n_targets=1, tree_roots=roots, nodes_featureids=feat,
+            nodes_splits=numpy_helper.from_array(np.array(splits, np.float64)),
+            nodes_modes=numpy_helper.from_array(np.zeros(len(feat), np.uint8)),        # 0 = BRANCH_LEQ
+            nodes_truenodeids=true_ids, nodes_trueleafs=true_leaf,
+            nodes_falsenodeids=false_ids, nodes_falseleafs=false_leaf,
+            leaf_targetids=[0] * len(leaf_w), leaf_weights=numpy_helper.from_array(np.array(leaf_w, np.float64)))
+        graph = helper.make_graph(
+            [node], "isolation_forest",
+            [helper.make_tensor_value_info("X", TensorProto.DOUBLE, [None, forest.n_features])],
+            [helper.make_tensor_value_info("Y", TensorProto.DOUBLE, [None, 1])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("ai.onnx.ml", 5)])
+        model.ir_version = 10
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1          # see the module docstring: exact summation order
+        so.inter_op_num_threads = 1
+        try:
+            session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        except Exception:                    # an ONNX Runtime without opset-5 TreeEnsemble: numpy walk
+            return None
+        threads = int(os.environ.get("SEQGUARD_FOREST_THREADS", "0")) or min(4, os.cpu_count() or 1)
+        return cls(session, threads)
+
+    def _run(self, Xd: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"X": Xd})[0][:, 0]
+
+    def path_sums(self, Xd: np.ndarray) -> np.ndarray:
+        """Per row: the sum over trees (in tree order) of the leaf's path-length value."""
+        n = Xd.shape[0]
+        if self._pool is None or n < self.SPLIT_ROWS:
+            return self._run(Xd)
+        parts = np.array_split(Xd, self.threads)          # rows are independent: same numbers
+        return np.concatenate(list(self._pool.map(self._run, parts)))
 
 
 class RiskCalibrator:
