@@ -6,6 +6,10 @@ Every candidate detector is then fitted per event-type group on a fit log (unlab
 anomaly score calibrated to a risk (quantile among fit events of the group, like production),
 and scored on a labelled test log. Labels are used for metrics only (and, in the held-out-family
 and feedback sections, to DROP users from fit data or to train the optional feedback ranker).
+
+`--sections encoders` (not in the default sections) instead swaps the ENCODER and keeps the detector: the
+LSTM vs the causal Transformer of training/transformer.py, same data, same IsolationForest code path, plus
+the online cost of one event update; it writes its own report (--encoder-out).
 """
 from __future__ import annotations
 
@@ -288,6 +292,193 @@ def feedback_runs(fit: Encoded, fit_y, test: Encoded, y, fam, pay, fracs, seeds,
     return out
 
 
+# --------------------------------------------------------------------------- encoders (LSTM vs Transformer)
+
+def user_roc_auc(s: np.ndarray, y: np.ndarray, users: np.ndarray):
+    """User level, as training.evaluate: a user's score is its max event score; positive = any label-1 event."""
+    from training.evaluate import _safe_auc
+    codes, idx = np.unique(users, return_inverse=True)
+    umax = np.full(len(codes), -np.inf)
+    np.maximum.at(umax, idx, s)
+    uy = np.zeros(len(codes), np.int8)
+    np.maximum.at(uy, idx, y)
+    return _safe_auc(uy, umax)
+
+
+def encode_transformer_cached(tf_dir: str, model, events_path: str, cache_dir: str, lstm: Encoded | None = None,
+                              log=print) -> Encoded:
+    """Detector inputs of a log with the Transformer encoder: [its PCA-64 embedding, its surprise, the same
+    24 signals], groups from the LSTM artifact's detector (same featuriser, same vocabulary). When the
+    LSTM encoding of the same log is given, checks that both saw bit-identical features."""
+    import hashlib
+
+    import torch
+
+    from seqguard.batch import dense_user_index
+    from seqguard.featurizer import ContextStore, featurize_log
+    from seqguard.schema import read_events
+    from training import transformer as tfm
+    digest = hashlib.sha256((Path(tf_dir) / tfm.MODEL_FILE).read_bytes()).hexdigest()[:8]
+    cache = Path(cache_dir) / f"{Path(events_path).stem}__transformer-{digest}.npz"
+    if cache.exists():
+        a = np.load(cache, allow_pickle=True)
+        return Encoded(*(a[k] for k in ("X", "group", "users", "event_types", "surprise", "feats", "risk")))
+    torch.set_num_threads(1)
+    enc, pca_mean, pca = tfm.load(tf_dir)
+    events = list(read_events(events_path))
+    order, type_ids, feats = featurize_log(model.featurizer, events, ContextStore(), progress=True)
+    user_idx, users = dense_user_index(events, order)
+    t = time.perf_counter()
+    emb, sur = tfm.encode_windows(enc, user_idx, type_ids, feats, len(users), progress=True)
+    log(f"transformer encoded {len(events)} events in {time.perf_counter() - t:.0f}s")
+    inv = np.empty_like(order)
+    inv[order] = np.arange(len(order))
+    det = model.detector
+    X = np.concatenate([(emb.astype(np.float64) - pca_mean) @ pca, sur.astype(np.float64),
+                        feats.astype(np.float64)[:, det.signal_idx]], axis=1)[inv]
+    out = Encoded(X, det.groups(type_ids)[inv], np.array([e.user_id for e in events], dtype=object).astype(str),
+                  np.array([e.event_type for e in events], dtype=object).astype(str), sur.astype(np.float64)[inv],
+                  feats[inv], np.full(len(events), np.nan))
+    if lstm is not None and not np.array_equal(lstm.feats, out.feats):
+        raise RuntimeError(f"{events_path}: the LSTM cache was featurised differently; delete {cache_dir} and rerun")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, **out.__dict__)
+    return out
+
+
+def compare_encoders(model, args, encoders, y, fam, pay, test_lstm: Encoded, fit_lstm: Encoded, log) -> dict:
+    """The same IsolationForest code path (`detector_factories()['iforest']`, fitted per group on the fit log)
+    on each encoder's detector inputs; metrics on the test log; plus the online cost of one event update."""
+    from training import transformer as tfm
+    tf_dir = args.transformer_dir
+    if "transformer" in encoders and not (Path(tf_dir) / tfm.MODEL_FILE).exists():
+        log(f"no {tf_dir}/{tfm.MODEL_FILE}: training it on {args.transformer_train_events}")
+        tfm.train_on_log(args.transformer_train_events, args.model, tf_dir, tfm.TransformerTrainConfig(), log)
+    res: dict = {"rows": {}}
+    for name in encoders:
+        if name == "lstm":
+            fit, test = fit_lstm, test_lstm
+        elif name == "transformer":
+            test = encode_transformer_cached(tf_dir, model, args.events, args.cache, test_lstm, log)
+            fit = encode_transformer_cached(tf_dir, model, args.fit_events, args.cache, fit_lstm, log)
+        else:
+            raise ValueError(f"unknown encoder {name!r} (lstm, transformer)")
+        t = time.perf_counter()
+        det = detector_factories(args.seed)["iforest"].fit(fit.X, fit.group)
+        fit_s = time.perf_counter() - t
+        risk = det.risk(test.X, test.group)
+        m = {**score_metrics(risk, y, fam, pay), "user_roc_auc": user_roc_auc(risk, y, test.users),
+             "fit_s": fit_s, "dims": int(test.X.shape[1])}
+        res["rows"][name] = m
+        log(f"encoder {name}: pay ROC-AUC {_f(m['pay_roc_auc'])}, pay R@1% {_f(m['pay_r_at_1pct'])}, "
+            f"user ROC-AUC {_f(m['user_roc_auc'])}, R@1% {_f(m['r_at_1pct'])}")
+    meta_path = Path(tf_dir) / "metadata.json"
+    if "transformer" in encoders and meta_path.exists():
+        res["transformer_training"] = json.loads(meta_path.read_text())
+    res["lstm_training"] = {k: v for k, v in json.loads((Path(args.model) / "metadata.json").read_text())
+                            ["training"].items() if k in ("epoch_losses", "seconds", "events", "users")}
+    if "transformer" in encoders and not args.no_latency:
+        res["latency"] = tfm.measure_latency(args.model, tf_dir, threads=1)
+        log(f"latency: {json.dumps(res['latency'])}")
+    return res
+
+
+# Encoder compute allowed for ONE event update of a coalesced batch (ONNX Runtime, 1 thread). The gateway's
+# bound is p99 <= 10 ms end to end (BENCHMARKS.md), of which the LSTM's Triton step is ~1-2 ms today; a
+# challenger may at most take 1 ms of encoder compute per call at batch 1 and at batch 64.
+ENCODER_BUDGET_US = 1000.0
+ENCODER_QUALITY_KEYS = ("pay_roc_auc", "pay_r_at_1pct", "user_roc_auc")
+
+
+def encoder_conclusion(e: dict) -> str:
+    """Keep the LSTM unless the Transformer is better on the headline metrics AND fits the budget."""
+    R = e["rows"]
+    if "lstm" not in R or "transformer" not in R:
+        return "Only one encoder was run: no conclusion."
+    l, t = R["lstm"], R["transformer"]
+    better = all((t[k] or 0) > (l[k] or 0) for k in ENCODER_QUALITY_KEYS)
+    lat = e.get("latency") or {}
+    worst = max((lat[b]["transformer_ort_us"] for b in lat if b.isdigit()), default=None)
+    fits = worst is not None and worst <= ENCODER_BUDGET_US
+    names = {"pay_roc_auc": "payment ROC-AUC", "pay_r_at_1pct": "payment R@1%FPR", "user_roc_auc": "user ROC-AUC",
+             "roc_auc": "all-event ROC-AUC", "pr_auc": "all-event PR-AUC", "r_at_1pct": "all-event R@1%FPR"}
+    diffs = ", ".join(f"{names[k]} {_f(t[k])} vs {_f(l[k])}" for k in ENCODER_QUALITY_KEYS)
+    wins = [f"{names[k]} {_f(t[k])} vs {_f(l[k])}" for k in names if k not in ENCODER_QUALITY_KEYS
+            and (t[k] or 0) > (l[k] or 0)]
+    wins += [f"{f} recall {_f(v)} vs {_f(l['family_r_at_1pct'][f])}" for f, v in t["family_r_at_1pct"].items()
+             if v > l["family_r_at_1pct"][f]]
+    if wins:
+        diffs += "; it is better only on " + ", ".join(wins)
+    cost = ("latency not measured" if worst is None else
+            "; ".join(f"batch {b}: {lat[b]['transformer_ort_us']:.0f} us vs {lat[b]['lstm_ort_us']:.0f} us per call"
+                      for b in lat if b.isdigit()))
+    verdict = ("The Transformer is better on all three headline metrics and fits the budget: it could become the "
+               "default, at the price of per-user window state." if better and fits else
+               "**The LSTM stays the default**: " + ("the Transformer is not better on all of payment ROC-AUC, "
+                                                     "payment R@1%FPR and user ROC-AUC" if not better else "")
+               + (" and " if not better and not fits else "")
+               + ("" if fits else f"the Transformer does not fit the {ENCODER_BUDGET_US:.0f} us per-call encoder "
+                                  "budget") + ".")
+    return (f"**Conclusion.** Transformer vs LSTM, same data and detector: {diffs}. Online cost, ONNX Runtime 1 thread: "
+            f"{cost}. The Transformer must also keep the last N-1 featurised events per user in Redis "
+            f"(~{(e.get('latency') or {}).get('window', 32) - 1} x 41 floats, ~5 KB vs the LSTM's 2 x 128 floats, 1 KB) "
+            f"and recompute the window for every event (O(N) tokens, O(N^2) attention), where the LSTM does one "
+            f"O(1) step. {verdict}")
+
+
+ENCODER_LABELS = {"lstm": "LSTM step encoder (default, hidden 128)",
+                  "transformer": "causal Transformer, last N events"}
+
+
+def encoder_report_md(res: dict, e: dict) -> str:
+    R = e["rows"]
+    tt = e.get("transformer_training", {})
+    tcfg = tt.get("encoder", {})
+    lt = e.get("lstm_training", {})
+    L = ["# Encoder comparison: LSTM vs Transformer (seed 4)", "",
+         f"- generated by `python -m training.compare --sections encoders --encoders {','.join(R)}` ({res['created']})",
+         f"- both encoders trained self-supervised (NLL of the next event's type + log gap) on `{lt.get('events', '?'):,}` "
+         f"events of `data/train20k.jsonl` with the same featuriser, vocabulary and per-event inputs; the LSTM is the "
+         f"shipped `{res['model_dir']}` (2 epochs, final epoch loss {_f((lt.get('epoch_losses') or [None])[-1])})"
+         + (f"; the Transformer (`training/transformer.py`: {tcfg.get('n_layers')} layers, d_model {tcfg.get('d_model')}, "
+            f"{tcfg.get('n_heads')} heads, d_ff {tcfg.get('d_ff')}, window N = {tcfg.get('window')}, "
+            f"{tt.get('params', 0):,} parameters vs the LSTM's {e.get('latency', {}).get('params', {}).get('lstm', 0):,}) "
+            f"{tt.get('epochs_done')} epochs in {tt.get('seconds')} s on 1 thread, final epoch loss "
+            f"{_f((tt.get('epoch_losses') or [None])[-1])}" if tt else ""),
+         "- the embedding of event t is the output at position t over the window [t-N+1, t]; its surprise is the "
+         "heads applied to the embedding of event t-1 (the LSTM: state before t)",
+         f"- detector: the SAME IsolationForest code path (`detector_factories()['iforest']`, 200 trees, one per "
+         f"event-type group, risk calibrated per group) fitted on `{res['fit_events']}` (unlabelled) and scored on "
+         f"`{res['events']}` ({res['test_n']:,} events, {res['test_pos']:,} label 1). Inputs per event: "
+         "[PCA-64 embedding (PCA fitted on 2,000 training users' embeddings, as train.py), surprise (2), 24 named "
+         "signals]; the features of both encoders were checked bit-identical.",
+         "- R@1%FPR = recall at the cut-off flagging 1% of label-0 events; user ROC-AUC: max risk per user.", "",
+         "| encoder | pay ROC-AUC | pay R@1%FPR | user ROC-AUC | ROC-AUC | PR-AUC | R@1%FPR | "
+         + " | ".join(f"R@1%FPR {f}" for f in next(iter(R.values()))["family_r_at_1pct"]) + " |",
+         "|---|" + "---:|" * (6 + len(next(iter(R.values()))["family_r_at_1pct"]))]
+    for k, m in R.items():
+        L.append(f"| {ENCODER_LABELS.get(k, k)} | {_f(m['pay_roc_auc'])} | {_f(m['pay_r_at_1pct'])} | "
+                 f"{_f(m['user_roc_auc'])} | {_f(m['roc_auc'])} | {_f(m['pr_auc'])} | {_f(m['r_at_1pct'])} | "
+                 + " | ".join(_f(v) for v in m["family_r_at_1pct"].values()) + " |")
+    lat = e.get("latency")
+    if lat:
+        L += ["", f"## Online cost of one event update (CPU, {lat['threads']} thread, median of {lat['reps']} calls)", "",
+              "LSTM: one step (x, h, c) -> (h', c', embedding, surprise). Transformer: the whole window of the "
+              f"user's last N = {lat['window']} featurised events recomputed (`WindowStep`: embedding + surprise). "
+              "Encoder only; the featuriser and the detector are the same for both. Wall-clock medians on the shared "
+              "2-core machine while other jobs ran (load average ~7): absolute numbers vary by up to ~2x between "
+              "runs, the ratio is what to read (both encoders timed in the same process, one after the other).", "",
+              "| runtime | batch (users) | LSTM us/call | Transformer us/call | LSTM us/event | Transformer us/event | ratio |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+        for rt, key in (("ONNX Runtime (serving)", "ort"), ("torch", "torch")):
+            for b in [k for k in lat if k.isdigit()]:
+                a, t = lat[b][f"lstm_{key}_us"], lat[b][f"transformer_{key}_us"]
+                L.append(f"| {rt} | {b} | {a:.0f} | {t:.0f} | {a / int(b):.1f} | {t / int(b):.1f} | {t / a:.1f}x |")
+    for extra in e.get("notes", []):
+        L += ["", extra]
+    return "\n".join(L) + "\n"
+
+
 # --------------------------------------------------------------------------- report
 
 def _mean_sd(vals):
@@ -331,7 +522,7 @@ def report_md(res: dict) -> str:
               "recall is measured on the test log. `with` = fitted on the full fit log (same detector, same seed).", "",
               "| family | users dropped | test events | IF R@1%FPR with | IF R@1%FPR without | IF R@CHALLENGE with "
               "| IF R@CHALLENGE without | label-0 FPR @CHALLENGE without | feedback 5% with | feedback 5% without |",
-              "|---|" + "---:|" * 10]
+              "|---|" + "---:|" * 9]
         for f, m in H.items():
             L.append(f"| {f} | {m['dropped_users']} | {m['test_events']} | {_f(m['iforest_with'])} | "
                      f"{_f(m['iforest_without'])} | {_f(m['challenge_with'])} | {_f(m['challenge_without'])} | "
@@ -383,6 +574,12 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default="runs/compare_cache")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--feedback-seeds", default="0,1,2")
+    ap.add_argument("--encoders", default="lstm,transformer",
+                    help="for --sections encoders: which encoders to compare (lstm, transformer)")
+    ap.add_argument("--transformer-dir", default="runs/tf20k", help="trained here first if missing")
+    ap.add_argument("--transformer-train-events", default="data/train20k.jsonl")
+    ap.add_argument("--encoder-out", default="docs/results/encoder_comparison_seed4.md")
+    ap.add_argument("--no-latency", action="store_true", help="skip the encoder latency measurement")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from seqguard.artifact import ModelArtifact
@@ -399,6 +596,18 @@ def main(argv=None) -> int:
                  "model_version": model.model_version, "model_dir": args.model, "fit_events": args.fit_events,
                  "events": args.events, "fit_n": len(fit.X), "test_n": len(test.X), "test_pos": int(y.sum()),
                  "feedback_seeds": [int(s) for s in args.feedback_seeds.split(",")]}
+    if "encoders" in sections:
+        enc_res = compare_encoders(model, args, [e for e in args.encoders.split(",") if e], y, fam, pay,
+                                   test, fit, log)
+        enc_res["notes"] = [encoder_conclusion(enc_res)]
+        eout = Path(args.encoder_out)
+        eout.parent.mkdir(parents=True, exist_ok=True)
+        eout.with_suffix(".json").write_text(json.dumps({**res, "encoders": enc_res}, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+        eout.write_text(encoder_report_md(res, enc_res))
+        print(encoder_report_md(res, enc_res))
+        sections.discard("encoders")
+        if not sections:
+            return 0
     jpath = Path(args.out).with_suffix(".json")
     if jpath.exists():                                  # keep sections computed by an earlier run
         prev = json.loads(jpath.read_text())
