@@ -29,6 +29,10 @@ DEFAULT_MODEL_NAME = "seqguard_encoder"
 INPUTS = ("event_type", "features", "h_in", "c_in")
 OUTPUTS = ("h_out", "c_out", "embedding", "surprise")
 DEFAULT_PREFERRED_BATCH_SIZES = (16, 64, 256)
+# Versions Triton keeps loaded (the newest N version directories): the live one and the one before
+# it (or a shadow candidate after it). Gateways pin an explicit version, so publishing <n+1> never
+# takes away the version a gateway still serves; see docs/operations.md "Version policy".
+DEFAULT_KEEP_VERSIONS = 2
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -36,11 +40,12 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 def render_config(*, model_name: str = DEFAULT_MODEL_NAME, n_features: int = 40,
                   hidden: int = 128, max_batch_size: int = 1024, instances: int = 1,
                   max_queue_delay_us: int = 0, ort_threads: int = 1,
-                  preferred_batch_sizes: Sequence[int] = DEFAULT_PREFERRED_BATCH_SIZES) -> str:
+                  preferred_batch_sizes: Sequence[int] = DEFAULT_PREFERRED_BATCH_SIZES,
+                  keep_versions: int = DEFAULT_KEEP_VERSIONS) -> str:
     """The model's config.pbtxt text (the single template for every repository we write)."""
     for label, value in (("n_features", n_features), ("hidden", hidden),
                          ("max_batch_size", max_batch_size), ("instances", instances),
-                         ("ort_threads", ort_threads)):
+                         ("ort_threads", ort_threads), ("keep_versions", keep_versions)):
         if int(value) < 1:
             raise ValueError(f"{label} must be >= 1, got {value}")
     if max_queue_delay_us < 0:
@@ -132,8 +137,11 @@ instance_group [
   }}
 ]
 
-# Serve only the newest version directory: dropping in <n+1>/ and reloading swaps models.
-version_policy: {{ latest: {{ num_versions: 1 }} }}
+# Serve the newest {keep_versions} version directories. Gateways ask for an explicit version, so when
+# <n+1>/ appears the gateways still on <n> keep being served until they switch (hot reload or
+# rollout), and rolling back to <n> needs no load. Older directories are unloaded (and pruned by
+# the export, seqguard.triton_repo.prune_versions).
+version_policy: {{ latest: {{ num_versions: {keep_versions} }} }}
 
 parameters [
   {{
@@ -188,6 +196,7 @@ def write_model_repository(repo_dir: str | os.PathLike, onnx_path: str | os.Path
                            max_batch_size: int = 1024, instances: int = 1,
                            max_queue_delay_us: int = 0, ort_threads: int = 1,
                            preferred_batch_sizes: Sequence[int] = DEFAULT_PREFERRED_BATCH_SIZES,
+                           keep_versions: int = DEFAULT_KEEP_VERSIONS,
                            model_py: str | os.PathLike = COMMITTED_MODEL_PY,
                            validate: bool = True) -> Path:
     """Write (or update) ``repo_dir/model_name`` for Triton and return ``repo_dir``.
@@ -209,12 +218,34 @@ def write_model_repository(repo_dir: str | os.PathLike, onnx_path: str | os.Path
     config = render_config(model_name=model_name, n_features=n_features, hidden=hidden,
                            max_batch_size=max_batch_size, instances=instances,
                            max_queue_delay_us=max_queue_delay_us, ort_threads=ort_threads,
-                           preferred_batch_sizes=preferred_batch_sizes)
+                           preferred_batch_sizes=preferred_batch_sizes, keep_versions=keep_versions)
     if validate:
         _check_onnx(onnx_path, n_features, hidden)
 
     publish_version(repo_dir / model_name, version, {"model.py": model_py, "model.onnx": onnx_path}, config)
     return repo_dir
+
+
+def versions(model_dir: str | os.PathLike) -> list[int]:
+    """The numeric version directories of one model entry, ascending."""
+    model_dir = Path(model_dir)
+    return sorted(int(p.name) for p in model_dir.iterdir()
+                  if p.is_dir() and p.name.isdigit()) if model_dir.is_dir() else []
+
+
+def prune_versions(model_dir: str | os.PathLike, keep: int = DEFAULT_KEEP_VERSIONS) -> list[int]:
+    """Delete the version directories older than the newest ``keep``; returns the removed versions.
+
+    With a ``latest: { num_versions: keep }`` policy Triton never serves those directories (it
+    unloads a version as soon as ``keep`` newer ones exist), so removing them only frees disk;
+    rolling back further than one version means re-exporting that artifact as a new version.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    old = versions(model_dir)[:-keep]
+    for v in old:
+        shutil.rmtree(Path(model_dir) / str(v))
+    return old
 
 
 def publish_version(model_dir: Path, version: int, files: dict, config: str, move: bool = False) -> Path:

@@ -171,6 +171,8 @@ class GatewayThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stop(self):
+        if not self.loop.is_running():   # stopped already (by the test); waiting on a dead loop took 60 s
+            return
         try:
             self.call(self.gateway.stop(grace=2))
         finally:

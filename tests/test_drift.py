@@ -13,7 +13,8 @@ from training.generate import generate, write_events
 @pytest.fixture(scope="module")
 def model_copy(small_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("drift_model") / "m"
-    shutil.copytree(small_model, d, ignore=shutil.ignore_patterns("model_repository", "encoder.pt"))
+    # without the training-time reference, so the tests below build one from a 1500-user stream
+    shutil.copytree(small_model, d, ignore=shutil.ignore_patterns("model_repository", "encoder.pt", REFERENCE_FILE))
     return d
 
 
@@ -71,3 +72,28 @@ def test_cli_writes_report(model_copy, fresh_stream, tmp_path, capsys):
     summary = json.loads(cap.out.strip().splitlines()[-1])
     assert rc == 0 and summary["flagged"] is False
     assert "risk score" in out.read_text() and (tmp_path / "drift.json").is_file()
+
+
+def test_training_writes_drift_reference(small_model, small_log, tmp_path, capsys):
+    """`seqguard train` leaves drift_reference.json in the artifact: equal to the reference `seqguard drift
+    --reference TRAINING_LOG` would build, so the drift job needs no --reference."""
+    from seqguard.artifact import ModelArtifact
+    from training.drift import build_reference, load_reference, score_log
+    stored = load_reference(small_model)
+    assert stored is not None, "train did not write drift_reference.json"
+    events = list(read_events(str(small_log[0])))
+    rebuilt = build_reference(*score_log(ModelArtifact.load(small_model), events))
+    assert stored["n"] == rebuilt["n"] == len(events)
+    assert stored["risk"]["edges"] == pytest.approx(rebuilt["risk"]["edges"], abs=1e-9)
+    assert stored["risk"]["shares"] == pytest.approx(rebuilt["risk"]["shares"], abs=1e-9)
+    assert stored["features"].keys() == rebuilt["features"].keys()
+    for name, ref in stored["features"].items():
+        assert ref["edges"] == pytest.approx(rebuilt["features"][name]["edges"], abs=1e-6), name
+        assert ref["shares"] == pytest.approx(rebuilt["features"][name]["shares"], abs=1e-9), name
+
+    # the CLI without --reference: the training log itself is not drifted from its own reference
+    model = tmp_path / "m"
+    shutil.copytree(small_model, model, ignore=shutil.ignore_patterns("model_repository", "encoder.pt"))
+    rc = cli_main(["drift", "--model", str(model), "--events", str(small_log[0])])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and summary["flagged"] is False and summary["score_psi"] < 1e-6

@@ -78,11 +78,12 @@ def test_export_into_own_repository_writes_valid_entry_and_bumps_version(model_c
     cfg = parse_config(text)
     assert cfg.backend == "python" and cfg.max_batch_size == 1024
     assert cfg.instance_group[0].count == 2
-    assert cfg.version_policy.latest.num_versions == 1
+    # the previous version stays loaded while the gateway switches (it asks for an explicit version)
+    assert cfg.version_policy.latest.num_versions == 2
     assert triton_meta(model_copy)["model_version"] == 2   # the gateway asks Triton for this one
 
     export_onnx_repository(model_copy)
-    assert versions(entry) == [1, 2, 3]
+    assert versions(entry) == [2, 3]                   # v1 is outside the newest-2 window: pruned
     assert triton_meta(model_copy)["model_version"] == 3
     assert not [p for p in entry.iterdir() if p.name.startswith(".")]    # no staging leftovers
 
@@ -103,7 +104,7 @@ def test_export_into_shared_repository_keeps_two_versions_and_mirrors(model_copy
     # the artifact's own repository serves the same version number (seqguard up keeps working)
     own = model_copy / "model_repository" / "seqguard_encoder"
     assert max(versions(own)) == got[1]
-    assert parse_config((own / "config.pbtxt").read_text()).version_policy.latest.num_versions == 1
+    assert parse_config((own / "config.pbtxt").read_text()).version_policy.latest.num_versions == 2
 
 
 def test_main_export_cli_path(model_copy, tmp_path, capsys):
@@ -151,6 +152,7 @@ def test_prebuilt_plan_is_published_with_the_onnx_version(model_copy, tmp_path, 
 def test_set_version_policy():
     text = render_config()
     assert "num_versions: 3" in set_version_policy(text, 3)
+    assert set_version_policy(set_version_policy(text, 3), 2) == text    # any N can be rewritten
     with pytest.raises(ValueError):
         set_version_policy(text, 0)
 

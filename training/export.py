@@ -18,6 +18,7 @@ tested) on a machine without a GPU. See docs/gpu.md for the container that has T
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import time
@@ -26,8 +27,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from seqguard.triton_repo import (DEFAULT_MODEL_NAME, INPUTS, OUTPUTS, next_version, publish_version,
-                                  write_model_repository)
+from seqguard.triton_repo import (DEFAULT_KEEP_VERSIONS, DEFAULT_MODEL_NAME, INPUTS, OUTPUTS, next_version,
+                                  prune_versions, publish_version, write_model_repository)
 
 TRT_MODEL_NAME = "seqguard_encoder_trt"
 TRT_PREFERRED_BATCH_SIZES = (64, 256, 1024)
@@ -35,7 +36,7 @@ GPU_DOC = "docs/gpu.md"
 TRITON_CONTAINER = "nvcr.io/nvidia/tritonserver:24.10-py3"   # Triton 2.51 (= nvidia-pytriton 0.7.0), TensorRT 10.5
 TRT_PIP = "tensorrt-cu12==10.5.0"                             # the same TensorRT, as a PyPI wheel
 
-_VERSION_POLICY_1 = "version_policy: { latest: { num_versions: 1 } }"
+_VERSION_POLICY_RE = re.compile(r"version_policy: \{ latest: \{ num_versions: \d+ \} \}")
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -82,18 +83,11 @@ def set_version_policy(config_text: str, keep_versions: int) -> str:
     """Rewrite the rendered ``version_policy`` to serve the newest ``keep_versions`` versions."""
     if keep_versions < 1:
         raise ValueError(f"keep_versions must be >= 1, got {keep_versions}")
-    if _VERSION_POLICY_1 not in config_text:
-        raise ValueError("config has no 'latest: { num_versions: 1 }' version_policy to rewrite")
-    return config_text.replace(
-        _VERSION_POLICY_1, f"version_policy: {{ latest: {{ num_versions: {keep_versions} }} }}")
-
-
-def _rewrite_config(model_dir: Path, keep_versions: int) -> None:
-    cfg = model_dir / "config.pbtxt"
-    text = set_version_policy(cfg.read_text(), keep_versions)
-    tmp = model_dir / f".config.pbtxt.{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, cfg)
+    new, n = _VERSION_POLICY_RE.subn(f"version_policy: {{ latest: {{ num_versions: {keep_versions} }} }}",
+                                     config_text)
+    if n != 1:
+        raise ValueError("config has no 'latest: { num_versions: N }' version_policy to rewrite")
+    return new
 
 
 def _record_export(model_dir: Path, meta: dict, repository: Path, version: int,
@@ -120,10 +114,11 @@ def export_onnx_repository(model_dir: str | os.PathLike, repository: str | os.Pa
     """(Re-)write the CPU Python-backend entry ``seqguard_encoder`` and return the repository.
 
     ``repository`` defaults to the artifact's own ``model_repository/``. The version is the next
-    free one there (``version`` overrides). ``keep_versions`` (default: 1 for the artifact's own
-    repository, 2 for a shared one) sets how many newest versions Triton keeps loaded: a shared
-    repository keeps the previous version so gateways still pinned to it keep working during a
-    rolling update. With ``record`` the artifact's metadata.json is updated so the gateway asks
+    free one there (``version`` overrides). ``keep_versions`` (default 2, the template's) sets how
+    many newest versions Triton keeps loaded: the previous version stays loaded so gateways still
+    pinned to it keep working during a hot reload or rolling update, and a rollback needs no load.
+    Version directories older than the newest ``keep_versions`` are deleted afterwards (Triton
+    no longer serves them). With ``record`` the artifact's metadata.json is updated so the gateway asks
     Triton for this version; when the target is a shared repository the same version is also
     written into the artifact's own repository, so ``seqguard up --model DIR`` keeps working.
     """
@@ -133,7 +128,7 @@ def export_onnx_repository(model_dir: str | os.PathLike, repository: str | os.Pa
     repository = Path(repository) if repository is not None else own
     shared = repository.resolve() != own.resolve()
     if keep_versions is None:
-        keep_versions = 2 if shared else 1
+        keep_versions = DEFAULT_KEEP_VERSIONS
     n_features, hidden = onnx_dims(art.onnx_path)
     if hidden != art.hidden:
         raise ValueError(f"{art.onnx_path}: h_in has H={hidden}, metadata says {art.hidden}")
@@ -148,13 +143,15 @@ def export_onnx_repository(model_dir: str | os.PathLike, repository: str | os.Pa
 
     targets = [(repository, keep_versions)]
     if shared and record:
-        targets.append((own, 1))
+        targets.append((own, keep_versions))
     for repo, keep in targets:
         write_model_repository(repo, art.onnx_path, model_name=DEFAULT_MODEL_NAME, version=version,
-                               n_features=n_features, hidden=hidden, instances=instances)
-        if keep != 1:
-            _rewrite_config(repo / DEFAULT_MODEL_NAME, keep)
+                               n_features=n_features, hidden=hidden, instances=instances,
+                               keep_versions=keep)
         entry = repo / DEFAULT_MODEL_NAME
+        pruned = prune_versions(entry, keep)
+        if pruned:
+            _log(f"removed version(s) {pruned} of {entry} (older than the newest {keep}, no longer served)")
         _log(f"wrote {entry / 'config.pbtxt'} (python backend, KIND_CPU x{instances}, "
              f"F={n_features}, H={hidden}, keeps {keep} version(s))")
         _log(f"wrote {entry / str(version) / 'model.onnx'} and model.py")

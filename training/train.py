@@ -6,7 +6,7 @@ Read top to bottom:
   3. train the LSTM self-supervised (next type + next gap) with truncated BPTT carrying state
   4. export the step graph to ONNX and check it against the torch model
   5. run the ONNX step over the training log, fit PCA + IsolationForest, calibrate risk
-  6. write the artifact directory and its Triton model repository
+  6. write the artifact directory (with the drift baseline) and its Triton model repository
 Labels are never needed; when given they are only used for a report line at the end.
 """
 from __future__ import annotations
@@ -271,7 +271,8 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
     import joblib
     joblib.dump(forests, out / "isolation_forest.joblib")   # list: one per type group
 
-    # 6. metadata + Triton repository
+    # 6. drift baseline (drift_reference.json), metadata + Triton repository
+    _write_drift_reference(out, detector, enc_log, featurizer.spec()["feature_names"], cfg.seed, log)
     digest = hashlib.sha256(onnx_path.read_bytes() + (out / art.DETECTOR_FILE).read_bytes()).hexdigest()[:8]
     model_version = f"{dt.datetime.now(dt.timezone.utc):%Y%m%d}-{digest}"
     from seqguard.triton_repo import write_model_repository
@@ -299,6 +300,28 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
     if labels_path:
         _report_with_labels(out, events, labels_path, log)
     return out
+
+
+DRIFT_REFERENCE_MAX_EVENTS = 500_000   # deciles of half a million rows are stable; caps the extra scoring time
+
+
+def _write_drift_reference(out: Path, detector, enc_log, feature_names, seed: int, log) -> None:
+    """drift_reference.json: risk and feature distributions of the training log, so `seqguard drift`
+    needs no --reference. Risk is the detector on the ONNX path's encodings, exactly as score-file
+    computes it; logs above DRIFT_REFERENCE_MAX_EVENTS use a uniform random sample of events."""
+    from .drift import build_reference, save_reference
+    t0 = time.time()
+    n = len(enc_log.feats)
+    rows = np.arange(n) if n <= DRIFT_REFERENCE_MAX_EVENTS else np.sort(
+        np.random.default_rng(seed).choice(n, DRIFT_REFERENCE_MAX_EVENTS, replace=False))
+    risk = np.empty(len(rows), np.float64)
+    for a in range(0, len(rows), 8192):
+        r = rows[a:a + 8192]
+        risk[a:a + len(r)] = detector.risk_from_inputs(
+            detector.inputs(enc_log.emb[r], enc_log.surprise[r], enc_log.feats[r]), enc_log.type_ids[r])
+    path = save_reference(out, build_reference(risk, np.asarray(enc_log.feats[rows], np.float64),
+                                               list(feature_names)))
+    log(f"drift reference from {len(rows)} of {n} training events written to {path} ({time.time() - t0:.0f}s)")
 
 
 def _report_with_labels(model_dir: Path, events, labels_path: str, log) -> None:
