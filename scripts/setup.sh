@@ -3,7 +3,7 @@
 #   - Debian packages: redis-server, python3.11-venv
 #   - .venv made from the SYSTEM python3.11: Triton's Python backend stub (from nvidia-pytriton)
 #     links the system libpython3.11, so the venv's standard library must be the same one
-#   - the project with its training, serving and test extras, pinned by constraints.txt
+#   - the project with its training, serving, test and scale-out (Ray) extras, pinned by constraints.txt
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,7 +28,7 @@ want="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing seqguard and its pinned dependencies into .venv (first time: a few minutes)"
   .venv/bin/python -m pip install -q --upgrade "pip>=24"
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[train,serve,dev]"
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[train,serve,dev,scale]"
   echo "$want" > "$stamp"
 fi
 echo "[setup] ready: $(.venv/bin/python --version), redis $(redis-server --version | awk '{print $3}')"

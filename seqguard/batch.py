@@ -68,14 +68,20 @@ def score_events(artifact: ModelArtifact, events: list[Event], progress: bool = 
     """
     det = artifact.detector
     enc = encode_log(artifact, events, reduce=det.project, progress=progress, order=order)
-    risk_replay = np.empty(len(events), np.float64)
-    for a in range(0, len(events), chunk):
-        sl = slice(a, a + chunk)
-        risk_replay[sl] = det.risk_from_inputs(det.inputs(enc.emb[sl], enc.surprise[sl], enc.feats[sl]),
-                                               enc.type_ids[sl])
+    risk_replay = detector_risk(det, enc.emb, enc.surprise, enc.feats, enc.type_ids, chunk)
     risk = np.empty_like(risk_replay)
     risk[enc.order] = risk_replay
     return risk, det.action_codes(risk), enc
+
+
+def detector_risk(det, emb: np.ndarray, surprise: np.ndarray, feats: np.ndarray, type_ids: np.ndarray,
+                  chunk: int = 8192) -> np.ndarray:
+    """Risk per row, `chunk` rows per detector call (rows are independent: any chunking gives the same bits)."""
+    risk = np.empty(len(type_ids), np.float64)
+    for a in range(0, len(type_ids), chunk):
+        sl = slice(a, a + chunk)
+        risk[sl] = det.risk_from_inputs(det.inputs(emb[sl], surprise[sl], feats[sl]), type_ids[sl])
+    return risk
 
 
 def write_scores_csv(path: str, events: list[Event], risk: np.ndarray, actions: np.ndarray,

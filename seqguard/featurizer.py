@@ -233,11 +233,22 @@ class EntityContext:
         return e
 
 
-def _touch_entity(e: EntityContext | None, t: Tokens, user_is_new: bool, failed: bool) -> tuple[float, float, float, float]:
-    """Update one entity with this event; return (log accounts 24h, log failed 1h, log events 1h, log new accounts 24h)."""
+# The cross-user features are the last 8 of FEATURE_NAMES; per entity kind, which of
+# touch_entity's four outputs it contributes (device: accounts, failed, new accounts; ...).
+ENTITY_FEATURES_START = FEATURE_INDEX["log_device_accounts_24h"]
+ENTITY_KINDS = (("device", (0, 1, 3)), ("ip", (0, 1, 2)), ("prefix", (0, 1)))
+
+
+def touch_entity(e: EntityContext | None, ts: int, user: int, user_is_new: bool,
+                 failed: bool) -> tuple[float, float, float, float]:
+    """Update one entity with an event of `user` at `ts`; return (log accounts 24h, log failed 1h,
+    log events 1h, log new accounts 24h).
+
+    Depends only on this entity's own events in replay order (plus the per-user `user_is_new`),
+    which is what lets `seqguard.ray_engine` replay entities apart from users and join back.
+    """
     if e is None:
         return 0.0, 0.0, 0.0, 0.0
-    ts = t.ts
     if e.first_ts == 0:
         e.first_ts = ts
     dt = ts - e.last_ts if e.last_ts else 0
@@ -249,14 +260,24 @@ def _touch_entity(e: EntityContext | None, t: Tokens, user_is_new: bool, failed:
         e.last_ts = ts
     users = e.users
     for i, pair in enumerate(users):
-        if pair[0] == t.user:
+        if pair[0] == user:
             del users[i]
             break
-    users.insert(0, [t.user, ts])
+    users.insert(0, [user, ts])
     horizon = ts - DAY_MS
     e.users = [p for p in users[:MAX_ENTITY_USERS] if p[1] >= horizon]
     return (math.log1p(len(e.users)), math.log1p(e.failed_1h), math.log1p(e.events_1h),
             math.log1p(e.new_accounts_24h))
+
+
+def entity_features(t: Tokens, user_is_new: bool, device: EntityContext | None,
+                    ip: EntityContext | None, prefix: EntityContext | None) -> list[float]:
+    """The 8 cross-user features of event t (FEATURE_NAMES from ENTITY_FEATURES_START); updates the entities."""
+    failed = t.event_type == "login_failed"
+    d_acc, d_fail, _, d_new = touch_entity(device, t.ts, t.user, user_is_new, failed)
+    i_acc, i_fail, i_ev, _ = touch_entity(ip, t.ts, t.user, user_is_new, failed)
+    p_acc, p_fail, _, _ = touch_entity(prefix, t.ts, t.user, user_is_new, failed)
+    return [d_acc, d_fail, d_new, i_acc, i_fail, i_ev, p_acc, p_fail]
 
 
 # --------------------------------------------------------------------------- featuriser
@@ -296,6 +317,11 @@ class Featurizer:
         Entity contexts must be given when the event carries that entity (device/ip) for the
         cross-user features; they are None when the event has no such field.
         """
+        return self.featurize_user(t, u, entity_features(t, u.n == 0, device, ip, prefix))
+
+    def featurize_user(self, t: Tokens, u: UserContext, entity: list[float]) -> list[float]:
+        """`featurize` given the event's 8 cross-user features (`entity_features`), computed
+        here or by a separate pass; updates only the user context."""
         ts, et, amount = t.ts, t.event_type, t.amount
         first = u.n == 0
         if first:
@@ -377,12 +403,6 @@ class Featurizer:
             u.last_session = t.session
         u.session_events += 1
 
-        # cross-user entities
-        failed = et == "login_failed"
-        d_acc, d_fail, _, d_new = _touch_entity(device, t, first, failed)
-        i_acc, i_fail, i_ev, _ = _touch_entity(ip, t, first, failed)
-        p_acc, p_fail, _, _ = _touch_entity(prefix, t, first, failed)
-
         age_h = (ts - u.first_ts) / HOUR_MS if ts > u.first_ts else 0.0
         u.n += 1
         if ts > u.last_ts:
@@ -399,8 +419,7 @@ class Featurizer:
             math.log1p(u.pay_24h), math.log1p(u.amt_24h), math.log1p(u.coupon_24h),
             recent_change, u.gap_mean, gap_std,
             review_wo_purchase, math.log1p(u.n_reviews) - math.log1p(u.n_payments),
-            math.log1p(u.session_events), new_session,
-            d_acc, d_fail, d_new, i_acc, i_fail, i_ev, p_acc, p_fail,
+            math.log1p(u.session_events), new_session, *entity,
         ]
 
 
