@@ -164,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--hidden", type=int, default=128, help="LSTM hidden size")
     t.add_argument("--epochs", type=int, default=2)
     t.add_argument("--trees", type=int, default=200, help="IsolationForest trees")
-    t.add_argument("--max-train-minutes", type=float, default=10.0, help="encoder training time budget")
+    t.add_argument("--max-train-minutes", type=float, default=60.0,
+                   help="safety cap on encoder training time; training normally ends after --epochs, an early "
+                        "stop is logged as a warning because the model is then under-trained")
     t.add_argument("--min-type-count", type=int, default=5, help="event types seen this often get their own token")
     t.add_argument("--target-fpr", type=float, default=0.01, help="CHALLENGE threshold: FPR on training traffic")
     t.add_argument("--review-fpr", type=float, default=0.05)
@@ -232,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--hidden", type=int, default=0, help="LSTM hidden size (default: the live model's)")
     r.add_argument("--epochs", type=int, default=2)
     r.add_argument("--trees", type=int, default=200)
-    r.add_argument("--max-train-minutes", type=float, default=10.0)
+    r.add_argument("--max-train-minutes", type=float, default=60.0, help="safety cap, as for train")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--threads", type=int, default=2)
     _add_input_opts(r)
