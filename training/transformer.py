@@ -333,16 +333,17 @@ def save(enc: WindowEncoder, out_dir: str | Path, pca_mean, pca, extra: dict) ->
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"config": enc.cfg.to_dict(), "state_dict": enc.state_dict(),
-                "pca_mean": np.asarray(pca_mean), "pca": np.asarray(pca)}, out / MODEL_FILE)
+                "pca_mean": torch.from_numpy(np.asarray(pca_mean)), "pca": torch.from_numpy(np.asarray(pca))},
+               out / MODEL_FILE)           # tensors only, so loading needs no pickle (weights_only=True)
     (out / "metadata.json").write_text(json.dumps({"encoder": enc.cfg.to_dict(), **extra}, indent=2))
     return out / MODEL_FILE
 
 
 def load(model_dir: str | Path) -> tuple[WindowEncoder, np.ndarray, np.ndarray]:
-    d = torch.load(Path(model_dir) / MODEL_FILE, weights_only=False)
+    d = torch.load(Path(model_dir) / MODEL_FILE, weights_only=True)
     enc = WindowEncoder(TransformerConfig(**d["config"]))
     enc.load_state_dict(d["state_dict"])
-    return enc.eval(), d["pca_mean"], d["pca"]
+    return enc.eval(), np.asarray(d["pca_mean"]), np.asarray(d["pca"])
 
 
 def train_on_log(events_path: str, artifact_dir: str, out_dir: str, cfg: TransformerTrainConfig,
@@ -361,7 +362,7 @@ def train_on_log(events_path: str, artifact_dir: str, out_dir: str, cfg: Transfo
     user_idx, users = dense_user_index(events, order)
     seqs = user_sequences(user_idx, len(users))
     log(f"featurised {len(events)} events of {len(users)} users ({time.time() - t0:.0f}s)")
-    n_types = int(torch.load(Path(artifact_dir) / "encoder.pt", weights_only=False)["config"]["n_types"])
+    n_types = int(torch.load(Path(artifact_dir) / "encoder.pt", weights_only=True)["config"]["n_types"])
     enc, losses, info = train_transformer(cfg, n_types, type_ids, feats, seqs, log)
     sample = np.random.default_rng(cfg.seed).permutation(len(seqs))[:cfg.pca_users]
     rows = np.concatenate([seqs[u][:512] for u in sample])
@@ -389,7 +390,7 @@ def measure_latency(lstm_dir: str, tf_dir: str, batches=(1, 64), threads: int = 
 
     from .model import EncoderConfig, StepModel
     torch.set_num_threads(threads)
-    d = torch.load(Path(lstm_dir) / "encoder.pt", weights_only=False)
+    d = torch.load(Path(lstm_dir) / "encoder.pt", weights_only=True)
     lstm = SequenceEncoder(EncoderConfig(**d["config"]))
     lstm.load_state_dict(d["state_dict"])
     lstm_step = StepModel(lstm.eval()).eval()
