@@ -44,7 +44,7 @@ async def _replay(args, redis_port: int, triton_url: str) -> dict:
     events = sorted((e for e in events if e.user_id in keep), key=lambda e: e.ts)
     client = aioredis.Redis(port=redis_port)
     store = RedisStateStore(client, Pseudonymizer(key), art.hidden, ttl_s=7 * 86400,
-                            ring_size=args.ring, dedupe_ttl_s=args.dedupe_ttl)
+                            ring_size=args.ring, dedupe_ttl_s=args.dedupe_ttl, rebuild_steps=args.rebuild_steps)
     enc = TritonStepClient(triton_url, "seqguard_encoder", art.triton_model_version, 30_000)
     eng = ScoringEngine(art, store, enc)
     t0 = time.perf_counter()
@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--ring", type=int, default=None, help="ring size (default: the gateway setting)")
+    ap.add_argument("--rebuild-steps", type=int, default=None,
+                    help="ring entries kept with features (default: the gateway setting)")
     ap.add_argument("--dedupe-ttl", type=int, default=600)
     ap.add_argument("--json", help="write the numbers here too")
     args = ap.parse_args()
@@ -71,6 +73,8 @@ def main() -> None:
     from seqguard.services import RedisServer, TritonServer, find_tritonserver, prepare_backend_dir
     if args.ring is None:
         args.ring = Settings().recent_events
+    if args.rebuild_steps is None:
+        args.rebuild_steps = Settings().rebuild_steps
     with tempfile.TemporaryDirectory() as tmp:
         inst = find_tritonserver()
         with RedisServer(run_dir=f"{tmp}/redis") as rs, TritonServer(

@@ -60,6 +60,7 @@ class ScoringEngine:
     MAX_ROWS = 1024          # Triton's max_batch_size for the step model
     MAX_PENDING = 1024       # deferred LSTM steps kept per user while the encoder is down
     MAX_ATTEMPTS = 64        # compare-and-set retries when another gateway wrote the same state
+    shadow = None            # gateway.shadow.ShadowScorer when settings.shadow_model_dir is set
 
     def __init__(self, artifact: ModelArtifact, store: RedisStateStore, encoder: TritonStepClient,
                  fallback: str = "fail_open"):
@@ -181,6 +182,8 @@ class ScoringEngine:
             else:
                 for k, i in enumerate(fresh):
                     out[i].sequence = last - n + k + 1
+                if self.shadow is not None and encoded is not None:   # applied: hand a copy to shadow mode
+                    self.shadow.submit(self, [events[i] for i in fresh], type_ids, feats, encoded, risk)
         results = []
         for i, ev in enumerate(events):
             if i in out:

@@ -44,6 +44,9 @@ class GatewayMetrics:
         self.reloads = Counter("seqguard_model_reloads", "model reload attempts by result", ["result"], registry=r)
         self.shadow_diff = Histogram("seqguard_shadow_risk_diff", "candidate minus live risk (shadow mode)",
                                      buckets=(-0.5, -0.2, -0.1, -0.05, -0.01, 0.01, 0.05, 0.1, 0.2, 0.5), registry=r)
+        self.shadow_events = Counter("seqguard_shadow_events", "events given to the shadow candidate, by result "
+                                     "(scored; failed = shadow error, live answer unaffected; dropped = queue full)",
+                                     ["result"], registry=r)
         self._server = None
 
     def serve(self, host: str, port: int) -> int:

@@ -82,7 +82,10 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
     async def _score(self, events, context, explain_reasons=True):
         deadline, budget = self._deadline(context)
         try:
-            return await asyncio.wait_for(self.coalescer.submit(events, deadline, explain_reasons), budget)
+            # asyncio.timeout, not wait_for: no extra Task (and loop pass) per request; the coalescer
+            # shields its future, so a timed-out request's events are still applied by their batch
+            async with asyncio.timeout(budget):
+                return await self.coalescer.submit(events, deadline, explain_reasons)
         except Overloaded as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except asyncio.TimeoutError:
@@ -228,12 +231,17 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.metrics_port: int | None = None
         self._retired: list[asyncio.Task] = []
+        self.shadow = None                  # gateway.shadow.ShadowScorer when settings.shadow_model_dir is set
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.port = None
 
     async def start(self) -> int:
         s = self.s
+        if s.shadow_model_dir:        # first: an unusable candidate fails the start before anything is opened
+            from .shadow import ShadowScorer
+            self.shadow = ShadowScorer.from_settings(s, self.artifact, self.hasher, self.metrics)
+            self.shadow.start()
         self.store = RedisStateStore.from_settings(s, self.artifact.hidden)
         self.encoder = self._encoder_for(self.artifact)
         self.engine = self._engine_for(self.artifact, self.store, self.encoder)
@@ -283,8 +291,9 @@ class Gateway:
         return TimedEncoder(TritonStepClient(s.triton_url, s.triton_model, version, s.triton_timeout_ms), self.metrics)
 
     def _engine_for(self, artifact: ModelArtifact, store, encoder):
-        return MeteredEngine(ScoringEngine(artifact, TimedStore(store, self.metrics), encoder, self.s.fallback),
-                             self.metrics)
+        engine = ScoringEngine(artifact, TimedStore(store, self.metrics), encoder, self.s.fallback)
+        engine.shadow = self.shadow
+        return MeteredEngine(engine, self.metrics)
 
     async def reload_model(self) -> bool:
         """Load the artifact now at model_dir and make it live between two batches; False if it is already live.
@@ -348,6 +357,8 @@ class Gateway:
             await self.server.stop(grace)
         await self.reloader.stop()
         await self.coalescer.stop()
+        if self.shadow is not None:
+            await self.shadow.stop()
         for t in self._retired:
             t.cancel()
         await self.encoder.close()

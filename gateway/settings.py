@@ -24,12 +24,14 @@ class Settings:
     redis_password: str = ""
     redis_timeout_ms: int = 50          # per command; an outage is detected within this
     state_ttl_s: int = 30 * 86400       # idle users / entities expire
-    recent_events: int = 8              # ring of recent events per user (audit, reasons)
+    recent_events: int = 8              # ring of recent events per user (reason event ids, audit); 1..255
+    rebuild_steps: int = 3              # newest ring events that keep their feature row, replayed to rebuild
+                                        # h, c after a model version change; 0..recent_events (~70 B each)
     dedupe_ttl_s: int = 600             # a re-sent event_id within this window gets its original answer
     # Triton: the step encoder
     triton_url: str = "127.0.0.1:8001"
     triton_model: str = "seqguard_encoder"
-    triton_model_version: str = ""      # "" = latest
+    triton_model_version: str = ""      # "" = the artifact's metadata triton.model_version (always explicit)
     triton_timeout_ms: int = 100
     # Requests
     deadline_ms: int = 250              # server-side budget per Score when the client sets none
@@ -45,6 +47,11 @@ class Settings:
     metrics_host: str = ""
     model_poll_s: float = 0.0           # check model_dir (e.g. an artifacts/current symlink) this often; 0 = SIGHUP only
     model_ready_timeout_s: float = 30.0  # a new model's Triton version must answer within this, else keep the old
+    # Shadow mode: also score every applied event with a candidate artifact (never changes the answer);
+    # results go to the sg:shadow stream and seqguard_shadow_risk_diff. "" = off
+    shadow_model_dir: str = ""
+    shadow_stream_max: int = 1_000_000  # approximate cap on sg:shadow
+    shadow_queue_events: int = 20_000   # events waiting for the shadow worker; beyond -> dropped (counted)
     # Feedback: ReportOutcome labels (sg:o:<hmac(event_id)>) and the sg:outcomes export stream
     outcome_ttl_s: int = 180 * 86400    # chargebacks arrive weeks later; keep labels ~6 months
     outcome_stream_max: int = 5_000_000  # approximate cap on the stream (export it before it wraps)
@@ -92,8 +99,15 @@ class Settings:
                      "coalesce_max_events"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        if not 1 <= self.recent_events <= 255:      # the ring's entry count is one byte (gateway/state.py)
+            raise ValueError(f"recent_events must be in 1..255, got {self.recent_events}")
+        if not 0 <= self.rebuild_steps <= self.recent_events:
+            raise ValueError(f"rebuild_steps must be in 0..recent_events ({self.recent_events}), "
+                             f"got {self.rebuild_steps}")
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port must be 0 (off) or a TCP port, got {self.metrics_port}")
+        if self.shadow_stream_max <= 0 or self.shadow_queue_events <= 0:
+            raise ValueError("shadow_stream_max and shadow_queue_events must be > 0")
         if self.model_poll_s < 0 or self.model_ready_timeout_s <= 0:
             raise ValueError("model_poll_s must be >= 0 and model_ready_timeout_s > 0")
 

@@ -84,6 +84,9 @@ class Detector:
     def risk_from_inputs(self, X: np.ndarray, type_ids: np.ndarray) -> np.ndarray:
         """Risk = the event's anomaly score as a quantile among training events of its group."""
         g = self.groups(type_ids)
+        if len(g) and (g == g[0]).all():      # one group (always at batch 1 online): no row selection
+            k = int(g[0])
+            return self.calibrators[k].risk(-self.forests[k].score_samples(X))
         risk = np.empty(len(X), np.float64)
         for k in np.unique(g):
             rows = np.flatnonzero(g == k)

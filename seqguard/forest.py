@@ -217,6 +217,10 @@ class RiskCalibrator:
     def __init__(self, levels, quantiles):
         self.levels = np.asarray(levels, np.float64)
         self.quantiles = np.asarray(quantiles, np.float64)
+        # ties in the quantiles (flat regions) take the highest level, so interpolation stays monotone;
+        # computed once here, not per call (np.unique was most of a one-row risk() call online)
+        self._uq, last = np.unique(self.quantiles[::-1], return_index=True)
+        self._lvls = self.levels[::-1][last]
 
     @classmethod
     def fit(cls, anomaly: np.ndarray) -> "RiskCalibrator":
@@ -225,8 +229,5 @@ class RiskCalibrator:
         return cls(cls.LEVELS, q)
 
     def risk(self, anomaly: np.ndarray) -> np.ndarray:
-        q, lv = self.quantiles, self.levels
-        # ties in the quantiles (flat regions) take the highest level, so interpolation stays monotone
-        uq, last = np.unique(q[::-1], return_index=True)
-        lvls = lv[::-1][last]
-        return np.clip(np.interp(np.asarray(anomaly, np.float64), uq, lvls, left=0.0, right=1.0), 0.0, 1.0)
+        return np.clip(np.interp(np.asarray(anomaly, np.float64), self._uq, self._lvls, left=0.0, right=1.0),
+                       0.0, 1.0)

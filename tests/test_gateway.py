@@ -256,7 +256,7 @@ def test_state_rebuilt_from_ring_on_model_upgrade(small_model, small_log, redis_
     from seqguard.encoding import OrtStep, encode_sequences
     from seqguard.featurizer import featurize_log
     gw = gateway_factory(model_dir=str(small_model), redis_port=redis_server.port, triton_url=triton.grpc_url,
-                         deadline_ms=3000, triton_timeout_ms=3000)
+                         deadline_ms=3000, triton_timeout_ms=3000, rebuild_steps=4)   # not the default 3
     art = ModelArtifact.load(small_model)
     events = list(read_events(str(small_log[0])))
     user = max({e.user_id for e in events}, key=lambda u: sum(e.user_id == u for e in events))
@@ -265,7 +265,7 @@ def test_state_rebuilt_from_ring_on_model_upgrade(small_model, small_log, redis_
     engine = gw.gateway.coalescer.engine
     engine = getattr(engine, "_inner", engine)            # the ScoringEngine behind the metrics proxy
     K = engine.store.rebuild_steps
-    assert K >= 2
+    assert K == 4                                          # the setting reached the store
 
     def offline_risk(steps):
         """Replay the featuriser over the whole history, then the model over only `steps` from a zero state."""

@@ -57,7 +57,7 @@ def test_overload_gets_resource_exhausted_fast(small_model, small_log, redis_ser
     assert set(codes) <= {"OK", "DEGRADED", "RESOURCE_EXHAUSTED"}, codes   # no DEADLINE_EXCEEDED, no crash
     assert max(t for _, t in out) < 3.0                           # nobody waited past its deadline
     rejected = sorted(t for c, t in out if c == "RESOURCE_EXHAUSTED")
-    assert rejected[len(rejected) // 2] < 0.5                     # rejections are quick, not queued
+    assert rejected[len(rejected) // 2] < 1.0                     # rejections are quick, not queued to the 3 s deadline
 
 
 def test_sigterm_drains_and_exits_zero(small_model, small_log, redis_server, triton, tmp_path):
