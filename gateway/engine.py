@@ -24,6 +24,7 @@ from seqguard.detector import ACTIONS
 from seqguard.explain import Reason, explain
 from seqguard.schema import Event
 
+from .aio import cancel_and_wait
 from .state import RedisStateStore, StateConflict, StateUnavailable, ring_entry, unpack_features
 from .triton_client import EncoderUnavailable, TritonStepClient
 
@@ -292,12 +293,7 @@ class Coalescer:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="coalescer")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def submit(self, events: list[Event], deadline: float | None, explain_reasons: bool = True
                      ) -> list[ScoreResult]:

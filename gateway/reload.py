@@ -17,6 +17,8 @@ from pathlib import Path
 
 from seqguard.artifact import METADATA
 
+from .aio import cancel_and_wait
+
 log = logging.getLogger("seqguard.gateway")
 
 
@@ -45,12 +47,7 @@ class ModelReloader:
             self._task = asyncio.get_running_loop().create_task(self._poll(), name="model-reloader")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def _poll(self) -> None:
         while True:

@@ -41,6 +41,8 @@ from seqguard.artifact import ModelArtifact
 from seqguard.detector import ACTIONS
 from seqguard.schema import Event
 
+from .aio import cancel_and_wait
+
 log = logging.getLogger("seqguard.gateway")
 
 STREAM = "sg:shadow"
@@ -172,12 +174,7 @@ class ShadowScorer:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
 
     async def _shutdown(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         for client in (self.encoder, self.store):
             if client is not None:
                 await client.close()
