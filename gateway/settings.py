@@ -22,6 +22,7 @@ class Settings:
     redis_db: int = 0
     redis_username: str = ""
     redis_password: str = ""
+    redis_cluster: bool = False         # cluster-mode Redis: keys tagged "{sg}:" (one slot, see gateway/state.py)
     redis_timeout_ms: int = 50          # per command; an outage is detected within this
     state_ttl_s: int = 30 * 86400       # idle users / entities expire
     recent_events: int = 8              # ring of recent events per user (reason event ids, audit); 1..255

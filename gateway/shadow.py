@@ -45,8 +45,8 @@ from .aio import cancel_and_wait
 
 log = logging.getLogger("seqguard.gateway")
 
-STREAM = "sg:shadow"
-STATE_PREFIX = "sg:sh:"
+STREAM = "shadow"             # key names after the store's prefix: sg:shadow, sg:sh:<hmac(user)>
+STATE_PREFIX = "sh:"
 
 
 class ShadowIncompatible(ValueError):
@@ -249,7 +249,8 @@ class ShadowScorer:
 
     async def _score(self, b: _Batch) -> None:
         cand = self.candidate
-        ukeys = [STATE_PREFIX + self.store.user_key(e.user_id).split(":")[-1] for e in b.events]
+        state_prefix = self.store.prefix + STATE_PREFIX
+        ukeys = [state_prefix + self.store.user_key(e.user_id).split(":")[-1] for e in b.events]
         states = {}
         if b.same_encoder:
             emb, surprise = b.emb, b.surprise
@@ -261,7 +262,7 @@ class ShadowScorer:
             for k, (h, c) in states.items():
                 pipe.set(k, pack_state(self.version, h, c), ex=self.ttl_s)
             for j, e in enumerate(b.events):
-                pipe.xadd(STREAM, {"user": ukeys[j][len(STATE_PREFIX):], "event": self.store.p("event", e.event_id),
+                pipe.xadd(self.store.prefix + STREAM, {"user": ukeys[j][len(state_prefix):], "event": self.store.p("event", e.event_id),
                                    "live": repr(float(b.live_risk[j])), "shadow": repr(float(risk[j])),
                                    "live_action": ACTIONS[b.live_codes[j]], "shadow_action": ACTIONS[codes[j]],
                                    "live_mv": b.live_version, "shadow_mv": self.version},

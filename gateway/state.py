@@ -15,6 +15,13 @@ raw user id, device id, IP or event id:
     sg:e:<hmac(event_id)> the response already given for that event (idempotency window)
     sg:seq                global apply counter: the order in which events changed state
 
+On Redis Cluster (`redis_cluster`) the prefix is the hash tag "{sg}:": every key of a deployment
+lands in ONE slot, so the batch write stays one atomic script over users, entities and the
+counter (Cluster refuses multi-slot scripts). That makes seqguard run on cluster-mode Redis
+(managed offerings that only speak the cluster protocol), but it does not shard: one primary holds
+all seqguard keys. Sharding by user would split the atomic write, because entity contexts are
+shared across users (docs/operations.md).
+
 Writes are compare-and-set: the Lua script applies a batch only if every user's `n` and every
 entity's bytes are still what the batch read; otherwise nothing is written and the caller
 retries from a fresh read. Two gateway processes can therefore never lose or double an update.
@@ -37,7 +44,7 @@ from redis.exceptions import RedisError
 from seqguard.featurizer import EntityContext, UserContext, ip_prefix
 from seqguard.schema import Event
 
-SEQ_KEY = "sg:seq"
+KEY_PREFIX = "sg:"               # every key starts with it; "{sg}:" on Redis Cluster (see RedisStateStore)
 USER_FORMAT = 2                 # 1 was the hash layout (h, c, ctx, ring as JSON, pend, mv, n)
 
 # KEYS: seq, users..., entities..., events...
@@ -273,8 +280,12 @@ def unpack_user(key: str, raw: bytes) -> UserState:
 
 class RedisStateStore:
     def __init__(self, client: aioredis.Redis, pseudonymize: Pseudonymizer, hidden: int, ttl_s: int,
-                 ring_size: int = 8, dedupe_ttl_s: int = 600, rebuild_steps: int = 3):
+                 ring_size: int = 8, dedupe_ttl_s: int = 600, rebuild_steps: int = 3,
+                 key_prefix: str = KEY_PREFIX):
         self.r = client
+        self.prefix = key_prefix
+        self.seq_key = key_prefix + "seq"
+        self.outcome_stream = key_prefix + "outcomes"
         self.rebuild_steps = min(rebuild_steps, ring_size)
         self.p = pseudonymize
         self.hidden = hidden
@@ -286,23 +297,31 @@ class RedisStateStore:
     @classmethod
     def from_settings(cls, s, hidden: int) -> "RedisStateStore":
         t = s.redis_timeout_ms / 1000
-        client = aioredis.Redis(host=s.redis_host, port=s.redis_port, db=s.redis_db,
-                                username=s.redis_username or None, password=s.redis_password or None,
-                                socket_timeout=t, socket_connect_timeout=t,
-                                retry=Retry(NoBackoff(), 0), health_check_interval=0)  # fail fast: we degrade
+        auth = dict(username=s.redis_username or None, password=s.redis_password or None)
+        if s.redis_cluster:
+            from redis.asyncio.cluster import RedisCluster
+            client = RedisCluster(host=s.redis_host, port=s.redis_port, **auth, socket_timeout=t,
+                                  socket_connect_timeout=t, retry=Retry(NoBackoff(), 0))
+            prefix = "{sg}:"
+        else:
+            client = aioredis.Redis(host=s.redis_host, port=s.redis_port, db=s.redis_db, **auth,
+                                    socket_timeout=t, socket_connect_timeout=t,
+                                    retry=Retry(NoBackoff(), 0), health_check_interval=0)  # fail fast: we degrade
+            prefix = KEY_PREFIX
         return cls(client, Pseudonymizer(s.key_bytes()), hidden, s.state_ttl_s, s.recent_events, s.dedupe_ttl_s,
-                   s.rebuild_steps)
+                   s.rebuild_steps, key_prefix=prefix)
 
     def user_key(self, user_id: str) -> str:
-        return "sg:u:" + self.p("user", user_id)
+        return self.prefix + "u:" + self.p("user", user_id)
 
     def event_key(self, event_id: str) -> str:
-        return "sg:e:" + self.p("event", event_id)
+        return self.prefix + "e:" + self.p("event", event_id)
 
     def entity_keys(self, ev: Event) -> tuple[str | None, str | None, str | None]:
-        return ("sg:d:" + self.p("device", ev.device_id) if ev.device_id else None,
-                "sg:i:" + self.p("ip", ev.ip) if ev.ip else None,
-                "sg:p:" + self.p("prefix", ip_prefix(ev.ip)) if ev.ip else None)
+        pre = self.prefix
+        return (pre + "d:" + self.p("device", ev.device_id) if ev.device_id else None,
+                pre + "i:" + self.p("ip", ev.ip) if ev.ip else None,
+                pre + "p:" + self.p("prefix", ip_prefix(ev.ip)) if ev.ip else None)
 
     async def load(self, user_ids: list[str], entity_keys: list[str], event_ids: list[str] = ()
                    ) -> tuple[dict, dict, dict]:
@@ -339,7 +358,7 @@ class RedisStateStore:
         to be replaced by the event's apply sequence number. Raises StateConflict if another writer
         got there first (nothing written), StateUnavailable if Redis fails.
         """
-        keys = [SEQ_KEY] + [u.key for u in users] + list(entities) + [
+        keys = [self.seq_key] + [u.key for u in users] + list(entities) + [
             self.event_key(r_id) for r_id, _ in responses]
         argv: list = [len(users), len(entities), len(responses), self.ttl_s, self.dedupe_ttl_s]
         for st in users:
@@ -369,7 +388,6 @@ class RedisStateStore:
     async def close(self) -> None:
         await self.r.aclose()
 
-    OUTCOME_STREAM = "sg:outcomes"
 
     async def record_outcome(self, event_id: str, label: str, family: str, reported_ms: int, ttl_s: int,
                              stream_max: int) -> dict | None:
@@ -381,14 +399,14 @@ class RedisStateStore:
         """
         h = self.p("event", event_id)
         try:
-            answered = await self.r.get("sg:e:" + h)
+            answered = await self.r.get(self.prefix + "e:" + h)
             prev = json.loads(answered) if answered else None
             rec = {"label": label, "family": family, "ts": reported_ms}
             if prev:
                 rec.update(risk=prev["risk"], mv=prev["mv"])
             async with self.r.pipeline(transaction=True) as pipe:
-                pipe.set("sg:o:" + h, json.dumps(rec, separators=(",", ":")), ex=ttl_s)
-                pipe.xadd(self.OUTCOME_STREAM, {"event": h, **{k: str(v) for k, v in rec.items()}},
+                pipe.set(self.prefix + "o:" + h, json.dumps(rec, separators=(",", ":")), ex=ttl_s)
+                pipe.xadd(self.outcome_stream, {"event": h, **{k: str(v) for k, v in rec.items()}},
                           maxlen=stream_max, approximate=True)
                 await pipe.execute()
         except (RedisError, OSError, TimeoutError) as e:
