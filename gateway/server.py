@@ -59,6 +59,14 @@ def result_to_proto(r: ScoreResult) -> risk_pb2.ScoreResponse:
         sequence=r.sequence)
 
 
+async def _require_id(context, field: str, value: str, max_len: int = 256) -> None:
+    """INVALID_ARGUMENT naming the field when an identifier is missing or too long."""
+    if not value:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"field '{field}': is required")
+    if len(value) > max_len:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"field '{field}': longer than {max_len} characters")
+
+
 class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
     def __init__(self, settings: Settings, coalescer: Coalescer, metrics: GatewayMetrics):
         self.s = settings
@@ -143,10 +151,7 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
 
     @metered("GetUserState")
     async def GetUserState(self, request, context):
-        if not request.user_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "field 'user_id': is required")
-        if len(request.user_id) > 256:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "field 'user_id': longer than 256 characters")
+        await _require_id(context, "user_id", request.user_id)
         try:
             st = await asyncio.wait_for(self.engine.store.get_user(request.user_id), self.s.deadline_ms / 1000)
         except (StateUnavailable, asyncio.TimeoutError) as e:
@@ -164,10 +169,7 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
 
     @metered("ReportOutcome")
     async def ReportOutcome(self, request, context):
-        if not request.event_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "field 'event_id': is required")
-        if len(request.event_id) > 256:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "field 'event_id': longer than 256 characters")
+        await _require_id(context, "event_id", request.event_id)
         if request.label not in (risk_pb2.GENUINE, risk_pb2.FRAUD):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"field 'label': must be GENUINE or FRAUD, got {request.label}")
