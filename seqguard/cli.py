@@ -11,6 +11,17 @@ import sys
 import time
 
 
+def _add_training_opts(p) -> None:
+    """Options `train` and `retrain` share (same names, defaults and meaning)."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--trees", type=int, default=200, help="IsolationForest trees")
+    p.add_argument("--max-train-minutes", type=float, default=60.0,
+                   help="safety cap on encoder training time; training normally ends after --epochs, an early "
+                        "stop is logged as a warning because the model is then under-trained")
+    p.add_argument("--threads", type=int, default=2)
+
+
 def _add_input_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--map", dest="column_map", default=None, metavar="FIELD=COLUMN,...",
                    help="map your column names to schema-v1 fields, e.g. user_id=customer,ts=timestamp")
@@ -160,20 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--events", required=True, help="event log (.jsonl, .csv, .parquet; schema v1)")
     t.add_argument("--labels", default=None, help="optional labels, only used for a report line")
     t.add_argument("--out", required=True, help="artifact directory to write")
-    t.add_argument("--seed", type=int, default=0)
     t.add_argument("--hidden", type=int, default=128, help="LSTM hidden size")
-    t.add_argument("--epochs", type=int, default=2)
-    t.add_argument("--trees", type=int, default=200, help="IsolationForest trees")
-    t.add_argument("--max-train-minutes", type=float, default=60.0,
-                   help="safety cap on encoder training time; training normally ends after --epochs, an early "
-                        "stop is logged as a warning because the model is then under-trained")
+    _add_training_opts(t)
     t.add_argument("--min-type-count", type=int, default=5, help="event types seen this often get their own token")
     t.add_argument("--target-fpr", type=float, default=0.01, help="CHALLENGE threshold: FPR on training traffic")
     t.add_argument("--review-fpr", type=float, default=0.05)
     t.add_argument("--block-fpr", type=float, default=0.001)
     t.add_argument("--thresholds", default=None,
                    help="TOML/JSON file: target FPR per action (REVIEW/CHALLENGE/BLOCK); overrides the *-fpr flags")
-    t.add_argument("--threads", type=int, default=2)
     _add_input_opts(t)
     t.set_defaults(fn=cmd_train)
 
@@ -232,11 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="artifact directory for the candidate (+ retrain_report.md/json)")
     r.add_argument("--holdout-frac", type=float, default=0.2)
     r.add_argument("--hidden", type=int, default=0, help="LSTM hidden size (default: the live model's)")
-    r.add_argument("--epochs", type=int, default=2)
-    r.add_argument("--trees", type=int, default=200)
-    r.add_argument("--max-train-minutes", type=float, default=60.0, help="safety cap, as for train")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--threads", type=int, default=2)
+    _add_training_opts(r)
     _add_input_opts(r)
     r.set_defaults(fn=cmd_retrain)
 
