@@ -124,10 +124,16 @@ class _OnnxForest:
 
     SPLIT_ROWS = 4096          # above this, rows are split over a thread pool (ORT releases the GIL)
 
+    _pools: dict[int, ThreadPoolExecutor] = {}     # one per thread count, shared by every forest
+
     def __init__(self, session, threads: int):
         self.session = session
         self.threads = threads
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="forest") if threads > 1 else None
+        self._pool = None
+        if threads > 1:
+            if threads not in self._pools:
+                self._pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="forest")
+            self._pool = self._pools[threads]
 
     @classmethod
     def build(cls, forest: "FlatIsolationForest") -> "_OnnxForest | None":
