@@ -155,15 +155,19 @@ class ScoringEngine:
                 out[i] = fallback[j]
         elif fresh:
             # 4. detector, vectorised; 5. reasons + ring
-            emb, surprise = encoded
+            emb, surprise, waves, steps = encoded
             det = self.detector
-            risk = det.risk(emb, surprise, feats, type_ids)
+            lift = np.zeros(n)
+            if det.has_session:
+                risk, lift = self._session_risk(users, waves, steps, n)
+            else:
+                risk = det.risk(emb, surprise, feats, type_ids)
             codes = det.action_codes(risk)
             for j, i in enumerate(fresh):
                 ev = events[i]
                 st = users[ev.user_id]
                 reasons = explain(feats[j], surprise[j], ev.event_id, ev.event_type, st.ring,
-                                  self.surprise_cut) if explain_reasons else []
+                                  self.surprise_cut, session_lift=float(lift[j])) if explain_reasons else []
                 self._apply(st, ev, feats[j])
                 out[i] = ScoreResult(ev.event_id, float(risk[j]), ACTIONS[codes[j]], self.model_version, OK, "",
                                      reasons)
@@ -184,7 +188,7 @@ class ScoringEngine:
                 for k, i in enumerate(fresh):
                     out[i].sequence = last - n + k + 1
                 if self.shadow is not None and encoded is not None:   # applied: hand a copy to shadow mode
-                    self.shadow.submit(self, [events[i] for i in fresh], type_ids, feats, encoded, risk)
+                    self.shadow.submit(self, [events[i] for i in fresh], type_ids, feats, encoded[:2], risk)
         results = []
         for i, ev in enumerate(events):
             if i in out:
@@ -209,6 +213,7 @@ class ScoringEngine:
         """
         st.h = np.zeros(self.hidden, np.float32)
         st.c = np.zeros(self.hidden, np.float32)
+        st.session = 0.0                                # replayed through the steps below, too
         steps = []
         for e in reversed(st.ring):                     # the newest run of entries that carry features
             if not e.feat:
@@ -223,37 +228,76 @@ class ScoringEngine:
         st.n += 1
         st.model_version = self.model_version
 
+    def _session_risk(self, users, waves, steps, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Detector stage 2: every step of this batch (deferred ones included, so each user's
+        session average sees the same events as the offline replay), user by user in order.
+        Returns the risk of the n fresh events and, per event, the session average that set its
+        score (0 where the event itself did)."""
+        det = self.detector
+        a = det.event_tail(steps.emb, steps.surprise, steps.feats, steps.type_ids)
+        c = np.empty(n, np.float64)
+        lift = np.zeros(n, np.float64)
+        for wave in waves:                     # [(user, step index, fresh row or -1), ...]
+            g = np.fromiter((s for _, s, _ in wave), np.int64, len(wave))
+            sts = [users[u] for u, _, _ in wave]
+            m_prev = np.fromiter((st.session for st in sts), np.float64, len(wave))
+            cw, m_new = det.session_step(a[g], m_prev)
+            for k, ((_, _, j), st) in enumerate(zip(wave, sts)):
+                st.session = float(m_new[k])
+                if j >= 0:
+                    c[j] = cw[k]
+                    if m_prev[k] > a[g[k]]:
+                        lift[j] = m_prev[k]
+        return det.session_risk(c), lift
+
     async def _encode(self, events, fresh, users, type_ids, feats, remaining):
-        """Run every user's pending steps and new events through Triton; None if it is unavailable."""
+        """Run every user's pending steps and new events through Triton; None if it is unavailable.
+
+        Returns (embedding, surprise) of the fresh rows, the waves [(user, step, fresh row or -1)]
+        and every step's inputs and outputs (`_Steps`), for the detector's session stage."""
         n = len(fresh)
-        emb = np.empty((n, self.hidden), np.float32)
-        surprise = np.empty((n, 2), np.float32)
         # per user: a list of steps (row index into this batch, or a pending (type, feats) pair)
-        steps: dict[str, list] = {}
+        seqs: dict[str, list] = {}
         for u, st in users.items():
             if st.pending:
-                steps[u] = list(st.pending)
+                seqs[u] = list(st.pending)
         for j, i in enumerate(fresh):
-            steps.setdefault(events[i].user_id, []).append(j)
-        depth = max((len(v) for v in steps.values()), default=0)
+            seqs.setdefault(events[i].user_id, []).append(j)
+        total = sum(len(v) for v in seqs.values())
+        steps = _Steps(np.empty(total, np.int64), np.empty((total, self.n_features), np.float32),
+                       np.empty((total, self.hidden), np.float32), np.empty((total, 2), np.float32))
+        fresh_step = np.empty(n, np.int64)
+        index: dict[str, list] = {}            # per user: (step index, fresh row or -1) in order
+        g = 0
+        for u, seq in seqs.items():
+            out = index[u] = []
+            for s in seq:
+                if isinstance(s, int):
+                    steps.type_ids[g], steps.feats[g] = type_ids[s], feats[s]
+                    fresh_step[s] = g
+                    out.append((g, s))
+                else:
+                    steps.type_ids[g], steps.feats[g] = s[0], s[1]
+                    out.append((g, -1))
+                g += 1
+        depth = max((len(v) for v in seqs.values()), default=0)
+        waves = [[(u, *ix[w]) for u, ix in index.items() if w < len(ix)] for w in range(depth)]
         read_state = {u: (st.h, st.c) for u, st in users.items()}
         try:
-            for w in range(depth):
-                active = [(u, seq[w]) for u, seq in steps.items() if w < len(seq)]
-                for a in range(0, len(active), self.MAX_ROWS):
-                    chunk = active[a:a + self.MAX_ROWS]
-                    t = np.array([type_ids[s] if isinstance(s, int) else s[0] for _, s in chunk], np.int64)
-                    x = np.stack([feats[s] if isinstance(s, int) else s[1] for _, s in chunk])
-                    sts = [users[u] for u, _ in chunk]
+            for wave in waves:
+                for a in range(0, len(wave), self.MAX_ROWS):
+                    chunk = wave[a:a + self.MAX_ROWS]
+                    rows = np.fromiter((s for _, s, _ in chunk), np.int64, len(chunk))
+                    sts = [users[u] for u, _, _ in chunk]
                     left = remaining()
                     if left is not None and left <= 0:
                         raise EncoderUnavailable("deadline exceeded before the encoder call")
-                    h2, c2, e2, s2 = await self.encoder.step(t, x, np.stack([s.h for s in sts]),
+                    h2, c2, e2, s2 = await self.encoder.step(steps.type_ids[rows], steps.feats[rows],
+                                                             np.stack([s.h for s in sts]),
                                                              np.stack([s.c for s in sts]), timeout_s=left)
-                    for k, ((u, s), st) in enumerate(zip(chunk, sts)):
+                    for k, st in enumerate(sts):
                         st.h, st.c = h2[k], c2[k]
-                        if isinstance(s, int):
-                            emb[s], surprise[s] = e2[k], s2[k]
+                    steps.emb[rows], steps.surprise[rows] = e2, s2
         except EncoderUnavailable as e:
             log.warning("degraded: %s", e)
             for u, st in users.items():        # undo steps of earlier waves: all of them are deferred
@@ -261,7 +305,16 @@ class ScoringEngine:
             return None
         for st in users.values():
             st.pending = []
-        return emb, surprise
+        return steps.emb[fresh_step], steps.surprise[fresh_step], waves, steps
+
+
+@dataclass
+class _Steps:
+    """Every LSTM step of one batch (deferred and fresh), in the order they were indexed."""
+    type_ids: np.ndarray
+    feats: np.ndarray
+    emb: np.ndarray
+    surprise: np.ndarray
 
 
 class Overloaded(RuntimeError):

@@ -12,7 +12,8 @@ The candidate must featurise the same way (same schema, featuriser version and f
 its vocabulary may differ, type ids are re-mapped). Two cases:
 
 * same encoder (identical model.onnx, e.g. a detector-only retrain): the candidate's detector runs
-  on the live embeddings; no state, no Triton call.
+  on the live embeddings; no Triton call, and per user only the detector's session average
+  (when the candidate has that stage) at sg:sh:<hmac(user)>.
 * another encoder: the candidate's Triton version (metadata triton.model_version, loaded beside the
   live one by the `latest: { num_versions: 2 }` policy) steps each user's candidate LSTM state, kept
   at sg:sh:<hmac(user)> (TTL = state_ttl_s), in waves like the live engine. The candidate's
@@ -30,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -65,18 +67,21 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def pack_state(model_version: str, h: np.ndarray, c: np.ndarray) -> bytes:
-    return model_version.encode() + b"\0" + np.asarray(h, np.float32).tobytes() + np.asarray(c, np.float32).tobytes()
+def pack_state(model_version: str, h: np.ndarray, c: np.ndarray, session: float = 0.0) -> bytes:
+    """Candidate state: version, h, c (float32; empty for a same-encoder candidate) and the
+    detector's session average (float64, seqguard/detector.py stage 2)."""
+    return (model_version.encode() + b"\0" + np.asarray(h, np.float32).tobytes() + np.asarray(c, np.float32).tobytes()
+            + struct.pack("<d", session))
 
 
 def unpack_state(raw: bytes | None, model_version: str, hidden: int):
-    """(h, c) stored for this candidate version, or zeros (new user, other candidate, damaged value)."""
+    """[h, c, session] stored for this candidate version, or zeros (new user, other candidate, damaged value)."""
     if raw:
         mv, _, rest = raw.partition(b"\0")
-        if mv.decode(errors="replace") == model_version and len(rest) == 8 * hidden:
-            v = np.frombuffer(rest, np.float32)
-            return v[:hidden].copy(), v[hidden:].copy()
-    return np.zeros(hidden, np.float32), np.zeros(hidden, np.float32)
+        if mv.decode(errors="replace") == model_version and len(rest) == 8 * hidden + 8:
+            v = np.frombuffer(rest[:8 * hidden], np.float32)
+            return [v[:hidden].copy(), v[hidden:].copy(), struct.unpack("<d", rest[8 * hidden:])[0]]
+    return [np.zeros(hidden, np.float32), np.zeros(hidden, np.float32), 0.0]
 
 
 @dataclass
@@ -251,16 +256,28 @@ class ShadowScorer:
         cand = self.candidate
         state_prefix = self.store.prefix + STATE_PREFIX
         ukeys = [state_prefix + self.store.user_key(e.user_id).split(":")[-1] for e in b.events]
+        det = cand.detector
         states = {}
         if b.same_encoder:
             emb, surprise = b.emb, b.surprise
+            if det.has_session:                   # only the session average is kept per user
+                states = await self._read_states(ukeys, 0)
         else:
             emb, surprise, states = await self._encode(b, ukeys)
-        risk = cand.detector.risk(emb, surprise, b.feats, b.type_ids)    # on the shadow thread, not the live loop
-        codes = cand.detector.action_codes(risk)
+        # on the shadow thread, not the live loop
+        if det.has_session:
+            a = det.event_tail(emb, surprise, b.feats, b.type_ids)
+            c = np.empty(len(a), np.float64)
+            for j, k in enumerate(ukeys):         # a user's events in this batch are in their order
+                cj, m = det.session_step(a[j:j + 1], np.array([states[k][2]], np.float64))
+                c[j], states[k][2] = cj[0], float(m[0])
+            risk = det.session_risk(c)
+        else:
+            risk = det.risk(emb, surprise, b.feats, b.type_ids)
+        codes = det.action_codes(risk)
         async with self.store.r.pipeline(transaction=False) as pipe:
-            for k, (h, c) in states.items():
-                pipe.set(k, pack_state(self.version, h, c), ex=self.ttl_s)
+            for k, (h, c_, m) in states.items():
+                pipe.set(k, pack_state(self.version, h, c_, m), ex=self.ttl_s)
             for j, e in enumerate(b.events):
                 pipe.xadd(self.store.prefix + STREAM, {"user": ukeys[j][len(state_prefix):], "event": self.store.p("event", e.event_id),
                                    "live": repr(float(b.live_risk[j])), "shadow": repr(float(risk[j])),
@@ -274,12 +291,15 @@ class ShadowScorer:
             self.scored += len(b.events)
         self.metrics.shadow_events.labels("scored").inc(len(b.events))
 
+    async def _read_states(self, ukeys: list[str], hidden: int) -> dict:
+        uniq = list(dict.fromkeys(ukeys))
+        raws = await asyncio.wait_for(self.store.r.mget(uniq), self.timeout_s + 1.0)
+        return {k: unpack_state(raw, self.version, hidden) for k, raw in zip(uniq, raws)}
+
     async def _encode(self, b: _Batch, ukeys: list[str]):
         """The candidate's LSTM steps: each user's events in order, one Triton request per wave."""
         hidden = self.candidate.hidden
-        uniq = list(dict.fromkeys(ukeys))
-        raws = await asyncio.wait_for(self.store.r.mget(uniq), self.timeout_s + 1.0)
-        states = {k: unpack_state(raw, self.version, hidden) for k, raw in zip(uniq, raws)}
+        states = await self._read_states(ukeys, hidden)
         rows: dict[str, list[int]] = {}
         for j, k in enumerate(ukeys):
             rows.setdefault(k, []).append(j)
@@ -296,6 +316,6 @@ class ShadowScorer:
                     b.type_ids[idx], b.feats[idx], np.stack([states[k][0] for k, _ in chunk]),
                     np.stack([states[k][1] for k, _ in chunk]), timeout_s=self.timeout_s)
                 for r, (k, j) in enumerate(chunk):
-                    states[k] = (h2[r], c2[r])
+                    states[k][0], states[k][1] = h2[r], c2[r]
                     emb[j], surprise[j] = e2[r], s2[r]
         return emb, surprise, states

@@ -5,7 +5,8 @@ raw user id, device id, IP or event id:
 
     sg:u:<hmac(user)>     one binary string (see pack_user): n (events applied: the optimistic-
                           concurrency version, the first 8 bytes so the write script compares it
-                          with GETRANGE), mv (model version), h, c (float32 LSTM state), ctx
+                          with GETRANGE), mv (model version), h, c (float32 LSTM state), sess
+                          (float64 session average of the detector, seqguard/detector.py), ctx
                           (UserContext bytes), pend (featurised events whose LSTM step is deferred),
                           ring (recent events; the newest `rebuild_steps` carry their feature row so
                           a new model version can rebuild h, c). One string instead of a hash: a
@@ -45,7 +46,8 @@ from seqguard.featurizer import EntityContext, UserContext, ip_prefix
 from seqguard.schema import Event
 
 KEY_PREFIX = "sg:"               # every key starts with it; "{sg}:" on Redis Cluster (see RedisStateStore)
-USER_FORMAT = 2                 # 1 was the hash layout (h, c, ctx, ring as JSON, pend, mv, n)
+USER_FORMAT = 3                 # 1 was the hash layout (h, c, ctx, ring as JSON, pend, mv, n);
+                                # 2 had no session average (read as 0.0)
 
 # KEYS: seq, users..., entities..., events...
 # ARGV: U, E, M, ttl, dedupe_ttl, then per user: expected first 8 bytes ('' for a new user), blob;
@@ -139,6 +141,7 @@ class UserState:
     n: int = 0
     version: int = 0                                # n as read: the compare-and-set expectation
     existed: bool = False
+    session: float = 0.0                            # the detector's session average m (stage 2)
 
 
 def _varint(n: int) -> bytes:
@@ -252,14 +255,15 @@ def pack_user(st: UserState, ring_size: int, rebuild_steps: int) -> bytes:
     ctx = st.ctx.to_bytes()
     pend = _pack_pending(st.pending)
     return b"".join((_BLOB_HEAD.pack(st.n, USER_FORMAT), bytes([len(mv)]), mv,
-                     struct.pack("<H", len(h) // 4), h, c, struct.pack("<H", len(ctx)), ctx,
+                     struct.pack("<H", len(h) // 4), h, c, struct.pack("<d", st.session),
+                     struct.pack("<H", len(ctx)), ctx,
                      struct.pack("<I", len(pend)), pend, pack_ring(st.ring[-ring_size:], rebuild_steps)))
 
 
 def unpack_user(key: str, raw: bytes) -> UserState:
     n, fmt = _BLOB_HEAD.unpack_from(raw, 0)
-    if fmt != USER_FORMAT:
-        raise ValueError(f"user state format {fmt} != {USER_FORMAT}")
+    if fmt not in (2, USER_FORMAT):
+        raise ValueError(f"user state format {fmt} is not 2 or {USER_FORMAT}")
     i = _BLOB_HEAD.size
     m = raw[i]
     mv = raw[i + 1:i + 1 + m].decode()
@@ -269,13 +273,17 @@ def unpack_user(key: str, raw: bytes) -> UserState:
     h = np.frombuffer(raw, np.float32, H, i).copy()
     c = np.frombuffer(raw, np.float32, H, i + 4 * H).copy()
     i += 8 * H
+    session = 0.0
+    if fmt >= 3:
+        (session,) = struct.unpack_from("<d", raw, i)
+        i += 8
     (lc,) = struct.unpack_from("<H", raw, i)
     ctx = UserContext.from_bytes(raw[i + 2:i + 2 + lc])
     i += 2 + lc
     (lp,) = struct.unpack_from("<I", raw, i)
     pend = _unpack_pending(raw[i + 4:i + 4 + lp])
     i += 4 + lp
-    return UserState(key, h, c, ctx, unpack_ring(raw[i:]), pend, mv, n, n, True)
+    return UserState(key, h, c, ctx, unpack_ring(raw[i:]), pend, mv, n, n, True, session)
 
 
 class RedisStateStore:

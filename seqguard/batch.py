@@ -68,20 +68,34 @@ def score_events(artifact: ModelArtifact, events: list[Event], progress: bool = 
     """
     det = artifact.detector
     enc = encode_log(artifact, events, reduce=det.project, progress=progress, order=order)
-    risk_replay = detector_risk(det, enc.emb, enc.surprise, enc.feats, enc.type_ids, chunk)
+    risk_replay = detector_risk(det, enc.emb, enc.surprise, enc.feats, enc.type_ids, chunk,
+                                user_idx=enc.user_idx, n_users=len(enc.users))
     risk = np.empty_like(risk_replay)
     risk[enc.order] = risk_replay
     return risk, det.action_codes(risk), enc
 
 
 def detector_risk(det, emb: np.ndarray, surprise: np.ndarray, feats: np.ndarray, type_ids: np.ndarray,
-                  chunk: int = 8192) -> np.ndarray:
-    """Risk per row, `chunk` rows per detector call (rows are independent: any chunking gives the same bits)."""
-    risk = np.empty(len(type_ids), np.float64)
-    for a in range(0, len(type_ids), chunk):
+                  chunk: int = 8192, user_idx: np.ndarray | None = None, n_users: int = 0) -> np.ndarray:
+    """Risk per row of a replayed log (emb already projected), as the gateway serves it.
+
+    Stage 1 runs `chunk` rows per detector call (rows are independent: any chunking gives the same
+    bits). With a session stage, `user_idx` (dense user per row, each user's rows in order) is
+    required: every user's session average starts at zero at the log's first event.
+    """
+    n = len(type_ids)
+    session = det.has_session
+    if session and user_idx is None:
+        raise ValueError("this detector has a session stage: detector_risk needs user_idx")
+    stage1 = det.tail_from_inputs if session else det.risk_from_inputs
+    out = np.empty(n, np.float64)
+    for a in range(0, n, chunk):
         sl = slice(a, a + chunk)
-        risk[sl] = det.risk_from_inputs(det.inputs(emb[sl], surprise[sl], feats[sl]), type_ids[sl])
-    return risk
+        out[sl] = stage1(det.inputs(emb[sl], surprise[sl], feats[sl]), type_ids[sl])
+    if not session:
+        return out
+    c, _ = det.session_scan(out, user_idx, n_users or (int(np.max(user_idx)) + 1 if n else 0))
+    return det.session_risk(c)
 
 
 def write_scores_csv(path: str, events: list[Event], risk: np.ndarray, actions: np.ndarray,

@@ -10,6 +10,8 @@ import os
 import sys
 import time
 
+from .detector import SESSION_ALPHA
+
 
 def _add_training_opts(p) -> None:
     """Options `train` and `retrain` share (same names, defaults and meaning)."""
@@ -20,6 +22,10 @@ def _add_training_opts(p) -> None:
                    help="safety cap on encoder training time; training normally ends after --epochs, an early "
                         "stop is logged as a warning because the model is then under-trained")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--session-alpha", type=float, default=SESSION_ALPHA, metavar="A",
+                   help="detector stage 2: an event's score is at least the running average of the user's "
+                        f"earlier event anomalies, weighting the newest by A (default {SESSION_ALPHA}; 0 = off, "
+                        "each event judged alone)")
 
 
 def _add_input_opts(p: argparse.ArgumentParser) -> None:
@@ -61,7 +67,7 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(hidden=args.hidden, epochs=args.epochs, seed=args.seed, min_type_count=args.min_type_count,
                       max_train_minutes=args.max_train_minutes, n_estimators=args.trees,
                       action_fpr=_train_action_fpr(args),
-                      threads=args.threads)
+                      threads=args.threads, session_alpha=args.session_alpha)
     train(args.events, args.out, cfg, labels_path=args.labels, column_map=parse_column_map(args.column_map),
           on_bad_row=args.on_bad_row)
     return 0
@@ -120,7 +126,7 @@ def cmd_retrain(args) -> int:
     live = ModelArtifact.load(args.live)
     cfg = TrainConfig(hidden=args.hidden or live.hidden, epochs=args.epochs, seed=args.seed, n_estimators=args.trees,
                       max_train_minutes=args.max_train_minutes, threads=args.threads,
-                      action_fpr=dict(live.metadata.get("action_fpr") or TrainConfig().action_fpr))
+                      session_alpha=args.session_alpha, action_fpr=dict(live.metadata.get("action_fpr") or TrainConfig().action_fpr))
     import json
     report = retrain(args.live, args.events, args.out, cfg, labels_path=args.labels, holdout_frac=args.holdout_frac,
                      column_map=parse_column_map(args.column_map))

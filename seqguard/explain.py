@@ -26,8 +26,11 @@ def _n(log1p_value: float) -> int:
 
 
 def explain(row, surprise, event_id: str, event_type: str, recent: list | None = None,
-            surprise_cut: float = 8.0, top: int = 3) -> list[Reason]:
-    """row: one feature vector; surprise: (type NLL, gap NLL); recent: [(event_id, event_type, ts), ...]."""
+            surprise_cut: float = 8.0, top: int = 3, session_lift: float = 0.0) -> list[Reason]:
+    """row: one feature vector; surprise: (type NLL, gap NLL); recent: [(event_id, event_type, ts), ...].
+
+    session_lift: the detector's session average m when it, not the event itself, set the score
+    (seqguard/detector.py stage 2; on the -log(1 - quantile) scale: 4.6 = a 1-in-100 event)."""
     recent = recent or []
     f = lambda name: float(row[FI[name]])  # noqa: E731
     out: list[Reason] = []
@@ -87,5 +90,8 @@ def explain(row, surprise, event_id: str, event_type: str, recent: list | None =
     if float(surprise[0]) >= surprise_cut:
         out.append(Reason("UNUSUAL_SEQUENCE", "event sequence unlike this account's history",
                           float(surprise[0]) / surprise_cut, [event_id]))
+    if session_lift >= 2.3:          # the session averages at least a 1-in-10 event
+        out.append(Reason("RISKY_SESSION", "follows unusual activity earlier in this session",
+                          session_lift / 2, [e[0] for e in recent][-3:] + [event_id]))
     out.sort(key=lambda r: -r.weight)
     return out[:top]

@@ -210,6 +210,9 @@ class _OnnxForest:
         return np.concatenate(list(self._pool.map(self._run, parts)))
 
 
+TAIL_FLOOR = 1e-6           # 1 - risk floor of RiskCalibrator.tail
+
+
 class RiskCalibrator:
     """Maps anomaly scores to risk in [0, 1]: the fraction of training events scoring lower.
 
@@ -227,12 +230,20 @@ class RiskCalibrator:
         # computed once here, not per call (np.unique was most of a one-row risk() call online)
         self._uq, last = np.unique(self.quantiles[::-1], return_index=True)
         self._lvls = self.levels[::-1][last]
+        # the same map on a log scale of the tail, -log(1 - risk), tabulated once so scoring stays
+        # pure interpolation (no per-event log: the offline and online arithmetic stay identical)
+        self._tail = -np.log(np.maximum(1.0 - self._lvls, TAIL_FLOOR))
 
     @classmethod
     def fit(cls, anomaly: np.ndarray) -> "RiskCalibrator":
         q = np.quantile(np.asarray(anomaly, np.float64), cls.LEVELS)
         q = np.maximum.accumulate(q)
         return cls(cls.LEVELS, q)
+
+    def tail(self, anomaly: np.ndarray) -> np.ndarray:
+        """-log(1 - risk), interpolated on the level table: 0 for typical events, 4.6 at risk 0.99,
+        -log(TAIL_FLOOR) = 13.8 at the top. Additive units for the session average (detector.py)."""
+        return np.interp(np.asarray(anomaly, np.float64), self._uq, self._tail, left=0.0, right=self._tail[-1])
 
     def risk(self, anomaly: np.ndarray) -> np.ndarray:
         return np.clip(np.interp(np.asarray(anomaly, np.float64), self._uq, self._lvls, left=0.0, right=1.0),

@@ -200,7 +200,7 @@ def score_users(featurizer: Featurizer, files: dict[str, bytes], idx: np.ndarray
     dense: dict[str, int] = {}                                # as batch.dense_user_index: by user_id
     user_idx = np.fromiter((dense.setdefault(user_ids[w], len(dense)) for w in where.tolist()), np.int64, n)
     emb, surprise, _, _ = encode_sequences(step, user_idx, type_ids, feats, len(dense), reduce=det.project)
-    return detector_risk(det, emb, surprise, feats, type_ids, chunk)
+    return detector_risk(det, emb, surprise, feats, type_ids, chunk, user_idx=user_idx, n_users=len(dense))
 
 
 # --------------------------------------------------------------------------- driver

@@ -87,14 +87,21 @@ def test_compare_main_on_small_model_writes_all_sections(small_log, small_model,
     assert res["feedback"]["fallback_identical"] is True
     for k, m in res["detectors"].items():
         assert 0 <= m["pay_roc_auc"] <= 1, k
-        if k != "shipped":
+        if k != "shipped" and not k.endswith("+session"):
             assert m["batch_us"] > 0 and m["single_us"] > 0
+    assert {"iforest+session", "lof+session"} <= set(res["detectors"])      # the production stage 2 on each
+    assert all(m["session_stage"] for m in res["heldout"].values())
     # the cached encoding reproduces the model's own batch risk, in input order
     enc = encode_cached(ModelArtifact.load(small_model), str(ev), str(tmp_path / "c"))
     det = ModelArtifact.load(small_model).detector
     from seqguard.detector import Detector  # noqa: F401  (same arithmetic as production)
-    risk = np.empty(len(enc.X))
+    a = np.empty(len(enc.X))
     for g in np.unique(enc.group):
         r = enc.group == g
-        risk[r] = det.calibrators[g].risk(-det.forests[g].score_samples(enc.X[r]))
-    assert np.allclose(risk, enc.risk)
+        a[r] = det.calibrators[g].tail(-det.forests[g].score_samples(enc.X[r]))
+    assert det.has_session
+    _, uidx = np.unique(enc.users[enc.order], return_inverse=True)     # session stage in replay order
+    c_replay, _ = det.session_scan(a[enc.order], uidx, int(uidx.max()) + 1)
+    c = np.empty_like(c_replay)
+    c[enc.order] = c_replay
+    assert np.allclose(det.session_risk(c), enc.risk)

@@ -253,6 +253,7 @@ def test_user_state_blob_roundtrip_is_exact():
 def test_state_rebuilt_from_ring_on_model_upgrade(small_model, small_log, redis_server, triton, gateway_factory):
     """Events scored with model version A; the engine switches to B; the next score rebuilds h, c from the
     ring's last K feature rows with B, and equals an offline replay of those K events + the new one."""
+    from seqguard.batch import detector_risk
     from seqguard.encoding import OrtStep, encode_sequences
     from seqguard.featurizer import featurize_log
     gw = gateway_factory(model_dir=str(small_model), redis_port=redis_server.port, triton_url=triton.grpc_url,
@@ -273,7 +274,8 @@ def test_state_rebuilt_from_ring_on_model_upgrade(small_model, small_log, redis_
         t, f = types[steps], feats[steps]
         emb, sur, _, _ = encode_sequences(OrtStep(str(art.onnx_path)), np.zeros(len(steps), np.int64), t, f, 1,
                                           reduce=art.detector.project)
-        return art.detector.risk_from_inputs(art.detector.inputs(emb, sur, f), t)
+        # the detector's session average restarts at zero with h, c and sees the same K steps
+        return detector_risk(art.detector, emb, sur, f, t, user_idx=np.zeros(len(steps), np.int64), n_users=1)
 
     with grpc.insecure_channel(gw.address) as ch:
         stub = risk_pb2_grpc.RiskScoringStub(ch)

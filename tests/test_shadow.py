@@ -140,7 +140,11 @@ def test_shadow_mode_same_live_answers_and_offline_candidate_risks(setup, events
         assert reg.get_sample_value("seqguard_shadow_risk_diff_count") == len(events)
         assert reg.get_sample_value("seqguard_shadow_events_total", {"result": "scored"}) == len(events)
         n_state = len(list(redis_server.client(db=db).scan_iter("sg:sh:*")))
-        assert n_state == (len({e.user_id for e in events}) if candidate is cand else 0)   # own LSTM state only
+        keeps_state = candidate is cand or art.detector.has_session   # own LSTM state / session average only
+        assert n_state == (len({e.user_id for e in events}) if keeps_state else 0)
+        if candidate is same_enc:                              # the session average alone: no h, c bytes
+            raw = redis_server.client(db=db).get(next(redis_server.client(db=db).scan_iter("sg:sh:*")))
+            assert len(raw) == len(art.model_version) + 1 + 8
 
     # a candidate Triton does not serve: every shadow step fails, is counted, and nothing else changes
     gw = _gateway(gateway_factory, redis_server, tri, live, 13, shadow=missing)

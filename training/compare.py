@@ -38,6 +38,7 @@ class Encoded:
     surprise: np.ndarray       # [n, 2]
     feats: np.ndarray          # [n, F] featuriser output
     risk: np.ndarray           # the shipped model's risk
+    order: np.ndarray | None = None   # replay position -> input index (each user's events in order)
 
 
 def encode_cached(model, events_path: str, cache_dir: str) -> Encoded:
@@ -47,7 +48,8 @@ def encode_cached(model, events_path: str, cache_dir: str) -> Encoded:
     cache = Path(cache_dir) / f"{Path(events_path).stem}__{model.model_version}.npz"
     if cache.exists():
         a = np.load(cache, allow_pickle=True)
-        return Encoded(*(a[k] for k in ("X", "group", "users", "event_types", "surprise", "feats", "risk")))
+        return Encoded(*(a[k] for k in ("X", "group", "users", "event_types", "surprise", "feats", "risk")),
+                       order=a["order"] if "order" in a.files else None)
     events = list(read_events(events_path))
     det = model.detector
     risk, _, enc = score_events(model, events, progress=True)
@@ -56,7 +58,8 @@ def encode_cached(model, events_path: str, cache_dir: str) -> Encoded:
     X = det.inputs(enc.emb, enc.surprise, enc.feats)[inv]
     out = Encoded(X, det.groups(enc.type_ids)[inv], np.array([e.user_id for e in events], dtype=object).astype(str),
                   np.array([e.event_type for e in events], dtype=object).astype(str),
-                  np.asarray(enc.surprise, np.float64)[inv], np.asarray(enc.feats, np.float32)[inv], risk)
+                  np.asarray(enc.surprise, np.float64)[inv], np.asarray(enc.feats, np.float32)[inv], risk,
+                  np.asarray(enc.order, np.int64))
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, **out.__dict__)
     return out
@@ -102,13 +105,52 @@ class GroupDetector:
             out[rows] = -self._score(m, X[rows])
         return out
 
-    def risk(self, X: np.ndarray, group: np.ndarray) -> np.ndarray:
+    def risk(self, X: np.ndarray, group: np.ndarray, scale: str = "risk") -> np.ndarray:
+        """Per-group quantile of the anomaly; scale "tail": on the -log(1 - q) scale (session input)."""
         out = np.zeros(len(X))
         for g in np.unique(group):
             rows = np.flatnonzero(group == g)
             key = int(g) if int(g) in self.models else next(iter(self.models))
-            out[rows] = self.cals[key].risk(-self._score(self.models[key], X[rows]))
+            out[rows] = getattr(self.cals[key], scale)(-self._score(self.models[key], X[rows]))
         return out
+
+
+def subset(enc: Encoded, keep: np.ndarray) -> Encoded:
+    """The events where `keep` (input order), with the replay order carried over."""
+    keep = np.asarray(keep, bool)
+    new_index = np.cumsum(keep) - 1
+    order = None if enc.order is None else new_index[enc.order[keep[enc.order]]]
+    return Encoded(enc.X[keep], enc.group[keep], enc.users[keep], enc.event_types[keep], enc.surprise[keep],
+                   enc.feats[keep], enc.risk[keep], order)
+
+
+class SessionStage:
+    """The production detector's stage 2 (seqguard/detector.py) on top of any GroupDetector: each
+    event scored with max(its tail anomaly, the user's running average of earlier ones), calibrated
+    on the fit log. Needs the replay order of each log (Encoded.order)."""
+
+    def __init__(self, alpha: float | None = None):
+        from seqguard.detector import SESSION_ALPHA
+        self.alpha = SESSION_ALPHA if alpha is None else alpha
+        self.cal: RiskCalibrator | None = None
+
+    def _c(self, det: GroupDetector, enc: Encoded) -> np.ndarray:
+        from seqguard.detector import session_scan
+        if enc.order is None:
+            raise ValueError("this cache has no replay order: delete it and rerun (needed by the session stage)")
+        a = det.risk(enc.X, enc.group, scale="tail")[enc.order]
+        _, user_idx = np.unique(enc.users[enc.order], return_inverse=True)
+        c_replay, _ = session_scan(a, user_idx, int(user_idx.max()) + 1 if len(a) else 0, self.alpha)
+        c = np.empty_like(c_replay)
+        c[enc.order] = c_replay
+        return c
+
+    def fit(self, det: GroupDetector, fit: Encoded) -> "SessionStage":
+        self.cal = RiskCalibrator.fit(self._c(det, fit))
+        return self
+
+    def risk(self, det: GroupDetector, enc: Encoded) -> np.ndarray:
+        return self.cal.risk(self._c(det, enc))
 
 
 class _FlatIF:
@@ -160,12 +202,14 @@ def detector_factories(seed: int = 0) -> dict[str, GroupDetector]:
 
 
 DETECTOR_LABELS = {
-    "shipped": "shipped IForest (fit on train20k)",
+    "shipped": "shipped model (IForest + session, fit on train20k)",
     "iforest": "IsolationForest (default)",
     "lof": "LocalOutlierFactor(novelty, k=35, 5k fit/group)",
     "ocsvm_nystroem": "OneClassSVM (Nystroem 300 + SGD, 50k fit/group)",
     "mahalanobis": "Gaussian / Mahalanobis (Ledoit-Wolf)",
 }
+DETECTOR_LABELS.update({f"{k}+session": f"{v.split(' (')[0]} + session stage" for k, v in list(DETECTOR_LABELS.items())
+                        if k != "shipped"})
 
 
 # --------------------------------------------------------------------------- labels + metrics
@@ -225,6 +269,12 @@ def compare_detectors(fit: Encoded, test: Encoded, y, fam, pay, seed: int, log) 
         out[name] = {**score_metrics(risk, y, fam, pay), "fit_s": fit_s, "batch_us": batch_us, "single_us": single_us}
         log(f"{name}: pay ROC-AUC {_f(out[name]['pay_roc_auc'])}, R@1% {_f(out[name]['r_at_1pct'])}, "
             f"{batch_us:.1f} us/event batch, {single_us:.0f} us single, fit {fit_s:.1f}s")
+        if fit.order is not None and test.order is not None:       # + the production session stage
+            sess = SessionStage().fit(det, fit)
+            k = f"{name}+session"
+            out[k] = {**score_metrics(sess.risk(det, test), y, fam, pay), "fit_s": None, "batch_us": None,
+                      "single_us": None}
+            log(f"{k}: pay ROC-AUC {_f(out[k]['pay_roc_auc'])}, R@1% {_f(out[k]['r_at_1pct'])}")
     return out
 
 
@@ -234,13 +284,20 @@ def attack_users(fit_users, fit_y, fit_fam, family: str) -> np.ndarray:
 
 def heldout_families(fit: Encoded, fit_y, fit_fam, test: Encoded, y, fam, seed: int, log,
                      feedback_frac: float = 0.05) -> dict:
-    """Per attack family: IForest (+ 5% feedback ranker) refitted without that family's users."""
+    """Per attack family: IForest (+ the session stage when both logs carry their replay order, as
+    production; + 5% feedback ranker) refitted without that family's users."""
     from .feedback import FeedbackRanker, sample_user_labels
+    session = fit.order is not None and test.order is not None
 
     def run(keep):
         det = detector_factories(seed)["iforest"].fit(fit.X[keep], fit.group[keep])
-        risk_fit = det.risk(fit.X[keep], fit.group[keep])
-        risk = det.risk(test.X, test.group)
+        if session:             # as production: stage 2 calibrated on the same (family-free) fit log
+            fit_k = subset(fit, keep)
+            stage = SessionStage().fit(det, fit_k)
+            risk_fit, risk = stage.risk(det, fit_k), stage.risk(det, test)
+        else:
+            risk_fit = det.risk(fit.X[keep], fit.group[keep])
+            risk = det.risk(test.X, test.group)
         lab = sample_user_labels(fit.users[keep], fit_y[keep], feedback_frac, seed)
         fb = FeedbackRanker().fit(risk_fit, fit.surprise[keep], fit.feats[keep], lab, fit.users[keep])
         return risk, fb.score(risk, test.surprise, test.feats), fb.active
@@ -256,7 +313,8 @@ def heldout_families(fit: Encoded, fit_y, fit_fam, test: Encoded, y, fam, seed: 
         drop = np.isin(fit.users, attack_users(fit.users, fit_y, fit_fam, f))
         risk, fb, active = run(~drop)
         pos = (fam == f) & (y == 1)
-        out[f] = {"dropped_users": int(len(np.unique(fit.users[drop]))), "dropped_events": int(drop.sum()),
+        out[f] = {"session_stage": session,
+                  "dropped_users": int(len(np.unique(fit.users[drop]))), "dropped_events": int(drop.sum()),
                   "test_events": int(pos.sum()),
                   "iforest_with": fam_recall(full_risk, f), "iforest_without": fam_recall(risk, f),
                   "challenge_with": float((full_risk[pos] >= 0.99).mean()),
@@ -518,7 +576,8 @@ def report_md(res: dict) -> str:
         H = res["heldout"]
         L += ["## 2. Held-out attack family", "",
               "For each family, every user with a label-1 event of that family is removed from the fit log; "
-              "IForest + calibration (and the 5%-label feedback ranker) are refitted on the rest and the family's "
+              "IForest + calibration" + (" + the session stage" if next(iter(H.values())).get("session_stage") else "")
+              + " (and the 5%-label feedback ranker) are refitted on the rest and the family's "
               "recall is measured on the test log. `with` = fitted on the full fit log (same detector, same seed).", "",
               "| family | users dropped | test events | IF R@1%FPR with | IF R@1%FPR without | IF R@CHALLENGE with "
               "| IF R@CHALLENGE without | label-0 FPR @CHALLENGE without | feedback 5% with | feedback 5% without |",

@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from seqguard import artifact as art
 from seqguard.batch import encode_log
-from seqguard.detector import (DEFAULT_ACTION_FPR, DETECTOR_SIGNALS, MIN_GROUP_EVENTS, TYPE_GROUPS, Detector,
-                               action_thresholds, fit_pca, signal_indices, type_groups)
+from seqguard.detector import (DEFAULT_ACTION_FPR, DETECTOR_SIGNALS, MIN_GROUP_EVENTS, SESSION_ALPHA, TYPE_GROUPS,
+                               Detector, action_thresholds, fit_pca, signal_indices, type_groups)
 from seqguard.featurizer import ContextStore, Featurizer, TokenHasher, Vocabulary, featurize_log
 from seqguard.forest import FlatIsolationForest, RiskCalibrator
 from seqguard.schema import ReadReport, read_events
@@ -51,6 +51,7 @@ class TrainConfig:
     n_estimators: int = 200
     max_samples: int = 512
     forest_fit_events: int = 200_000
+    session_alpha: float = SESSION_ALPHA  # detector stage 2 (seqguard/detector.py); 0 turns it off
     action_fpr: dict = field(default_factory=lambda: dict(DEFAULT_ACTION_FPR))
     seed: int = 0
     threads: int = 2
@@ -271,12 +272,13 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
     forests, flats, cals, sig, groups = fit_detector(cfg, enc_log.emb, enc_log.surprise, enc_log.feats,
                                                      enc_log.type_ids, vocab.tokens, log)
     detector = Detector(pca_mean, pca, sig, flats, cals, groups, action_thresholds(cfg.action_fpr))
+    train_risk = fit_session_stage(detector, enc_log, cfg.session_alpha, log)
     np.savez(out / art.DETECTOR_FILE, **detector.to_arrays())
     import joblib
     joblib.dump(forests, out / "isolation_forest.joblib")   # list: one per type group
 
     # 6. drift baseline (drift_reference.json), metadata + Triton repository
-    _write_drift_reference(out, detector, enc_log, featurizer.spec()["feature_names"], cfg.seed, log)
+    _write_drift_reference(out, train_risk, enc_log, featurizer.spec()["feature_names"], cfg.seed, log)
     digest = hashlib.sha256(onnx_path.read_bytes() + (out / art.DETECTOR_FILE).read_bytes()).hexdigest()[:8]
     model_version = f"{dt.datetime.now(dt.timezone.utc):%Y%m%d}-{digest}"
     from seqguard.triton_repo import write_model_repository
@@ -290,6 +292,7 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
         "featurizer": featurizer.spec(),
         "encoder": enc.cfg.to_dict(),
         "detector": {"signals": list(DETECTOR_SIGNALS), "type_groups": [g for g, _ in TYPE_GROUPS], "pca_dim": cfg.pca_dim, "n_estimators": cfg.n_estimators,
+                     "session_alpha": detector.session_alpha,
                      "max_samples": cfg.max_samples, "sklearn_version": sklearn.__version__},
         "action_fpr": cfg.action_fpr,
         "thresholds": detector.thresholds,
@@ -309,20 +312,36 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
 DRIFT_REFERENCE_MAX_EVENTS = 500_000   # deciles of half a million rows are stable; caps the extra scoring time
 
 
-def _write_drift_reference(out: Path, detector, enc_log, feature_names, seed: int, log) -> None:
+def fit_session_stage(detector: Detector, enc_log, alpha: float, log) -> np.ndarray:
+    """Stage 2 of the detector (see seqguard/detector.py): fit the calibrator of the session
+    score c over the whole training log, replayed per user. Returns the served risk of every
+    training event (replay order), exactly as score-file computes it. alpha 0 leaves stage 1 alone."""
+    from seqguard.batch import detector_risk
+    t0 = time.time()
+    if alpha > 0:
+        detector.session_alpha = float(alpha)
+        a = np.empty(len(enc_log.type_ids), np.float64)
+        for s in range(0, len(a), 8192):
+            sl = slice(s, s + 8192)
+            a[sl] = detector.tail_from_inputs(detector.inputs(enc_log.emb[sl], enc_log.surprise[sl],
+                                                              enc_log.feats[sl]), enc_log.type_ids[sl])
+        c, _ = detector.session_scan(a, enc_log.user_idx, len(enc_log.users))
+        detector.session_calibrator = RiskCalibrator.fit(c)
+        log(f"session stage (alpha {alpha}) calibrated on {len(c)} training events ({time.time() - t0:.0f}s)")
+        return detector.session_risk(c)
+    return detector_risk(detector, enc_log.emb, enc_log.surprise, enc_log.feats, enc_log.type_ids)
+
+
+def _write_drift_reference(out: Path, train_risk: np.ndarray, enc_log, feature_names, seed: int, log) -> None:
     """drift_reference.json: risk and feature distributions of the training log, so `seqguard drift`
-    needs no --reference. Risk is the detector on the ONNX path's encodings, exactly as score-file
+    needs no --reference. Risk is the served risk on the ONNX path's encodings, exactly as score-file
     computes it; logs above DRIFT_REFERENCE_MAX_EVENTS use a uniform random sample of events."""
     from .drift import build_reference, save_reference
     t0 = time.time()
     n = len(enc_log.feats)
     rows = np.arange(n) if n <= DRIFT_REFERENCE_MAX_EVENTS else np.sort(
         np.random.default_rng(seed).choice(n, DRIFT_REFERENCE_MAX_EVENTS, replace=False))
-    risk = np.empty(len(rows), np.float64)
-    for a in range(0, len(rows), 8192):
-        r = rows[a:a + 8192]
-        risk[a:a + len(r)] = detector.risk_from_inputs(
-            detector.inputs(enc_log.emb[r], enc_log.surprise[r], enc_log.feats[r]), enc_log.type_ids[r])
+    risk = np.asarray(train_risk, np.float64)[rows]
     path = save_reference(out, build_reference(risk, np.asarray(enc_log.feats[rows], np.float64),
                                                list(feature_names)))
     log(f"drift reference from {len(rows)} of {n} training events written to {path} ({time.time() - t0:.0f}s)")
