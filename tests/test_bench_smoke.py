@@ -73,3 +73,16 @@ def test_quick_run_reports_every_system(bench_model, tmp_path):
     # CPU of the gateway tree is broken down by process (Redis and Triton are children of it)
     assert {"server", "gateway", "redis", "triton"} <= set(gw["steps"][0]["cpu_ms_per_req"])
     assert "perf_analyzer" in gw                # rows, or the reason it could not run
+
+
+def test_idle_cost_prints_every_stage_and_gap(bench_model):
+    """bench.idle_cost (why low-rate latency is high, BENCHMARKS.md): a row per stage and idle gap."""
+    model, _ = bench_model
+    p = subprocess.run([sys.executable, "-m", "bench.idle_cost", "--model", str(model), "--n", "5"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [line.split("|") for line in p.stdout.splitlines() if line.startswith("| ") and "ms |" not in line]
+    got = {(r[1].strip(), int(r[2])) for r in rows}
+    assert got == {(s, g) for s in ("detector (1 event)", "triton live (no model)", "triton step (batch 1)")
+                   for g in (0, 2, 20)}
+    assert all(float(r[3]) > 0 and float(r[4]) >= float(r[3]) for r in rows)   # p50 > 0, p90 >= p50
