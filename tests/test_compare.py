@@ -65,8 +65,14 @@ def test_feedback_falls_back_to_unsupervised_and_learns_from_labels():
     lab = sample_user_labels(users, y, 0.2, seed=0)
     assert set(np.unique(users[lab >= 0])).__len__() == 80          # 20% of 400 users, all their events
     assert np.array_equal(lab[lab >= 0], y[lab >= 0])
-    fb = FeedbackRanker().fit(risk, sur, feats, lab)
+    fb = FeedbackRanker().fit(risk, sur, feats, lab, users)
     assert fb.active
+    # the same strong signal, but on only 9 distinct fraud users: not enough to trust, unsupervised only
+    few = lab.copy()
+    pos_users = np.unique(users[few == 1])
+    few[(few == 1) & ~np.isin(users, pos_users[:9])] = 0
+    assert len(np.unique(users[few == 1])) == 9
+    assert not FeedbackRanker().fit(risk, sur, feats, few, users).active
     assert roc_auc_score(y, fb.score(risk, sur, feats)) > roc_auc_score(y, risk) + 0.2
 
 
