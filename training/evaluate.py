@@ -402,7 +402,7 @@ def _report_md(metrics: dict, summary: str) -> str:
           "- Every scorer scores every event right after it happens (risk after event *i* uses events up to and "
           "including *i*); scores are compared with the per-event labels of the generator / analyst.",
           "- **seqguard**: `seqguard.batch.score_events` (shared featuriser replayed in global time order, the "
-          "exported ONNX step encoder, PCA + IsolationForest + calibration) - the same numbers the online gateway serves.",
+          "exported ONNX step encoder, PCA + IsolationForest + calibration, then the session stage: at least the running average of the user's earlier event anomalies) - the same numbers the online gateway serves.",
           "- **hand rules** (`training.baselines.hand_rules_score`): weighted sum of hand-written rule hits "
           "(velocity, new device / country, failure bursts, account change before payment, amount vs the user's "
           "history, many accounts per device / IP, ...) over the shared featuriser's outputs; weights hand-chosen, "
