@@ -247,7 +247,8 @@ class Gateway:
         self.store = RedisStateStore.from_settings(s, self.artifact.hidden)
         self.encoder = self._encoder_for(self.artifact)
         self.engine = self._engine_for(self.artifact, self.store, self.encoder)
-        self.coalescer = Coalescer(self.engine, s.coalesce_max_events, s.coalesce_max_wait_us, s.max_in_flight)
+        self.coalescer = Coalescer(self.engine, s.coalesce_max_events, s.coalesce_max_wait_us, s.max_in_flight,
+                                   s.coalesce_max_concurrent)
         self.coalescer.start()
         self.metrics.in_flight.set_function(lambda: self.coalescer.in_flight)
         self.metrics.set_model(self.artifact.model_version, self.encoder.model_version)

@@ -43,6 +43,10 @@ class Settings:
     # Coalescing: concurrent calls share one Redis round trip and one Triton request
     coalesce_max_events: int = 256
     coalesce_max_wait_us: int = 0       # 0 = adaptive: take whatever queued while the last batch ran
+    # batches in flight at once (only ones sharing no user/entity/event id). 1 here: on 2 shared cores a
+    # second batch halves batch sizes and costs more CPU per request (measured, BENCHMARKS.md); raise it
+    # where Redis and Triton are on other hosts and the gateway mostly waits on them
+    coalesce_max_concurrent: int = 1
     # Operations: Prometheus /metrics (0 = off; host "" = same as `host`) and hot model reload
     metrics_port: int = 0
     metrics_host: str = ""
@@ -97,7 +101,7 @@ class Settings:
         if self.fallback not in ("fail_open", "fail_closed"):
             raise ValueError(f"fallback must be fail_open or fail_closed, got {self.fallback!r}")
         for name in ("deadline_ms", "redis_timeout_ms", "triton_timeout_ms", "max_batch_events", "max_in_flight",
-                     "coalesce_max_events"):
+                     "coalesce_max_events", "coalesce_max_concurrent"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
         if not 1 <= self.recent_events <= 255:      # the ring's entry count is one byte (gateway/state.py)

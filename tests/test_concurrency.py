@@ -1,5 +1,6 @@
 """Two gateway PROCESSES sharing one Redis, many concurrent clients, same-user collisions:
-0 lost or doubled updates, and every returned risk equals the offline replay in the apply order."""
+0 lost or doubled updates, and every returned risk equals the offline replay in the apply order.
+One gateway runs one batch at a time, the other overlaps up to three disjoint batches."""
 import asyncio
 
 import grpc
@@ -26,8 +27,10 @@ def test_two_gateways_concurrent_clients_no_lost_updates(small_model, small_log,
         counts[e.user_id] = counts.get(e.user_id, 0) + 1
     users = sorted(counts, key=lambda u: -counts[u])[:40]
     chosen = [e for e in sorted(events, key=lambda e: e.ts) if e.user_id in set(users)][:3000]
+    # the second gateway overlaps batches that share no user/entity/event id (coalesce_max_concurrent 3)
     gws = [start_gateway_process(small_model, redis_server.port, triton.grpc_url, tmp_path / f"gw{k}.log",
-                                 pseudonym_key="concurrency-test-key-0123456789") for k in range(2)]
+                                 pseudonym_key="concurrency-test-key-0123456789",
+                                 coalesce_max_concurrent=1 + 2 * k) for k in range(2)]
     try:
         results = asyncio.run(_drive(chosen, [p for _, p in gws], clients=32))
     finally:
