@@ -59,6 +59,16 @@ def test_online_equals_offline(small_model, small_log, redis_server, stub):
         online[i] = r.risk
     assert np.abs(online - offline).max() <= 1e-5
     assert len(events) > 5000
+    # the session average stored per user equals the offline replay's (detector stage 2)
+    art = ModelArtifact.load(small_model)
+    det = art.detector
+    _, _, enc = score_events(art, events)
+    a = det.tail_from_inputs(det.inputs(enc.emb, enc.surprise, enc.feats), enc.type_ids)
+    _, m = det.session_scan(a, enc.user_idx, len(enc.users))
+    for k in np.argsort(-m)[:3].tolist() + [int(np.argmin(m))]:
+        st = stub.GetUserState(risk_pb2.UserStateRequest(user_id=enc.users[k]), timeout=5)
+        assert st.context["session_anomaly"] == pytest.approx(m[k], rel=1e-6, abs=1e-9)
+    assert m.max() > 2.3                                    # some users did carry a risky session
 
 
 @pytest.mark.parametrize("patch, field", [
