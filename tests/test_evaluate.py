@@ -219,7 +219,10 @@ def test_main_evaluate_writes_report_naming_scorers_and_families(tiny, capsys):
     for fam in families:
         assert fam in md, fam
     m = json.loads((rep / "metrics.json").read_text())
-    assert list(m["scorers"]) == ["seqguard", "hand_rules", "user_agg_iforest"]
+    assert list(m["scorers"]) == ["seqguard", "seqguard_event_only", "hand_rules", "user_agg_iforest"]
+    assert "each event alone (no session stage)" in md       # the model's own ablation row
+    # the ablation differs from the served risk (the stage moved some events) but ranks similarly
+    assert m["scorers"]["seqguard_event_only"]["all"]["roc_auc"] != m["scorers"]["seqguard"]["all"]["roc_auc"]
     assert m["model_version"] and m["data"]["events"] == len(tiny["label_rows"])
     for k, s in m["scorers"].items():
         assert 0.0 <= s["all"]["roc_auc"] <= 1.0 and 0.0 <= s["user"]["roc_auc"] <= 1.0

@@ -35,6 +35,7 @@ ACTION_NAMES = ("REVIEW", "CHALLENGE", "BLOCK")
 FPR_LEVELS = (0.01, 0.001)
 SCORER_LABELS = {
     "seqguard": "seqguard (LSTM + IForest)",
+    "seqguard_event_only": "seqguard, each event alone (no session stage)",
     "hand_rules": "hand rules",
     "user_agg_iforest": "user aggregates + IForest",
 }
@@ -592,6 +593,14 @@ def main_evaluate(args) -> int:
     timings["score_model"] = time.time() - t
     feats_in = np.empty_like(enc.feats)
     feats_in[enc.order] = enc.feats
+    event_only = None
+    if model.detector.has_session:     # the same model with its session stage off: what the stage adds here
+        from seqguard.detector import Detector
+        from seqguard.batch import detector_risk
+        d = model.detector
+        stage1 = Detector(d.proj_mean, d.proj, d.signal_idx, d.forests, d.calibrators, d.type_group, d.thresholds)
+        event_only = np.empty(len(events), np.float64)
+        event_only[enc.order] = detector_risk(stage1, enc.emb, enc.surprise, enc.feats, enc.type_ids)
 
     t = time.time()
     rules = hand_rules_score(events, feats_in)
@@ -607,7 +616,8 @@ def main_evaluate(args) -> int:
             "training_users": tr.get("users"), "skipped_rows": report.skipped or {}}
     t = time.time()
     labels_aligned = list(zip(y.tolist(), family.tolist(), variant.tolist()))
-    scores = {MODEL_KEY: risk, "hand_rules": rules, "user_agg_iforest": agg}
+    scores = {MODEL_KEY: risk, **({"seqguard_event_only": event_only} if event_only is not None else {}),
+              "hand_rules": rules, "user_agg_iforest": agg}
     timings_view = {k: round(v, 2) for k, v in timings.items()}
     info["timings_s"] = timings_view
     thresholds = model.detector.thresholds
