@@ -98,17 +98,21 @@ class Detector:
         t = np.asarray(type_ids, np.int64)
         return self.type_group[np.clip(t, 0, len(self.type_group) - 1)]
 
-    def risk_from_inputs(self, X: np.ndarray, type_ids: np.ndarray) -> np.ndarray:
-        """Risk = the event's anomaly score as a quantile among training events of its group."""
+    def _calibrated(self, X: np.ndarray, type_ids: np.ndarray, scale: str) -> np.ndarray:
+        """Each row's forest anomaly through its group's calibrator: `scale` "risk" (quantile) or "tail"."""
         g = self.groups(type_ids)
         if len(g) and (g == g[0]).all():      # one group (always at batch 1 online): no row selection
             k = int(g[0])
-            return self.calibrators[k].risk(-self.forests[k].score_samples(X))
-        risk = np.empty(len(X), np.float64)
+            return getattr(self.calibrators[k], scale)(-self.forests[k].score_samples(X))
+        out = np.empty(len(X), np.float64)
         for k in np.unique(g):
             rows = np.flatnonzero(g == k)
-            risk[rows] = self.calibrators[k].risk(-self.forests[k].score_samples(X[rows]))
-        return risk
+            out[rows] = getattr(self.calibrators[k], scale)(-self.forests[k].score_samples(X[rows]))
+        return out
+
+    def risk_from_inputs(self, X: np.ndarray, type_ids: np.ndarray) -> np.ndarray:
+        """Risk = the event's anomaly score as a quantile among training events of its group."""
+        return self._calibrated(X, type_ids, "risk")
 
     def risk(self, emb: np.ndarray, surprise: np.ndarray, feats: np.ndarray, type_ids: np.ndarray) -> np.ndarray:
         """Stage 1 alone: the event's risk WITHOUT session context (see session_risk for the served score)."""
@@ -116,15 +120,7 @@ class Detector:
 
     def tail_from_inputs(self, X: np.ndarray, type_ids: np.ndarray) -> np.ndarray:
         """Stage 1 on the tail scale: a = -log(1 - per-group quantile), row by row."""
-        g = self.groups(type_ids)
-        if len(g) and (g == g[0]).all():
-            k = int(g[0])
-            return self.calibrators[k].tail(-self.forests[k].score_samples(X))
-        a = np.empty(len(X), np.float64)
-        for k in np.unique(g):
-            rows = np.flatnonzero(g == k)
-            a[rows] = self.calibrators[k].tail(-self.forests[k].score_samples(X[rows]))
-        return a
+        return self._calibrated(X, type_ids, "tail")
 
     def event_tail(self, emb: np.ndarray, surprise: np.ndarray, feats: np.ndarray, type_ids: np.ndarray) -> np.ndarray:
         return self.tail_from_inputs(self.inputs(self.project(emb), surprise, feats), type_ids)
@@ -188,22 +184,11 @@ def session_scan(a: np.ndarray, user_idx: np.ndarray, n_users: int, alpha: float
                  m0: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """session_step over a replayed log: all users advance in lock-step (the k-th event of every
     user in one call). Rows must be in replay order (each user's events in their order)."""
+    from .encoding import lockstep_rows
     user_idx = np.asarray(user_idx, np.int64)
-    n = len(user_idx)
     m = np.zeros(n_users, np.float64) if m0 is None else np.array(m0, np.float64)
-    c = np.empty(n, np.float64)
-    if n == 0:
-        return c, m
-    by_user = np.argsort(user_idx, kind="stable")
-    counts = np.bincount(user_idx, minlength=n_users)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.empty(n, np.int64)
-    rank[by_user] = np.arange(n) - np.repeat(starts, counts)
-    by_rank = np.argsort(rank, kind="stable")
-    pos = 0
-    for n_k in np.bincount(rank):
-        rows = by_rank[pos:pos + n_k]
-        pos += n_k
+    c = np.empty(len(user_idx), np.float64)
+    for rows in lockstep_rows(user_idx, n_users):
         u = user_idx[rows]
         c[rows], m[u] = session_step(a[rows], m[u], alpha)
     return c, m

@@ -33,6 +33,26 @@ class OrtStep:
         return tuple(out)
 
 
+def lockstep_rows(user_idx: np.ndarray, n_users: int):
+    """Rows of a replayed log (each user's rows in their order) grouped by position within the
+    user: first every user's 1st event, then every 2nd, ... Each group has one row per user, so
+    per-user state can be advanced for the whole group at once."""
+    user_idx = np.asarray(user_idx, np.int64)
+    n = len(user_idx)
+    if n == 0:
+        return
+    by_user = np.argsort(user_idx, kind="stable")
+    counts = np.bincount(user_idx, minlength=n_users)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty(n, np.int64)
+    rank[by_user] = np.arange(n) - np.repeat(starts, counts)
+    by_rank = np.argsort(rank, kind="stable")
+    pos = 0
+    for n_k in np.bincount(rank):
+        yield by_rank[pos:pos + n_k]
+        pos += n_k
+
+
 def encode_sequences(step, user_idx: np.ndarray, type_ids: np.ndarray, feats: np.ndarray, n_users: int,
                      reduce=None, max_batch: int = 8192, progress: bool = False):
     """Run every user's events through the step model in order, all users in lock-step.
@@ -45,13 +65,6 @@ def encode_sequences(step, user_idx: np.ndarray, type_ids: np.ndarray, feats: np
     N = len(user_idx)
     H = step.hidden
     user_idx = np.asarray(user_idx, np.int64)
-    by_user = np.argsort(user_idx, kind="stable")
-    counts = np.bincount(user_idx, minlength=n_users)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.empty(N, np.int64)
-    rank[by_user] = np.arange(N) - np.repeat(starts, counts)
-    by_rank = np.argsort(rank, kind="stable")
-    steps = np.bincount(rank) if N else np.zeros(0, np.int64)
     h = np.zeros((n_users, H), np.float32)
     c = np.zeros((n_users, H), np.float32)
     surprise = np.empty((N, 2), np.float32)
@@ -60,11 +73,8 @@ def encode_sequences(step, user_idx: np.ndarray, type_ids: np.ndarray, feats: np
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=N, desc="encode", unit="ev", mininterval=1.0, leave=False)
-    pos = 0
-    for n_k in steps:
-        rows_k = by_rank[pos:pos + n_k]
-        pos += n_k
-        for a in range(0, n_k, max_batch):
+    for rows_k in lockstep_rows(user_idx, n_users):
+        for a in range(0, len(rows_k), max_batch):
             rows = rows_k[a:a + max_batch]
             users = user_idx[rows]
             h2, c2, emb, sur = step(type_ids[rows], feats[rows], h[users], c[users])
