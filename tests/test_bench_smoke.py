@@ -86,3 +86,28 @@ def test_idle_cost_prints_every_stage_and_gap(bench_model):
     assert got == {(s, g) for s in ("detector (1 event)", "triton live (no model)", "triton step (batch 1)")
                    for g in (0, 2, 20)}
     assert all(float(r[3]) > 0 and float(r[4]) >= float(r[3]) for r in rows)   # p50 > 0, p90 >= p50
+
+
+def test_quick_run_against_an_external_triton(bench_model, tmp_path):
+    """--triton-url/--triton-model (how the bench targets a GPU Triton): the gateway uses that server,
+    not one of its own, and perf_analyzer is pointed at it."""
+    from seqguard.services import TritonServer
+    model, events = bench_model
+    out = tmp_path / "results"
+    with TritonServer(model / "model_repository", models=["seqguard_encoder"], run_dir=tmp_path / "triton") as tr:
+        p = subprocess.run([sys.executable, "-m", "bench.run", "--model", str(model), "--events", str(events),
+                            "--quick", "--systems", "gateway", "--triton-url", tr.grpc_url,
+                            "--triton-model", "seqguard_encoder", "--out", str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, f"bench.run failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+        import urllib.request
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))     # loopback, never a proxy
+        served = opener.open(tr.metrics_url, timeout=5).read().decode()
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["triton_url"] == tr.grpc_url
+    step = results["systems"]["gateway"]["steps"][0]
+    assert step["ok"] > 0
+    # the external server did the inference: its success counter moved
+    ok = [line for line in served.splitlines()
+          if line.startswith("nv_inference_request_success") and 'model="seqguard_encoder"' in line]
+    assert ok and sum(float(line.rsplit(" ", 1)[1]) for line in ok) > 0, served[:2000]
