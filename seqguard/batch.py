@@ -75,26 +75,32 @@ def score_events(artifact: ModelArtifact, events: list[Event], progress: bool = 
     return risk, det.action_codes(risk), enc
 
 
+def stage1_scores(det, emb: np.ndarray, surprise: np.ndarray, feats: np.ndarray, type_ids: np.ndarray,
+                  tail: bool = False, chunk: int = 8192) -> np.ndarray:
+    """Detector stage 1 per row (emb already projected): the group quantile, or with `tail` its
+    -log(1 - q) scale. `chunk` rows per detector call (rows are independent: any chunking gives the
+    same bits)."""
+    score = det.tail_from_inputs if tail else det.risk_from_inputs
+    out = np.empty(len(type_ids), np.float64)
+    for a in range(0, len(type_ids), chunk):
+        sl = slice(a, a + chunk)
+        out[sl] = score(det.inputs(emb[sl], surprise[sl], feats[sl]), type_ids[sl])
+    return out
+
+
 def detector_risk(det, emb: np.ndarray, surprise: np.ndarray, feats: np.ndarray, type_ids: np.ndarray,
                   chunk: int = 8192, user_idx: np.ndarray | None = None, n_users: int = 0) -> np.ndarray:
     """Risk per row of a replayed log (emb already projected), as the gateway serves it.
 
-    Stage 1 runs `chunk` rows per detector call (rows are independent: any chunking gives the same
-    bits). With a session stage, `user_idx` (dense user per row, each user's rows in order) is
-    required: every user's session average starts at zero at the log's first event.
+    With a session stage, `user_idx` (dense user per row, each user's rows in order) is required:
+    every user's session average starts at zero at the log's first event.
     """
-    n = len(type_ids)
-    session = det.has_session
-    if session and user_idx is None:
+    if not det.has_session:
+        return stage1_scores(det, emb, surprise, feats, type_ids, chunk=chunk)
+    if user_idx is None:
         raise ValueError("this detector has a session stage: detector_risk needs user_idx")
-    stage1 = det.tail_from_inputs if session else det.risk_from_inputs
-    out = np.empty(n, np.float64)
-    for a in range(0, n, chunk):
-        sl = slice(a, a + chunk)
-        out[sl] = stage1(det.inputs(emb[sl], surprise[sl], feats[sl]), type_ids[sl])
-    if not session:
-        return out
-    c, _ = det.session_scan(out, user_idx, n_users or (int(np.max(user_idx)) + 1 if n else 0))
+    a = stage1_scores(det, emb, surprise, feats, type_ids, tail=True, chunk=chunk)
+    c, _ = det.session_scan(a, user_idx, n_users or (int(np.max(user_idx)) + 1 if len(a) else 0))
     return det.session_risk(c)
 
 

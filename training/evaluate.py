@@ -595,12 +595,9 @@ def main_evaluate(args) -> int:
     feats_in[enc.order] = enc.feats
     event_only = None
     if model.detector.has_session:     # the same model with its session stage off: what the stage adds here
-        from seqguard.detector import Detector
-        from seqguard.batch import detector_risk
-        d = model.detector
-        stage1 = Detector(d.proj_mean, d.proj, d.signal_idx, d.forests, d.calibrators, d.type_group, d.thresholds)
+        from seqguard.batch import stage1_scores
         event_only = np.empty(len(events), np.float64)
-        event_only[enc.order] = detector_risk(stage1, enc.emb, enc.surprise, enc.feats, enc.type_ids)
+        event_only[enc.order] = stage1_scores(model.detector, enc.emb, enc.surprise, enc.feats, enc.type_ids)
 
     t = time.time()
     rules = hand_rules_score(events, feats_in)

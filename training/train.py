@@ -316,15 +316,11 @@ def fit_session_stage(detector: Detector, enc_log, alpha: float, log) -> np.ndar
     """Stage 2 of the detector (see seqguard/detector.py): fit the calibrator of the session
     score c over the whole training log, replayed per user. Returns the served risk of every
     training event (replay order), exactly as score-file computes it. alpha 0 leaves stage 1 alone."""
-    from seqguard.batch import detector_risk
+    from seqguard.batch import detector_risk, stage1_scores
     t0 = time.time()
     if alpha > 0:
         detector.session_alpha = float(alpha)
-        a = np.empty(len(enc_log.type_ids), np.float64)
-        for s in range(0, len(a), 8192):
-            sl = slice(s, s + 8192)
-            a[sl] = detector.tail_from_inputs(detector.inputs(enc_log.emb[sl], enc_log.surprise[sl],
-                                                              enc_log.feats[sl]), enc_log.type_ids[sl])
+        a = stage1_scores(detector, enc_log.emb, enc_log.surprise, enc_log.feats, enc_log.type_ids, tail=True)
         c, _ = detector.session_scan(a, enc_log.user_idx, len(enc_log.users))
         detector.session_calibrator = RiskCalibrator.fit(c)
         log(f"session stage (alpha {alpha}) calibrated on {len(c)} training events ({time.time() - t0:.0f}s)")
