@@ -54,6 +54,8 @@ class NaiveScorer:
         self.encoder.load_state_dict(ckpt["state_dict"])
         self.encoder.eval()
         self.forest = joblib.load(path / "isolation_forest.joblib")
+        twins = path / "isolation_forest_tail_scaled.joblib"
+        self.tail_forest = joblib.load(twins) if twins.exists() else None
         self.window = window
         self.windows: dict[str, deque] = {}
         self.surprise_cut = float(self.artifact.metadata.get("training", {}).get("surprise_p999", 8.0))
@@ -91,6 +93,10 @@ class NaiveScorer:
         X = det.inputs(det.project(emb), sur, feats)
         g = int(det.groups(np.array(types[-1:]))[0])          # the sklearn forest of this event's type group
         anomaly = -self.forest[g].score_samples(X.astype(np.float32))
+        if det.tail_views is not None:                          # + the sklearn twin on tail-scaled inputs
+            v = det.tail_views[g]
+            twin = -self.tail_forest[g].score_samples(v.tails.transform(X).astype(np.float32))
+            anomaly = 0.5 * (v.raw_calibrator.tail(anomaly) + v.calibrator.tail(twin))
         risk = float(det.calibrators[g].risk(anomaly)[0])
         action = ACTIONS[int(det.action_codes(np.array([risk]))[0])]
         recent = [[x.event_id, x.event_type, x.ts] for x in list(win)[-9:-1]]

@@ -4,7 +4,8 @@
     DIR/encoder.pt             torch checkpoint (config + weights), for retraining and parity checks
     DIR/model.onnx             the step model (the graph Triton serves)
     DIR/detector.npz           PCA + flattened IsolationForest + risk calibration (numpy only)
-    DIR/isolation_forest.joblib  the fitted scikit-learn estimator, kept for audit
+    DIR/isolation_forest.joblib  the fitted scikit-learn estimators (one per type group), kept for audit
+    DIR/isolation_forest_tail_scaled.joblib  their twins on tail-scaled inputs (absent with --no-tail-forest)
     DIR/model_repository/      a Triton model repository holding this model's step encoder
 
 Loading checks that the featuriser spec in the artifact hashes to what this code computes,

@@ -26,6 +26,10 @@ def _add_training_opts(p) -> None:
                    help="detector stage 2: an event's score is at least the running average of the user's "
                         f"earlier event anomalies, weighting the newest by A (default {SESSION_ALPHA}; 0 = off, "
                         "each event judged alone)")
+    p.add_argument("--no-tail-forest", action="store_true",
+                   help="one IsolationForest per event-type group on the raw inputs only; by default each group "
+                        "also gets a twin on every column's two-sided tail scale among training events and the "
+                        "two scores are averaged (an ablation switch)")
 
 
 def _add_input_opts(p: argparse.ArgumentParser) -> None:
@@ -67,7 +71,8 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(hidden=args.hidden, epochs=args.epochs, seed=args.seed, min_type_count=args.min_type_count,
                       max_train_minutes=args.max_train_minutes, n_estimators=args.trees,
                       action_fpr=_train_action_fpr(args),
-                      threads=args.threads, session_alpha=args.session_alpha)
+                      threads=args.threads, session_alpha=args.session_alpha,
+                      tail_forest=not args.no_tail_forest)
     train(args.events, args.out, cfg, labels_path=args.labels, column_map=parse_column_map(args.column_map),
           on_bad_row=args.on_bad_row)
     return 0
@@ -126,7 +131,8 @@ def cmd_retrain(args) -> int:
     live = ModelArtifact.load(args.live)
     cfg = TrainConfig(hidden=args.hidden or live.hidden, epochs=args.epochs, seed=args.seed, n_estimators=args.trees,
                       max_train_minutes=args.max_train_minutes, threads=args.threads,
-                      session_alpha=args.session_alpha, action_fpr=dict(live.metadata.get("action_fpr") or TrainConfig().action_fpr))
+                      session_alpha=args.session_alpha, tail_forest=not args.no_tail_forest,
+                      action_fpr=dict(live.metadata.get("action_fpr") or TrainConfig().action_fpr))
     import json
     report = retrain(args.live, args.events, args.out, cfg, labels_path=args.labels, holdout_frac=args.holdout_frac,
                      column_map=parse_column_map(args.column_map))

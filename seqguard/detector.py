@@ -1,8 +1,11 @@
 """The anomaly detector applied after the encoder: embedding + surprise + signals -> risk -> action.
 
 Two stages. (1) Per event: one IsolationForest per event-type group on [projected embedding,
-surprise, named signals]; the anomaly becomes a per-group quantile, read on a log scale of its
-tail (a = -log(1 - q)). (2) Per user session: the event is scored with
+surprise, named signals], plus a second forest on the same inputs with each column mapped to
+its two-sided tail surprise among the group's training events (forest.MarginalTails). The raw
+forest isolates by distance (a bot cluster far out on velocity), the tail-scaled one by rarity
+(a value rare but near the bulk); the group's score is the mean of the two on their tail
+scales. It becomes a per-group quantile, read on a log scale of its tail (a = -log(1 - q)). (2) Per user session: the event is scored with
 c = max(a, m), where m is the running average of the user's previous events' a
 (m <- alpha * a + (1 - alpha) * m, one float per user kept with the LSTM state), and
 risk = the quantile of c among training events. A payment after a burst of odd account
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .featurizer import FEATURE_INDEX
-from .forest import FlatIsolationForest, RiskCalibrator
+from .forest import FlatIsolationForest, MarginalTails, RiskCalibrator
 
 # Featuriser signals given to the forest next to the embedding: the ones a fraud analyst
 # would name. (The encoder sees all features; the forest isolates on these directly.)
@@ -71,16 +74,39 @@ def type_groups(vocab_tokens) -> np.ndarray:
 
 
 @dataclass
+class TailView:
+    """A type group's second forest: fitted on the inputs mapped to each column's tail scale."""
+    tails: MarginalTails
+    forest: FlatIsolationForest
+    calibrator: RiskCalibrator            # this forest's anomaly -> tail scale
+    raw_calibrator: RiskCalibrator        # the group's raw forest anomaly -> tail scale
+
+    def to_arrays(self, prefix: str) -> dict:
+        out = {**self.tails.to_arrays(prefix=f"{prefix}tails_"), **self.forest.to_arrays(prefix=f"{prefix}forest_")}
+        for name, c in (("cal", self.calibrator), ("raw_cal", self.raw_calibrator)):
+            out[f"{prefix}{name}_levels"], out[f"{prefix}{name}_quantiles"] = c.levels, c.quantiles
+        return out
+
+    @classmethod
+    def from_arrays(cls, a, prefix: str) -> "TailView":
+        return cls(MarginalTails.from_arrays(a, prefix=f"{prefix}tails_"),
+                   FlatIsolationForest.from_arrays(a, prefix=f"{prefix}forest_"),
+                   RiskCalibrator(a[f"{prefix}cal_levels"], a[f"{prefix}cal_quantiles"]),
+                   RiskCalibrator(a[f"{prefix}raw_cal_levels"], a[f"{prefix}raw_cal_quantiles"]))
+
+
+@dataclass
 class Detector:
     proj_mean: np.ndarray                 # [H] float64
     proj: np.ndarray                      # [H, k] float64 (PCA of training embeddings)
     signal_idx: np.ndarray                # indices into the feature vector
     forests: list                         # FlatIsolationForest per type group
-    calibrators: list                     # RiskCalibrator per type group
+    calibrators: list                     # RiskCalibrator per type group (of group_score)
     type_group: np.ndarray                # group index per event-type id
     thresholds: dict = field(default_factory=action_thresholds)
     session_alpha: float = 0.0            # 0: no session stage (artifacts trained before it)
     session_calibrator: RiskCalibrator | None = None   # quantiles of c over the training log
+    tail_views: list | None = None        # TailView per type group (None: the raw forest alone, older artifacts)
 
     @property
     def has_session(self) -> bool:
@@ -98,16 +124,24 @@ class Detector:
         t = np.asarray(type_ids, np.int64)
         return self.type_group[np.clip(t, 0, len(self.type_group) - 1)]
 
+    def group_score(self, k: int, X: np.ndarray) -> np.ndarray:
+        """Group k's stage-1 score of input rows, before its calibrator (higher = more anomalous)."""
+        raw = -self.forests[k].score_samples(X)
+        if self.tail_views is None:
+            return raw
+        v = self.tail_views[k]
+        return 0.5 * (v.raw_calibrator.tail(raw) + v.calibrator.tail(-v.forest.score_samples(v.tails.transform(X))))
+
     def _calibrated(self, X: np.ndarray, type_ids: np.ndarray, scale: str) -> np.ndarray:
         """Each row's forest anomaly through its group's calibrator: `scale` "risk" (quantile) or "tail"."""
         g = self.groups(type_ids)
         if len(g) and (g == g[0]).all():      # one group (always at batch 1 online): no row selection
             k = int(g[0])
-            return getattr(self.calibrators[k], scale)(-self.forests[k].score_samples(X))
+            return getattr(self.calibrators[k], scale)(self.group_score(k, X))
         out = np.empty(len(X), np.float64)
         for k in np.unique(g):
             rows = np.flatnonzero(g == k)
-            out[rows] = getattr(self.calibrators[k], scale)(-self.forests[k].score_samples(X[rows]))
+            out[rows] = getattr(self.calibrators[k], scale)(self.group_score(int(k), X[rows]))
         return out
 
     def risk_from_inputs(self, X: np.ndarray, type_ids: np.ndarray) -> np.ndarray:
@@ -150,6 +184,8 @@ class Detector:
         for k, (f, c) in enumerate(zip(self.forests, self.calibrators)):
             out.update(f.to_arrays(prefix=f"g{k}_forest_"))
             out[f"g{k}_cal_levels"], out[f"g{k}_cal_quantiles"] = c.levels, c.quantiles
+            if self.tail_views is not None:
+                out.update(self.tail_views[k].to_arrays(prefix=f"g{k}_tv_"))
         if self.has_session:
             out["session_alpha"] = np.array(self.session_alpha, np.float64)
             out["session_cal_levels"] = self.session_calibrator.levels
@@ -164,10 +200,13 @@ class Detector:
         if "session_alpha" in keys:       # absent in artifacts trained before the session stage
             alpha = float(a["session_alpha"])
             scal = RiskCalibrator(a["session_cal_levels"], a["session_cal_quantiles"])
+        views = None
+        if "g0_tv_tails_table" in keys:   # absent in artifacts trained before the tail-scaled forest
+            views = [TailView.from_arrays(a, prefix=f"g{k}_tv_") for k in range(G)]
         return cls(np.asarray(a["proj_mean"]), np.asarray(a["proj"]), np.asarray(a["signal_idx"]),
                    [FlatIsolationForest.from_arrays(a, prefix=f"g{k}_forest_") for k in range(G)],
                    [RiskCalibrator(a[f"g{k}_cal_levels"], a[f"g{k}_cal_quantiles"]) for k in range(G)],
-                   np.asarray(a["type_group"]), thresholds or action_thresholds(), alpha, scal)
+                   np.asarray(a["type_group"]), thresholds or action_thresholds(), alpha, scal, views)
 
 
 def session_step(a: np.ndarray, m_prev: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ def _blobs(n=3000, d=6, seed=0):
     return X, group, y
 
 
-@pytest.mark.parametrize("name", ["iforest", "lof", "ocsvm_nystroem", "mahalanobis"])
+@pytest.mark.parametrize("name", ["iforest", "lof", "ocsvm_nystroem", "mahalanobis", "iforest_raw"])
 def test_every_detector_calibrates_per_group_and_finds_far_outliers(name):
     from sklearn.metrics import roc_auc_score
     X, g, y = _blobs()
@@ -104,7 +104,7 @@ def test_compare_main_on_small_model_writes_all_sections(small_log, small_model,
     a = np.empty(len(enc.X))
     for g in np.unique(enc.group):
         r = enc.group == g
-        a[r] = det.calibrators[g].tail(-det.forests[g].score_samples(enc.X[r]))
+        a[r] = det.calibrators[g].tail(det.group_score(g, enc.X[r]))
     assert det.has_session
     _, uidx = np.unique(enc.users[enc.order], return_inverse=True)     # session stage in replay order
     c_replay, _ = det.session_scan(a[enc.order], uidx, int(uidx.max()) + 1)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.ensemble import IsolationForest
 
-from seqguard.forest import FlatIsolationForest, RiskCalibrator
+from seqguard.forest import FlatIsolationForest, MarginalTails, RiskCalibrator
 
 
 @pytest.mark.parametrize("backend", ["onnx", "numpy"])
@@ -46,3 +46,89 @@ def test_onnx_forest_big_batches_and_degenerate_trees_match_sklearn(monkeypatch)
     const = IsolationForest(n_estimators=5, max_samples=8, random_state=0).fit(np.ones((50, 3)))
     flat_c = FlatIsolationForest.from_sklearn(const)
     assert np.array_equal(flat_c.score_samples(Y[:10, :3]), const.score_samples(Y[:10, :3]))
+
+
+def test_marginal_tails_measure_rarity_on_either_side():
+    rng = np.random.default_rng(2)
+    n = 50_000
+    X = np.stack([rng.normal(size=n),                       # symmetric
+                  rng.exponential(size=n),                  # heavy right tail, floor at 0
+                  (rng.random(n) < 0.03).astype(float),     # a rare binary flag
+                  np.full(n, 7.0)], axis=1)                 # constant column
+    mt = MarginalTails.fit(X)
+    T = mt.transform(X)
+    assert T.shape == X.shape and np.all(T >= 0)
+    # t = -log(2 min(F, 1 - F)): the median is ~0, a 1-in-100 value either side is ~4.6 - log(2)
+    q = np.quantile(X[:, 0], [0.005, 0.5, 0.995])
+    t = mt.transform(np.array([[v, 1.0, 0.0, 7.0] for v in q]))[:, 0]
+    assert t[1] < 0.05 and abs(t[0] - np.log(100)) < 0.25 and abs(t[2] - np.log(100)) < 0.25
+    # monotone away from the median, on both sides; beyond the training range rarer still
+    grid = np.linspace(0.0, 6.0, 61)
+    right = mt.transform(np.stack([grid, np.ones_like(grid), np.zeros_like(grid), np.full_like(grid, 7.0)], 1))[:, 0]
+    assert np.all(np.diff(right) >= -1e-12) and right[-1] > t[2]
+    # a tie (the binary flag) reads its own mid-rank: 0 is common, 1 is a ~3% event
+    flag = mt.transform(np.array([[0, 1, 0, 7], [0, 1, 1, 7]], float))[:, 2]
+    assert flag[0] < 0.1 and abs(flag[1] - -np.log(2 * 0.015)) < 0.3
+    # a constant column: its value is typical, anything else is rare
+    const = mt.transform(np.array([[0, 1, 0, 7], [0, 1, 0, 9]], float))[:, 3]
+    assert const[0] < 1e-9 and const[1] > 5
+    # rows are independent: one row at a time gives the same bits as the batch (online == offline)
+    Y = np.concatenate([X[:300], rng.normal(size=(50, 4)) * 10])
+    assert np.array_equal(np.concatenate([mt.transform(Y[i:i + 1]) for i in range(len(Y))]), mt.transform(Y))
+    mt2 = MarginalTails.from_arrays(mt.to_arrays("x_"), "x_")
+    assert np.array_equal(mt2.transform(Y), mt.transform(Y))
+
+
+def test_marginal_tails_let_a_forest_see_a_rare_value_near_the_bulk():
+    """The reason for the tail scale: a value rare in one column but close to the bulk (a bot's
+    machine-regular gap spread) among many noise columns is found far better after it."""
+    from sklearn.metrics import roc_auc_score
+    rng = np.random.default_rng(3)
+    n, d = 20_000, 40
+    X = rng.normal(size=(n, d))
+    X[:, 0] = rng.gamma(9.0, 0.25, size=n)                 # a spread: bulk well above 0
+    out = rng.random(n) < 0.005
+    X[out, 0] = rng.uniform(0.05, 0.3, size=out.sum())     # regular: rare, but only just below the bulk
+    def auc(Z):
+        f = FlatIsolationForest.from_sklearn(IsolationForest(n_estimators=100, random_state=0).fit(Z))
+        return roc_auc_score(out, -f.score_samples(Z))
+    mt = MarginalTails.fit(X)
+    raw, tail = auc(X), auc(mt.transform(X))
+    assert tail > raw + 0.05, (raw, tail)
+
+
+def test_detector_averages_its_tail_scaled_twin_and_persists_it():
+    """Detector stage 1 with a TailView: the group score is the mean of both forests' tail-scale scores,
+    batch == one row at a time, the arrays round-trip, and an artifact written before the twin
+    (no TailView arrays) still scores with its raw forest alone."""
+    from seqguard.detector import Detector, TailView
+    rng = np.random.default_rng(4)
+    n = 4000
+    emb, sur, feats = rng.normal(size=(n, 4)), rng.exponential(size=(n, 2)), rng.normal(size=(n, 40))
+    types = np.zeros(n, np.int64)
+    det = Detector(np.zeros(4), np.eye(4), np.arange(2), [], [], np.zeros(3, np.int64))
+    X = det.inputs(det.project(emb), sur, feats)
+    raw = FlatIsolationForest.from_sklearn(IsolationForest(n_estimators=50, random_state=0).fit(X))
+    raw_anomaly = -raw.score_samples(X)
+
+    old = Detector(np.zeros(4), np.eye(4), np.arange(2), [raw], [RiskCalibrator.fit(raw_anomaly)], np.zeros(3, np.int64))
+    arrays = old.to_arrays()
+    assert not any("_tv_" in k for k in arrays)
+    back_old = Detector.from_arrays(arrays)
+    assert back_old.tail_views is None
+    assert np.array_equal(back_old.risk(emb, sur, feats, types), old.calibrators[0].risk(raw_anomaly))
+
+    tails = MarginalTails.fit(X)
+    twin = FlatIsolationForest.from_sklearn(IsolationForest(n_estimators=50, random_state=0).fit(tails.transform(X)))
+    twin_anomaly = -twin.score_samples(tails.transform(X))
+    view = TailView(tails, twin, RiskCalibrator.fit(twin_anomaly), RiskCalibrator.fit(raw_anomaly))
+    score = 0.5 * (view.raw_calibrator.tail(raw_anomaly) + view.calibrator.tail(twin_anomaly))
+    det.forests, det.calibrators, det.tail_views = [raw], [RiskCalibrator.fit(score)], [view]
+    r = det.risk(emb, sur, feats, types)
+    assert np.array_equal(r, det.calibrators[0].risk(score))
+    assert np.array_equal(np.concatenate([det.risk(emb[i:i + 1], sur[i:i + 1], feats[i:i + 1], types[:1])
+                                          for i in range(200)]), r[:200])
+    back = Detector.from_arrays(det.to_arrays())
+    assert back.tail_views is not None and np.array_equal(back.risk(emb, sur, feats, types), r)
+    # about 1% of the training rows above the 0.99 cut-off, as for the raw forest alone
+    assert abs(np.mean(r >= 0.99) - 0.01) < 0.004

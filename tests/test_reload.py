@@ -37,7 +37,7 @@ def two_versions(small_model, tmp_path):
     # the default policy keeps the newest 2 versions loaded: old + new live during the roll
     assert "version_policy: { latest: { num_versions: 2 } }" in (repo / "seqguard_encoder" / "config.pbtxt").read_text()
     arts = tmp_path / "artifacts"
-    ignore = shutil.ignore_patterns("model_repository", "encoder.pt", "isolation_forest.joblib")
+    ignore = shutil.ignore_patterns("model_repository", "encoder.pt", "isolation_forest*.joblib")
     shutil.copytree(small_model, arts / "v1", ignore=ignore)
     shutil.copytree(small_model, arts / "v2", ignore=ignore)
     meta = json.loads((arts / "v2" / "metadata.json").read_text())

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from seqguard.detector import TYPE_GROUPS
-from seqguard.forest import FlatIsolationForest, RiskCalibrator
+from seqguard.forest import FlatIsolationForest, MarginalTails, RiskCalibrator
 
 
 @dataclass
@@ -74,12 +74,16 @@ class GroupDetector:
     """One unsupervised model per event-type group + a per-group RiskCalibrator (as production).
 
     `make()` returns a fresh sklearn-style estimator with `score_samples` (higher = more normal).
+    `twin`: as the production detector (seqguard/detector.py TailView), each group also gets a
+    second model on the inputs mapped to each column's tail scale among the group's fit events,
+    and the group's score is the mean of both models' tail-scale scores; False: the raw model alone.
     """
 
-    def __init__(self, name: str, make, max_fit: int, seed: int = 0):
-        self.name, self.make, self.max_fit, self.seed = name, make, max_fit, seed
+    def __init__(self, name: str, make, max_fit: int, seed: int = 0, twin: bool = True):
+        self.name, self.make, self.max_fit, self.seed, self.twin = name, make, max_fit, seed, twin
         self.models: dict[int, object] = {}
         self.cals: dict[int, RiskCalibrator] = {}
+        self.twins: dict[int, tuple] = {}      # group -> (MarginalTails, model, its calibrator, raw calibrator)
 
     def fit(self, X: np.ndarray, group: np.ndarray) -> "GroupDetector":
         rng = np.random.default_rng(self.seed)
@@ -89,29 +93,48 @@ class GroupDetector:
             m = self.make().fit(X[fit_rows])
             self.models[int(g)] = m
             cal_rows = rng.choice(rows, size=min(CAL_MAX, len(rows)), replace=False)
-            self.cals[int(g)] = RiskCalibrator.fit(-self._score(m, X[cal_rows]))
+            raw = -self._score(m, X[cal_rows])
+            if self.twin:
+                tails = MarginalTails.fit(X[rows])
+                mt = self.make().fit(tails.transform(X[fit_rows]))
+                anomaly_t = -self._score(mt, tails.transform(X[cal_rows]))
+                self.twins[int(g)] = (tails, mt, RiskCalibrator.fit(anomaly_t), RiskCalibrator.fit(raw))
+                raw = self._combine(int(g), raw, anomaly_t)
+            self.cals[int(g)] = RiskCalibrator.fit(raw)
         return self
+
+    def _combine(self, g: int, raw: np.ndarray, anomaly_t: np.ndarray) -> np.ndarray:
+        _, _, cal_t, cal_raw = self.twins[g]
+        return 0.5 * (cal_raw.tail(raw) + cal_t.tail(anomaly_t))
+
+    def group_score(self, g: int, X: np.ndarray) -> np.ndarray:
+        raw = -self._score(self.models[g], X)
+        if g not in self.twins:
+            return raw
+        tails, mt = self.twins[g][:2]
+        return self._combine(g, raw, -self._score(mt, tails.transform(X)))
 
     @staticmethod
     def _score(m, X):
         return np.concatenate([np.asarray(m.score_samples(X[a:a + 32768]), np.float64)
                                for a in range(0, len(X), 32768)]) if len(X) else np.zeros(0)
 
+    def _key(self, g) -> int:
+        return int(g) if int(g) in self.models else next(iter(self.models))
+
     def anomaly(self, X: np.ndarray, group: np.ndarray) -> np.ndarray:
         out = np.zeros(len(X))
         for g in np.unique(group):
             rows = np.flatnonzero(group == g)
-            m = self.models.get(int(g)) or next(iter(self.models.values()))
-            out[rows] = -self._score(m, X[rows])
+            out[rows] = self.group_score(self._key(g), X[rows])
         return out
 
     def risk(self, X: np.ndarray, group: np.ndarray, scale: str = "risk") -> np.ndarray:
         """Per-group quantile of the anomaly; scale "tail": on the -log(1 - q) scale (session input)."""
         out = np.zeros(len(X))
         for g in np.unique(group):
-            rows = np.flatnonzero(group == g)
-            key = int(g) if int(g) in self.models else next(iter(self.models))
-            out[rows] = getattr(self.cals[key], scale)(-self._score(self.models[key], X[rows]))
+            rows, k = np.flatnonzero(group == g), self._key(g)
+            out[rows] = getattr(self.cals[k], scale)(self.group_score(k, X[rows]))
         return out
 
 
@@ -198,6 +221,8 @@ def detector_factories(seed: int = 0) -> dict[str, GroupDetector]:
             StandardScaler(), Nystroem(gamma=1.0 / 90, n_components=300, random_state=seed),
             SGDOneClassSVM(nu=0.05, random_state=seed, max_iter=50, tol=None)), 50_000, seed),
         "mahalanobis": GroupDetector("mahalanobis", _Mahalanobis, 200_000, seed),
+        # ablation: the raw forest alone (the default before its tail-scaled twin)
+        "iforest_raw": GroupDetector("iforest_raw", lambda: _FlatIF(200, 512, seed), 200_000, seed, twin=False),
     }
 
 
@@ -207,6 +232,7 @@ DETECTOR_LABELS = {
     "lof": "LocalOutlierFactor(novelty, k=35, 5k fit/group)",
     "ocsvm_nystroem": "OneClassSVM (Nystroem 300 + SGD, 50k fit/group)",
     "mahalanobis": "Gaussian / Mahalanobis (Ledoit-Wolf)",
+    "iforest_raw": "IsolationForest, raw inputs only (ablation: no tail-scaled twin)",
 }
 DETECTOR_LABELS.update({f"{k}+session": f"{v.split(' (')[0]} + session stage" for k, v in list(DETECTOR_LABELS.items())
                         if k != "shipped"})
@@ -551,7 +577,8 @@ def report_md(res: dict) -> str:
          f"- fit log (unlabelled for the detectors): `{res['fit_events']}` - {res['fit_n']:,} events; "
          f"test log: `{res['events']}` - {res['test_n']:,} events ({res['test_pos']:,} label 1)",
          "- all detectors get the SAME inputs (projected LSTM embedding, surprise, 24 named signals = 90 dims), "
-         "one model per event-type group, risk calibrated per group on the fit log (as production); "
+         "one model per event-type group plus its twin on the tail-scaled inputs (scores averaged; the "
+         "`raw inputs only` row drops the twin), risk calibrated per group on the fit log (as production); "
          "metrics on the test log; R@1%FPR = recall at the cut-off flagging 1% of label-0 events.", ""]
     if "detectors" in res:
         D = res["detectors"]

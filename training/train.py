@@ -28,9 +28,9 @@ from tqdm import tqdm
 from seqguard import artifact as art
 from seqguard.batch import encode_log
 from seqguard.detector import (DEFAULT_ACTION_FPR, DETECTOR_SIGNALS, MIN_GROUP_EVENTS, SESSION_ALPHA, TYPE_GROUPS,
-                               Detector, action_thresholds, fit_pca, signal_indices, type_groups)
+                               Detector, TailView, action_thresholds, fit_pca, signal_indices, type_groups)
 from seqguard.featurizer import ContextStore, Featurizer, TokenHasher, Vocabulary, featurize_log
-from seqguard.forest import FlatIsolationForest, RiskCalibrator
+from seqguard.forest import FlatIsolationForest, MarginalTails, RiskCalibrator
 from seqguard.schema import ReadReport, read_events
 
 from .model import EncoderConfig, SequenceEncoder, export_onnx
@@ -52,6 +52,7 @@ class TrainConfig:
     max_samples: int = 512
     forest_fit_events: int = 200_000
     session_alpha: float = SESSION_ALPHA  # detector stage 2 (seqguard/detector.py); 0 turns it off
+    tail_forest: bool = True              # + a forest on each column's tail scale per group (detector.TailView)
     action_fpr: dict = field(default_factory=lambda: dict(DEFAULT_ACTION_FPR))
     seed: int = 0
     threads: int = 2
@@ -176,8 +177,13 @@ def check_step_parity(enc: SequenceEncoder, onnx_path: str, type_ids, feats, seq
 def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_tokens, log=print):
     """One IsolationForest per event-type group, each calibrated on its own group's training scores.
 
-    (A user-balanced fitting sample, so that one prolific bot does not look normal, was tried
-    and lowered payment ROC-AUC from 0.928 to 0.912 on the held-out seed: not kept.)
+    With cfg.tail_forest each group gets a second forest on the same rows with every input column
+    on its two-sided tail scale among the group's events (seqguard.forest.MarginalTails); the
+    group's score is the mean of both forests' tail-scale scores, calibrated again (detector.TailView).
+    Measured effect: docs/results/tail_forest.md. (A user-balanced fitting sample, so that one
+    prolific bot does not look normal, was tried twice -- on raw inputs with an older encoder and
+    on tail-scaled inputs -- and lowered payment and brushing/promo recall both times: not kept.)
+    Returns (sklearn forests per group, their tail-scaled twins or None, Detector parts).
     """
     from sklearn.ensemble import IsolationForest
     sig = signal_indices(DETECTOR_SIGNALS)
@@ -189,22 +195,38 @@ def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_to
         if (ev_group == g).sum() < MIN_GROUP_EVENTS:
             groups[groups == g] = default
             ev_group[ev_group == g] = default
+
+    def forest_on(Z, fit_rows):
+        sk = IsolationForest(n_estimators=cfg.n_estimators, max_samples=min(cfg.max_samples, len(fit_rows)),
+                             random_state=cfg.seed, n_jobs=1).fit(Z[fit_rows].astype(np.float32))
+        flat = FlatIsolationForest.from_sklearn(sk)
+        anomaly = np.concatenate([-flat.score_samples(Z[a:a + 65536]) for a in range(0, len(Z), 65536)])
+        return sk, flat, anomaly
+
     rng = np.random.default_rng(cfg.seed)
-    forests, flats, cals = [], [], []
+    forests, tail_forests, flats, cals, views = [], [], [], [], []
     for g in range(len(TYPE_GROUPS)):
         rows = np.flatnonzero(ev_group == g)
         if len(rows) == 0:                            # keep indices aligned; never used for scoring
             rows = np.arange(len(X))
-        fit_rows = rng.choice(rows, size=min(cfg.forest_fit_events, len(rows)), replace=False)
-        forest = IsolationForest(n_estimators=cfg.n_estimators, max_samples=min(cfg.max_samples, len(fit_rows)),
-                                 random_state=cfg.seed, n_jobs=1).fit(X[fit_rows].astype(np.float32))
-        flat = FlatIsolationForest.from_sklearn(forest)
-        anomaly = np.concatenate([-flat.score_samples(X[rows[a:a + 65536]]) for a in range(0, len(rows), 65536)])
-        forests.append(forest)
+        Xg = X[rows]
+        fit_rows = rng.choice(len(rows), size=min(cfg.forest_fit_events, len(rows)), replace=False)
+        sk, flat, score = forest_on(Xg, fit_rows)
+        forests.append(sk)
         flats.append(flat)
-        cals.append(RiskCalibrator.fit(anomaly))
-        log(f"forest '{TYPE_GROUPS[g][0]}': fitted on {len(fit_rows)} of {len(rows)} events")
-    return forests, flats, cals, sig, groups
+        if cfg.tail_forest:
+            tails = MarginalTails.fit(Xg)
+            Zg = np.concatenate([tails.transform(Xg[a:a + 65536]) for a in range(0, len(Xg), 65536)])
+            sk_t, flat_t, anomaly_t = forest_on(Zg, fit_rows)
+            tail_forests.append(sk_t)
+            view = TailView(tails, flat_t, RiskCalibrator.fit(anomaly_t), RiskCalibrator.fit(score))
+            views.append(view)
+            score = 0.5 * (view.raw_calibrator.tail(score) + view.calibrator.tail(anomaly_t))
+        cals.append(RiskCalibrator.fit(score))
+        log(f"forest '{TYPE_GROUPS[g][0]}': fitted on {len(fit_rows)} of {len(rows)} events"
+            f"{' (+ its tail-scaled twin)' if cfg.tail_forest else ''}")
+    return forests, (tail_forests if cfg.tail_forest else None), flats, cals, sig, groups, \
+        (views if cfg.tail_forest else None)
 
 
 def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | None = None,
@@ -269,13 +291,15 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
     project = lambda e: (np.asarray(e, np.float64) - pca_mean) @ pca  # noqa: E731  (same as Detector.project)
     enc_log = encode_log(featurizer, events, onnx_path=onnx_path, reduce=project, progress=True,
                          threads=cfg.threads)
-    forests, flats, cals, sig, groups = fit_detector(cfg, enc_log.emb, enc_log.surprise, enc_log.feats,
-                                                     enc_log.type_ids, vocab.tokens, log)
-    detector = Detector(pca_mean, pca, sig, flats, cals, groups, action_thresholds(cfg.action_fpr))
+    forests, tail_forests, flats, cals, sig, groups, views = fit_detector(
+        cfg, enc_log.emb, enc_log.surprise, enc_log.feats, enc_log.type_ids, vocab.tokens, log)
+    detector = Detector(pca_mean, pca, sig, flats, cals, groups, action_thresholds(cfg.action_fpr), tail_views=views)
     train_risk = fit_session_stage(detector, enc_log, cfg.session_alpha, log)
     np.savez(out / art.DETECTOR_FILE, **detector.to_arrays())
     import joblib
     joblib.dump(forests, out / "isolation_forest.joblib")   # list: one per type group
+    if tail_forests is not None:                            # their twins on tail-scaled inputs
+        joblib.dump(tail_forests, out / "isolation_forest_tail_scaled.joblib")
 
     # 6. drift baseline (drift_reference.json), metadata + Triton repository
     _write_drift_reference(out, train_risk, enc_log, featurizer.spec()["feature_names"], cfg.seed, log)
@@ -292,7 +316,7 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
         "featurizer": featurizer.spec(),
         "encoder": enc.cfg.to_dict(),
         "detector": {"signals": list(DETECTOR_SIGNALS), "type_groups": [g for g, _ in TYPE_GROUPS], "pca_dim": cfg.pca_dim, "n_estimators": cfg.n_estimators,
-                     "session_alpha": detector.session_alpha,
+                     "session_alpha": detector.session_alpha, "tail_forest": cfg.tail_forest,
                      "max_samples": cfg.max_samples, "sklearn_version": sklearn.__version__},
         "action_fpr": cfg.action_fpr,
         "thresholds": detector.thresholds,
