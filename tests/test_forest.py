@@ -98,7 +98,8 @@ def test_marginal_tails_let_a_forest_see_a_rare_value_near_the_bulk():
 
 
 def test_detector_averages_its_tail_scaled_twin_and_persists_it():
-    """Detector stage 1 with a TailView: the group score is the mean of both forests' tail-scale scores,
+    """Detector stage 1 with a TailView: the group score is the raw forest's tail-scale score, raised by half
+    of the twin's excess,
     batch == one row at a time, the arrays round-trip, and an artifact written before the twin
     (no TailView arrays) still scores with its raw forest alone."""
     from seqguard.detector import Detector, TailView
@@ -122,7 +123,9 @@ def test_detector_averages_its_tail_scaled_twin_and_persists_it():
     twin = FlatIsolationForest.from_sklearn(IsolationForest(n_estimators=50, random_state=0).fit(tails.transform(X)))
     twin_anomaly = -twin.score_samples(tails.transform(X))
     view = TailView(tails, twin, RiskCalibrator.fit(twin_anomaly), RiskCalibrator.fit(raw_anomaly))
-    score = 0.5 * (view.raw_calibrator.tail(raw_anomaly) + view.calibrator.tail(twin_anomaly))
+    a_raw, a_twin = view.raw_calibrator.tail(raw_anomaly), view.calibrator.tail(twin_anomaly)
+    score = np.maximum(a_raw, 0.5 * (a_raw + a_twin))       # the raw verdict is a floor; the twin raises it
+    assert np.any(score > a_raw) and np.all(score >= a_raw)
     det.forests, det.calibrators, det.tail_views = [raw], [RiskCalibrator.fit(score)], [view]
     r = det.risk(emb, sur, feats, types)
     assert np.array_equal(r, det.calibrators[0].risk(score))

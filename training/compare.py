@@ -76,7 +76,7 @@ class GroupDetector:
     `make()` returns a fresh sklearn-style estimator with `score_samples` (higher = more normal).
     `twin`: as the production detector (seqguard/detector.py TailView), each group also gets a
     second model on the inputs mapped to each column's tail scale among the group's fit events,
-    and the group's score is the mean of both models' tail-scale scores; False: the raw model alone.
+    combined on their tail scales by detector.tail_view_score; False: the raw model alone.
     """
 
     def __init__(self, name: str, make, max_fit: int, seed: int = 0, twin: bool = True):
@@ -104,8 +104,9 @@ class GroupDetector:
         return self
 
     def _combine(self, g: int, raw: np.ndarray, anomaly_t: np.ndarray) -> np.ndarray:
+        from seqguard.detector import tail_view_score
         _, _, cal_t, cal_raw = self.twins[g]
-        return 0.5 * (cal_raw.tail(raw) + cal_t.tail(anomaly_t))
+        return tail_view_score(cal_raw.tail(raw), cal_t.tail(anomaly_t))
 
     def group_score(self, g: int, X: np.ndarray) -> np.ndarray:
         raw = -self._score(self.models[g], X)
@@ -577,7 +578,7 @@ def report_md(res: dict) -> str:
          f"- fit log (unlabelled for the detectors): `{res['fit_events']}` - {res['fit_n']:,} events; "
          f"test log: `{res['events']}` - {res['test_n']:,} events ({res['test_pos']:,} label 1)",
          "- all detectors get the SAME inputs (projected LSTM embedding, surprise, 24 named signals = 90 dims), "
-         "one model per event-type group plus its twin on the tail-scaled inputs (scores averaged; the "
+         "one model per event-type group plus its twin on the tail-scaled inputs (combined as production; the "
          "`raw inputs only` row drops the twin), risk calibrated per group on the fit log (as production); "
          "metrics on the test log; R@1%FPR = recall at the cut-off flagging 1% of label-0 events.", ""]
     if "detectors" in res:

@@ -28,7 +28,8 @@ from tqdm import tqdm
 from seqguard import artifact as art
 from seqguard.batch import encode_log
 from seqguard.detector import (DEFAULT_ACTION_FPR, DETECTOR_SIGNALS, MIN_GROUP_EVENTS, SESSION_ALPHA, TYPE_GROUPS,
-                               Detector, TailView, action_thresholds, fit_pca, signal_indices, type_groups)
+                               Detector, TailView, action_thresholds, fit_pca, signal_indices, tail_view_score,
+                               type_groups)
 from seqguard.featurizer import ContextStore, Featurizer, TokenHasher, Vocabulary, featurize_log
 from seqguard.forest import FlatIsolationForest, MarginalTails, RiskCalibrator
 from seqguard.schema import ReadReport, read_events
@@ -179,7 +180,8 @@ def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_to
 
     With cfg.tail_forest each group gets a second forest on the same rows with every input column
     on its two-sided tail scale among the group's events (seqguard.forest.MarginalTails); the
-    group's score is the mean of both forests' tail-scale scores, calibrated again (detector.TailView).
+    group's score combines both forests' tail-scale scores (detector.tail_view_score) and is
+    calibrated again (detector.TailView).
     Measured effect: docs/results/tail_forest.md. (A user-balanced fitting sample, so that one
     prolific bot does not look normal, was tried twice -- on raw inputs with an older encoder and
     on tail-scaled inputs -- and lowered payment and brushing/promo recall both times: not kept.)
@@ -221,7 +223,7 @@ def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_to
             tail_forests.append(sk_t)
             view = TailView(tails, flat_t, RiskCalibrator.fit(anomaly_t), RiskCalibrator.fit(score))
             views.append(view)
-            score = 0.5 * (view.raw_calibrator.tail(score) + view.calibrator.tail(anomaly_t))
+            score = tail_view_score(view.raw_calibrator.tail(score), view.calibrator.tail(anomaly_t))
         cals.append(RiskCalibrator.fit(score))
         log(f"forest '{TYPE_GROUPS[g][0]}': fitted on {len(fit_rows)} of {len(rows)} events"
             f"{' (+ its tail-scaled twin)' if cfg.tail_forest else ''}")
