@@ -144,7 +144,7 @@ def test_bot_gets_machine_timing_reason(stub):
     assert timing and "bot-user-39" in timing[0].event_ids
     # the same 40 page views at human, irregular pace never get it (the reason is about timing, not volume).
     # (Whether the bot's RISK rises above a human's is a property of a trained model, not of this toy one:
-    # with the shipped 20k-user model the bot's 40th view scores 0.971 and a human's 0.777.)
+    # with the shipped 20k-user model the bot's 40th view scores 0.978 and a human's 0.732.)
     rng = np.random.default_rng(0)
     ts = 1767400000000 + np.cumsum(rng.lognormal(np.log(30_000), 1.0, 40)).astype(int)
     human = [risk_pb2.Event(event_id=f"human-user-{k}", user_id="human-user", ts=int(ts[k]), event_type="view_item",
