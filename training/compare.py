@@ -597,7 +597,9 @@ def report_md(res: dict) -> str:
             L.append(f"| {f} | " + " | ".join(_f(D[k]['family_r_at_1pct'][f]) for k in D) + " |")
         L += ["", "Cost: detector scoring only (the encoder step is the same for all), one thread, on this shared "
               "2-core machine; `us (1 event)` = median wall time to score one event alone (the online path), "
-              "`us/event (batch)` over a random 20k-event sample of the test log (machine load varied between runs: IForest measured 54.5 us/event batch in an earlier, less loaded run). IForest uses the production numpy FlatIsolationForest.", ""]
+              "`us/event (batch)` over a random 20k-event sample of the test log; both vary with the load on the machine "
+              "during the run (compare rows of one report, not across reports). IForest uses the production "
+              "FlatIsolationForest (ONNX TreeEnsemble; numpy where ONNX Runtime lacks it), twice per event with the twin.", ""]
         if res.get("detectors_note"):
             L += [res["detectors_note"], ""]
     if "heldout" in res:
