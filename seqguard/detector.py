@@ -5,7 +5,8 @@ surprise, named signals], plus a second forest on the same inputs with each colu
 its two-sided tail surprise among the group's training events (forest.MarginalTails). The raw
 forest isolates by distance (a bot cluster far out on velocity), the tail-scaled one by rarity
 (a value rare but near the bulk); on their tail scales, the raw forest's score is a floor that
-the twin can raise by half its excess (`tail_view_score`). It becomes a per-group quantile, read on a log scale of its tail (a = -log(1 - q)). (2) Per user session: the event is scored with
+the twin can raise by half its excess (`tail_view_score`). It becomes a per-group quantile, read
+on a log scale of its tail (a = -log(1 - q)). (2) Per user session: the event is scored with
 c = max(a, m), where m is the running average of the user's previous events' a
 (m <- alpha * a + (1 - alpha) * m, one float per user kept with the LSTM state), and
 risk = the quantile of c among training events. A payment after a burst of odd account
@@ -130,7 +131,8 @@ class Detector:
         if self.tail_views is None:
             return raw
         v = self.tail_views[k]
-        return tail_view_score(v.raw_calibrator.tail(raw), v.calibrator.tail(-v.forest.score_samples(v.tails.transform(X))))
+        twin = -v.forest.score_samples(v.tails.transform(X))
+        return tail_view_score(v.raw_calibrator.tail(raw), v.calibrator.tail(twin))
 
     def _calibrated(self, X: np.ndarray, type_ids: np.ndarray, scale: str) -> np.ndarray:
         """Each row's forest anomaly through its group's calibrator: `scale` "risk" (quantile) or "tail"."""

@@ -277,8 +277,7 @@ class MarginalTails:
         # u = grid position of a value: (x - lo) / span in [-1, 2] -> [0, GRID]
         self._scale = (self._grid / 3.0) / self.span
         self._shift = self._grid / 3.0 - self.lo * self._scale
-        base = (np.arange(d) * g1).astype(np.int64)
-        self._base = base
+        self._base = np.arange(d, dtype=np.int64) * g1   # offset of each column's row in the flat table
         self._t = self.table.ravel()
         self._dt = np.append(np.diff(self._t), 0.0)      # slope to the next grid point
 

@@ -97,7 +97,7 @@ def test_marginal_tails_let_a_forest_see_a_rare_value_near_the_bulk():
     assert tail > raw + 0.05, (raw, tail)
 
 
-def test_detector_averages_its_tail_scaled_twin_and_persists_it():
+def test_detector_raises_its_score_by_the_tail_scaled_twin_and_persists_it():
     """Detector stage 1 with a TailView: the group score is the raw forest's tail-scale score, raised by half
     of the twin's excess,
     batch == one row at a time, the arrays round-trip, and an artifact written before the twin
