@@ -52,6 +52,10 @@ class Settings:
     metrics_host: str = ""
     model_poll_s: float = 0.0           # check model_dir (e.g. an artifacts/current symlink) this often; 0 = SIGHUP only
     model_ready_timeout_s: float = 30.0  # a new model's Triton version must answer within this, else keep the old
+    # freeze the heap once serving (gc.freeze, gateway/server.py freeze_heap): a full garbage collection
+    # then skips the model and modules instead of stalling every request in flight; off only where the
+    # gateway is embedded in a process that must still collect its own cycles (the test suite)
+    gc_freeze: bool = True
     # Shadow mode: also score every applied event with a candidate artifact (never changes the answer);
     # results go to the sg:shadow stream and seqguard_shadow_risk_diff. "" = off
     shadow_model_dir: str = ""

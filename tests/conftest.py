@@ -190,6 +190,9 @@ def gateway_factory():
     def start(**overrides):
         overrides.setdefault("port", free_port())
         overrides.setdefault("pseudonym_key", "test-pseudonym-key-0123456789")
+        # every test gateway lives in the pytest process: freezing its heap would keep each test's
+        # garbage cycles forever (test_gateway.py::test_serving_heap_is_frozen turns it on)
+        overrides.setdefault("gc_freeze", False)
         gw = GatewayThread(Settings.load(**overrides))
         started.append(gw)
         return gw

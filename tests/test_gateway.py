@@ -1,5 +1,6 @@
 """The online path with real Redis and real Triton: parity with score-file, validation, degradation,
 health and reflection, reasons, pseudonymised state."""
+import gc
 import time
 
 import grpc
@@ -216,6 +217,28 @@ def test_triton_down_degrades_then_recovers_without_losing_events(
         assert again.risk == got[15].risk and again.sequence == got[15].sequence and "duplicate" in again.status_detail
         assert stub.GetUserState(risk_pb2.UserStateRequest(user_id=mine[0].user_id), timeout=5).n_events == 60
         assert max(abs(r.risk - offline[i]) for i, r in ok) <= 1e-5
+
+
+def test_serving_heap_is_frozen(small_model, redis_server, triton, gateway_factory):
+    """Once serving, the gateway freezes its heap: a full garbage collection (which stalls every
+    request in flight) then walks only objects made since, not the model and modules. Without it,
+    the demo's in-process gateway hit a ~200 ms collection mid-stream and a batch went DEGRADED."""
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    tracked_before = len(gc.get_objects())
+    try:
+        gw = gateway_factory(model_dir=str(small_model), redis_port=redis_server.port, triton_url=triton.grpc_url,
+                             deadline_ms=3000, triton_timeout_ms=3000, gc_freeze=True)
+        assert gc.get_freeze_count() > tracked_before // 2
+        assert len(gc.get_objects()) < tracked_before // 10
+        with grpc.insecure_channel(gw.address) as ch:
+            ev = risk_pb2.Event(event_id="frozen-1", user_id="frozen-user", event_type="login", ts=1767225600000,
+                                device_id="d1", ip="10.0.0.1", country="DE")
+            assert risk_pb2_grpc.RiskScoringStub(ch).Score(risk_pb2.ScoreRequest(event=ev), timeout=10).status \
+                == risk_pb2.OK
+        gw.stop()
+    finally:
+        gc.unfreeze()                   # the rest of the test process collects as before
 
 
 def test_redis_down_degrades_within_deadline(small_model, triton, gateway_factory):
