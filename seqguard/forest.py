@@ -32,6 +32,15 @@ def _average_path_length(n: float) -> float:
     return 2.0 * (np.log(n - 1.0) + np.euler_gamma) - 2.0 * (n - 1.0) / n
 
 
+def by_row_blocks(fn, X: np.ndarray, rows: int = 65536) -> np.ndarray:
+    """fn over consecutive blocks of X's rows, concatenated: bounds the temporaries of a row-wise
+    function (a forest's score, a tail transform) over millions of rows. Rows are independent, so
+    any block size gives the same result."""
+    if len(X) == 0:
+        return np.asarray(fn(X[:0]))
+    return np.concatenate([np.asarray(fn(X[a:a + rows])) for a in range(0, len(X), rows)])
+
+
 class FlatIsolationForest:
     """Arrays [n_trees, max_nodes]: children, split feature (in the full input), threshold, leaf value."""
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from seqguard.detector import TYPE_GROUPS
-from seqguard.forest import FlatIsolationForest, MarginalTails, RiskCalibrator
+from seqguard.forest import FlatIsolationForest, MarginalTails, RiskCalibrator, by_row_blocks
 
 
 @dataclass
@@ -117,8 +117,7 @@ class GroupDetector:
 
     @staticmethod
     def _score(m, X):
-        return np.concatenate([np.asarray(m.score_samples(X[a:a + 32768]), np.float64)
-                               for a in range(0, len(X), 32768)]) if len(X) else np.zeros(0)
+        return by_row_blocks(m.score_samples, X, 32768).astype(np.float64) if len(X) else np.zeros(0)
 
     def _key(self, g) -> int:
         return int(g) if int(g) in self.models else next(iter(self.models))

@@ -31,7 +31,7 @@ from seqguard.detector import (DEFAULT_ACTION_FPR, DETECTOR_SIGNALS, MIN_GROUP_E
                                Detector, TailView, action_thresholds, fit_pca, signal_indices, tail_view_score,
                                type_groups)
 from seqguard.featurizer import ContextStore, Featurizer, TokenHasher, Vocabulary, featurize_log
-from seqguard.forest import FlatIsolationForest, MarginalTails, RiskCalibrator
+from seqguard.forest import FlatIsolationForest, MarginalTails, RiskCalibrator, by_row_blocks
 from seqguard.schema import ReadReport, read_events
 
 from .model import EncoderConfig, SequenceEncoder, export_onnx
@@ -175,7 +175,19 @@ def check_step_parity(enc: SequenceEncoder, onnx_path: str, type_ids, feats, seq
     return worst
 
 
-def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_tokens, log=print):
+@dataclass
+class FittedDetector:
+    """What fit_detector learns: the Detector's served parts, and the sklearn originals kept as artifacts."""
+    signal_cols: np.ndarray             # featuriser columns the detector takes (DETECTOR_SIGNALS)
+    groups: np.ndarray                  # event type id -> type group
+    forests: list                       # FlatIsolationForest per group (served)
+    calibrators: list                   # RiskCalibrator per group
+    tail_views: list | None             # TailView per group (the twin forest), None without cfg.tail_forest
+    sklearn_forests: list               # isolation_forest.joblib
+    sklearn_tail_forests: list | None   # isolation_forest_tail_scaled.joblib
+
+
+def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_tokens, log=print) -> FittedDetector:
     """One IsolationForest per event-type group, each calibrated on its own group's training scores.
 
     With cfg.tail_forest each group gets a second forest on the same rows with every input column
@@ -184,8 +196,9 @@ def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_to
     calibrated again (detector.TailView).
     Measured effect: docs/results/tail_forest.md. (A user-balanced fitting sample, so that one
     prolific bot does not look normal, was tried twice -- on raw inputs with an older encoder and
-    on tail-scaled inputs -- and lowered payment and brushing/promo recall both times: not kept.)
-    Returns (sklearn forests per group, their tail-scaled twins or None, Detector parts).
+    on tail-scaled inputs -- and lowered payment and brushing/promo recall both times: not kept.
+    Refitting on all but the top 2% of first-pass scores, and smaller fitting samples (128, 256),
+    lowered the strict end without helping bots or credential stuffing: not kept either.)
     """
     from sklearn.ensemble import IsolationForest
     sig = signal_indices(DETECTOR_SIGNALS)
@@ -202,11 +215,11 @@ def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_to
         sk = IsolationForest(n_estimators=cfg.n_estimators, max_samples=min(cfg.max_samples, len(fit_rows)),
                              random_state=cfg.seed, n_jobs=1).fit(Z[fit_rows].astype(np.float32))
         flat = FlatIsolationForest.from_sklearn(sk)
-        anomaly = np.concatenate([-flat.score_samples(Z[a:a + 65536]) for a in range(0, len(Z), 65536)])
-        return sk, flat, anomaly
+        return sk, flat, -by_row_blocks(flat.score_samples, Z)
 
     rng = np.random.default_rng(cfg.seed)
-    forests, tail_forests, flats, cals, views = [], [], [], [], []
+    out = FittedDetector(sig, groups, [], [], [] if cfg.tail_forest else None, [],
+                         [] if cfg.tail_forest else None)
     for g in range(len(TYPE_GROUPS)):
         rows = np.flatnonzero(ev_group == g)
         if len(rows) == 0:                            # keep indices aligned; never used for scoring
@@ -214,21 +227,19 @@ def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_to
         Xg = X[rows]
         fit_rows = rng.choice(len(rows), size=min(cfg.forest_fit_events, len(rows)), replace=False)
         sk, flat, score = forest_on(Xg, fit_rows)
-        forests.append(sk)
-        flats.append(flat)
+        out.sklearn_forests.append(sk)
+        out.forests.append(flat)
         if cfg.tail_forest:
             tails = MarginalTails.fit(Xg)
-            Zg = np.concatenate([tails.transform(Xg[a:a + 65536]) for a in range(0, len(Xg), 65536)])
-            sk_t, flat_t, anomaly_t = forest_on(Zg, fit_rows)
-            tail_forests.append(sk_t)
+            sk_t, flat_t, anomaly_t = forest_on(by_row_blocks(tails.transform, Xg), fit_rows)
             view = TailView(tails, flat_t, RiskCalibrator.fit(anomaly_t), RiskCalibrator.fit(score))
-            views.append(view)
+            out.sklearn_tail_forests.append(sk_t)
+            out.tail_views.append(view)
             score = tail_view_score(view.raw_calibrator.tail(score), view.calibrator.tail(anomaly_t))
-        cals.append(RiskCalibrator.fit(score))
+        out.calibrators.append(RiskCalibrator.fit(score))
         log(f"forest '{TYPE_GROUPS[g][0]}': fitted on {len(fit_rows)} of {len(rows)} events"
             f"{' (+ its tail-scaled twin)' if cfg.tail_forest else ''}")
-    return forests, (tail_forests if cfg.tail_forest else None), flats, cals, sig, groups, \
-        (views if cfg.tail_forest else None)
+    return out
 
 
 def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | None = None,
@@ -293,15 +304,15 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
     project = lambda e: (np.asarray(e, np.float64) - pca_mean) @ pca  # noqa: E731  (same as Detector.project)
     enc_log = encode_log(featurizer, events, onnx_path=onnx_path, reduce=project, progress=True,
                          threads=cfg.threads)
-    forests, tail_forests, flats, cals, sig, groups, views = fit_detector(
-        cfg, enc_log.emb, enc_log.surprise, enc_log.feats, enc_log.type_ids, vocab.tokens, log)
-    detector = Detector(pca_mean, pca, sig, flats, cals, groups, action_thresholds(cfg.action_fpr), tail_views=views)
+    fitted = fit_detector(cfg, enc_log.emb, enc_log.surprise, enc_log.feats, enc_log.type_ids, vocab.tokens, log)
+    detector = Detector(pca_mean, pca, fitted.signal_cols, fitted.forests, fitted.calibrators, fitted.groups,
+                        action_thresholds(cfg.action_fpr), tail_views=fitted.tail_views)
     train_risk = fit_session_stage(detector, enc_log, cfg.session_alpha, log)
     np.savez(out / art.DETECTOR_FILE, **detector.to_arrays())
     import joblib
-    joblib.dump(forests, out / "isolation_forest.joblib")   # list: one per type group
-    if tail_forests is not None:                            # their twins on tail-scaled inputs
-        joblib.dump(tail_forests, out / "isolation_forest_tail_scaled.joblib")
+    joblib.dump(fitted.sklearn_forests, out / "isolation_forest.joblib")   # list: one per type group
+    if fitted.sklearn_tail_forests is not None:                           # their twins on tail-scaled inputs
+        joblib.dump(fitted.sklearn_tail_forests, out / "isolation_forest_tail_scaled.joblib")
 
     # 6. drift baseline (drift_reference.json), metadata + Triton repository
     _write_drift_reference(out, train_risk, enc_log, featurizer.spec()["feature_names"], cfg.seed, log)
