@@ -193,6 +193,10 @@ def gateway_factory():
         # every test gateway lives in the pytest process: freezing its heap would keep each test's
         # garbage cycles forever (test_gateway.py::test_serving_heap_is_frozen turns it on)
         overrides.setdefault("gc_freeze", False)
+        # the production 50 ms Redis timeout is about outages; in a busy pytest process on 2 cores (a
+        # garbage collection of the whole test process stalls the in-process gateway's loop) it turned
+        # a healthy Redis answer DEGRADED now and then. Tests about timeouts pass their own value.
+        overrides.setdefault("redis_timeout_ms", 1000)
         gw = GatewayThread(Settings.load(**overrides))
         started.append(gw)
         return gw

@@ -651,7 +651,7 @@ def report_md(res: dict) -> str:
 def main(argv=None) -> int:
     import datetime as dt
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="runs/m20k_p64")
+    ap.add_argument("--model", default="runs/m20k_mt")
     ap.add_argument("--fit-events", default="data/fit5k.jsonl")
     ap.add_argument("--fit-labels", default="data/fit5k_labels.jsonl",
                     help="used only to drop a family (held-out) and to sample feedback labels")
