@@ -197,8 +197,8 @@ def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_to
     Measured effect: docs/results/tail_forest.md. (A user-balanced fitting sample, so that one
     prolific bot does not look normal, was tried twice -- on raw inputs with an older encoder and
     on tail-scaled inputs -- and lowered payment and brushing/promo recall both times: not kept.
-    Refitting on all but the top 2% of first-pass scores, and smaller fitting samples (128, 256),
-    lowered the strict end without helping bots or credential stuffing: not kept either.)
+    Refitting on all but the top 2% of first-pass scores (strict end down) and smaller fitting
+    samples (128, 256: payment recall down) did not help bots or credential stuffing: not kept.)
     """
     from sklearn.ensemble import IsolationForest
     sig = signal_indices(DETECTOR_SIGNALS)
