@@ -5,6 +5,7 @@ gateway notices the flipped `current` pointer, waits for Triton to serve version
 and switches between batches. No request may fail or degrade, and answers move from the old
 model_version to the new one, never back.
 """
+import gc
 import json
 import os
 import shutil
@@ -56,7 +57,14 @@ def test_hot_reload_under_load_fails_no_request(two_versions, redis_server, trit
     # 2-core machine turned one answer DEGRADED (a Redis write timeout, not the reload)
     gw = gateway_factory(model_dir=str(arts / "current"), redis_port=redis_server.port, triton_url=tri.grpc_url,
                          deadline_ms=5000, triton_timeout_ms=5000, redis_timeout_ms=1000, model_poll_s=0.2,
-                         metrics_port=free_port())
+                         metrics_port=free_port(), gc_freeze=True)   # as in production: the reload re-freezes
+    try:
+        _reload_under_load(gw, repo, arts, v1, v2, tri)
+    finally:
+        gc.unfreeze()                   # the rest of the test process collects as before
+
+
+def _reload_under_load(gw, repo, arts, v1, v2, tri) -> None:
     stop = threading.Event()
     seen: list[list[str]] = [[] for _ in range(4)]
     failures: list[str] = []
@@ -128,6 +136,12 @@ def test_hot_reload_under_load_fails_no_request(two_versions, redis_server, trit
     assert 'seqguard_model_reloads_total{result="ok"} 1.0' in text
     assert f'seqguard_model_info{{model_version="{v2}",triton_version="2"}} 1.0' in text
     assert "seqguard_degraded_events_total 0.0" in text
+    # after its grace period the old model's clients close and the heap is collected and frozen again
+    end = time.monotonic() + 30
+    while time.monotonic() < end and not all(t.done() for t in gw.gateway._retired):
+        time.sleep(0.2)
+    assert gw.gateway._retired and all(t.done() and t.exception() is None for t in gw.gateway._retired)
+    assert gc.get_freeze_count() > 0
 
 
 def test_broken_artifact_keeps_old_model(two_versions, redis_server, triton_server_factory, gateway_factory):
