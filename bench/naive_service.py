@@ -28,7 +28,7 @@ import numpy as np
 
 from gateway.proto import risk_pb2, risk_pb2_grpc
 from seqguard.artifact import ModelArtifact
-from seqguard.detector import ACTIONS, tail_view_score
+from seqguard.detector import ACTIONS
 from seqguard.explain import explain
 from seqguard.featurizer import EntityContext, UserContext
 from seqguard.schema import SchemaError, validate_event
@@ -96,7 +96,7 @@ class NaiveScorer:
         if det.tail_views is not None:                          # + the sklearn twin on tail-scaled inputs
             v = det.tail_views[g]
             twin = -self.tail_forest[g].score_samples(v.tails.transform(X).astype(np.float32))
-            anomaly = tail_view_score(v.raw_calibrator.tail(anomaly), v.calibrator.tail(twin))
+            anomaly = v.combine(anomaly, twin)
         risk = float(det.calibrators[g].risk(anomaly)[0])
         action = ACTIONS[int(det.action_codes(np.array([risk]))[0])]
         recent = [[x.event_id, x.event_type, x.ts] for x in list(win)[-9:-1]]

@@ -78,9 +78,13 @@ def type_groups(vocab_tokens) -> np.ndarray:
 class TailView:
     """A type group's second forest: fitted on the inputs mapped to each column's tail scale."""
     tails: MarginalTails
-    forest: FlatIsolationForest
+    forest: FlatIsolationForest           # (training/compare.py puts any model with score_samples here)
     calibrator: RiskCalibrator            # this forest's anomaly -> tail scale
     raw_calibrator: RiskCalibrator        # the group's raw forest anomaly -> tail scale
+
+    def combine(self, raw_anomaly: np.ndarray, twin_anomaly: np.ndarray) -> np.ndarray:
+        """The group's stage-1 score from both forests' anomalies (tail_view_score on their tail scales)."""
+        return tail_view_score(self.raw_calibrator.tail(raw_anomaly), self.calibrator.tail(twin_anomaly))
 
     def to_arrays(self, prefix: str) -> dict:
         out = {**self.tails.to_arrays(prefix=f"{prefix}tails_"), **self.forest.to_arrays(prefix=f"{prefix}forest_")}
@@ -131,8 +135,7 @@ class Detector:
         if self.tail_views is None:
             return raw
         v = self.tail_views[k]
-        twin = -v.forest.score_samples(v.tails.transform(X))
-        return tail_view_score(v.raw_calibrator.tail(raw), v.calibrator.tail(twin))
+        return v.combine(raw, -v.forest.score_samples(v.tails.transform(X)))
 
     def _calibrated(self, X: np.ndarray, type_ids: np.ndarray, scale: str) -> np.ndarray:
         """Each row's forest anomaly through its group's calibrator: `scale` "risk" (quantile) or "tail"."""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seqguard.detector import TYPE_GROUPS
+from seqguard.detector import TYPE_GROUPS, TailView
 from seqguard.forest import FlatIsolationForest, MarginalTails, RiskCalibrator, by_row_blocks
 
 
@@ -83,7 +83,7 @@ class GroupDetector:
         self.name, self.make, self.max_fit, self.seed, self.twin = name, make, max_fit, seed, twin
         self.models: dict[int, object] = {}
         self.cals: dict[int, RiskCalibrator] = {}
-        self.twins: dict[int, tuple] = {}      # group -> (MarginalTails, model, its calibrator, raw calibrator)
+        self.twins: dict[int, TailView] = {}   # group -> TailView with this detector's model as its forest
 
     def fit(self, X: np.ndarray, group: np.ndarray) -> "GroupDetector":
         rng = np.random.default_rng(self.seed)
@@ -98,22 +98,17 @@ class GroupDetector:
                 tails = MarginalTails.fit(X[rows])
                 mt = self.make().fit(tails.transform(X[fit_rows]))
                 anomaly_t = -self._score(mt, tails.transform(X[cal_rows]))
-                self.twins[int(g)] = (tails, mt, RiskCalibrator.fit(anomaly_t), RiskCalibrator.fit(raw))
-                raw = self._combine(int(g), raw, anomaly_t)
+                self.twins[int(g)] = TailView(tails, mt, RiskCalibrator.fit(anomaly_t), RiskCalibrator.fit(raw))
+                raw = self.twins[int(g)].combine(raw, anomaly_t)
             self.cals[int(g)] = RiskCalibrator.fit(raw)
         return self
-
-    def _combine(self, g: int, raw: np.ndarray, anomaly_t: np.ndarray) -> np.ndarray:
-        from seqguard.detector import tail_view_score
-        _, _, cal_t, cal_raw = self.twins[g]
-        return tail_view_score(cal_raw.tail(raw), cal_t.tail(anomaly_t))
 
     def group_score(self, g: int, X: np.ndarray) -> np.ndarray:
         raw = -self._score(self.models[g], X)
         if g not in self.twins:
             return raw
-        tails, mt = self.twins[g][:2]
-        return self._combine(g, raw, -self._score(mt, tails.transform(X)))
+        v = self.twins[g]
+        return v.combine(raw, -self._score(v.forest, v.tails.transform(X)))
 
     @staticmethod
     def _score(m, X):

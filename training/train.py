@@ -28,8 +28,7 @@ from tqdm import tqdm
 from seqguard import artifact as art
 from seqguard.batch import encode_log
 from seqguard.detector import (DEFAULT_ACTION_FPR, DETECTOR_SIGNALS, MIN_GROUP_EVENTS, SESSION_ALPHA, TYPE_GROUPS,
-                               Detector, TailView, action_thresholds, fit_pca, signal_indices, tail_view_score,
-                               type_groups)
+                               Detector, TailView, action_thresholds, fit_pca, signal_indices, type_groups)
 from seqguard.featurizer import ContextStore, Featurizer, TokenHasher, Vocabulary, featurize_log
 from seqguard.forest import FlatIsolationForest, MarginalTails, RiskCalibrator, by_row_blocks
 from seqguard.schema import ReadReport, read_events
@@ -235,7 +234,7 @@ def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_to
             view = TailView(tails, flat_t, RiskCalibrator.fit(anomaly_t), RiskCalibrator.fit(score))
             out.sklearn_tail_forests.append(sk_t)
             out.tail_views.append(view)
-            score = tail_view_score(view.raw_calibrator.tail(score), view.calibrator.tail(anomaly_t))
+            score = view.combine(score, anomaly_t)
         out.calibrators.append(RiskCalibrator.fit(score))
         log(f"forest '{TYPE_GROUPS[g][0]}': fitted on {len(fit_rows)} of {len(rows)} events"
             f"{' (+ its tail-scaled twin)' if cfg.tail_forest else ''}")
