@@ -2,6 +2,7 @@
 and every seqguard_* name the dashboard and the alert rules query is exported."""
 import json
 import re
+import time
 import urllib.request
 from pathlib import Path
 
@@ -56,7 +57,14 @@ def test_counters_move_by_what_was_sent(metered_gateway, redis_server):
             stub.Score(risk_pb2.ScoreRequest(event=risk_pb2.Event(event_id="x", user_id="", event_type="login",
                                                                   ts=1767225600000)), timeout=10)
         assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # context.abort() sends the status before the servicer's `finally` counts it: the client can see
+    # the error a moment before the counter moves, so wait (bounded) for the last request to be counted
+    end = time.monotonic() + 5
     after = scrape(port)
+    while time.monotonic() < end and val(after, "seqguard_request_seconds_count", method="Score") \
+            - val(before, "seqguard_request_seconds_count", method="Score") < 8:
+        time.sleep(0.05)
+        after = scrape(port)
     d = lambda name, **kw: val(after, name, **kw) - val(before, name, **kw)  # noqa: E731
     assert d("seqguard_requests_total", method="Score", status="OK") == 7
     assert d("seqguard_requests_total", method="ScoreBatch", status="OK") == 1
