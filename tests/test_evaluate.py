@@ -87,6 +87,19 @@ def test_metrics_perfect_random_inverse_and_challenge_arithmetic(tmp_path):
             assert s[k]["actions"][a]["fpr"] >= target - 0.002      # continuous scores: hits it closely
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "report.md").is_file()
 
+    # every family / variant where a scorer out-recalls the model is listed, and nothing else
+    wins = {(w["level"], w["name"], w["scorer"]) for w in m["baseline_wins"]}
+    expected = set()
+    for level, key in (("family", "family_recall_at_1pct_fpr"), ("variant", "family_variant_recall_at_1pct_fpr")):
+        for name, mine in s["seqguard"][key].items():
+            for k in ("perfect", "random", "inverse"):
+                if s[k][key][name] > mine:
+                    expected.add((level, name, k))
+    assert wins == expected
+    assert any(k == "perfect" for _, _, k in wins)        # the imperfect model misses some attack events
+    assert all(w["recall"] > w["model_recall"] for w in m["baseline_wins"])
+    assert "Where another scorer recalls more than the model" in (tmp_path / "report.md").read_text()
+
 
 def test_labels_errors_name_the_line_and_count_missing(tmp_path):
     p = tmp_path / "lab.jsonl"

@@ -290,6 +290,7 @@ def evaluate(events: Sequence[Event], labels, scores: dict[str, np.ndarray], thr
     if plots:
         metrics["plots"] = _plots(report_dir, S, names, y, pay, family, variant, thresholds, metrics,
                                   progress=progress)
+    metrics["baseline_wins"] = baseline_wins(metrics)
     metrics["seconds"] = round(time.time() - t0, 2)
     (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
     summary = summary_table(metrics)
@@ -310,6 +311,21 @@ def _json_default(o):
 
 def _label(k: str) -> str:
     return SCORER_LABELS.get(k, k)
+
+
+def baseline_wins(metrics: dict) -> list[dict]:
+    """Every attack family and family/variant where another scorer recalls more than the model at
+    the 1%-FPR cut-off: the rows a reader should look at first, and the first thing a claim of
+    "beats the baselines per family" has to survive."""
+    model = metrics["model"]
+    out = []
+    for level, key in (("family", "family_recall_at_1pct_fpr"), ("variant", "family_variant_recall_at_1pct_fpr")):
+        for name, mine in metrics["scorers"][model][key].items():
+            for k, sc in metrics["scorers"].items():
+                theirs = sc[key].get(name)
+                if k != model and theirs is not None and mine is not None and theirs > mine:   # NaN: never
+                    out.append({"level": level, "name": name, "scorer": k, "recall": theirs, "model_recall": mine})
+    return out
 
 
 def summary_table(metrics: dict) -> str:
@@ -365,6 +381,14 @@ def _report_md(metrics: dict, summary: str) -> str:
     for fv in metrics["scorers"][model]["family_variant_recall_at_1pct_fpr"]:
         L.append(f"| {fv} | {fv_counts.get(fv, 0):,} | " + " | ".join(
             _fmt(metrics["scorers"][k]["family_variant_recall_at_1pct_fpr"][fv]) for k in names) + " |")
+    wins = metrics.get("baseline_wins", [])
+    L += ["", "### Where another scorer recalls more than the model", ""]
+    if wins:
+        L += ["| level | family / variant | scorer | its recall | model's recall |", "|---|---|---|---:|---:|"]
+        L += [f"| {w['level']} | {w['name']} | {_label(w['scorer'])} | {_fmt(w['recall'])} | {_fmt(w['model_recall'])} |"
+              for w in wins]
+    else:
+        L.append("None: the model's recall at the 1% FPR cut-off is the highest in every family and variant.")
     L += ["", "### label-0 kinds: share flagged at the same cut-off (lower is better)", "",
           "| kind | events | users | " + " | ".join(_label(k) for k in names) + " |",
           "|---|---:|---:|" + "---:|" * len(names)]
