@@ -93,7 +93,7 @@ def test_metrics_perfect_random_inverse_and_challenge_arithmetic(tmp_path):
     for level, key in (("family", "family_recall_at_1pct_fpr"), ("variant", "family_variant_recall_at_1pct_fpr")):
         for name, mine in s["seqguard"][key].items():
             for k in ("perfect", "random", "inverse"):
-                if s[k][key][name] > mine:
+                if s[k][key][name] > mine + 0.0005:
                     expected.add((level, name, k))
     assert wins == expected
     assert any(k == "perfect" for _, _, k in wins)        # the imperfect model misses some attack events

@@ -313,17 +313,18 @@ def _label(k: str) -> str:
     return SCORER_LABELS.get(k, k)
 
 
-def baseline_wins(metrics: dict) -> list[dict]:
+def baseline_wins(metrics: dict, min_gap: float = 0.0005) -> list[dict]:
     """Every attack family and family/variant where another scorer recalls more than the model at
     the 1%-FPR cut-off: the rows a reader should look at first, and the first thing a claim of
-    "beats the baselines per family" has to survive."""
+    "beats the baselines per family" has to survive. Gaps under `min_gap` (invisible at the
+    report's three decimals) are left out."""
     model = metrics["model"]
     out = []
     for level, key in (("family", "family_recall_at_1pct_fpr"), ("variant", "family_variant_recall_at_1pct_fpr")):
         for name, mine in metrics["scorers"][model][key].items():
             for k, sc in metrics["scorers"].items():
                 theirs = sc[key].get(name)
-                if k != model and theirs is not None and mine is not None and theirs > mine:   # NaN: never
+                if k != model and theirs is not None and mine is not None and theirs > mine + min_gap:  # NaN: never
                     out.append({"level": level, "name": name, "scorer": k, "recall": theirs, "model_recall": mine})
     return out
 
