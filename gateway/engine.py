@@ -74,6 +74,7 @@ class ScoringEngine:
         self.model_version = artifact.model_version
         self.hidden = artifact.hidden
         self.n_features = len(artifact.featurizer.spec()["feature_names"])
+        self.encoder_features = artifact.encoder_features   # Triton gets the first ones; the rest are detector-only
         # surprise that counts as "unusual sequence": the 99.9th percentile seen in training, if known
         self.surprise_cut = float(artifact.metadata.get("training", {}).get("surprise_p999", 8.0))
         self.conflicts = 0
@@ -292,7 +293,7 @@ class ScoringEngine:
                     left = remaining()
                     if left is not None and left <= 0:
                         raise EncoderUnavailable("deadline exceeded before the encoder call")
-                    h2, c2, e2, s2 = await self.encoder.step(steps.type_ids[rows], steps.feats[rows],
+                    h2, c2, e2, s2 = await self.encoder.step(steps.type_ids[rows], steps.feats[rows, :self.encoder_features],
                                                              np.stack([s.h for s in sts]),
                                                              np.stack([s.c for s in sts]), timeout_s=left)
                     for k, st in enumerate(sts):

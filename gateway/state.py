@@ -42,12 +42,15 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from seqguard.featurizer import EntityContext, UserContext, ip_prefix
+from seqguard.featurizer import N_FEATURES, EntityContext, UserContext, ip_prefix
 from seqguard.schema import Event
 
 KEY_PREFIX = "sg:"               # every key starts with it; "{sg}:" on Redis Cluster (see RedisStateStore)
-USER_FORMAT = 3                 # 1 was the hash layout (h, c, ctx, ring as JSON, pend, mv, n);
-                                # 2 had no session average (read as 0.0)
+USER_FORMAT = 4                 # 1 was the hash layout (h, c, ctx, ring as JSON, pend, mv, n);
+                                # 2 had no session average (read as 0.0); 2 and 3 hold feature
+                                # rows of featuriser version 1 (LEGACY_FEATURE_WIDTH wide)
+LEGACY_FEATURE_WIDTH = 40       # read rows are padded with zeros to N_FEATURES (the new columns
+                                # are detector-only ring counters: 0 = no evidence)
 
 # KEYS: seq, users..., entities..., events...
 # ARGV: U, E, M, ttl, dedupe_ttl, then per user: expected first 8 bytes ('' for a new user), blob;
@@ -242,7 +245,20 @@ def _unpack_pending(raw: bytes | None) -> list:
     n, f = int(np.frombuffer(raw[:4], np.int32)[0]), int(np.frombuffer(raw[4:8], np.int32)[0])
     types = np.frombuffer(raw[8:8 + 8 * n], np.int64)
     feats = np.frombuffer(raw[8 + 8 * n:], np.float32).reshape(n, f)
-    return [(int(types[i]), feats[i].copy()) for i in range(n)]
+    return [(int(types[i]), _to_width(feats[i])) for i in range(n)]
+
+
+def _to_width(row: np.ndarray, width: int = N_FEATURES) -> np.ndarray:
+    """A feature row written by an older featuriser, zero-padded to this one's width (a copy)."""
+    out = np.zeros(max(width, len(row)), np.float32)
+    out[:len(row)] = row
+    return out
+
+
+def _upgrade_ring(ring: list) -> list:
+    """Ring rows of user formats 2-3 (featuriser v1): repacked at this featuriser's width."""
+    return [e._replace(feat=pack_features(_to_width(unpack_features(e.feat, LEGACY_FEATURE_WIDTH))))
+            if e.feat else e for e in ring]
 
 
 _BLOB_HEAD = struct.Struct("<QB")           # n (compare-and-set version, first 8 bytes), format
@@ -262,8 +278,8 @@ def pack_user(st: UserState, ring_size: int, rebuild_steps: int) -> bytes:
 
 def unpack_user(key: str, raw: bytes) -> UserState:
     n, fmt = _BLOB_HEAD.unpack_from(raw, 0)
-    if fmt not in (2, USER_FORMAT):
-        raise ValueError(f"user state format {fmt} is not 2 or {USER_FORMAT}")
+    if fmt not in (2, 3, USER_FORMAT):
+        raise ValueError(f"user state format {fmt} is not one of 2, 3, {USER_FORMAT}")
     i = _BLOB_HEAD.size
     m = raw[i]
     mv = raw[i + 1:i + 1 + m].decode()
@@ -283,7 +299,10 @@ def unpack_user(key: str, raw: bytes) -> UserState:
     (lp,) = struct.unpack_from("<I", raw, i)
     pend = _unpack_pending(raw[i + 4:i + 4 + lp])
     i += 4 + lp
-    return UserState(key, h, c, ctx, unpack_ring(raw[i:]), pend, mv, n, n, True, session)
+    ring = unpack_ring(raw[i:])
+    if fmt < 4:
+        ring = _upgrade_ring(ring)
+    return UserState(key, h, c, ctx, ring, pend, mv, n, n, True, session)
 
 
 class RedisStateStore:

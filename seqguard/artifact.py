@@ -54,6 +54,11 @@ class ModelArtifact:
         return int(self.metadata["encoder"]["hidden"])
 
     @property
+    def encoder_features(self) -> int:
+        """How many of the featuriser's columns the step model reads (the first ones)."""
+        return int(self.metadata["encoder"]["n_features"])
+
+    @property
     def onnx_path(self) -> Path:
         return self.path / ONNX_FILE
 

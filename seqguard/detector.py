@@ -14,6 +14,12 @@ activity inherits that activity's risk even when the payment itself looks ordina
 odd event is not diluted by a quiet history. Measured on two training seeds, held-out data
 (docs/results/session_context.md): payment ROC-AUC +0.008..0.012, card_testing recall +0.10.
 
+One cross-user ring counter is also read directly (`EntityFloor`): in the group of the events
+that feed it (failed logins: the account group), its own upper-tail rarity is a floor under the
+forests' stage-1 score. One column among ~90 is rarely on an isolation path, so the forests
+dilute it; read directly it catches slow credential stuffing (docs/results/tail_forest.md,
+"Session 8").
+
 Pure numpy so that the gateway applies exactly the arithmetic that batch scoring applies.
 """
 from __future__ import annotations
@@ -22,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .featurizer import FEATURE_INDEX
+from .featurizer import FEATURE_INDEX, FEATURE_NAMES
 from .forest import FlatIsolationForest, MarginalTails, RiskCalibrator
 
 # Featuriser signals given to the forest next to the embedding: the ones a fraud analyst
@@ -101,6 +107,34 @@ class TailView:
 
 
 @dataclass
+class EntityFloor:
+    """A cross-user count whose rarity is read directly in one type group, as a floor under the
+    forests' score: floor(n) = -log P(count >= n) among that group's training events (+1 smoothed,
+    0 for n = 0). Unsupervised like the forests, on the same -log(1 - quantile) scale."""
+    feature: str                          # a log1p(count) column of FEATURE_NAMES
+    group: int                            # the type group it applies to
+    tail: np.ndarray                      # [K + 1] floor for counts 0..K (K and more: tail[K])
+
+    FEATURES = ("log_device_failed_accounts_7d",)
+    MAX_COUNT = 64
+
+    @classmethod
+    def fit(cls, feature: str, group: int, column: np.ndarray) -> "EntityFloor":
+        n = cls.counts(column)
+        ge = np.bincount(np.minimum(n, cls.MAX_COUNT), minlength=cls.MAX_COUNT + 1)[::-1].cumsum()[::-1]
+        tail = -np.log((1.0 + ge) / (1.0 + len(n)))
+        tail[0] = 0.0
+        return cls(feature, int(group), np.maximum.accumulate(tail))
+
+    @classmethod
+    def counts(cls, column: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint(np.expm1(np.asarray(column, np.float64))), 0, cls.MAX_COUNT).astype(np.int64)
+
+    def __call__(self, column: np.ndarray) -> np.ndarray:
+        return self.tail[np.minimum(self.counts(column), len(self.tail) - 1)]
+
+
+@dataclass
 class Detector:
     proj_mean: np.ndarray                 # [H] float64
     proj: np.ndarray                      # [H, k] float64 (PCA of training embeddings)
@@ -112,6 +146,7 @@ class Detector:
     session_alpha: float = 0.0            # 0: no session stage (artifacts trained before it)
     session_calibrator: RiskCalibrator | None = None   # quantiles of c over the training log
     tail_views: list | None = None        # TailView per type group (None: the raw forest alone, older artifacts)
+    floor: EntityFloor | None = None      # read from the LAST input column (see inputs)
 
     @property
     def has_session(self) -> bool:
@@ -121,9 +156,13 @@ class Detector:
         return (np.asarray(emb, np.float64) - self.proj_mean) @ self.proj
 
     def inputs(self, emb_proj: np.ndarray, surprise: np.ndarray, feats: np.ndarray) -> np.ndarray:
-        """Forest input rows: [projected embedding, surprise (2), named signals]."""
-        return np.concatenate([emb_proj, np.asarray(surprise, np.float64),
-                               np.asarray(feats, np.float64)[:, self.signal_idx]], axis=1)
+        """Detector input rows: [projected embedding, surprise (2), named signals] (what the
+        forests read), then the floor's column when there is a floor."""
+        feats = np.asarray(feats, np.float64)
+        parts = [emb_proj, np.asarray(surprise, np.float64), feats[:, self.signal_idx]]
+        if self.floor is not None:
+            parts.append(feats[:, FEATURE_INDEX[self.floor.feature], None])
+        return np.concatenate(parts, axis=1)
 
     def groups(self, type_ids: np.ndarray) -> np.ndarray:
         t = np.asarray(type_ids, np.int64)
@@ -131,11 +170,16 @@ class Detector:
 
     def group_score(self, k: int, X: np.ndarray) -> np.ndarray:
         """Group k's stage-1 score of input rows, before its calibrator (higher = more anomalous)."""
+        floor = None
+        if self.floor is not None:
+            X, floor = X[:, :-1], X[:, -1]
         raw = -self.forests[k].score_samples(X)
-        if self.tail_views is None:
-            return raw
-        v = self.tail_views[k]
-        return v.combine(raw, -v.forest.score_samples(v.tails.transform(X)))
+        if self.tail_views is not None:
+            v = self.tail_views[k]
+            raw = v.combine(raw, -v.forest.score_samples(v.tails.transform(X)))
+        if floor is not None and k == self.floor.group:
+            raw = np.maximum(raw, self.floor(floor))
+        return raw
 
     def _calibrated(self, X: np.ndarray, type_ids: np.ndarray, scale: str) -> np.ndarray:
         """Each row's forest anomaly through its group's calibrator: `scale` "risk" (quantile) or "tail"."""
@@ -191,6 +235,10 @@ class Detector:
             out[f"g{k}_cal_levels"], out[f"g{k}_cal_quantiles"] = c.levels, c.quantiles
             if self.tail_views is not None:
                 out.update(self.tail_views[k].to_arrays(prefix=f"g{k}_tv_"))
+        if self.floor is not None:
+            out["floor_feature"] = np.array(FEATURE_NAMES.index(self.floor.feature), np.int64)
+            out["floor_group"] = np.array(self.floor.group, np.int64)
+            out["floor_tail"] = self.floor.tail
         if self.has_session:
             out["session_alpha"] = np.array(self.session_alpha, np.float64)
             out["session_cal_levels"] = self.session_calibrator.levels
@@ -208,10 +256,14 @@ class Detector:
         views = None
         if "g0_tv_tails_table" in keys:   # absent in artifacts trained before the tail-scaled forest
             views = [TailView.from_arrays(a, prefix=f"g{k}_tv_") for k in range(G)]
+        floor = None
+        if "floor_tail" in keys:          # absent in artifacts trained before the entity floor
+            floor = EntityFloor(FEATURE_NAMES[int(a["floor_feature"])], int(a["floor_group"]),
+                                np.asarray(a["floor_tail"], np.float64))
         return cls(np.asarray(a["proj_mean"]), np.asarray(a["proj"]), np.asarray(a["signal_idx"]),
                    [FlatIsolationForest.from_arrays(a, prefix=f"g{k}_forest_") for k in range(G)],
                    [RiskCalibrator(a[f"g{k}_cal_levels"], a[f"g{k}_cal_quantiles"]) for k in range(G)],
-                   np.asarray(a["type_group"]), thresholds or action_thresholds(), alpha, scal, views)
+                   np.asarray(a["type_group"]), thresholds or action_thresholds(), alpha, scal, views, floor)
 
 
 def tail_view_score(a_raw: np.ndarray, a_twin: np.ndarray) -> np.ndarray:

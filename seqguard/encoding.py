@@ -13,7 +13,10 @@ STEP_OUTPUTS = ("h_out", "c_out", "embedding", "surprise")
 
 
 class OrtStep:
-    """(type_ids [B], features [B,F], h [B,H], c [B,H]) -> (h', c', embedding, surprise)."""
+    """(type_ids [B], features [B,F], h [B,H], c [B,H]) -> (h', c', embedding, surprise).
+
+    Feature rows may be wider than the graph's F (the featuriser's detector-only features come
+    after the encoder's, seqguard.featurizer.N_ENCODER_FEATURES): the step reads the first F."""
 
     def __init__(self, onnx_path: str, threads: int = 0):
         import onnxruntime as ort
@@ -28,7 +31,7 @@ class OrtStep:
     def __call__(self, type_ids, feats, h, c):
         out = self.session.run(list(STEP_OUTPUTS), {
             "event_type": np.asarray(type_ids, np.int64).reshape(-1, 1),
-            "features": np.asarray(feats, np.float32),
+            "features": np.ascontiguousarray(np.asarray(feats, np.float32)[:, :self.n_features]),
             "h_in": np.asarray(h, np.float32), "c_in": np.asarray(c, np.float32)})
         return tuple(out)
 

@@ -71,6 +71,11 @@ def explain(row, surprise, event_id: str, event_type: str, recent: list | None =
     if na >= 3:
         out.append(Reason("NEW_ACCOUNTS_ON_DEVICE", f"{na} new accounts created on this device today",
                           1.0 + na / 3, [event_id]))
+    rf = _n(f("log_device_failed_accounts_7d")) if len(row) > FI["log_device_failed_accounts_7d"] else 0
+    if rf >= 1:
+        out.append(Reason("DEVICE_FAILED_LOGINS_OTHER_ACCOUNTS",
+                          f"failed logins on this device for {rf} other account{'s' if rf > 1 else ''} this week",
+                          1.5 + 0.5 * min(rf, 10), [event_id]))
     ipf = _n(f("log_ip_failed_1h"))
     if ipf >= 5:
         out.append(Reason("IP_LOGIN_FAILURES", f"{ipf} failed logins from this IP in the last hour",

@@ -8,9 +8,14 @@ serialise to bytes (the gateway keeps them in Redis):
 * UserContext   - one per user: previous timestamp, recently seen devices / countries /
                   IP prefixes, decayed activity and failure counters, amount and timing stats.
 * EntityContext - one per device, IP and IP /24 prefix: accounts seen in the last 24 h,
-                  decayed failed logins and events. Shared across users, this is what
-                  exposes rings (brushing, promo abuse, credential stuffing). Offline it is
-                  replayed in global timestamp order, online it lives in Redis.
+                  accounts with a failed login in the last 7 days, decayed failed logins
+                  and events. Shared across users, this is what exposes rings (brushing,
+                  promo abuse, credential stuffing). Offline it is replayed in global
+                  timestamp order, online it lives in Redis.
+
+The encoder reads the first N_ENCODER_FEATURES features; the ones after it are for the detector
+only (adding an input to the encoder retrains it, and an encoder change alone moved payment
+recall by more than the new signal was worth: docs/results/tail_forest.md, "Session 8").
 
 All counters are exponentially decayed (value, shared last timestamp), so they are exact,
 O(1) to update and independent of how the stream is chunked.
@@ -29,7 +34,8 @@ import numpy as np
 
 from .schema import COMMON_EVENT_TYPES, SCHEMA_VERSION, Event
 
-FEATURIZER_VERSION = 1
+FEATURIZER_VERSION = 2             # 2: + accounts with a failed login per device in 7 days
+READABLE_CONTEXT_VERSIONS = (1, 2)  # contexts a gateway may find in Redis after an upgrade
 UNKNOWN_TOKEN = "<unknown>"
 
 # Event-type groups the featuriser reacts to (by name, so team-specific ids do not matter).
@@ -40,6 +46,7 @@ AMOUNT_STATS_TYPES = frozenset({"payment"})
 MINUTE_MS, HOUR_MS, DAY_MS = 60_000, 3_600_000, 86_400_000
 MAX_DEVICES, MAX_COUNTRIES, MAX_PREFIXES = 8, 4, 8
 MAX_ENTITY_USERS = 32
+FAILED_ACCOUNTS_WINDOW_MS = 7 * DAY_MS    # slow stuffing rings reuse a device for days, not hours
 GAP_EWMA_ALPHA = 0.1
 
 FEATURE_NAMES = (
@@ -55,9 +62,12 @@ FEATURE_NAMES = (
     "log_device_accounts_24h", "log_device_failed_1h", "log_device_new_accounts_24h",
     "log_ip_accounts_24h", "log_ip_failed_1h", "log_ip_events_1h",
     "log_prefix_accounts_24h", "log_prefix_failed_1h",
+    # detector-only (after N_ENCODER_FEATURES): OTHER accounts with a failed login on this device in 7 days
+    "log_device_failed_accounts_7d",
 )
 N_FEATURES = len(FEATURE_NAMES)
 FEATURE_INDEX = {name: i for i, name in enumerate(FEATURE_NAMES)}
+N_ENCODER_FEATURES = FEATURE_INDEX["log_device_failed_accounts_7d"]   # 40: what the LSTM step model reads
 
 
 # --------------------------------------------------------------------------- tokens
@@ -193,8 +203,8 @@ class UserContext:
     def from_bytes(cls, data: bytes) -> "UserContext":
         u = cls()
         vals = _USER_HEAD.unpack_from(data, 0)
-        if vals[0] != FEATURIZER_VERSION:
-            raise ValueError(f"user context version {vals[0]} != featuriser version {FEATURIZER_VERSION}")
+        if vals[0] not in READABLE_CONTEXT_VERSIONS:     # (the user layout is the same in 1 and 2)
+            raise ValueError(f"user context version {vals[0]} is not one of {READABLE_CONTEXT_VERSIONS}")
         (_, u.n, u.first_ts, u.last_ts, u.last_change_ts, u.last_device, u.last_country,
          u.last_prefix, u.last_session, u.session_events, u.n_payments, u.n_reviews, u.last_type,
          u.ev_1m, u.ev_1h, u.fail_login, u.fail_pay, u.pay_24h, u.amt_24h, u.coupon_24h,
@@ -207,48 +217,66 @@ class UserContext:
 
 
 class EntityContext:
-    """Per device / IP / IP-prefix state shared by all users (~300 bytes serialised)."""
-    __slots__ = ("first_ts", "last_ts", "events_1h", "failed_1h", "new_accounts_24h", "spare", "users")
+    """Per device / IP / IP-prefix state shared by all users (~300 bytes serialised, up to ~700
+    for a device in a stuffing ring)."""
+    __slots__ = ("first_ts", "last_ts", "events_1h", "failed_1h", "new_accounts_24h", "spare", "users",
+                 "failed_users")
 
     def __init__(self):
         self.first_ts = self.last_ts = 0
         self.events_1h = self.failed_1h = self.new_accounts_24h = self.spare = 0.0
-        self.users: list[list[int]] = []     # [user hash, last ts ms], most recent first
+        self.users: list[list[int]] = []         # [user hash, last ts ms], most recent first (24 h)
+        self.failed_users: list[list[int]] = []  # [user hash, last failed-login ts ms] (7 days)
 
     def to_bytes(self) -> bytes:
         head = _ENTITY_HEAD.pack(FEATURIZER_VERSION, self.first_ts, self.last_ts, self.events_1h,
                                  self.failed_1h, self.new_accounts_24h, self.spare, len(self.users))
-        flat = [x for pair in self.users for x in pair]
-        return head + struct.pack("<" + "Iq" * len(self.users), *flat)
+        pairs = self.users + self.failed_users
+        flat = [x for pair in pairs for x in pair]
+        return (head + struct.pack("<" + "Iq" * len(self.users), *flat[:2 * len(self.users)])
+                + bytes([len(self.failed_users)])
+                + struct.pack("<" + "Iq" * len(self.failed_users), *flat[2 * len(self.users):]))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "EntityContext":
+        """Reads versions 1 (written before the 7-day failed-account list: read as empty) and 2."""
         e = cls()
         (ver, e.first_ts, e.last_ts, e.events_1h, e.failed_1h, e.new_accounts_24h, e.spare,
          n) = _ENTITY_HEAD.unpack_from(data, 0)
-        if ver != FEATURIZER_VERSION:
-            raise ValueError(f"entity context version {ver} != featuriser version {FEATURIZER_VERSION}")
-        flat = struct.unpack_from("<" + "Iq" * n, data, _ENTITY_HEAD.size)
-        e.users = [[flat[2 * i], flat[2 * i + 1]] for i in range(n)]
+        if ver not in READABLE_CONTEXT_VERSIONS:
+            raise ValueError(f"entity context version {ver} is not one of {READABLE_CONTEXT_VERSIONS}")
+        i = _ENTITY_HEAD.size
+        flat = struct.unpack_from("<" + "Iq" * n, data, i)
+        e.users = [[flat[2 * k], flat[2 * k + 1]] for k in range(n)]
+        if ver >= 2:
+            i += 12 * n
+            m = data[i]
+            flat = struct.unpack_from("<" + "Iq" * m, data, i + 1)
+            e.failed_users = [[flat[2 * k], flat[2 * k + 1]] for k in range(m)]
         return e
 
 
-# The cross-user features are the last 8 of FEATURE_NAMES; per entity kind, which of
-# touch_entity's four outputs it contributes (device: accounts, failed, new accounts; ...).
+# The cross-user features are the last 9 of FEATURE_NAMES, in entity_features' order. Per entity
+# kind: which of touch_entity's five outputs it contributes (device: accounts, failed, new
+# accounts, failed accounts 7 d; ...) and at which of those 9 columns.
 ENTITY_FEATURES_START = FEATURE_INDEX["log_device_accounts_24h"]
-ENTITY_KINDS = (("device", (0, 1, 3)), ("ip", (0, 1, 2)), ("prefix", (0, 1)))
+ENTITY_KINDS = (("device", (0, 1, 3, 4), (0, 1, 2, 8)), ("ip", (0, 1, 2), (3, 4, 5)), ("prefix", (0, 1), (6, 7)))
 
 
 def touch_entity(e: EntityContext | None, ts: int, user: int, user_is_new: bool,
-                 failed: bool) -> tuple[float, float, float, float]:
+                 failed: bool) -> tuple[float, float, float, float, float]:
     """Update one entity with an event of `user` at `ts`; return (log accounts 24h, log failed 1h,
-    log events 1h, log new accounts 24h).
+    log events 1h, log new accounts 24h, log OTHER accounts with a failed login in 7 days).
+
+    The last one is the slow credential-stuffing ring: a device that tries a few accounts a day
+    never reaches the 1-hour counters, but it is the same device across victims. Other accounts
+    only, so a user who mistypes their own password does not count against themselves.
 
     Depends only on this entity's own events in replay order (plus the per-user `user_is_new`),
     which is what lets `seqguard.ray_engine` replay entities apart from users and join back.
     """
     if e is None:
-        return 0.0, 0.0, 0.0, 0.0
+        return 0.0, 0.0, 0.0, 0.0, 0.0
     if e.first_ts == 0:
         e.first_ts = ts
     dt = ts - e.last_ts if e.last_ts else 0
@@ -266,18 +294,30 @@ def touch_entity(e: EntityContext | None, ts: int, user: int, user_is_new: bool,
     users.insert(0, [user, ts])
     horizon = ts - DAY_MS
     e.users = [p for p in users[:MAX_ENTITY_USERS] if p[1] >= horizon]
+    fu = e.failed_users
+    if failed:
+        for i, pair in enumerate(fu):
+            if pair[0] == user:
+                del fu[i]
+                break
+        fu.insert(0, [user, ts])
+    others = 0
+    if fu:
+        horizon = ts - FAILED_ACCOUNTS_WINDOW_MS
+        e.failed_users = fu = [p for p in fu[:MAX_ENTITY_USERS] if p[1] >= horizon]
+        others = sum(1 for p in fu if p[0] != user)
     return (math.log1p(len(e.users)), math.log1p(e.failed_1h), math.log1p(e.events_1h),
-            math.log1p(e.new_accounts_24h))
+            math.log1p(e.new_accounts_24h), math.log1p(others))
 
 
 def entity_features(t: Tokens, user_is_new: bool, device: EntityContext | None,
                     ip: EntityContext | None, prefix: EntityContext | None) -> list[float]:
-    """The 8 cross-user features of event t (FEATURE_NAMES from ENTITY_FEATURES_START); updates the entities."""
+    """The 9 cross-user features of event t (FEATURE_NAMES from ENTITY_FEATURES_START); updates the entities."""
     failed = t.event_type == "login_failed"
-    d_acc, d_fail, _, d_new = touch_entity(device, t.ts, t.user, user_is_new, failed)
-    i_acc, i_fail, i_ev, _ = touch_entity(ip, t.ts, t.user, user_is_new, failed)
-    p_acc, p_fail, _, _ = touch_entity(prefix, t.ts, t.user, user_is_new, failed)
-    return [d_acc, d_fail, d_new, i_acc, i_fail, i_ev, p_acc, p_fail]
+    d_acc, d_fail, _, d_new, d_ring = touch_entity(device, t.ts, t.user, user_is_new, failed)
+    i_acc, i_fail, i_ev, _, _ = touch_entity(ip, t.ts, t.user, user_is_new, failed)
+    p_acc, p_fail, _, _, _ = touch_entity(prefix, t.ts, t.user, user_is_new, failed)
+    return [d_acc, d_fail, d_new, i_acc, i_fail, i_ev, p_acc, p_fail, d_ring]
 
 
 # --------------------------------------------------------------------------- featuriser
@@ -320,7 +360,7 @@ class Featurizer:
         return self.featurize_user(t, u, entity_features(t, u.n == 0, device, ip, prefix))
 
     def featurize_user(self, t: Tokens, u: UserContext, entity: list[float]) -> list[float]:
-        """`featurize` given the event's 8 cross-user features (`entity_features`), computed
+        """`featurize` given the event's 9 cross-user features (`entity_features`), computed
         here or by a separate pass; updates only the user context."""
         ts, et, amount = t.ts, t.event_type, t.amount
         first = u.n == 0

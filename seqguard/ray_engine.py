@@ -40,17 +40,14 @@ from .artifact import DETECTOR_FILE, METADATA, ONNX_FILE, ModelArtifact
 from .featurizer import ENTITY_FEATURES_START, ENTITY_KINDS, N_FEATURES, Featurizer, UserContext, touch_entity
 from .schema import Event
 
-N_ENTITY = N_FEATURES - ENTITY_FEATURES_START          # 8 cross-user features
+N_ENTITY = N_FEATURES - ENTITY_FEATURES_START          # 9 cross-user features
 
 
 def _entity_columns() -> tuple:
-    """(kind, picks of touch_entity's outputs, columns of the 8 entity features) in feature order."""
-    cols, c = [], 0
-    for kind, picks in ENTITY_KINDS:
-        cols.append((kind, picks, list(range(c, c + len(picks)))))
-        c += len(picks)
-    assert c == N_ENTITY
-    return tuple(cols)
+    """(kind, picks of touch_entity's outputs, columns of the 9 entity features) per entity kind."""
+    cols = tuple((kind, picks, list(columns)) for kind, picks, columns in ENTITY_KINDS)
+    assert sorted(c for _, _, cs in cols for c in cs) == list(range(N_ENTITY))
+    return cols
 
 
 _ENTITY_COLS = _entity_columns()
@@ -221,7 +218,7 @@ def _map(ray, featurizer: Featurizer, events: list[Event], parts: int):
 
 
 def _entity_pass(ray, tokens: np.ndarray, parts: int):
-    """Pass 1: (order, user hash per replayed event, [N, 8] float64 cross-user features in replay order)."""
+    """Pass 1: (order, user hash per replayed event, [N, 9] float64 cross-user features in replay order)."""
     n = len(tokens)
     order = np.lexsort((np.arange(n), tokens[:, 5]))          # global (ts, position), as featurize_log
     tok = tokens[order]
@@ -248,7 +245,7 @@ def _entity_pass(ray, tokens: np.ndarray, parts: int):
 
 
 def distributed_entity_features(ray, featurizer: Featurizer, events: list[Event], parts: int):
-    """Passes 0 + 1 alone: (order, user hash per replayed event, [N, 8] float64 entity features in
+    """Passes 0 + 1 alone: (order, user hash per replayed event, [N, 9] float64 entity features in
     replay order). Needs a connected Ray; the values equal the sequential replay's bit for bit."""
     tokens, _, _ = _map(ray, featurizer, events, parts)
     return _entity_pass(ray, tokens, parts)

@@ -88,3 +88,48 @@ def test_sparse_events_only_required_fields():
                                   event_type=["x_custom", "login", "y_custom"][i % 3]) for i in range(30)])
     _, types, f = featurize_log(fz, evs)
     assert np.isfinite(f).all() and f[:, FEATURE_INDEX["has_device"]].sum() == 0
+
+
+def _login_failed(eid, user, ts, device="shared-dev", ip=None):
+    return dict(event_id=eid, user_id=user, ts=ts, event_type="login_failed", device_id=device,
+                ip=ip or f"10.0.{eid}.1", country="DE", item_id=None, category=None, amount=None, session_id=None)
+
+
+def test_failed_accounts_per_device_counts_other_accounts_for_seven_days():
+    """The slow-stuffing ring counter: other accounts with a failed login on this device in the last
+    7 days. A user's own failures never count against them, and a failure 8 days old has left."""
+    fz = Featurizer(Vocabulary.learn([]), TokenHasher())
+    day, t0 = 86_400_000, 1767225600000
+    evs = events_from_dicts([
+        _login_failed("1", "a", t0),
+        _login_failed("2", "a", t0 + 1000),                 # own account again: still 0 others
+        _login_failed("3", "b", t0 + 2 * day),              # a day later, a second account: 1 other (a)
+        _login_failed("4", "c", t0 + 3 * day),              # 2 others (a, b), outside every 1 h / 24 h window
+        dict(_login_failed("5", "d", t0 + 3 * day + 5), event_type="login"),   # any event on the device sees them
+        _login_failed("6", "e", t0 + 3 * day + 10, device="other-dev"),        # another device: 0
+        _login_failed("7", "f", t0 + 9 * day + 1000),       # a, b left the 7-day window; c is 6 days old
+    ])
+    _, _, f = featurize_log(fz, evs)
+    got = np.rint(np.expm1(f[:, FEATURE_INDEX["log_device_failed_accounts_7d"]])).astype(int).tolist()
+    assert got == [0, 0, 1, 2, 3, 0, 1]
+    # the 1-hour failure counter never saw the ring: at most one failure per hour on the device
+    assert np.expm1(f[3, FEATURE_INDEX["log_device_failed_1h"]]) < 1.01
+
+
+def test_failed_accounts_list_round_trips_and_version_1_entities_are_read():
+    """Entity contexts written by featuriser version 1 (before the failed-accounts list) stay readable
+    after an upgrade: the list starts empty and the other counters are kept."""
+    import struct
+    e = EntityContext()
+    e.first_ts, e.last_ts, e.events_1h, e.failed_1h = 5, 9, 2.5, 1.25
+    e.users = [[11, 9], [12, 7]]
+    e.failed_users = [[12, 7], [13, 3]]
+    b = e.to_bytes()
+    back = EntityContext.from_bytes(b)
+    assert back.failed_users == e.failed_users and back.users == e.users and back.to_bytes() == b
+    v1 = bytes([1]) + b[1:struct.calcsize("<Bqqdddd B") + 12 * len(e.users)]   # v1: no list after the users
+    old = EntityContext.from_bytes(v1)
+    assert old.failed_users == [] and old.users == e.users and old.failed_1h == 1.25
+    assert EntityContext.from_bytes(old.to_bytes()).users == e.users
+    with pytest.raises(ValueError, match="version"):
+        EntityContext.from_bytes(bytes([7]) + b[1:])

@@ -135,3 +135,44 @@ def test_detector_raises_its_score_by_the_tail_scaled_twin_and_persists_it():
     assert back.tail_views is not None and np.array_equal(back.risk(emb, sur, feats, types), r)
     # about 1% of the training rows above the 0.99 cut-off, as for the raw forest alone
     assert abs(np.mean(r >= 0.99) - 0.01) < 0.004
+
+
+def test_entity_floor_reads_a_ring_count_directly_in_its_group_only():
+    """EntityFloor: -log P(count >= n) among the group's training events, monotone, 0 at n = 0; the
+    detector takes it as a floor in its own group only, batch == single rows, and it persists."""
+    from seqguard.detector import Detector, EntityFloor
+    from seqguard.featurizer import FEATURE_INDEX, N_FEATURES
+    rng = np.random.default_rng(6)
+    counts = np.where(rng.random(5000) < 0.01, rng.integers(1, 4, 5000), 0)
+    fl = EntityFloor.fit("log_device_failed_accounts_7d", 1, np.log1p(counts))
+    assert fl.tail[0] == 0 and np.all(np.diff(fl.tail) >= 0)
+    p1 = (1 + (counts >= 1).sum()) / (1 + len(counts))
+    assert fl(np.log1p(np.array([0, 1, 200]))) == pytest.approx([0.0, -np.log(p1), -np.log(1 / 5001)])
+
+    n = 3000
+    emb, sur, feats = rng.normal(size=(n, 4)), rng.exponential(size=(n, 2)), rng.normal(size=(n, N_FEATURES))
+    col = FEATURE_INDEX["log_device_failed_accounts_7d"]
+    feats[:, col] = np.log1p(np.where(np.arange(n) % 49 == 0, 3, 0))
+    types = (np.arange(n) % 2).astype(np.int64)                  # type 0 -> group 0, type 1 -> group 1
+    det = Detector(np.zeros(4), np.eye(4), np.arange(2), [], [], np.array([0, 1], np.int64))
+    X = det.inputs(det.project(emb), sur, feats)
+    forests = [FlatIsolationForest.from_sklearn(IsolationForest(n_estimators=30, random_state=k).fit(X))
+               for k in range(2)]
+    det.forests = forests
+    det.calibrators = [RiskCalibrator.fit(-f.score_samples(X)) for f in forests]
+    before = det.tail_from_inputs(det.inputs(det.project(emb), sur, feats), types)
+    det.floor = fl
+    Xf = det.inputs(det.project(emb), sur, feats)
+    assert Xf.shape[1] == X.shape[1] + 1
+    after = det.tail_from_inputs(Xf, types)
+    ring = feats[:, col] > 0
+    in_group = types == 1
+    assert np.array_equal(after[~in_group], before[~in_group])            # other groups untouched
+    assert np.all(after[in_group] >= before[in_group])
+    assert np.any(after[in_group & ring] > before[in_group & ring])
+    assert np.array_equal(after[in_group & ~ring], before[in_group & ~ring])
+    assert np.array_equal(np.concatenate([det.tail_from_inputs(Xf[i:i + 1], types[i:i + 1]) for i in range(100)]),
+                          after[:100])
+    back = Detector.from_arrays(det.to_arrays())
+    assert back.floor.feature == fl.feature and back.floor.group == 1
+    assert np.array_equal(back.tail_from_inputs(back.inputs(back.project(emb), sur, feats), types), after)

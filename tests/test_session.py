@@ -101,3 +101,34 @@ def test_risky_session_reason():
     assert r and r[0].event_ids == ["e2", "e3", "e4", "now"]
     assert not [x for x in explain(row, np.zeros(2), "now", "payment", recent, session_lift=1.0)
                 if x.code == "RISKY_SESSION"]
+
+
+def test_user_state_format_3_feature_rows_are_padded_to_the_new_featuriser():
+    """A gateway upgraded to featuriser 2 reads users written with 40-wide rows (format 3): their ring and
+    deferred steps come back at the new width, the new detector-only column 0 (no evidence)."""
+    from gateway.state import (LEGACY_FEATURE_WIDTH, UserState, pack_user, ring_entry, unpack_features,
+                               unpack_user)
+    from seqguard.featurizer import UserContext
+    rng = np.random.default_rng(5)
+    old_rows = rng.standard_normal((2, LEGACY_FEATURE_WIDTH)).astype(np.float32)
+    st = UserState("k", np.zeros(16, np.float32), np.zeros(16, np.float32), UserContext(),
+                   [ring_entry("e1", "login", 1, old_rows[0]), ring_entry("e2", "view_item", 2, old_rows[1])],
+                   [(3, old_rows[1])], "v-1", 2, 2, True)
+    raw = pack_user(st, ring_size=8, rebuild_steps=3)
+    v3 = raw[:8] + bytes([3]) + raw[9:]
+    back = unpack_user("k", v3)
+    for e, row in zip(back.ring, old_rows):
+        got = unpack_features(e.feat, N_FEATURES)
+        assert got[:LEGACY_FEATURE_WIDTH].tobytes() == row.tobytes() and np.all(got[LEGACY_FEATURE_WIDTH:] == 0)
+    assert back.pending[0][1].shape == (N_FEATURES,) and back.pending[0][1][:LEGACY_FEATURE_WIDTH].tobytes() == old_rows[1].tobytes()
+    again = unpack_user("k", pack_user(back, ring_size=8, rebuild_steps=3))     # written back as format 4
+    assert unpack_features(again.ring[-1].feat, N_FEATURES).tobytes() == unpack_features(back.ring[-1].feat, N_FEATURES).tobytes()
+
+
+def test_ring_reason_names_the_other_accounts():
+    from seqguard.featurizer import FEATURE_INDEX
+    row = np.zeros(N_FEATURES, np.float32)
+    assert not any(r.code == "DEVICE_FAILED_LOGINS_OTHER_ACCOUNTS" for r in explain(row, (0.0, 0.0), "e9", "login_failed"))
+    row[FEATURE_INDEX["log_device_failed_accounts_7d"]] = np.log1p(3)
+    r = [x for x in explain(row, (0.0, 0.0), "e9", "login_failed") if x.code == "DEVICE_FAILED_LOGINS_OTHER_ACCOUNTS"]
+    assert r and "3 other accounts" in r[0].message and r[0].event_ids == ["e9"]

@@ -293,10 +293,11 @@ def calibration_batches(onnx_path: str | os.PathLike, *, batch: int, n_batches: 
         n_event_types = _n_event_types(onnx_path) or 1
     if features is not None:
         features = np.asarray(features, np.float32)
-        if features.ndim != 2 or features.shape[1] != n_features:
-            raise ValueError(f"calibration features have shape {features.shape}, expected [N, {n_features}]")
-    mean = np.zeros(n_features, np.float32) if feature_mean is None else np.asarray(feature_mean, np.float32)
-    std = np.ones(n_features, np.float32) if feature_std is None else np.asarray(feature_std, np.float32)
+        if features.ndim != 2 or features.shape[1] < n_features:
+            raise ValueError(f"calibration features have shape {features.shape}, expected [N, >= {n_features}]")
+        features = np.ascontiguousarray(features[:, :n_features])   # the encoder reads the first F
+    mean = np.zeros(n_features, np.float32) if feature_mean is None else np.asarray(feature_mean, np.float32)[:n_features]
+    std = np.ones(n_features, np.float32) if feature_std is None else np.asarray(feature_std, np.float32)[:n_features]
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     h = np.zeros((batch, hidden), np.float32)
     c = np.zeros((batch, hidden), np.float32)

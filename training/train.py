@@ -28,8 +28,9 @@ from tqdm import tqdm
 from seqguard import artifact as art
 from seqguard.batch import encode_log
 from seqguard.detector import (DEFAULT_ACTION_FPR, DETECTOR_SIGNALS, MIN_GROUP_EVENTS, SESSION_ALPHA, TYPE_GROUPS,
-                               Detector, TailView, action_thresholds, fit_pca, signal_indices, type_groups)
-from seqguard.featurizer import ContextStore, Featurizer, TokenHasher, Vocabulary, featurize_log
+                               Detector, EntityFloor, TailView, action_thresholds, fit_pca, signal_indices,
+                               type_groups)
+from seqguard.featurizer import FEATURE_INDEX, N_ENCODER_FEATURES, ContextStore, Featurizer, TokenHasher, Vocabulary, featurize_log
 from seqguard.forest import FlatIsolationForest, MarginalTails, RiskCalibrator, by_row_blocks
 from seqguard.schema import ReadReport, read_events
 
@@ -53,6 +54,7 @@ class TrainConfig:
     forest_fit_events: int = 200_000
     session_alpha: float = SESSION_ALPHA  # detector stage 2 (seqguard/detector.py); 0 turns it off
     tail_forest: bool = True              # + a forest on each column's tail scale per group (detector.TailView)
+    entity_floor: bool = True             # the 7-day failed-accounts-per-device floor (detector.EntityFloor)
     action_fpr: dict = field(default_factory=lambda: dict(DEFAULT_ACTION_FPR))
     seed: int = 0
     threads: int = 2
@@ -184,6 +186,7 @@ class FittedDetector:
     tail_views: list | None             # TailView per group (the twin forest), None without cfg.tail_forest
     sklearn_forests: list               # isolation_forest.joblib
     sklearn_tail_forests: list | None   # isolation_forest_tail_scaled.joblib
+    floor: EntityFloor | None = None    # read directly in the failed-login group (None: no login_failed type)
 
 
 def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_tokens, log=print) -> FittedDetector:
@@ -192,7 +195,8 @@ def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_to
     With cfg.tail_forest each group gets a second forest on the same rows with every input column
     on its two-sided tail scale among the group's events (seqguard.forest.MarginalTails); the
     group's score combines both forests' tail-scale scores (detector.tail_view_score) and is
-    calibrated again (detector.TailView).
+    calibrated again (detector.TailView). With cfg.entity_floor, the group that holds failed logins
+    takes the ring counter's own rarity as a floor under that score (detector.EntityFloor).
     Measured effect: docs/results/tail_forest.md. (A user-balanced fitting sample, so that one
     prolific bot does not look normal, was tried twice -- on raw inputs with an older encoder and
     on tail-scaled inputs -- and lowered payment and brushing/promo recall both times: not kept.
@@ -216,6 +220,10 @@ def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_to
         flat = FlatIsolationForest.from_sklearn(sk)
         return sk, flat, -by_row_blocks(flat.score_samples, Z)
 
+    floor_group = -1
+    if cfg.entity_floor and "login_failed" in vocab_tokens:
+        floor_group = int(groups[list(vocab_tokens).index("login_failed")])
+
     rng = np.random.default_rng(cfg.seed)
     out = FittedDetector(sig, groups, [], [], [] if cfg.tail_forest else None, [],
                          [] if cfg.tail_forest else None)
@@ -235,9 +243,15 @@ def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_to
             out.sklearn_tail_forests.append(sk_t)
             out.tail_views.append(view)
             score = view.combine(score, anomaly_t)
+        if g == floor_group:
+            name = EntityFloor.FEATURES[0]
+            col = np.asarray(feats, np.float64)[rows, FEATURE_INDEX[name]]
+            out.floor = EntityFloor.fit(name, g, col)
+            score = np.maximum(score, out.floor(col))
         out.calibrators.append(RiskCalibrator.fit(score))
         log(f"forest '{TYPE_GROUPS[g][0]}': fitted on {len(fit_rows)} of {len(rows)} events"
-            f"{' (+ its tail-scaled twin)' if cfg.tail_forest else ''}")
+            f"{' (+ its tail-scaled twin)' if cfg.tail_forest else ''}"
+            f"{f' (+ the {name} floor)' if g == floor_group else ''}")
     return out
 
 
@@ -267,13 +281,14 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
     users: dict[str, int] = {}
     user_idx = np.array([users.setdefault(events[i].user_id, len(users)) for i in order], np.int64)
     seqs = user_sequences(user_idx, len(users))
+    enc_feats = np.ascontiguousarray(feats[:, :N_ENCODER_FEATURES])   # the rest are detector-only
     log(f"featurised {len(events)} events of {len(users)} users ({time.time() - t0:.0f}s)")
 
     # 3. encoder (data-parallel when launched by torchrun; rank 0 alone goes on to export)
     from .distributed import init_from_env, shutdown
     dist_ctx = init_from_env()
     try:
-        enc, losses = train_encoder(cfg, len(vocab), type_ids, feats, seqs, log, dist_ctx)
+        enc, losses = train_encoder(cfg, len(vocab), type_ids, enc_feats, seqs, log, dist_ctx)
         if dist_ctx and os.environ.get("SEQGUARD_DDP_WEIGHTS_DIGEST"):     # lets tests compare ranks
             digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in enc.parameters())).hexdigest()
             Path(os.environ["SEQGUARD_DDP_WEIGHTS_DIGEST"] + f".{dist_ctx.rank}").write_text(digest)
@@ -285,7 +300,7 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
     # 4. export + parity
     onnx_path = out / art.ONNX_FILE
     export_onnx(enc, str(onnx_path))
-    parity = check_step_parity(enc, str(onnx_path), type_ids, feats, seqs)
+    parity = check_step_parity(enc, str(onnx_path), type_ids, enc_feats, seqs)
     log(f"ONNX step vs torch sequence: max abs diff {parity:.2e}")
     if parity > 1e-4:
         raise RuntimeError(f"exported step model disagrees with torch by {parity:.2e}")
@@ -297,7 +312,7 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
         sample = []
         for u in sample_users:
             s = seqs[u][:512]
-            h_seq, _, _ = enc(torch.from_numpy(type_ids[s])[None], torch.from_numpy(feats[s])[None])
+            h_seq, _, _ = enc(torch.from_numpy(type_ids[s])[None], torch.from_numpy(enc_feats[s])[None])
             sample.append(h_seq[0].numpy())
     pca_mean, pca = fit_pca(np.concatenate(sample), cfg.pca_dim)
     project = lambda e: (np.asarray(e, np.float64) - pca_mean) @ pca  # noqa: E731  (same as Detector.project)
@@ -305,7 +320,7 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
                          threads=cfg.threads)
     fitted = fit_detector(cfg, enc_log.emb, enc_log.surprise, enc_log.feats, enc_log.type_ids, vocab.tokens, log)
     detector = Detector(pca_mean, pca, fitted.signal_cols, fitted.forests, fitted.calibrators, fitted.groups,
-                        action_thresholds(cfg.action_fpr), tail_views=fitted.tail_views)
+                        action_thresholds(cfg.action_fpr), tail_views=fitted.tail_views, floor=fitted.floor)
     train_risk = fit_session_stage(detector, enc_log, cfg.session_alpha, log)
     np.savez(out / art.DETECTOR_FILE, **detector.to_arrays())
     import joblib
@@ -318,7 +333,7 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
     digest = hashlib.sha256(onnx_path.read_bytes() + (out / art.DETECTOR_FILE).read_bytes()).hexdigest()[:8]
     model_version = f"{dt.datetime.now(dt.timezone.utc):%Y%m%d}-{digest}"
     from seqguard.triton_repo import write_model_repository
-    write_model_repository(out / "model_repository", onnx_path, version=1, n_features=feats.shape[1],
+    write_model_repository(out / "model_repository", onnx_path, version=1, n_features=enc_feats.shape[1],
                            hidden=cfg.hidden)
     import sklearn
     meta = {
@@ -329,6 +344,7 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
         "encoder": enc.cfg.to_dict(),
         "detector": {"signals": list(DETECTOR_SIGNALS), "type_groups": [g for g, _ in TYPE_GROUPS], "pca_dim": cfg.pca_dim, "n_estimators": cfg.n_estimators,
                      "session_alpha": detector.session_alpha, "tail_forest": cfg.tail_forest,
+                     "entity_floor": None if fitted.floor is None else fitted.floor.feature,
                      "max_samples": cfg.max_samples, "sklearn_version": sklearn.__version__},
         "action_fpr": cfg.action_fpr,
         "thresholds": detector.thresholds,
@@ -336,7 +352,7 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
         "training": {"events_file": os.path.abspath(events_path), "events": len(events), "users": len(users),
                      "skipped_rows": report.skipped, "epoch_losses": losses, "onnx_parity": parity,
                      "seconds": round(time.time() - t0, 1), "config": asdict(cfg),
-                     "feature_mean": feats.mean(axis=0).tolist(), "feature_std": feats.std(axis=0).tolist()},
+                     "feature_mean": enc_feats.mean(axis=0).tolist(), "feature_std": enc_feats.std(axis=0).tolist()},
     }
     art.save_metadata(out, meta)
     log(f"wrote model {model_version} to {out} in {time.time() - t0:.0f}s")
