@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from seqguard.featurizer import N_FEATURES
+
 GAPS_S = (0.0, 0.002, 0.02)
 
 
@@ -36,7 +38,7 @@ def detector_rows(model_dir: str, n: int) -> list[str]:
     det = ModelArtifact.load(model_dir).detector
     rng = np.random.default_rng(0)
     emb = rng.random((1, det.proj_mean.shape[0])).astype(np.float32)
-    sur, feats, t = rng.random((1, 2)).astype(np.float32), rng.random((1, 40)).astype(np.float32), np.array([5])
+    sur, feats, t = rng.random((1, 2)).astype(np.float32), rng.random((1, N_FEATURES)).astype(np.float32), np.array([5])
     rows = []
     for _ in range(50):
         det.risk(emb, sur, feats, t)
@@ -64,7 +66,7 @@ async def triton_rows(model_dir: str, n: int) -> list[str]:
                                                             models=["seqguard_encoder"], run_dir=tmp) as tr:
         live = grpcclient.InferenceServerClient(tr.address)
         step = TritonStepClient(tr.address, art.triton_model_name, art.triton_model_version, timeout_ms=2000)
-        H, F = art.hidden, len(art.featurizer.spec()["feature_names"])
+        H, F = art.hidden, art.encoder_features
         args = (np.zeros(1, np.int64), np.zeros((1, F), np.float32), np.zeros((1, H), np.float32),
                 np.zeros((1, H), np.float32))
         for _ in range(50):

@@ -84,19 +84,25 @@ class NaiveScorer:
             types.append(t.type_id)
         torch = self.torch
         with torch.inference_mode():
+            enc_rows = [r[:self.artifact.encoder_features] for r in rows]   # the rest are detector-only
             h_seq, surprise, _ = self.encoder(torch.tensor([types], dtype=torch.int64),
-                                              torch.tensor([rows], dtype=torch.float32))
+                                              torch.tensor([enc_rows], dtype=torch.float32))
         emb = h_seq[0, -1:].numpy()
         sur = surprise[0, -1:].numpy()
         feats = np.asarray(rows[-1:], np.float32)
         det = self.artifact.detector
         X = det.inputs(det.project(emb), sur, feats)
+        floor = None
+        if det.floor is not None:                               # the last input column feeds the entity floor
+            X, floor = X[:, :-1], X[:, -1]
         g = int(det.groups(np.array(types[-1:]))[0])          # the sklearn forest of this event's type group
         anomaly = -self.forest[g].score_samples(X.astype(np.float32))
         if det.tail_views is not None:                          # + the sklearn twin on tail-scaled inputs
             v = det.tail_views[g]
             twin = -self.tail_forest[g].score_samples(v.tails.transform(X).astype(np.float32))
             anomaly = v.combine(anomaly, twin)
+        if floor is not None and g == det.floor.group:
+            anomaly = np.maximum(anomaly, det.floor(floor))
         risk = float(det.calibrators[g].risk(anomaly)[0])
         action = ACTIONS[int(det.action_codes(np.array([risk]))[0])]
         recent = [[x.event_id, x.event_type, x.ts] for x in list(win)[-9:-1]]

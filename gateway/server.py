@@ -363,7 +363,7 @@ class Gateway:
                 raise TimeoutError(f"triton model {self.s.triton_model} version {encoder.model_version or 'latest'} "
                                    f"not ready after {self.s.model_ready_timeout_s:.0f} s")
             await asyncio.sleep(0.2)
-        n_feat = len(art.featurizer.spec()["feature_names"])
+        n_feat = art.encoder_features
         h = np.zeros((1, art.hidden), np.float32)
         await encoder.step(np.zeros(1, np.int64), np.zeros((1, n_feat), np.float32), h, h,
                            timeout_s=max(1.0, self.s.triton_timeout_ms / 1000))

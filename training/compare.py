@@ -408,13 +408,13 @@ def encode_transformer_cached(tf_dir: str, model, events_path: str, cache_dir: s
     order, type_ids, feats = featurize_log(model.featurizer, events, ContextStore(), progress=True)
     user_idx, users = dense_user_index(events, order)
     t = time.perf_counter()
-    emb, sur = tfm.encode_windows(enc, user_idx, type_ids, feats, len(users), progress=True)
+    emb, sur = tfm.encode_windows(enc, user_idx, type_ids, feats[:, :enc.cfg.n_features], len(users),
+                                  progress=True)          # the encoder's inputs: the same ones the LSTM reads
     log(f"transformer encoded {len(events)} events in {time.perf_counter() - t:.0f}s")
     inv = np.empty_like(order)
     inv[order] = np.arange(len(order))
     det = model.detector
-    X = np.concatenate([(emb.astype(np.float64) - pca_mean) @ pca, sur.astype(np.float64),
-                        feats.astype(np.float64)[:, det.signal_idx]], axis=1)[inv]
+    X = det.inputs((emb.astype(np.float64) - pca_mean) @ pca, sur, feats)[inv]
     out = Encoded(X, det.groups(type_ids)[inv], np.array([e.user_id for e in events], dtype=object).astype(str),
                   np.array([e.event_type for e in events], dtype=object).astype(str), sur.astype(np.float64)[inv],
                   feats[inv], np.full(len(events), np.nan))

@@ -359,6 +359,7 @@ def train_on_log(events_path: str, artifact_dir: str, out_dir: str, cfg: Transfo
     art = ModelArtifact.load(artifact_dir)
     events = list(read_events(events_path))
     order, type_ids, feats = featurize_log(art.featurizer, events, ContextStore(), progress=True)
+    feats = np.ascontiguousarray(feats[:, :art.encoder_features])     # the LSTM's inputs, no detector-only ones
     user_idx, users = dense_user_index(events, order)
     seqs = user_sequences(user_idx, len(users))
     log(f"featurised {len(events)} events of {len(users)} users ({time.time() - t0:.0f}s)")
