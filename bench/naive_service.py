@@ -28,7 +28,7 @@ import numpy as np
 
 from gateway.proto import risk_pb2, risk_pb2_grpc
 from seqguard.artifact import ModelArtifact
-from seqguard.detector import ACTIONS
+from seqguard.detector import ACTIONS, apply_floors
 from seqguard.explain import explain
 from seqguard.featurizer import EntityContext, UserContext
 from seqguard.schema import SchemaError, validate_event
@@ -92,17 +92,15 @@ class NaiveScorer:
         feats = np.asarray(rows[-1:], np.float32)
         det = self.artifact.detector
         X = det.inputs(det.project(emb), sur, feats)
-        floor = None
-        if det.floor is not None:                               # the last input column feeds the entity floor
-            X, floor = X[:, :-1], X[:, -1]
+        F = len(det.floors)                                     # the last F input columns feed the signal floors
+        X, floor_cols = (X[:, :-F], X[:, -F:]) if F else (X, None)
         g = int(det.groups(np.array(types[-1:]))[0])          # the sklearn forest of this event's type group
         anomaly = -self.forest[g].score_samples(X.astype(np.float32))
         if det.tail_views is not None:                          # + the sklearn twin on tail-scaled inputs
             v = det.tail_views[g]
             twin = -self.tail_forest[g].score_samples(v.tails.transform(X).astype(np.float32))
             anomaly = v.combine(anomaly, twin)
-        if floor is not None and g == det.floor.group:
-            anomaly = np.maximum(anomaly, det.floor(floor))
+        anomaly = apply_floors(det.floors, g, anomaly, floor_cols)
         risk = float(det.calibrators[g].risk(anomaly)[0])
         action = ACTIONS[int(det.action_codes(np.array([risk]))[0])]
         recent = [[x.event_id, x.event_type, x.ts] for x in list(win)[-9:-1]]

@@ -293,7 +293,8 @@ class ScoringEngine:
                     left = remaining()
                     if left is not None and left <= 0:
                         raise EncoderUnavailable("deadline exceeded before the encoder call")
-                    h2, c2, e2, s2 = await self.encoder.step(steps.type_ids[rows], steps.feats[rows, :self.encoder_features],
+                    h2, c2, e2, s2 = await self.encoder.step(steps.type_ids[rows],
+                                                             steps.feats[rows, :self.encoder_features],
                                                              np.stack([s.h for s in sts]),
                                                              np.stack([s.c for s in sts]), timeout_s=left)
                     for k, st in enumerate(sts):

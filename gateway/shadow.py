@@ -313,7 +313,8 @@ class ShadowScorer:
                 chunk = active[a:a + self.MAX_ROWS]
                 idx = [j for _, j in chunk]
                 h2, c2, e2, s2 = await self.encoder.step(
-                    b.type_ids[idx], b.feats[idx, :self.candidate.encoder_features], np.stack([states[k][0] for k, _ in chunk]),
+                    b.type_ids[idx], b.feats[idx, :self.candidate.encoder_features],
+                    np.stack([states[k][0] for k, _ in chunk]),
                     np.stack([states[k][1] for k, _ in chunk]), timeout_s=self.timeout_s)
                 for r, (k, j) in enumerate(chunk):
                     states[k][0], states[k][1] = h2[r], c2[r]

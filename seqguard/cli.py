@@ -32,10 +32,11 @@ def _add_training_opts(p) -> None:
                         "only raise the raw forest's score (docs/results/tail_forest.md). The twin is better at "
                         "1%% FPR, worse at 0.1%%, and costs ~0.12 ms CPU per online score: the switch for "
                         "block-heavy or CPU-bound deployments")
-    p.add_argument("--no-entity-floor", action="store_true",
-                   help="do not read the 7-day count of OTHER accounts with failed logins on the device directly "
-                        "(by default its rarity among training logins is a floor under the account group's "
-                        "forest score: slow credential-stuffing rings; docs/results/tail_forest.md, Session 8)")
+    p.add_argument("--no-signal-floors", action="store_true",
+                   help="do not read two signals directly (by default each one's rarity among its group's training "
+                        "events is a floor under the forests' score: the 7-day count of OTHER accounts with failed "
+                        "logins on the device, for logins; the fast timing regularity, for browsing events. They "
+                        "catch slow credential-stuffing rings and crawlers; docs/results/tail_forest.md, Session 8)")
 
 
 def _add_input_opts(p: argparse.ArgumentParser) -> None:
@@ -78,7 +79,7 @@ def cmd_train(args) -> int:
                       max_train_minutes=args.max_train_minutes, n_estimators=args.trees,
                       action_fpr=_train_action_fpr(args),
                       threads=args.threads, session_alpha=args.session_alpha,
-                      tail_forest=not args.no_tail_forest, entity_floor=not args.no_entity_floor)
+                      tail_forest=not args.no_tail_forest, signal_floors=not args.no_signal_floors)
     train(args.events, args.out, cfg, labels_path=args.labels, column_map=parse_column_map(args.column_map),
           on_bad_row=args.on_bad_row)
     return 0
@@ -138,7 +139,7 @@ def cmd_retrain(args) -> int:
     cfg = TrainConfig(hidden=args.hidden or live.hidden, epochs=args.epochs, seed=args.seed, n_estimators=args.trees,
                       max_train_minutes=args.max_train_minutes, threads=args.threads,
                       session_alpha=args.session_alpha, tail_forest=not args.no_tail_forest,
-                      entity_floor=not args.no_entity_floor, action_fpr=dict(live.metadata.get("action_fpr") or TrainConfig().action_fpr))
+                      signal_floors=not args.no_signal_floors, action_fpr=dict(live.metadata.get("action_fpr") or TrainConfig().action_fpr))
     import json
     report = retrain(args.live, args.events, args.out, cfg, labels_path=args.labels, holdout_frac=args.holdout_frac,
                      column_map=parse_column_map(args.column_map))

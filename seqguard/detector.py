@@ -14,11 +14,12 @@ activity inherits that activity's risk even when the payment itself looks ordina
 odd event is not diluted by a quiet history. Measured on two training seeds, held-out data
 (docs/results/session_context.md): payment ROC-AUC +0.008..0.012, card_testing recall +0.10.
 
-One cross-user ring counter is also read directly (`EntityFloor`): in the group of the events
-that feed it (failed logins: the account group), its own upper-tail rarity is a floor under the
-forests' stage-1 score. One column among ~90 is rarely on an isolation path, so the forests
-dilute it; read directly it catches slow credential stuffing (docs/results/tail_forest.md,
-"Session 8").
+Two signals are also read directly (`SignalFloor`, SIGNAL_FLOORS): in one type group, a signal's
+own one-sided rarity among that group's training events is a floor under the forests' stage-1
+score. One column among ~90 is rarely on an isolation path, so the forests dilute it. Read
+directly, the 7-day count of other accounts failing logins on the device catches slow credential
+stuffing (account group), and the fast timing regularity catches a crawler from about its 10th
+event instead of its 50th (activity group). Measured: docs/results/tail_forest.md, "Session 8".
 
 Pure numpy so that the gateway applies exactly the arithmetic that batch scoring applies.
 """
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .featurizer import FEATURE_INDEX, FEATURE_NAMES
+from .featurizer import FEATURE_INDEX
 from .forest import FlatIsolationForest, MarginalTails, RiskCalibrator
 
 # Featuriser signals given to the forest next to the embedding: the ones a fraud analyst
@@ -106,32 +107,44 @@ class TailView:
                    RiskCalibrator(a[f"{prefix}raw_cal_levels"], a[f"{prefix}raw_cal_quantiles"]))
 
 
+# (featuriser signal, an event type of the group it is read in, which side is rare evidence, grid)
+SIGNAL_FLOORS = (
+    ("log_device_failed_accounts_7d", "login_failed", "upper", np.log1p(np.arange(65.0))),   # counts 0..64
+    ("gap_jitter", "view_item", "lower", np.r_[0.0, np.geomspace(1e-4, 4.0, 255)]),
+)
+_FLOOR_TOL = 1e-6                        # float32 feature rows vs the float64 grid
+
+
 @dataclass
-class EntityFloor:
-    """A cross-user count whose rarity is read directly in one type group, as a floor under the
-    forests' score: floor(n) = -log P(count >= n) among that group's training events (+1 smoothed,
-    0 for n = 0). Unsupervised like the forests, on the same -log(1 - quantile) scale."""
-    feature: str                          # a log1p(count) column of FEATURE_NAMES
+class SignalFloor:
+    """A signal whose rarity is read directly in one type group, as a floor under the forests' score:
+    floor(x) = -log((1 + n) / (1 + N)), n = the group's training events at least as extreme as x on
+    the rare `side` (N of them). Unsupervised like the forests, on the same -log(1 - quantile) scale.
+    Tabulated on a grid; between grid points the less extreme neighbour is read (a lower floor)."""
+    feature: str                          # a column of FEATURE_NAMES
     group: int                            # the type group it applies to
-    tail: np.ndarray                      # [K + 1] floor for counts 0..K (K and more: tail[K])
-
-    FEATURES = ("log_device_failed_accounts_7d",)
-    MAX_COUNT = 64
-
-    @classmethod
-    def fit(cls, feature: str, group: int, column: np.ndarray) -> "EntityFloor":
-        n = cls.counts(column)
-        ge = np.bincount(np.minimum(n, cls.MAX_COUNT), minlength=cls.MAX_COUNT + 1)[::-1].cumsum()[::-1]
-        tail = -np.log((1.0 + ge) / (1.0 + len(n)))
-        tail[0] = 0.0
-        return cls(feature, int(group), np.maximum.accumulate(tail))
+    side: str                             # "upper": large values are rare evidence; "lower": small ones
+    grid: np.ndarray                      # [K] ascending signal values
+    tail: np.ndarray                      # [K] the floor at each grid value
 
     @classmethod
-    def counts(cls, column: np.ndarray) -> np.ndarray:
-        return np.clip(np.rint(np.expm1(np.asarray(column, np.float64))), 0, cls.MAX_COUNT).astype(np.int64)
+    def fit(cls, feature: str, group: int, side: str, grid, column: np.ndarray) -> "SignalFloor":
+        grid, x = np.asarray(grid, np.float64), np.sort(np.asarray(column, np.float64))
+        if side == "upper":
+            n = len(x) - np.searchsorted(x, grid - _FLOOR_TOL, side="left")     # events >= each grid value
+        elif side == "lower":
+            n = np.searchsorted(x, grid + _FLOOR_TOL, side="right")             # events <= each grid value
+        else:
+            raise ValueError(f"side must be 'upper' or 'lower', got {side!r}")
+        return cls(feature, int(group), side, grid, -np.log((1.0 + n) / (1.0 + len(x))))
 
     def __call__(self, column: np.ndarray) -> np.ndarray:
-        return self.tail[np.minimum(self.counts(column), len(self.tail) - 1)]
+        x, K = np.asarray(column, np.float64), len(self.grid)
+        if self.side == "upper":          # the largest grid value <= x
+            i = np.searchsorted(self.grid, x + _FLOOR_TOL, side="right") - 1
+            return np.where(i >= 0, self.tail[np.clip(i, 0, K - 1)], 0.0)
+        i = np.searchsorted(self.grid, x - _FLOOR_TOL, side="left")             # the smallest grid value >= x
+        return np.where(i < K, self.tail[np.clip(i, 0, K - 1)], 0.0)
 
 
 @dataclass
@@ -146,7 +159,7 @@ class Detector:
     session_alpha: float = 0.0            # 0: no session stage (artifacts trained before it)
     session_calibrator: RiskCalibrator | None = None   # quantiles of c over the training log
     tail_views: list | None = None        # TailView per type group (None: the raw forest alone, older artifacts)
-    floor: EntityFloor | None = None      # read from the LAST input column (see inputs)
+    floors: list = field(default_factory=list)   # SignalFloor, each reading one of the LAST input columns
 
     @property
     def has_session(self) -> bool:
@@ -157,12 +170,10 @@ class Detector:
 
     def inputs(self, emb_proj: np.ndarray, surprise: np.ndarray, feats: np.ndarray) -> np.ndarray:
         """Detector input rows: [projected embedding, surprise (2), named signals] (what the
-        forests read), then the floor's column when there is a floor."""
+        forests read), then one column per signal floor."""
         feats = np.asarray(feats, np.float64)
-        parts = [emb_proj, np.asarray(surprise, np.float64), feats[:, self.signal_idx]]
-        if self.floor is not None:
-            parts.append(feats[:, FEATURE_INDEX[self.floor.feature], None])
-        return np.concatenate(parts, axis=1)
+        return np.concatenate([emb_proj, np.asarray(surprise, np.float64), feats[:, self.signal_idx],
+                               feats[:, [FEATURE_INDEX[f.feature] for f in self.floors]]], axis=1)
 
     def groups(self, type_ids: np.ndarray) -> np.ndarray:
         t = np.asarray(type_ids, np.int64)
@@ -170,16 +181,13 @@ class Detector:
 
     def group_score(self, k: int, X: np.ndarray) -> np.ndarray:
         """Group k's stage-1 score of input rows, before its calibrator (higher = more anomalous)."""
-        floor = None
-        if self.floor is not None:
-            X, floor = X[:, :-1], X[:, -1]
+        F = len(self.floors)
+        X, cols = (X[:, :-F], X[:, -F:]) if F else (X, None)
         raw = -self.forests[k].score_samples(X)
         if self.tail_views is not None:
             v = self.tail_views[k]
             raw = v.combine(raw, -v.forest.score_samples(v.tails.transform(X)))
-        if floor is not None and k == self.floor.group:
-            raw = np.maximum(raw, self.floor(floor))
-        return raw
+        return apply_floors(self.floors, k, raw, cols)
 
     def _calibrated(self, X: np.ndarray, type_ids: np.ndarray, scale: str) -> np.ndarray:
         """Each row's forest anomaly through its group's calibrator: `scale` "risk" (quantile) or "tail"."""
@@ -235,10 +243,13 @@ class Detector:
             out[f"g{k}_cal_levels"], out[f"g{k}_cal_quantiles"] = c.levels, c.quantiles
             if self.tail_views is not None:
                 out.update(self.tail_views[k].to_arrays(prefix=f"g{k}_tv_"))
-        if self.floor is not None:
-            out["floor_feature"] = np.array(FEATURE_NAMES.index(self.floor.feature), np.int64)
-            out["floor_group"] = np.array(self.floor.group, np.int64)
-            out["floor_tail"] = self.floor.tail
+        if self.floors:
+            out["n_floors"] = np.array(len(self.floors))
+        for i, f in enumerate(self.floors):
+            out[f"floor{i}_feature"] = np.array(f.feature)
+            out[f"floor{i}_group"] = np.array(f.group, np.int64)
+            out[f"floor{i}_side"] = np.array(f.side)
+            out[f"floor{i}_grid"], out[f"floor{i}_tail"] = f.grid, f.tail
         if self.has_session:
             out["session_alpha"] = np.array(self.session_alpha, np.float64)
             out["session_cal_levels"] = self.session_calibrator.levels
@@ -256,14 +267,15 @@ class Detector:
         views = None
         if "g0_tv_tails_table" in keys:   # absent in artifacts trained before the tail-scaled forest
             views = [TailView.from_arrays(a, prefix=f"g{k}_tv_") for k in range(G)]
-        floor = None
-        if "floor_tail" in keys:          # absent in artifacts trained before the entity floor
-            floor = EntityFloor(FEATURE_NAMES[int(a["floor_feature"])], int(a["floor_group"]),
-                                np.asarray(a["floor_tail"], np.float64))
+        floors = []                       # none in artifacts trained before the signal floors
+        for i in range(int(a["n_floors"]) if "n_floors" in keys else 0):
+            floors.append(SignalFloor(str(a[f"floor{i}_feature"]), int(a[f"floor{i}_group"]), str(a[f"floor{i}_side"]),
+                                      np.asarray(a[f"floor{i}_grid"], np.float64),
+                                      np.asarray(a[f"floor{i}_tail"], np.float64)))
         return cls(np.asarray(a["proj_mean"]), np.asarray(a["proj"]), np.asarray(a["signal_idx"]),
                    [FlatIsolationForest.from_arrays(a, prefix=f"g{k}_forest_") for k in range(G)],
                    [RiskCalibrator(a[f"g{k}_cal_levels"], a[f"g{k}_cal_quantiles"]) for k in range(G)],
-                   np.asarray(a["type_group"]), thresholds or action_thresholds(), alpha, scal, views, floor)
+                   np.asarray(a["type_group"]), thresholds or action_thresholds(), alpha, scal, views, floors)
 
 
 def tail_view_score(a_raw: np.ndarray, a_twin: np.ndarray) -> np.ndarray:
@@ -274,6 +286,14 @@ def tail_view_score(a_raw: np.ndarray, a_twin: np.ndarray) -> np.ndarray:
     0.418 -> 0.269; with the floor 0.349, docs/results/tail_forest.md.)"""
     a_raw = np.asarray(a_raw, np.float64)
     return np.maximum(a_raw, 0.5 * (a_raw + np.asarray(a_twin, np.float64)))
+
+
+def apply_floors(floors: list, k: int, score: np.ndarray, cols: np.ndarray | None) -> np.ndarray:
+    """Group k's score raised to each of its signal floors (cols: one column per floor, in order)."""
+    for j, f in enumerate(floors):
+        if f.group == k:
+            score = np.maximum(score, f(cols[:, j]))
+    return score
 
 
 def session_step(a: np.ndarray, m_prev: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:

@@ -55,9 +55,13 @@ def explain(row, surprise, event_id: str, event_type: str, recent: list | None =
     if pf >= 2:
         out.append(Reason("PAYMENT_FAILURE_BURST", f"payment failure burst ({pf} declines in the last hour)",
                           1.0 + 0.5 * pf, ids_of("payment_failed")))
-    if f("log_n_events") >= math.log1p(10) and f("gap_std") < 0.25:
+    # gap_jitter starts at 2.0 and needs ~8 near-identical gaps to fall below 0.15; gap_std needs ~30
+    jitter = f("gap_jitter") if len(row) > FI["gap_jitter"] else 2.0
+    slow_regular = f("log_n_events") >= math.log1p(10) and f("gap_std") < 0.25
+    if slow_regular or jitter < 0.15:
         out.append(Reason("MACHINE_TIMING", "machine-regular timing between events",
-                          2.0 + (0.25 - f("gap_std")) * 8, ids_of(event_type)))
+                          2.0 + 8 * max(0.25 - f("gap_std") if slow_regular else 0.0, 0.15 - jitter),
+                          ids_of(event_type)))
     v = _n(f("log_events_1m"))
     if v >= 15:
         out.append(Reason("HIGH_VELOCITY", f"{v} events in the last minute", 1.0 + v / 20, ids_of(event_type)))

@@ -34,7 +34,7 @@ import numpy as np
 
 from .schema import COMMON_EVENT_TYPES, SCHEMA_VERSION, Event
 
-FEATURIZER_VERSION = 2             # 2: + accounts with a failed login per device in 7 days
+FEATURIZER_VERSION = 2             # 2: + accounts with a failed login per device in 7 days, gap jitter
 READABLE_CONTEXT_VERSIONS = (1, 2)  # contexts a gateway may find in Redis after an upgrade
 UNKNOWN_TOKEN = "<unknown>"
 
@@ -48,6 +48,8 @@ MAX_DEVICES, MAX_COUNTRIES, MAX_PREFIXES = 8, 4, 8
 MAX_ENTITY_USERS = 32
 FAILED_ACCOUNTS_WINDOW_MS = 7 * DAY_MS    # slow stuffing rings reuse a device for days, not hours
 GAP_EWMA_ALPHA = 0.1
+JITTER_ALPHA = 0.3                 # gap_jitter: about the last 5-6 gaps (gap_std needs ~40 events to settle)
+JITTER_PRIOR = 2.0                 # gap_jitter before a user has two gaps: "irregular" (humans average ~1)
 
 FEATURE_NAMES = (
     "is_first_event", "log_gap_s", "log_account_age_h", "log_n_events",
@@ -62,8 +64,9 @@ FEATURE_NAMES = (
     "log_device_accounts_24h", "log_device_failed_1h", "log_device_new_accounts_24h",
     "log_ip_accounts_24h", "log_ip_failed_1h", "log_ip_events_1h",
     "log_prefix_accounts_24h", "log_prefix_failed_1h",
-    # detector-only (after N_ENCODER_FEATURES): OTHER accounts with a failed login on this device in 7 days
-    "log_device_failed_accounts_7d",
+    # detector-only (after N_ENCODER_FEATURES): OTHER accounts with a failed login on this device in
+    # 7 days; how much consecutive log gaps differ, recently (near 0: a machine's cadence)
+    "log_device_failed_accounts_7d", "gap_jitter",
 )
 N_FEATURES = len(FEATURE_NAMES)
 FEATURE_INDEX = {name: i for i, name in enumerate(FEATURE_NAMES)}
@@ -170,7 +173,7 @@ class UserContext:
     __slots__ = ("n", "first_ts", "last_ts", "last_change_ts", "last_device", "last_country",
                  "last_prefix", "last_session", "session_events", "n_payments", "n_reviews", "last_type",
                  "ev_1m", "ev_1h", "fail_login", "fail_pay", "pay_24h", "amt_24h", "coupon_24h",
-                 "amt_mean", "amt_m2", "amt_max", "gap_mean", "gap_var", "spare1", "spare2", "spare3",
+                 "amt_mean", "amt_m2", "amt_max", "gap_mean", "gap_var", "last_log_gap", "gap_jitter", "spare3",
                  "devices", "countries", "prefixes")
 
     def __init__(self):
@@ -182,7 +185,8 @@ class UserContext:
         self.pay_24h = self.amt_24h = self.coupon_24h = 0.0
         self.amt_mean = self.amt_m2 = self.amt_max = 0.0
         self.gap_mean = self.gap_var = 0.0
-        self.spare1 = self.spare2 = self.spare3 = 0.0
+        self.last_log_gap = self.spare3 = 0.0
+        self.gap_jitter = JITTER_PRIOR
         self.devices: list[int] = []
         self.countries: list[int] = []
         self.prefixes: list[int] = []
@@ -194,7 +198,7 @@ class UserContext:
             self.session_events, self.n_payments, self.n_reviews, self.last_type,
             self.ev_1m, self.ev_1h, self.fail_login, self.fail_pay, self.pay_24h, self.amt_24h,
             self.coupon_24h, self.amt_mean, self.amt_m2, self.amt_max, self.gap_mean, self.gap_var,
-            self.spare1, self.spare2, self.spare3)
+            self.last_log_gap, self.gap_jitter, self.spare3)
         lists = bytes([len(self.devices), len(self.countries), len(self.prefixes)])
         ids = self.devices + self.countries + self.prefixes
         return head + lists + struct.pack(f"<{len(ids)}I", *ids)
@@ -208,7 +212,9 @@ class UserContext:
         (_, u.n, u.first_ts, u.last_ts, u.last_change_ts, u.last_device, u.last_country,
          u.last_prefix, u.last_session, u.session_events, u.n_payments, u.n_reviews, u.last_type,
          u.ev_1m, u.ev_1h, u.fail_login, u.fail_pay, u.pay_24h, u.amt_24h, u.coupon_24h,
-         u.amt_mean, u.amt_m2, u.amt_max, u.gap_mean, u.gap_var, u.spare1, u.spare2, u.spare3) = vals
+         u.amt_mean, u.amt_m2, u.amt_max, u.gap_mean, u.gap_var, u.last_log_gap, u.gap_jitter, u.spare3) = vals
+        if vals[0] == 1:                 # written before gap_jitter: its slots were unused zeros
+            u.last_log_gap, u.gap_jitter = 0.0, JITTER_PRIOR
         off = _USER_HEAD.size
         nd, nc, npf = data[off], data[off + 1], data[off + 2]
         ids = list(struct.unpack_from(f"<{nd + nc + npf}I", data, off + 3))
@@ -256,10 +262,11 @@ class EntityContext:
         return e
 
 
-# The cross-user features are the last 9 of FEATURE_NAMES, in entity_features' order. Per entity
+# The 9 cross-user features start at ENTITY_FEATURES_START, in entity_features' order. Per entity
 # kind: which of touch_entity's five outputs it contributes (device: accounts, failed, new
 # accounts, failed accounts 7 d; ...) and at which of those 9 columns.
 ENTITY_FEATURES_START = FEATURE_INDEX["log_device_accounts_24h"]
+N_ENTITY_FEATURES = 9
 ENTITY_KINDS = (("device", (0, 1, 3, 4), (0, 1, 2, 8)), ("ip", (0, 1, 2), (3, 4, 5)), ("prefix", (0, 1), (6, 7)))
 
 
@@ -434,6 +441,11 @@ class Featurizer:
                 u.gap_mean += GAP_EWMA_ALPHA * d
                 u.gap_var = (1.0 - GAP_EWMA_ALPHA) * (u.gap_var + GAP_EWMA_ALPHA * d * d)
         gap_std = math.sqrt(u.gap_var) if u.n >= 1 else 1.0
+        # fast timing regularity: EWMA of |log gap - previous log gap| (a script's cadence shows within
+        # a handful of events; a person's consecutive gaps differ by ~1 on this scale)
+        if u.n >= 2:
+            u.gap_jitter += JITTER_ALPHA * (abs(log_gap - u.last_log_gap) - u.gap_jitter)
+        u.last_log_gap = log_gap
 
         # sessions
         new_session = 0.0
@@ -459,7 +471,7 @@ class Featurizer:
             math.log1p(u.pay_24h), math.log1p(u.amt_24h), math.log1p(u.coupon_24h),
             recent_change, u.gap_mean, gap_std,
             review_wo_purchase, math.log1p(u.n_reviews) - math.log1p(u.n_payments),
-            math.log1p(u.session_events), new_session, *entity,
+            math.log1p(u.session_events), new_session, *entity, u.gap_jitter,
         ]
 
 

@@ -37,10 +37,10 @@ from pathlib import Path
 import numpy as np
 
 from .artifact import DETECTOR_FILE, METADATA, ONNX_FILE, ModelArtifact
-from .featurizer import ENTITY_FEATURES_START, ENTITY_KINDS, N_FEATURES, Featurizer, UserContext, touch_entity
+from .featurizer import ENTITY_KINDS, N_ENTITY_FEATURES, N_FEATURES, Featurizer, UserContext, touch_entity
 from .schema import Event
 
-N_ENTITY = N_FEATURES - ENTITY_FEATURES_START          # 9 cross-user features
+N_ENTITY = N_ENTITY_FEATURES          # 9 cross-user features
 
 
 def _entity_columns() -> tuple:

@@ -133,3 +133,31 @@ def test_failed_accounts_list_round_trips_and_version_1_entities_are_read():
     assert EntityContext.from_bytes(old.to_bytes()).users == e.users
     with pytest.raises(ValueError, match="version"):
         EntityContext.from_bytes(bytes([7]) + b[1:])
+
+
+def test_gap_jitter_sees_a_machine_cadence_within_a_dozen_events():
+    """gap_jitter (EWMA of |log gap - previous log gap|) falls under 0.15 within ~12 events of a script
+    with 2% jitter, while gap_std (the slow, encoder-side regularity) is still far from its bot range;
+    a person's irregular gaps keep it near 1. A version-1 user context reads it as the prior."""
+    fz = Featurizer(Vocabulary.learn([]), TokenHasher())
+    rng = np.random.default_rng(3)
+    t0 = 1767225600000
+
+    def views(user, gaps_ms):
+        ts = t0 + np.concatenate([[0], np.cumsum(gaps_ms)]).astype(np.int64)
+        return [dict(event_id=f"{user}{k}", user_id=user, ts=int(t), event_type="view_item", item_id=f"i{k}",
+                     device_id=f"{user}-dev", ip="1.2.3.4", country="DE", category=None, amount=None, session_id=None)
+                for k, t in enumerate(ts)]
+    bot = views("bot", 2000 * (1 + 0.02 * rng.standard_normal(39)))
+    human = views("hum", rng.lognormal(np.log(30_000), 1.0, 39))
+    order, _, f = featurize_log(fz, events_from_dicts(bot + human))
+    inv = np.empty_like(order)
+    inv[order] = np.arange(len(order))
+    fb, fh = f[inv[:40]], f[inv[40:]]
+    j, s = FEATURE_INDEX["gap_jitter"], FEATURE_INDEX["gap_std"]
+    assert fb[0, j] == 2.0 and fb[12, j] < 0.15 and fb[12, s] > 0.4
+    assert fh[5:, j].min() > 0.4
+    u = UserContext()
+    u.gap_jitter, u.last_log_gap = 0.0, 3.0
+    v1 = bytes([1]) + u.to_bytes()[1:]
+    assert UserContext.from_bytes(v1).gap_jitter == 2.0 and UserContext.from_bytes(u.to_bytes()).gap_jitter == 0.0

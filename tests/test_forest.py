@@ -137,22 +137,33 @@ def test_detector_raises_its_score_by_the_tail_scaled_twin_and_persists_it():
     assert abs(np.mean(r >= 0.99) - 0.01) < 0.004
 
 
-def test_entity_floor_reads_a_ring_count_directly_in_its_group_only():
-    """EntityFloor: -log P(count >= n) among the group's training events, monotone, 0 at n = 0; the
-    detector takes it as a floor in its own group only, batch == single rows, and it persists."""
-    from seqguard.detector import Detector, EntityFloor
+def test_signal_floors_read_a_signal_directly_in_their_group_only():
+    """SignalFloor: -log((1 + n) / (1 + N)) with n the group's training events at least as extreme, on either
+    side, 0 where nothing is rare; the detector takes it as a floor in its own group only, batch ==
+    single rows, and it persists."""
+    from seqguard.detector import SIGNAL_FLOORS, Detector, SignalFloor
     from seqguard.featurizer import FEATURE_INDEX, N_FEATURES
     rng = np.random.default_rng(6)
     counts = np.where(rng.random(5000) < 0.01, rng.integers(1, 4, 5000), 0)
-    fl = EntityFloor.fit("log_device_failed_accounts_7d", 1, np.log1p(counts))
-    assert fl.tail[0] == 0 and np.all(np.diff(fl.tail) >= 0)
+    grid = dict((s[0], s[3]) for s in SIGNAL_FLOORS)
+    ring = SignalFloor.fit("log_device_failed_accounts_7d", 1, "upper", grid["log_device_failed_accounts_7d"],
+                           np.log1p(counts).astype(np.float32))
     p1 = (1 + (counts >= 1).sum()) / (1 + len(counts))
-    assert fl(np.log1p(np.array([0, 1, 200]))) == pytest.approx([0.0, -np.log(p1), -np.log(1 / 5001)])
+    assert ring(np.log1p(np.array([0, 1, 200]))) == pytest.approx([0.0, -np.log(p1), -np.log(1 / 5001)])
+    assert np.all(np.diff(ring.tail) >= 0)
+    jit = rng.exponential(1.0, 5000)
+    low = SignalFloor.fit("gap_jitter", 0, "lower", grid["gap_jitter"], jit)
+    share = (1 + (jit <= 0.05).sum()) / (1 + len(jit))
+    got = low(np.array([0.0, 0.05, 3.0, 10.0]))
+    assert got[0] == pytest.approx(-np.log(1 / 5001)) and got[3] == 0.0 and got[2] < 0.1
+    assert -np.log(share) - 0.05 <= got[1] <= -np.log(share) + 1e-9      # a grid point at or above 0.05: never higher
+    assert np.all(np.diff(low.tail) <= 0)
 
     n = 3000
     emb, sur, feats = rng.normal(size=(n, 4)), rng.exponential(size=(n, 2)), rng.normal(size=(n, N_FEATURES))
     col = FEATURE_INDEX["log_device_failed_accounts_7d"]
     feats[:, col] = np.log1p(np.where(np.arange(n) % 49 == 0, 3, 0))
+    feats[:, FEATURE_INDEX["gap_jitter"]] = 10.0                # beyond the grid: never a floor
     types = (np.arange(n) % 2).astype(np.int64)                  # type 0 -> group 0, type 1 -> group 1
     det = Detector(np.zeros(4), np.eye(4), np.arange(2), [], [], np.array([0, 1], np.int64))
     X = det.inputs(det.project(emb), sur, feats)
@@ -161,18 +172,20 @@ def test_entity_floor_reads_a_ring_count_directly_in_its_group_only():
     det.forests = forests
     det.calibrators = [RiskCalibrator.fit(-f.score_samples(X)) for f in forests]
     before = det.tail_from_inputs(det.inputs(det.project(emb), sur, feats), types)
-    det.floor = fl
+    det.floors = [ring, low]
     Xf = det.inputs(det.project(emb), sur, feats)
-    assert Xf.shape[1] == X.shape[1] + 1
+    assert Xf.shape[1] == X.shape[1] + 2
     after = det.tail_from_inputs(Xf, types)
-    ring = feats[:, col] > 0
+    hit = feats[:, col] > 0
     in_group = types == 1
-    assert np.array_equal(after[~in_group], before[~in_group])            # other groups untouched
+    assert np.array_equal(after[~in_group], before[~in_group])            # no rare jitter: group 0 unchanged
     assert np.all(after[in_group] >= before[in_group])
-    assert np.any(after[in_group & ring] > before[in_group & ring])
-    assert np.array_equal(after[in_group & ~ring], before[in_group & ~ring])
+    assert np.any(after[in_group & hit] > before[in_group & hit])
+    assert np.array_equal(after[in_group & ~hit], before[in_group & ~hit])
     assert np.array_equal(np.concatenate([det.tail_from_inputs(Xf[i:i + 1], types[i:i + 1]) for i in range(100)]),
                           after[:100])
     back = Detector.from_arrays(det.to_arrays())
-    assert back.floor.feature == fl.feature and back.floor.group == 1
+    assert [(f.feature, f.group, f.side) for f in back.floors] == [(f.feature, f.group, f.side) for f in det.floors]
     assert np.array_equal(back.tail_from_inputs(back.inputs(back.project(emb), sur, feats), types), after)
+    old = {k: v for k, v in det.to_arrays().items() if not k.startswith(("floor", "n_floors"))}
+    assert Detector.from_arrays(old).floors == []                 # artifacts from before the floors

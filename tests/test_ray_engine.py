@@ -6,7 +6,7 @@ import pytest
 
 from seqguard.artifact import ModelArtifact
 from seqguard.batch import score_events, write_scores_csv
-from seqguard.featurizer import ENTITY_FEATURES_START, ContextStore, entity_features, featurize_log
+from seqguard.featurizer import ENTITY_FEATURES_START, N_ENTITY_FEATURES, ContextStore, entity_features, featurize_log
 from seqguard.schema import read_events
 
 ray = pytest.importorskip("ray", reason="the optional `scale` extra (Ray) is not installed")
@@ -46,7 +46,8 @@ def test_distributed_entity_pass_equals_sequential_replay(local_ray, small_model
         order, _, entity = distributed_entity_features(local_ray, fz, events, parts=parts)
         assert np.array_equal(order, ref_order)
         assert np.array_equal(entity, ref)
-        assert np.array_equal(entity.astype(np.float32), ref_feats[:, ENTITY_FEATURES_START:])
+        cols = slice(ENTITY_FEATURES_START, ENTITY_FEATURES_START + N_ENTITY_FEATURES)
+        assert np.array_equal(entity.astype(np.float32), ref_feats[:, cols])
 
 
 @pytest.mark.slow

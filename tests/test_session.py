@@ -120,15 +120,18 @@ def test_user_state_format_3_feature_rows_are_padded_to_the_new_featuriser():
     for e, row in zip(back.ring, old_rows):
         got = unpack_features(e.feat, N_FEATURES)
         assert got[:LEGACY_FEATURE_WIDTH].tobytes() == row.tobytes() and np.all(got[LEGACY_FEATURE_WIDTH:] == 0)
-    assert back.pending[0][1].shape == (N_FEATURES,) and back.pending[0][1][:LEGACY_FEATURE_WIDTH].tobytes() == old_rows[1].tobytes()
+    pend = back.pending[0][1]
+    assert pend.shape == (N_FEATURES,) and pend[:LEGACY_FEATURE_WIDTH].tobytes() == old_rows[1].tobytes()
     again = unpack_user("k", pack_user(back, ring_size=8, rebuild_steps=3))     # written back as format 4
-    assert unpack_features(again.ring[-1].feat, N_FEATURES).tobytes() == unpack_features(back.ring[-1].feat, N_FEATURES).tobytes()
+    last = unpack_features(back.ring[-1].feat, N_FEATURES)
+    assert unpack_features(again.ring[-1].feat, N_FEATURES).tobytes() == last.tobytes()
 
 
 def test_ring_reason_names_the_other_accounts():
     from seqguard.featurizer import FEATURE_INDEX
     row = np.zeros(N_FEATURES, np.float32)
-    assert not any(r.code == "DEVICE_FAILED_LOGINS_OTHER_ACCOUNTS" for r in explain(row, (0.0, 0.0), "e9", "login_failed"))
+    code = "DEVICE_FAILED_LOGINS_OTHER_ACCOUNTS"
+    assert not any(r.code == code for r in explain(row, (0.0, 0.0), "e9", "login_failed"))
     row[FEATURE_INDEX["log_device_failed_accounts_7d"]] = np.log1p(3)
-    r = [x for x in explain(row, (0.0, 0.0), "e9", "login_failed") if x.code == "DEVICE_FAILED_LOGINS_OTHER_ACCOUNTS"]
+    r = [x for x in explain(row, (0.0, 0.0), "e9", "login_failed") if x.code == code]
     assert r and "3 other accounts" in r[0].message and r[0].event_ids == ["e9"]

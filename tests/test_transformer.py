@@ -146,5 +146,6 @@ def test_compare_encoders_section_on_small_model(small_log, small_model, tmp_pat
     for k in ("lstm", "transformer"):
         m = e["rows"][k]
         assert 0 <= m["pay_roc_auc"] <= 1 and 0 <= m["user_roc_auc"] <= 1
-    assert e["rows"]["transformer"]["dims"] == 16 + 2 + 24 + 1    # its PCA-16 embedding, surprise, 24 signals, the floor column
+    # its PCA-16 embedding, surprise, 24 signals, 2 signal-floor columns
+    assert e["rows"]["transformer"]["dims"] == 16 + 2 + 24 + 2
     assert e["latency"]["64"]["transformer_ort_us"] > 0 and e["latency"]["1"]["lstm_ort_us"] > 0

@@ -28,9 +28,10 @@ from tqdm import tqdm
 from seqguard import artifact as art
 from seqguard.batch import encode_log
 from seqguard.detector import (DEFAULT_ACTION_FPR, DETECTOR_SIGNALS, MIN_GROUP_EVENTS, SESSION_ALPHA, TYPE_GROUPS,
-                               Detector, EntityFloor, TailView, action_thresholds, fit_pca, signal_indices,
-                               type_groups)
-from seqguard.featurizer import FEATURE_INDEX, N_ENCODER_FEATURES, ContextStore, Featurizer, TokenHasher, Vocabulary, featurize_log
+                               SIGNAL_FLOORS, Detector, SignalFloor, TailView, action_thresholds, fit_pca,
+                               signal_indices, type_groups)
+from seqguard.featurizer import (FEATURE_INDEX, N_ENCODER_FEATURES, ContextStore, Featurizer, TokenHasher, Vocabulary,
+                                 featurize_log)
 from seqguard.forest import FlatIsolationForest, MarginalTails, RiskCalibrator, by_row_blocks
 from seqguard.schema import ReadReport, read_events
 
@@ -54,7 +55,7 @@ class TrainConfig:
     forest_fit_events: int = 200_000
     session_alpha: float = SESSION_ALPHA  # detector stage 2 (seqguard/detector.py); 0 turns it off
     tail_forest: bool = True              # + a forest on each column's tail scale per group (detector.TailView)
-    entity_floor: bool = True             # the 7-day failed-accounts-per-device floor (detector.EntityFloor)
+    signal_floors: bool = True            # signals read directly in one group (detector.SIGNAL_FLOORS)
     action_fpr: dict = field(default_factory=lambda: dict(DEFAULT_ACTION_FPR))
     seed: int = 0
     threads: int = 2
@@ -186,7 +187,7 @@ class FittedDetector:
     tail_views: list | None             # TailView per group (the twin forest), None without cfg.tail_forest
     sklearn_forests: list               # isolation_forest.joblib
     sklearn_tail_forests: list | None   # isolation_forest_tail_scaled.joblib
-    floor: EntityFloor | None = None    # read directly in the failed-login group (None: no login_failed type)
+    floors: list = field(default_factory=list)   # SignalFloor (detector.SIGNAL_FLOORS whose group exists)
 
 
 def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_tokens, log=print) -> FittedDetector:
@@ -195,8 +196,8 @@ def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_to
     With cfg.tail_forest each group gets a second forest on the same rows with every input column
     on its two-sided tail scale among the group's events (seqguard.forest.MarginalTails); the
     group's score combines both forests' tail-scale scores (detector.tail_view_score) and is
-    calibrated again (detector.TailView). With cfg.entity_floor, the group that holds failed logins
-    takes the ring counter's own rarity as a floor under that score (detector.EntityFloor).
+    calibrated again (detector.TailView). With cfg.signal_floors, each of detector.SIGNAL_FLOORS is
+    fitted on its group's events and raises that group's score to the signal's own rarity.
     Measured effect: docs/results/tail_forest.md. (A user-balanced fitting sample, so that one
     prolific bot does not look normal, was tried twice -- on raw inputs with an older encoder and
     on tail-scaled inputs -- and lowered payment and brushing/promo recall both times: not kept.
@@ -220,9 +221,9 @@ def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_to
         flat = FlatIsolationForest.from_sklearn(sk)
         return sk, flat, -by_row_blocks(flat.score_samples, Z)
 
-    floor_group = -1
-    if cfg.entity_floor and "login_failed" in vocab_tokens:
-        floor_group = int(groups[list(vocab_tokens).index("login_failed")])
+    tokens = list(vocab_tokens)
+    floor_specs = [(name, int(groups[tokens.index(t)]), side, grid) for name, t, side, grid in SIGNAL_FLOORS
+                   if cfg.signal_floors and t in tokens]
 
     rng = np.random.default_rng(cfg.seed)
     out = FittedDetector(sig, groups, [], [], [] if cfg.tail_forest else None, [],
@@ -243,15 +244,16 @@ def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_to
             out.sklearn_tail_forests.append(sk_t)
             out.tail_views.append(view)
             score = view.combine(score, anomaly_t)
-        if g == floor_group:
-            name = EntityFloor.FEATURES[0]
+        mine = [s for s in floor_specs if s[1] == g]
+        for name, _, side, grid in mine:
             col = np.asarray(feats, np.float64)[rows, FEATURE_INDEX[name]]
-            out.floor = EntityFloor.fit(name, g, col)
-            score = np.maximum(score, out.floor(col))
+            floor = SignalFloor.fit(name, g, side, grid, col)
+            out.floors.append(floor)
+            score = np.maximum(score, floor(col))
         out.calibrators.append(RiskCalibrator.fit(score))
         log(f"forest '{TYPE_GROUPS[g][0]}': fitted on {len(fit_rows)} of {len(rows)} events"
             f"{' (+ its tail-scaled twin)' if cfg.tail_forest else ''}"
-            f"{f' (+ the {name} floor)' if g == floor_group else ''}")
+            + "".join(f" (+ the {s[0]} floor)" for s in mine))
     return out
 
 
@@ -320,7 +322,7 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
                          threads=cfg.threads)
     fitted = fit_detector(cfg, enc_log.emb, enc_log.surprise, enc_log.feats, enc_log.type_ids, vocab.tokens, log)
     detector = Detector(pca_mean, pca, fitted.signal_cols, fitted.forests, fitted.calibrators, fitted.groups,
-                        action_thresholds(cfg.action_fpr), tail_views=fitted.tail_views, floor=fitted.floor)
+                        action_thresholds(cfg.action_fpr), tail_views=fitted.tail_views, floors=fitted.floors)
     train_risk = fit_session_stage(detector, enc_log, cfg.session_alpha, log)
     np.savez(out / art.DETECTOR_FILE, **detector.to_arrays())
     import joblib
@@ -344,7 +346,7 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
         "encoder": enc.cfg.to_dict(),
         "detector": {"signals": list(DETECTOR_SIGNALS), "type_groups": [g for g, _ in TYPE_GROUPS], "pca_dim": cfg.pca_dim, "n_estimators": cfg.n_estimators,
                      "session_alpha": detector.session_alpha, "tail_forest": cfg.tail_forest,
-                     "entity_floor": None if fitted.floor is None else fitted.floor.feature,
+                     "signal_floors": [f.feature for f in fitted.floors],
                      "max_samples": cfg.max_samples, "sklearn_version": sklearn.__version__},
         "action_fpr": cfg.action_fpr,
         "thresholds": detector.thresholds,
