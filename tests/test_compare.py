@@ -111,3 +111,19 @@ def test_compare_main_on_small_model_writes_all_sections(small_log, small_model,
     c = np.empty_like(c_replay)
     c[enc.order] = c_replay
     assert np.allclose(det.session_risk(c), enc.risk)
+
+
+def test_group_detector_applies_the_production_signal_floors():
+    """GroupDetector with floors: the last input column is a floor signal, not a model input; refitted on the
+    fit rows, it raises only its own group's scores (as seqguard.detector.Detector does)."""
+    from seqguard.detector import SIGNAL_FLOORS
+    X, g, _ = _blobs()
+    rng = np.random.default_rng(1)
+    ring = np.log1p(np.where(rng.random(len(X)) < 0.01, 3, 0))
+    spec = [s for s in SIGNAL_FLOORS if s[0] == "log_device_failed_accounts_7d"][0]
+    plain = detector_factories(0)["iforest"].fit(X, g)
+    floored = detector_factories(0, [(spec[0], 1, spec[2], spec[3])])["iforest"].fit(np.c_[X, ring], g)
+    a0, a1 = plain.risk(X, g, "tail"), floored.risk(np.c_[X, ring], g, "tail")
+    hit = (g == 1) & (ring > 0)
+    assert np.mean(a1[hit]) > np.mean(a0[hit]) + 1.0
+    assert np.allclose(a1[g == 0], a0[g == 0])            # the other group: same forest, same calibration

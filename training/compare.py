@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seqguard.detector import TYPE_GROUPS, TailView
+from seqguard.detector import TYPE_GROUPS, SignalFloor, TailView, apply_floors
 from seqguard.forest import FlatIsolationForest, MarginalTails, RiskCalibrator, by_row_blocks
 
 
@@ -77,16 +77,28 @@ class GroupDetector:
     `twin`: as the production detector (seqguard/detector.py TailView), each group also gets a
     second model on the inputs mapped to each column's tail scale among the group's fit events,
     combined on their tail scales by detector.tail_view_score; False: the raw model alone.
+    `floors`: the production detector's signal floors as (feature, group, side, grid); the LAST
+    len(floors) input columns are their signals (Detector.inputs). Each is refitted on the fit log
+    and raises its group's score as in production, whatever the model underneath.
     """
 
-    def __init__(self, name: str, make, max_fit: int, seed: int = 0, twin: bool = True):
+    def __init__(self, name: str, make, max_fit: int, seed: int = 0, twin: bool = True, floors=()):
         self.name, self.make, self.max_fit, self.seed, self.twin = name, make, max_fit, seed, twin
+        self.floor_specs = list(floors)
+        self.floors: list[SignalFloor] = []
         self.models: dict[int, object] = {}
         self.cals: dict[int, RiskCalibrator] = {}
         self.twins: dict[int, TailView] = {}   # group -> TailView with this detector's model as its forest
 
+    def _split(self, X: np.ndarray):
+        F = len(self.floor_specs)
+        return (X[:, :-F], X[:, -F:]) if F else (X, None)
+
     def fit(self, X: np.ndarray, group: np.ndarray) -> "GroupDetector":
         rng = np.random.default_rng(self.seed)
+        X, cols = self._split(X)
+        self.floors = [SignalFloor.fit(name, g, side, grid, cols[group == g, j])
+                       for j, (name, g, side, grid) in enumerate(self.floor_specs)]
         for g in np.unique(group):
             rows = np.flatnonzero(group == g)
             fit_rows = rng.choice(rows, size=min(self.max_fit, len(rows)), replace=False)
@@ -100,15 +112,17 @@ class GroupDetector:
                 anomaly_t = -self._score(mt, tails.transform(X[cal_rows]))
                 self.twins[int(g)] = TailView(tails, mt, RiskCalibrator.fit(anomaly_t), RiskCalibrator.fit(raw))
                 raw = self.twins[int(g)].combine(raw, anomaly_t)
+            raw = apply_floors(self.floors, int(g), raw, None if cols is None else cols[cal_rows])
             self.cals[int(g)] = RiskCalibrator.fit(raw)
         return self
 
     def group_score(self, g: int, X: np.ndarray) -> np.ndarray:
+        X, cols = self._split(X)
         raw = -self._score(self.models[g], X)
-        if g not in self.twins:
-            return raw
-        v = self.twins[g]
-        return v.combine(raw, -self._score(v.forest, v.tails.transform(X)))
+        if g in self.twins:
+            v = self.twins[g]
+            raw = v.combine(raw, -self._score(v.forest, v.tails.transform(X)))
+        return apply_floors(self.floors, g, raw, cols)
 
     @staticmethod
     def _score(m, X):
@@ -201,24 +215,31 @@ class _Mahalanobis:
         return -np.einsum("ij,jk,ik->i", D, self.P, D)
 
 
-def detector_factories(seed: int = 0) -> dict[str, GroupDetector]:
-    """The candidates. LOF and the kernel OCSVM are fitted on a subsample (their cost grows with it)."""
+def detector_factories(seed: int = 0, floors=()) -> dict[str, GroupDetector]:
+    """The candidates. LOF and the kernel OCSVM are fitted on a subsample (their cost grows with it).
+    `floors`: floor_specs(model.detector), so every candidate gets production's signal floors."""
     from sklearn.kernel_approximation import Nystroem
     from sklearn.linear_model import SGDOneClassSVM
     from sklearn.neighbors import LocalOutlierFactor
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     return {
-        "iforest": GroupDetector("iforest", lambda: _FlatIF(200, 512, seed), 200_000, seed),
+        "iforest": GroupDetector("iforest", lambda: _FlatIF(200, 512, seed), 200_000, seed, floors=floors),
         "lof": GroupDetector("lof", lambda: make_pipeline(StandardScaler(), LocalOutlierFactor(
-            n_neighbors=35, novelty=True)), 5_000, seed),
+            n_neighbors=35, novelty=True)), 5_000, seed, floors=floors),
         "ocsvm_nystroem": GroupDetector("ocsvm_nystroem", lambda: make_pipeline(
             StandardScaler(), Nystroem(gamma=1.0 / 90, n_components=300, random_state=seed),
-            SGDOneClassSVM(nu=0.05, random_state=seed, max_iter=50, tol=None)), 50_000, seed),
-        "mahalanobis": GroupDetector("mahalanobis", _Mahalanobis, 200_000, seed),
+            SGDOneClassSVM(nu=0.05, random_state=seed, max_iter=50, tol=None)), 50_000, seed, floors=floors),
+        "mahalanobis": GroupDetector("mahalanobis", _Mahalanobis, 200_000, seed, floors=floors),
         # ablation: the raw forest alone (the default before its tail-scaled twin)
-        "iforest_raw": GroupDetector("iforest_raw", lambda: _FlatIF(200, 512, seed), 200_000, seed, twin=False),
+        "iforest_raw": GroupDetector("iforest_raw", lambda: _FlatIF(200, 512, seed), 200_000, seed, twin=False,
+                                     floors=floors),
     }
+
+
+def floor_specs(det) -> list:
+    """(feature, group, side, grid) of a production Detector's signal floors, for GroupDetector."""
+    return [(f.feature, f.group, f.side, f.grid) for f in det.floors]
 
 
 DETECTOR_LABELS = {
@@ -279,9 +300,9 @@ def time_scoring(det: GroupDetector, X: np.ndarray, group: np.ndarray, n_single:
 
 # --------------------------------------------------------------------------- sections
 
-def compare_detectors(fit: Encoded, test: Encoded, y, fam, pay, seed: int, log) -> dict:
+def compare_detectors(fit: Encoded, test: Encoded, y, fam, pay, seed: int, log, floors=()) -> dict:
     out = {"shipped": {**score_metrics(test.risk, y, fam, pay), "batch_us": None, "single_us": None}}
-    for name, det in detector_factories(seed).items():
+    for name, det in detector_factories(seed, floors).items():
         t = time.perf_counter()
         det.fit(fit.X, fit.group)
         fit_s = time.perf_counter() - t
@@ -304,14 +325,14 @@ def attack_users(fit_users, fit_y, fit_fam, family: str) -> np.ndarray:
 
 
 def heldout_families(fit: Encoded, fit_y, fit_fam, test: Encoded, y, fam, seed: int, log,
-                     feedback_frac: float = 0.05) -> dict:
+                     feedback_frac: float = 0.05, floors=()) -> dict:
     """Per attack family: IForest (+ the session stage when both logs carry their replay order, as
     production; + 5% feedback ranker) refitted without that family's users."""
     from .feedback import FeedbackRanker, sample_user_labels
     session = fit.order is not None and test.order is not None
 
     def run(keep):
-        det = detector_factories(seed)["iforest"].fit(fit.X[keep], fit.group[keep])
+        det = detector_factories(seed, floors)["iforest"].fit(fit.X[keep], fit.group[keep])
         if session:             # as production: stage 2 calibrated on the same (family-free) fit log
             fit_k = subset(fit, keep)
             stage = SessionStage().fit(det, fit_k)
@@ -443,7 +464,7 @@ def compare_encoders(model, args, encoders, y, fam, pay, test_lstm: Encoded, fit
         else:
             raise ValueError(f"unknown encoder {name!r} (lstm, transformer)")
         t = time.perf_counter()
-        det = detector_factories(args.seed)["iforest"].fit(fit.X, fit.group)
+        det = detector_factories(args.seed, floor_specs(model.detector))["iforest"].fit(fit.X, fit.group)
         fit_s = time.perf_counter() - t
         risk = det.risk(test.X, test.group)
         m = {**score_metrics(risk, y, fam, pay), "user_roc_auc": user_roc_auc(risk, y, test.users),
@@ -573,7 +594,8 @@ def report_md(res: dict) -> str:
          f"test log: `{res['events']}` - {res['test_n']:,} events ({res['test_pos']:,} label 1)",
          "- all detectors get the SAME inputs (projected LSTM embedding, surprise, 24 named signals = 90 dims), "
          "one model per event-type group plus its twin on the tail-scaled inputs (combined as production; the "
-         "`raw inputs only` row drops the twin), risk calibrated per group on the fit log (as production); "
+         "`raw inputs only` row drops the twin), the production signal floors refitted on the fit log "
+         "(detector.SIGNAL_FLOORS), risk calibrated per group on the fit log (as production); "
          "metrics on the test log; R@1%FPR = recall at the cut-off flagging 1% of label-0 events.", ""]
     if "detectors" in res:
         D = res["detectors"]
@@ -698,9 +720,10 @@ def main(argv=None) -> int:
             if k in prev and k not in sections:
                 res[k] = prev[k]
     if "detectors" in sections:
-        res["detectors"] = compare_detectors(fit, test, y, fam, pay, args.seed, log)
+        res["detectors"] = compare_detectors(fit, test, y, fam, pay, args.seed, log, floor_specs(model.detector))
     if "heldout" in sections:
-        res["heldout"] = heldout_families(fit, fit_y, fit_fam, test, y, fam, args.seed, log)
+        res["heldout"] = heldout_families(fit, fit_y, fit_fam, test, y, fam, args.seed, log,
+                                          floors=floor_specs(model.detector))
     if "feedback" in sections:
         res["feedback"] = feedback_runs(fit, fit_y, test, y, fam, pay, (0.01, 0.05), res["feedback_seeds"], log)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
