@@ -74,6 +74,11 @@ def test_feedback_falls_back_to_unsupervised_and_learns_from_labels():
     assert len(np.unique(users[few == 1])) == 9
     assert not FeedbackRanker().fit(risk, sur, feats, few, users).active
     assert roc_auc_score(y, fb.score(risk, sur, feats)) > roc_auc_score(y, risk) + 0.2
+    # what the detector already flags (risk >= 0.99) is never pushed down by feedback, only raised
+    flagged = risk >= FeedbackRanker.PROTECTED_RISK
+    assert flagged.any() and (~flagged).any()
+    delta = fb.score(risk, sur, feats) - risk_tail(risk)
+    assert np.all(delta[flagged] >= 0) and np.any(delta[~flagged] < 0)
 
 
 def test_compare_main_on_small_model_writes_all_sections(small_log, small_model, tmp_path):

@@ -638,7 +638,9 @@ def report_md(res: dict) -> str:
         L += ["## 3. Feedback labels (training/feedback.py)", "",
               "Shipped model's risk; a logistic regression on [risk tail, surprise, 21 signals] (C=0.1, balanced) is "
               "trained on the labels of a random fraction of fit-log USERS (all their events) and its log-odds are "
-              f"added to -log10(1-risk). Mean ± sd over seeds {res['feedback_seeds']}.", "",
+              "added to -log10(1-risk), never negatively where the risk already flags (>= 0.99), and only when a "
+              "2-fold check over users finds it helps. "
+              f"Mean ± sd over seeds {res['feedback_seeds']}.", "",
               "| labelled users | labelled events (pos) | ROC-AUC | PR-AUC | pay ROC-AUC | pay PR-AUC | R@1%FPR "
               "| pay R@1%FPR |", "|---|" + "---:|" * 7]
         for k, rs in F.items():

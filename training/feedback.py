@@ -51,7 +51,8 @@ class FeedbackRanker:
         Each labelled user weighs the same (one prolific bot must not be the whole lesson), and
         the blend weight is chosen among ALPHAS by 2-fold cross-validation over users on the
         labelled events (average precision); 0 - the unsupervised ranking - wins ties, so
-        feedback that does not help out of sample is switched off.
+        feedback that does not help out of sample is switched off. What the detector itself
+        flags (risk >= PROTECTED_RISK) is never pushed down (see `adjustment`).
         """
         y = np.asarray(y)
         lab = np.flatnonzero(y >= 0)
@@ -75,6 +76,7 @@ class FeedbackRanker:
             if min((yl[tr] == 1).sum(), (yl[tr] == 0).sum(), (yl[te] == 1).sum(), (yl[te] == 0).sum()) < 2:
                 return self                              # too few labels to validate: unsupervised only
             df = self._lr().fit(X[tr], yl[tr], logisticregression__sample_weight=w[tr]).decision_function(X[te])
+            df = self.adjustment(base[te], df)
             ap = np.array([average_precision_score(yl[te], base[te] + a * df, sample_weight=w[te])
                            for a in self.ALPHAS])
             gain = np.minimum(gain, ap - ap[0])
@@ -88,6 +90,14 @@ class FeedbackRanker:
         return self
 
     ALPHAS = (0.0, 0.1, 0.25, 0.5, 1.0)
+    PROTECTED_RISK = 0.99  # the default CHALLENGE cut-off: feedback may raise such events, never lower them
+
+    @classmethod
+    def adjustment(cls, base: np.ndarray, log_odds: np.ndarray) -> np.ndarray:
+        """The supervised log-odds as applied: not negative where the unsupervised risk already flags.
+        A 5% label sample can miss a whole attack family (measured: no bot among ~30 labelled fraud
+        users in any of three draws); without this, the ranker learned to demote the bots' events."""
+        return np.where(base >= risk_tail(np.array(cls.PROTECTED_RISK)), np.maximum(log_odds, 0.0), log_odds)
     MIN_GAIN = 0.02        # average-precision gain required in each fold
 
     def _lr(self):
@@ -105,7 +115,8 @@ class FeedbackRanker:
         base = risk_tail(risk)
         if not self.active:
             return base
-        return base + self.alpha * self.model.decision_function(feedback_features(risk, surprise, feats))
+        return base + self.alpha * self.adjustment(base, self.model.decision_function(
+            feedback_features(risk, surprise, feats)))
 
 
 def sample_user_labels(users: np.ndarray, y: np.ndarray, frac: float, seed: int = 0) -> np.ndarray:
