@@ -28,7 +28,7 @@ import numpy as np
 
 from gateway.proto import risk_pb2, risk_pb2_grpc
 from seqguard.artifact import ModelArtifact
-from seqguard.detector import ACTIONS, apply_floors
+from seqguard.detector import ACTIONS, apply_floors, split_floor_inputs
 from seqguard.explain import explain
 from seqguard.featurizer import EntityContext, UserContext
 from seqguard.schema import SchemaError, validate_event
@@ -92,8 +92,7 @@ class NaiveScorer:
         feats = np.asarray(rows[-1:], np.float32)
         det = self.artifact.detector
         X = det.inputs(det.project(emb), sur, feats)
-        F = len(det.floors)                                     # the last F input columns feed the signal floors
-        X, floor_cols = (X[:, :-F], X[:, -F:]) if F else (X, None)
+        X, floor_cols = split_floor_inputs(X, len(det.floors))  # the last columns feed the signal floors
         g = int(det.groups(np.array(types[-1:]))[0])          # the sklearn forest of this event's type group
         anomaly = -self.forest[g].score_samples(X.astype(np.float32))
         if det.tail_views is not None:                          # + the sklearn twin on tail-scaled inputs

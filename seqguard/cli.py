@@ -139,7 +139,8 @@ def cmd_retrain(args) -> int:
     cfg = TrainConfig(hidden=args.hidden or live.hidden, epochs=args.epochs, seed=args.seed, n_estimators=args.trees,
                       max_train_minutes=args.max_train_minutes, threads=args.threads,
                       session_alpha=args.session_alpha, tail_forest=not args.no_tail_forest,
-                      signal_floors=not args.no_signal_floors, action_fpr=dict(live.metadata.get("action_fpr") or TrainConfig().action_fpr))
+                      signal_floors=not args.no_signal_floors,
+                      action_fpr=dict(live.metadata.get("action_fpr") or TrainConfig().action_fpr))
     import json
     report = retrain(args.live, args.events, args.out, cfg, labels_path=args.labels, holdout_frac=args.holdout_frac,
                      column_map=parse_column_map(args.column_map))

@@ -181,8 +181,7 @@ class Detector:
 
     def group_score(self, k: int, X: np.ndarray) -> np.ndarray:
         """Group k's stage-1 score of input rows, before its calibrator (higher = more anomalous)."""
-        F = len(self.floors)
-        X, cols = (X[:, :-F], X[:, -F:]) if F else (X, None)
+        X, cols = split_floor_inputs(X, len(self.floors))
         raw = -self.forests[k].score_samples(X)
         if self.tail_views is not None:
             v = self.tail_views[k]
@@ -286,6 +285,11 @@ def tail_view_score(a_raw: np.ndarray, a_twin: np.ndarray) -> np.ndarray:
     0.418 -> 0.269; with the floor 0.349, docs/results/tail_forest.md.)"""
     a_raw = np.asarray(a_raw, np.float64)
     return np.maximum(a_raw, 0.5 * (a_raw + np.asarray(a_twin, np.float64)))
+
+
+def split_floor_inputs(X: np.ndarray, n_floors: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Detector input rows -> (the forests' columns, the last `n_floors` columns: the floors' signals)."""
+    return (X[:, :-n_floors], X[:, -n_floors:]) if n_floors else (X, None)
 
 
 def apply_floors(floors: list, k: int, score: np.ndarray, cols: np.ndarray | None) -> np.ndarray:

@@ -56,7 +56,7 @@ def explain(row, surprise, event_id: str, event_type: str, recent: list | None =
         out.append(Reason("PAYMENT_FAILURE_BURST", f"payment failure burst ({pf} declines in the last hour)",
                           1.0 + 0.5 * pf, ids_of("payment_failed")))
     # gap_jitter starts at 2.0 and needs ~8 near-identical gaps to fall below 0.15; gap_std needs ~30
-    jitter = f("gap_jitter") if len(row) > FI["gap_jitter"] else 2.0
+    jitter = f("gap_jitter")
     slow_regular = f("log_n_events") >= math.log1p(10) and f("gap_std") < 0.25
     if slow_regular or jitter < 0.15:
         out.append(Reason("MACHINE_TIMING", "machine-regular timing between events",
@@ -75,7 +75,7 @@ def explain(row, surprise, event_id: str, event_type: str, recent: list | None =
     if na >= 3:
         out.append(Reason("NEW_ACCOUNTS_ON_DEVICE", f"{na} new accounts created on this device today",
                           1.0 + na / 3, [event_id]))
-    rf = _n(f("log_device_failed_accounts_7d")) if len(row) > FI["log_device_failed_accounts_7d"] else 0
+    rf = _n(f("log_device_failed_accounts_7d"))
     if rf >= 1:
         out.append(Reason("DEVICE_FAILED_LOGINS_OTHER_ACCOUNTS",
                           f"failed logins on this device for {rf} other account{'s' if rf > 1 else ''} this week",

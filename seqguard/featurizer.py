@@ -237,11 +237,7 @@ class EntityContext:
     def to_bytes(self) -> bytes:
         head = _ENTITY_HEAD.pack(FEATURIZER_VERSION, self.first_ts, self.last_ts, self.events_1h,
                                  self.failed_1h, self.new_accounts_24h, self.spare, len(self.users))
-        pairs = self.users + self.failed_users
-        flat = [x for pair in pairs for x in pair]
-        return (head + struct.pack("<" + "Iq" * len(self.users), *flat[:2 * len(self.users)])
-                + bytes([len(self.failed_users)])
-                + struct.pack("<" + "Iq" * len(self.failed_users), *flat[2 * len(self.users):]))
+        return head + _pack_pairs(self.users) + bytes([len(self.failed_users)]) + _pack_pairs(self.failed_users)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "EntityContext":
@@ -252,14 +248,31 @@ class EntityContext:
         if ver not in READABLE_CONTEXT_VERSIONS:
             raise ValueError(f"entity context version {ver} is not one of {READABLE_CONTEXT_VERSIONS}")
         i = _ENTITY_HEAD.size
-        flat = struct.unpack_from("<" + "Iq" * n, data, i)
-        e.users = [[flat[2 * k], flat[2 * k + 1]] for k in range(n)]
+        e.users = _unpack_pairs(data, i, n)
         if ver >= 2:
-            i += 12 * n
-            m = data[i]
-            flat = struct.unpack_from("<" + "Iq" * m, data, i + 1)
-            e.failed_users = [[flat[2 * k], flat[2 * k + 1]] for k in range(m)]
+            i += _PAIR.size * n
+            e.failed_users = _unpack_pairs(data, i + 1, data[i])
         return e
+
+
+_PAIR = struct.Struct("<Iq")             # [user hash, ts ms] in an entity's lists
+
+
+def _pack_pairs(pairs: list) -> bytes:
+    return b"".join(_PAIR.pack(u, ts) for u, ts in pairs)
+
+
+def _unpack_pairs(data: bytes, offset: int, n: int) -> list:
+    return [list(_PAIR.unpack_from(data, offset + _PAIR.size * k)) for k in range(n)]
+
+
+def _move_to_front(pairs: list, user: int, ts: int) -> None:
+    """[user, ts] first in `pairs`, replacing the user's earlier entry (most recent first)."""
+    for i, pair in enumerate(pairs):
+        if pair[0] == user:
+            del pairs[i]
+            break
+    pairs.insert(0, [user, ts])
 
 
 # The 9 cross-user features start at ENTITY_FEATURES_START, in entity_features' order. Per entity
@@ -293,21 +306,12 @@ def touch_entity(e: EntityContext | None, ts: int, user: int, user_is_new: bool,
     e.new_accounts_24h = e.new_accounts_24h * _decay(dt, DAY_MS) + (1.0 if user_is_new else 0.0)
     if ts > e.last_ts:
         e.last_ts = ts
-    users = e.users
-    for i, pair in enumerate(users):
-        if pair[0] == user:
-            del users[i]
-            break
-    users.insert(0, [user, ts])
+    _move_to_front(e.users, user, ts)
     horizon = ts - DAY_MS
-    e.users = [p for p in users[:MAX_ENTITY_USERS] if p[1] >= horizon]
+    e.users = [p for p in e.users[:MAX_ENTITY_USERS] if p[1] >= horizon]
     fu = e.failed_users
     if failed:
-        for i, pair in enumerate(fu):
-            if pair[0] == user:
-                del fu[i]
-                break
-        fu.insert(0, [user, ts])
+        _move_to_front(fu, user, ts)
     others = 0
     if fu:
         horizon = ts - FAILED_ACCOUNTS_WINDOW_MS

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seqguard.detector import TYPE_GROUPS, SignalFloor, TailView, apply_floors
+from seqguard.detector import TYPE_GROUPS, SignalFloor, TailView, apply_floors, split_floor_inputs
 from seqguard.forest import FlatIsolationForest, MarginalTails, RiskCalibrator, by_row_blocks
 
 
@@ -90,13 +90,9 @@ class GroupDetector:
         self.cals: dict[int, RiskCalibrator] = {}
         self.twins: dict[int, TailView] = {}   # group -> TailView with this detector's model as its forest
 
-    def _split(self, X: np.ndarray):
-        F = len(self.floor_specs)
-        return (X[:, :-F], X[:, -F:]) if F else (X, None)
-
     def fit(self, X: np.ndarray, group: np.ndarray) -> "GroupDetector":
         rng = np.random.default_rng(self.seed)
-        X, cols = self._split(X)
+        X, cols = split_floor_inputs(X, len(self.floor_specs))
         self.floors = [SignalFloor.fit(name, g, side, grid, cols[group == g, j])
                        for j, (name, g, side, grid) in enumerate(self.floor_specs)]
         for g in np.unique(group):
@@ -117,7 +113,7 @@ class GroupDetector:
         return self
 
     def group_score(self, g: int, X: np.ndarray) -> np.ndarray:
-        X, cols = self._split(X)
+        X, cols = split_floor_inputs(X, len(self.floor_specs))
         raw = -self._score(self.models[g], X)
         if g in self.twins:
             v = self.twins[g]

@@ -246,7 +246,7 @@ def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_to
             score = view.combine(score, anomaly_t)
         mine = [s for s in floor_specs if s[1] == g]
         for name, _, side, grid in mine:
-            col = np.asarray(feats, np.float64)[rows, FEATURE_INDEX[name]]
+            col = np.asarray(feats[rows, FEATURE_INDEX[name]], np.float64)
             floor = SignalFloor.fit(name, g, side, grid, col)
             out.floors.append(floor)
             score = np.maximum(score, floor(col))
