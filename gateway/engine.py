@@ -113,7 +113,7 @@ class ScoringEngine:
         uniq_ent = list(dict.fromkeys(k for ks in ent_keys for k in ks if k))
         try:
             users, (entities, raw_entities), answered = await store.load(
-                user_ids, uniq_ent, list(dict.fromkeys(e.event_id for e in events)))
+                user_ids, uniq_ent, list(dict.fromkeys((e.user_id, e.event_id) for e in events)))
         except StateUnavailable as e:
             log.warning("degraded: %s", e)
             return self.degraded(events, f"state store unavailable: {e}")
@@ -121,12 +121,13 @@ class ScoringEngine:
             if st.existed and (st.model_version != self.model_version or st.h.shape[0] != self.hidden):
                 self._rebuild(st)
 
-        # idempotency: an event id already answered (or repeated in this batch) is not applied again
+        # idempotency: a (user, event id) already answered (or repeated in this batch) is not applied again
         fresh, first_of = [], {}
         for i, ev in enumerate(events):
-            if ev.event_id in answered or ev.event_id in first_of:
+            ref = (ev.user_id, ev.event_id)
+            if ref in answered or ref in first_of:
                 continue
-            first_of[ev.event_id] = i
+            first_of[ref] = i
             fresh.append(i)
 
         # 2. featurise in arrival order (mutates the in-memory contexts)
@@ -175,10 +176,10 @@ class ScoringEngine:
 
         # 6. one atomic write (compare-and-set) of users, entities and the answers to remember
         if fresh:
-            responses = [(events[i].event_id, out[i].to_json()) for i in fresh]
+            responses = [((events[i].user_id, events[i].event_id), out[i].to_json()) for i in fresh]
             try:
-                last = await store.save(list(users.values()), {k: entities[k] for k in uniq_ent}, raw_entities,
-                                        responses)
+                last = await store.save([st for st in users.values() if st.dirty],
+                                        {k: entities[k] for k in uniq_ent}, raw_entities, responses)
             except StateUnavailable as e:
                 log.warning("degraded: %s", e)
                 for i in fresh:
@@ -194,10 +195,10 @@ class ScoringEngine:
         for i, ev in enumerate(events):
             if i in out:
                 results.append(out[i])
-            elif ev.event_id in answered:
-                results.append(ScoreResult.from_json(ev.event_id, answered[ev.event_id]))
+            elif (ev.user_id, ev.event_id) in answered:
+                results.append(ScoreResult.from_json(ev.event_id, answered[(ev.user_id, ev.event_id)]))
             else:                                   # repeated inside this batch
-                twin = out[first_of[ev.event_id]]
+                twin = out[first_of[(ev.user_id, ev.event_id)]]
                 results.append(ScoreResult(ev.event_id, twin.risk, twin.action, twin.model_version, twin.status,
                                            "duplicate event_id: original result", twin.reasons, twin.sequence))
         return results
@@ -221,6 +222,8 @@ class ScoringEngine:
                 break
             steps.append((self.featurizer.vocab.id(e.event_type), unpack_features(e.feat, self.n_features)))
         st.pending = steps[::-1]
+        st.model_version = self.model_version
+        st.dirty = True
         self.rebuilds += 1
 
     def _apply(self, st, ev: Event, feats=None) -> None:
@@ -228,6 +231,7 @@ class ScoringEngine:
         del st.ring[:-self.store.ring_size]
         st.n += 1
         st.model_version = self.model_version
+        st.dirty = True
 
     def _session_risk(self, users, waves, steps, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Detector stage 2: every step of this batch (deferred ones included, so each user's
@@ -306,7 +310,9 @@ class ScoringEngine:
                 st.h, st.c = read_state[u]
             return None
         for st in users.values():
-            st.pending = []
+            if st.pending:
+                st.pending = []
+                st.dirty = True             # its deferred steps ran: h, c moved on
         return steps.emb[fresh_step], steps.surprise[fresh_step], waves, steps
 
 
@@ -384,7 +390,7 @@ class Coalescer:
         keys = set()
         for e in events:
             keys.add(("u", e.user_id))
-            keys.add(("e", e.event_id))
+            keys.add(("e", e.user_id, e.event_id))
             if e.device_id or e.ip:
                 keys.update(k for k in store.entity_keys(e) if k)
         return frozenset(keys)

@@ -183,7 +183,8 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
         try:
             prev = await asyncio.wait_for(self.engine.store.record_outcome(
                 request.event_id, risk_pb2.Label.Name(request.label), family, int(time.time() * 1000),
-                self.s.outcome_ttl_s, self.s.outcome_stream_max), self.s.deadline_ms / 1000)
+                self.s.outcome_ttl_s, self.s.outcome_stream_max,
+                user_id=request.user_id if request.HasField("user_id") else ""), self.s.deadline_ms / 1000)
         except (StateUnavailable, asyncio.TimeoutError) as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"state store unavailable: {e}")
         if prev is None:

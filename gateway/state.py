@@ -13,7 +13,9 @@ raw user id, device id, IP or event id:
                           hash with 1 KB of h/c is hashtable-encoded (~70 B per field overhead);
                           the JSON ring cost ~40 B per event.
     sg:d: / sg:i: / sg:p:<hmac(device | ip | ip prefix)>   EntityContext bytes
-    sg:e:<hmac(event_id)> the response already given for that event (idempotency window)
+    sg:e:<hmac(user_id, event_id)> the response already given for that event of that user
+                          (idempotency window; scoped to the user, so one user's event id can
+                          never answer for another user's event)
     sg:seq                global apply counter: the order in which events changed state
 
 On Redis Cluster (`redis_cluster`) the prefix is the hash tag "{sg}:": every key of a deployment
@@ -143,8 +145,9 @@ class UserState:
     model_version: str = ""
     n: int = 0
     version: int = 0                                # n as read: the compare-and-set expectation
-    existed: bool = False
+    existed: bool = False                           # a key was read: "absent" and "n = 0" are different versions
     session: float = 0.0                            # the detector's session average m (stage 2)
+    dirty: bool = False                             # changed by this batch: only these users are written
 
 
 def _varint(n: int) -> bytes:
@@ -341,8 +344,9 @@ class RedisStateStore:
     def user_key(self, user_id: str) -> str:
         return self.prefix + "u:" + self.p("user", user_id)
 
-    def event_key(self, event_id: str) -> str:
-        return self.prefix + "e:" + self.p("event", event_id)
+    def event_key(self, user_id: str, event_id: str) -> str:
+        # length-prefixed so that no (user, event) pair can collide with another
+        return self.prefix + "e:" + self.p("event", f"{len(user_id)}:{user_id}{event_id}")
 
     def entity_keys(self, ev: Event) -> tuple[str | None, str | None, str | None]:
         pre = self.prefix
@@ -350,13 +354,14 @@ class RedisStateStore:
                 pre + "i:" + self.p("ip", ev.ip) if ev.ip else None,
                 pre + "p:" + self.p("prefix", ip_prefix(ev.ip)) if ev.ip else None)
 
-    async def load(self, user_ids: list[str], entity_keys: list[str], event_ids: list[str] = ()
+    async def load(self, user_ids: list[str], entity_keys: list[str], event_refs: list[tuple[str, str]] = ()
                    ) -> tuple[dict, dict, dict]:
-        """Users (by id), entities (by key) and already-answered events (by id) in one round trip."""
+        """Users (by id), entities (by key) and already-answered events (by (user id, event id)) in one
+        round trip."""
         # one MGET for every key: all of them are strings (a legacy hash user key reads as nil, i.e. a
         # fresh user, and the write script replaces it); a pipeline of GETs cost ~0.1 ms more in redis-py
         ukeys = [self.user_key(u) for u in user_ids]
-        keys = ukeys + list(entity_keys) + [self.event_key(e) for e in event_ids]
+        keys = ukeys + list(entity_keys) + [self.event_key(u, e) for u, e in event_refs]
         try:
             res = await self.r.mget(keys) if keys else []
         except (RedisError, OSError, TimeoutError) as e:
@@ -368,7 +373,7 @@ class RedisStateStore:
             entities[k] = EntityContext.from_bytes(raw) if raw else EntityContext()
             raw_entities[k] = raw or b""
         pos += len(entity_keys)
-        answered = {e: json.loads(raw) for e, raw in zip(event_ids, res[pos:]) if raw}
+        answered = {ref: json.loads(raw) for ref, raw in zip(event_refs, res[pos:]) if raw}
         return users, (entities, raw_entities), answered
 
     def _decode_user(self, key: str, raw) -> UserState:
@@ -378,18 +383,21 @@ class RedisStateStore:
         return unpack_user(key, raw)
 
     async def save(self, users: list[UserState], entities: dict[str, EntityContext], expected_entities: dict,
-                   responses: list[str]) -> int:
+                   responses: list[tuple[tuple[str, str], str]]) -> int:
         """Compare-and-set write of a batch; returns the apply sequence number of its last event.
 
-        `responses`: per event, the JSON to remember for idempotency ("" for none), with "seq":0
-        to be replaced by the event's apply sequence number. Raises StateConflict if another writer
-        got there first (nothing written), StateUnavailable if Redis fails.
+        `users`: the users this batch changed (a user that was only read must not be written: it
+        would turn "absent" into "n = 0"). `responses`: per applied event, ((user id, event id),
+        the JSON to remember for idempotency), with "seq":0 to be replaced by the event's apply
+        sequence number. Raises StateConflict if another writer got there first (nothing
+        written), StateUnavailable if Redis fails.
         """
         keys = [self.seq_key] + [u.key for u in users] + list(entities) + [
-            self.event_key(r_id) for r_id, _ in responses]
+            self.event_key(*ref) for ref, _ in responses]
         argv: list = [len(users), len(entities), len(responses), self.ttl_s, self.dedupe_ttl_s]
         for st in users:
-            argv += [_BLOB_HEAD.pack(st.version, USER_FORMAT)[:8] if st.version else b"",
+            # the expectation is the head as read; a key that was absent must still be absent
+            argv += [_BLOB_HEAD.pack(st.version, USER_FORMAT)[:8] if st.existed else b"",
                      pack_user(st, self.ring_size, self.rebuild_steps)]
         for k, e in entities.items():
             argv += [expected_entities.get(k, b""), e.to_bytes()]
@@ -417,16 +425,17 @@ class RedisStateStore:
 
 
     async def record_outcome(self, event_id: str, label: str, family: str, reported_ms: int, ttl_s: int,
-                             stream_max: int) -> dict | None:
+                             stream_max: int, user_id: str = "") -> dict | None:
         """Store a reported label at sg:o:<hmac(event_id)> (TTL) and append it to the sg:outcomes stream.
 
-        Returns the answer the gateway gave for that event if it is still in the idempotency
-        window (so the label can be joined with the score), else None. Keys and the stream carry
-        only the pseudonymised event id; export jobs hash their log's event ids the same way.
+        With the user id, returns the answer the gateway gave for that user's event if it is
+        still in the idempotency window (so the label can be joined with the score), else None.
+        Keys and the stream carry only the pseudonymised event id; export jobs hash their log's
+        event ids the same way.
         """
         h = self.p("event", event_id)
         try:
-            answered = await self.r.get(self.prefix + "e:" + h)
+            answered = await self.r.get(self.event_key(user_id, event_id)) if user_id else None
             prev = json.loads(answered) if answered else None
             rec = {"label": label, "family": family, "ts": reported_ms}
             if prev:
