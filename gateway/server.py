@@ -29,6 +29,7 @@ from .proto import risk_pb2, risk_pb2_grpc
 from .reload import ModelReloader
 from .settings import Settings
 from .state import RedisStateStore, StateUnavailable
+from .local_encoder import FailoverEncoder, LocalStepEncoder
 from .triton_client import TritonStepClient
 
 log = logging.getLogger("seqguard.gateway")
@@ -311,8 +312,14 @@ class Gateway:
 
     def _encoder_for(self, artifact: ModelArtifact):
         s = self.s
+        if s.encoder == "local":
+            return TimedEncoder(LocalStepEncoder(str(artifact.onnx_path)), self.metrics)
         version = s.triton_model_version or artifact.triton_model_version
-        return TimedEncoder(TritonStepClient(s.triton_url, s.triton_model, version, s.triton_timeout_ms), self.metrics)
+        encoder = TritonStepClient(s.triton_url, s.triton_model, version, s.triton_timeout_ms)
+        if s.local_encoder_fallback:
+            encoder = FailoverEncoder(encoder, LocalStepEncoder(str(artifact.onnx_path)),
+                                      s.local_encoder_retry_ms / 1000)
+        return TimedEncoder(encoder, self.metrics)
 
     def _engine_for(self, artifact: ModelArtifact, store, encoder):
         engine = ScoringEngine(artifact, TimedStore(store, self.metrics), encoder, self.s.fallback)

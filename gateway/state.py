@@ -48,19 +48,20 @@ from seqguard.featurizer import N_FEATURES, EntityContext, UserContext, ip_prefi
 from seqguard.schema import Event
 
 KEY_PREFIX = "sg:"               # every key starts with it; "{sg}:" on Redis Cluster (see RedisStateStore)
-USER_FORMAT = 4                 # 1 was the hash layout (h, c, ctx, ring as JSON, pend, mv, n);
+USER_FORMAT = 5                 # 1 was the hash layout (h, c, ctx, ring as JSON, pend, mv, n);
                                 # 2 had no session average (read as 0.0); 2 and 3 hold feature
-                                # rows of featuriser version 1 (LEGACY_FEATURE_WIDTH wide)
+                                # rows of featuriser version 1 (LEGACY_FEATURE_WIDTH wide); 5 added
+                                # each deferred step's answer key
 LEGACY_FEATURE_WIDTH = 40       # read rows are padded with zeros to N_FEATURES (the new columns
                                 # are detector-only ring counters: 0 = no evidence)
 
-# KEYS: seq, users..., entities..., events...
-# ARGV: U, E, M, ttl, dedupe_ttl, then per user: expected first 8 bytes ('' for a new user), blob;
-#       per entity: expected, value; per event: response
+# KEYS: seq, users..., entities..., events..., rewritten events...
+# ARGV: U, E, M, ttl, dedupe_ttl, R, then per user: expected first 8 bytes ('' for an absent key), blob;
+#       per entity: expected, value; per event: response; per rewrite: the new response
 _SAVE_LUA = """
 local U, E, M = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local ttl, dttl = tonumber(ARGV[4]), tonumber(ARGV[5])
-local a = 6
+local ttl, dttl, R = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local a = 7
 for i = 1, U do
   local cur = redis.pcall('GETRANGE', KEYS[1 + i], 0, 7)
   if type(cur) ~= 'string' then cur = '' end      -- a legacy (hash) state key: replaced below
@@ -74,7 +75,7 @@ for j = 1, E do
   if cur ~= ARGV[b] then return -1 end
   b = b + 2
 end
-a = 6
+a = 7
 for i = 1, U do
   redis.call('SET', KEYS[1 + i], ARGV[a + 1], 'EX', ttl)
   a = a + 2
@@ -88,6 +89,18 @@ for m = 1, M do
   local resp = ARGV[a]
   if resp ~= '' then
     redis.call('SET', KEYS[1 + U + E + m], string.gsub(resp, '"seq":0', '"seq":' .. (seq - M + m)), 'EX', dttl)
+  end
+  a = a + 1
+end
+-- rewrites: a deferred event's remembered answer replaced by its real score, keeping its sequence
+for r = 1, R do
+  local key = KEYS[1 + U + E + M + r]
+  local old = redis.call('GET', key)
+  if old then
+    local s = string.match(old, '"seq":(%d+)')
+    if s then
+      redis.call('SET', key, string.gsub(ARGV[a], '"seq":0', '"seq":' .. s), 'KEEPTTL')
+    end
   end
   a = a + 1
 end
@@ -141,7 +154,9 @@ class UserState:
     c: np.ndarray
     ctx: UserContext
     ring: list = field(default_factory=list)        # [RingEntry, ...] oldest first
-    pending: list = field(default_factory=list)     # [(type_id, features float32 [F]), ...] not yet stepped
+    pending: list = field(default_factory=list)     # [(type_id, features float32 [F], answer key), ...] not yet
+                                                    # stepped; the key names the remembered DEGRADED answer
+                                                    # that the real score replaces once the step runs
     model_version: str = ""
     n: int = 0
     version: int = 0                                # n as read: the compare-and-set expectation
@@ -234,21 +249,31 @@ def unpack_ring(raw: bytes) -> list:
     return out
 
 
+NO_ANSWER = ""                  # a deferred step whose answer is not remembered (a rebuild step)
+_REF_BYTES = 16                 # a deferred step's answer key: the 32 hex digits after "e:", as bytes
+
+
 def _pack_pending(pending: list) -> bytes:
+    """[n, F] int32, n type ids int64, n x F features float32, n answer keys (16 bytes; zeros: none)."""
     if not pending:
         return b""
     types = np.array([p[0] for p in pending], np.int64)
     feats = np.stack([p[1] for p in pending]).astype(np.float32)
-    return np.int32(len(pending)).tobytes() + np.int32(feats.shape[1]).tobytes() + types.tobytes() + feats.tobytes()
+    refs = b"".join(bytes.fromhex(p[2]) if p[2] else bytes(_REF_BYTES) for p in pending)
+    return (np.int32(len(pending)).tobytes() + np.int32(feats.shape[1]).tobytes() + types.tobytes()
+            + feats.tobytes() + refs)
 
 
-def _unpack_pending(raw: bytes | None) -> list:
+def _unpack_pending(raw: bytes | None, with_refs: bool = True) -> list:
     if not raw:
         return []
     n, f = int(np.frombuffer(raw[:4], np.int32)[0]), int(np.frombuffer(raw[4:8], np.int32)[0])
     types = np.frombuffer(raw[8:8 + 8 * n], np.int64)
-    feats = np.frombuffer(raw[8 + 8 * n:], np.float32).reshape(n, f)
-    return [(int(types[i]), _to_width(feats[i])) for i in range(n)]
+    end = 8 + 8 * n + 4 * n * f
+    feats = np.frombuffer(raw[8 + 8 * n:end], np.float32).reshape(n, f)
+    refs = [raw[end + _REF_BYTES * i:end + _REF_BYTES * (i + 1)] for i in range(n)] if with_refs else []
+    return [(int(types[i]), _to_width(feats[i]),
+             refs[i].hex() if with_refs and any(refs[i]) else NO_ANSWER) for i in range(n)]
 
 
 def _to_width(row: np.ndarray, width: int = N_FEATURES) -> np.ndarray:
@@ -281,8 +306,8 @@ def pack_user(st: UserState, ring_size: int, rebuild_steps: int) -> bytes:
 
 def unpack_user(key: str, raw: bytes) -> UserState:
     n, fmt = _BLOB_HEAD.unpack_from(raw, 0)
-    if fmt not in (2, 3, USER_FORMAT):
-        raise ValueError(f"user state format {fmt} is not one of 2, 3, {USER_FORMAT}")
+    if fmt not in (2, 3, 4, USER_FORMAT):
+        raise ValueError(f"user state format {fmt} is not one of 2, 3, 4, {USER_FORMAT}")
     i = _BLOB_HEAD.size
     m = raw[i]
     mv = raw[i + 1:i + 1 + m].decode()
@@ -300,7 +325,7 @@ def unpack_user(key: str, raw: bytes) -> UserState:
     ctx = UserContext.from_bytes(raw[i + 2:i + 2 + lc])
     i += 2 + lc
     (lp,) = struct.unpack_from("<I", raw, i)
-    pend = _unpack_pending(raw[i + 4:i + 4 + lp])
+    pend = _unpack_pending(raw[i + 4:i + 4 + lp], with_refs=fmt >= 5)
     i += 4 + lp
     ring = unpack_ring(raw[i:])
     if fmt < 4:
@@ -344,9 +369,13 @@ class RedisStateStore:
     def user_key(self, user_id: str) -> str:
         return self.prefix + "u:" + self.p("user", user_id)
 
-    def event_key(self, user_id: str, event_id: str) -> str:
+    def answer_ref(self, user_id: str, event_id: str) -> str:
+        """The pseudonymised (user, event id) pair: the suffix of its idempotency key."""
         # length-prefixed so that no (user, event) pair can collide with another
-        return self.prefix + "e:" + self.p("event", f"{len(user_id)}:{user_id}{event_id}")
+        return self.p("event", f"{len(user_id)}:{user_id}{event_id}")
+
+    def event_key(self, user_id: str, event_id: str) -> str:
+        return self.prefix + "e:" + self.answer_ref(user_id, event_id)
 
     def entity_keys(self, ev: Event) -> tuple[str | None, str | None, str | None]:
         pre = self.prefix
@@ -383,18 +412,20 @@ class RedisStateStore:
         return unpack_user(key, raw)
 
     async def save(self, users: list[UserState], entities: dict[str, EntityContext], expected_entities: dict,
-                   responses: list[tuple[tuple[str, str], str]]) -> int:
+                   responses: list[tuple[tuple[str, str], str]], rewrites: list[tuple[str, str]] = ()) -> int:
         """Compare-and-set write of a batch; returns the apply sequence number of its last event.
 
         `users`: the users this batch changed (a user that was only read must not be written: it
         would turn "absent" into "n = 0"). `responses`: per applied event, ((user id, event id),
         the JSON to remember for idempotency), with "seq":0 to be replaced by the event's apply
-        sequence number. Raises StateConflict if another writer got there first (nothing
-        written), StateUnavailable if Redis fails.
+        sequence number. `rewrites`: (answer key of a deferred step, the JSON of its real score
+        with "seq":0) replacing a remembered DEGRADED answer, which keeps its sequence number and
+        TTL (skipped if it expired). Raises StateConflict if another writer got there first
+        (nothing written), StateUnavailable if Redis fails.
         """
         keys = [self.seq_key] + [u.key for u in users] + list(entities) + [
-            self.event_key(*ref) for ref, _ in responses]
-        argv: list = [len(users), len(entities), len(responses), self.ttl_s, self.dedupe_ttl_s]
+            self.event_key(*ref) for ref, _ in responses] + [self.prefix + "e:" + ref for ref, _ in rewrites]
+        argv: list = [len(users), len(entities), len(responses), self.ttl_s, self.dedupe_ttl_s, len(rewrites)]
         for st in users:
             # the expectation is the head as read; a key that was absent must still be absent
             argv += [_BLOB_HEAD.pack(st.version, USER_FORMAT)[:8] if st.existed else b"",
@@ -402,6 +433,7 @@ class RedisStateStore:
         for k, e in entities.items():
             argv += [expected_entities.get(k, b""), e.to_bytes()]
         argv += [resp for _, resp in responses]
+        argv += [resp for _, resp in rewrites]
         try:
             seq = await self._save(keys=keys, args=argv)
         except (RedisError, OSError, TimeoutError) as e:
