@@ -271,6 +271,7 @@ class Gateway:
                                    s.coalesce_max_concurrent)
         self.coalescer.start()
         self.metrics.in_flight.set_function(lambda: self.coalescer.in_flight)
+        self.metrics.watch_engine(lambda: self.coalescer.engine)
         self.metrics.set_model(self.artifact.model_version, self.encoder.model_version)
         if s.metrics_port:
             self.metrics_port = self.metrics.serve(s.metrics_host or s.host, s.metrics_port)
