@@ -37,6 +37,16 @@ SERVICE_NAME = risk_pb2.DESCRIPTOR.services_by_name["RiskScoring"].full_name
 _OPTIONAL = ("item_id", "category", "amount", "device_id", "ip", "country", "session_id")
 
 
+def check_clock_skew(ev, where: str, now_ms: int, future_ms: int, past_ms: int) -> None:
+    """Live events must carry a plausible time (settings.max_future_skew_ms / max_past_skew_ms)."""
+    if future_ms and ev.ts > now_ms + future_ms:
+        raise SchemaError(f"{where}.ts", f"{ev.ts} is {(ev.ts - now_ms) / 3.6e6:.1f} h ahead of the server clock; "
+                                         f"at most {future_ms / 3.6e6:.1f} h accepted")
+    if past_ms and ev.ts < now_ms - past_ms:
+        raise SchemaError(f"{where}.ts", f"{ev.ts} is {(now_ms - ev.ts) / 3.6e6:.1f} h behind the server clock; "
+                                         f"at most {past_ms / 3.6e6:.1f} h accepted (use Ingest for backfills)")
+
+
 def event_from_proto(msg: risk_pb2.Event, where: str = "event"):
     """Proto Event -> validated schema Event; SchemaError names the field as `where.field`."""
     raw = {"event_id": msg.event_id, "user_id": msg.user_id, "event_type": msg.event_type,
@@ -101,10 +111,15 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
         except asyncio.TimeoutError:
             return self.engine.degraded(events, f"deadline of {budget * 1000:.0f} ms exceeded")
 
+    def _live_event(self, msg: risk_pb2.Event, where: str):
+        ev = event_from_proto(msg, where)
+        check_clock_skew(ev, where, int(time.time() * 1000), self.s.max_future_skew_ms, self.s.max_past_skew_ms)
+        return ev
+
     @metered("Score")
     async def Score(self, request, context):
         try:
-            ev = event_from_proto(request.event)
+            ev = self._live_event(request.event, "event")
         except SchemaError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         results = await self._score([ev], context)
@@ -116,7 +131,7 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"field 'events': {len(request.events)} events; at most {self.s.max_batch_events} per batch")
         try:
-            events = [event_from_proto(m, f"events[{i}]") for i, m in enumerate(request.events)]
+            events = [self._live_event(m, f"events[{i}]") for i, m in enumerate(request.events)]
         except SchemaError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if not events:
@@ -131,7 +146,9 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
         chunk = []
         async for i, msg in _aenumerate(request_iterator):
             try:
-                chunk.append(event_from_proto(msg, f"event[{i}]"))
+                ev = event_from_proto(msg, f"event[{i}]")
+                check_clock_skew(ev, f"event[{i}]", int(time.time() * 1000), self.s.max_future_skew_ms, 0)
+                chunk.append(ev)
             except SchemaError as e:
                 rejected += 1
                 if len(errors) < 100:

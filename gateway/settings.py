@@ -46,6 +46,12 @@ class Settings:
     fallback: str = "fail_open"         # fail_open: ALLOW, fail_closed: CHALLENGE, when degraded
     max_batch_events: int = 1000        # ScoreBatch limit
     max_message_bytes: int = 4 * 1024 * 1024
+    # Clock skew accepted for live events, relative to the gateway's clock: an event "from the future"
+    # would pin its device's and IP's last-seen time and stop their decaying counters for every user on
+    # them. The past is not bounded by default (replays and late events are legitimate); Ingest (backfill)
+    # is exempt from the past bound. 0 = no bound.
+    max_future_skew_ms: int = 24 * 3600 * 1000
+    max_past_skew_ms: int = 0
     max_in_flight: int = 2048           # queued + running events; beyond -> RESOURCE_EXHAUSTED
     # Coalescing: concurrent calls share one Redis round trip and one Triton request
     coalesce_max_events: int = 256
@@ -113,6 +119,8 @@ class Settings:
             raise ValueError(f"encoder must be triton or local, got {self.encoder!r}")
         if self.fallback not in ("fail_open", "fail_closed"):
             raise ValueError(f"fallback must be fail_open or fail_closed, got {self.fallback!r}")
+        if self.max_future_skew_ms < 0 or self.max_past_skew_ms < 0:
+            raise ValueError("max_future_skew_ms and max_past_skew_ms must be >= 0 (0 = no bound)")
         for name in ("deadline_ms", "redis_timeout_ms", "triton_timeout_ms", "max_batch_events", "max_in_flight",
                      "coalesce_max_events", "coalesce_max_concurrent"):
             if getattr(self, name) <= 0:
