@@ -218,30 +218,55 @@ async def _aenumerate(it):
 
 
 class BearerAuth(grpc.aio.ServerInterceptor):
-    """`authorization: Bearer <token>` on every seqguard RPC; health and reflection stay open for probes."""
+    """`authorization: Bearer <token>` on every RPC but health (open for probes).
 
-    OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+    Scoring tokens may call the scoring RPCs and reflection; methods in ADMIN_METHODS (labels and
+    holds) need an admin token (settings.admin_tokens). Unknown caller: UNAUTHENTICATED; a scoring
+    token on an admin method: PERMISSION_DENIED.
+    """
 
-    def __init__(self, tokens: list[bytes]):
-        self.tokens = tokens
+    OPEN = ("/grpc.health.v1.Health/",)
+    ADMIN_METHODS = frozenset(f"/{SERVICE_NAME}/{m}" for m in ("ReportOutcome", "SetHold", "ReleaseHold",
+                                                                "ListHolds"))
 
-        async def deny(request, context):
+    def __init__(self, tokens: list[bytes], admin_tokens: list[bytes] = ()):
+        self.tokens = list(tokens)
+        self.admin_tokens = list(admin_tokens)
+
+        async def unauthenticated(request, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
-        self._deny = deny
+
+        async def forbidden(request, context):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "this method needs an admin token "
+                                "(settings admin_token / admin_token_file)")
+        self._unauthenticated, self._forbidden = unauthenticated, forbidden
 
     async def intercept_service(self, continuation, details):
         if details.method.startswith(self.OPEN):
             return await continuation(details)
         sent = dict(details.invocation_metadata or ()).get("authorization", "")
         token = sent[7:].encode() if sent.startswith("Bearer ") else b""
-        if token and any(hmac.compare_digest(token, t) for t in self.tokens):
+        admin = bool(token) and any(hmac.compare_digest(token, t) for t in self.admin_tokens)
+        scoring = admin or (bool(token) and any(hmac.compare_digest(token, t) for t in self.tokens))
+        if admin or (scoring and details.method not in self.ADMIN_METHODS):
             return await continuation(details)
         handler = await continuation(details)
         if handler is None:
             return None
-        if handler.request_streaming and not handler.response_streaming:
-            return grpc.stream_unary_rpc_method_handler(self._deny)   # a coroutine function: aio awaits it
-        return grpc.unary_unary_rpc_method_handler(self._deny)
+        deny = self._forbidden if scoring else self._unauthenticated
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(_deny_stream(deny))
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(deny)   # a coroutine function: aio awaits it
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+def _deny_stream(deny):
+    """A bidirectional-streaming denial (server reflection is one): abort before yielding anything."""
+    async def handler(request_iterator, context):
+        await deny(None, context)
+        yield  # pragma: no cover - unreachable, makes this an async generator
+    return handler
 
 
 def freeze_heap() -> None:
@@ -301,7 +326,9 @@ class Gateway:
         tokens = s.auth_tokens()
         if not tokens:
             log.warning("bearer-token auth is OFF (set SEQGUARD_AUTH_TOKEN or SEQGUARD_AUTH_TOKEN_FILE)")
-        self.server = grpc.aio.server(options=opts, interceptors=[BearerAuth(tokens)] if tokens else [])
+        admin_tokens = s.admin_tokens()
+        self.server = grpc.aio.server(options=opts, interceptors=[BearerAuth(tokens, admin_tokens)]
+                                      if tokens or admin_tokens else [])
         risk_pb2_grpc.add_RiskScoringServicer_to_server(RiskScoringService(s, self.coalescer, self.metrics),
                                                         self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

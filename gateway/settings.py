@@ -77,9 +77,15 @@ class Settings:
     # Feedback: ReportOutcome labels (sg:o:<hmac(event_id)>) and the sg:outcomes export stream
     outcome_ttl_s: int = 180 * 86400    # chargebacks arrive weeks later; keep labels ~6 months
     outcome_stream_max: int = 5_000_000  # approximate cap on the stream (export it before it wraps)
-    # Security: bearer-token auth (empty = off) and TLS (optional mTLS with a client CA)
+    # Security: bearer-token auth (empty = off) and TLS (optional mTLS with a client CA). Two roles: a
+    # scoring token may call Score, ScoreBatch, Ingest, GetUserState and reflection; only an admin token
+    # may also write labels and holds (ReportOutcome, SetHold, ReleaseHold, ListHolds), so a compromised
+    # scoring client cannot poison the labels retraining learns from. With auth on and no admin token
+    # configured, those RPCs are refused (PERMISSION_DENIED).
     auth_token: str = ""
     auth_token_file: str = ""
+    admin_token: str = ""
+    admin_token_file: str = ""
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
@@ -138,12 +144,12 @@ class Settings:
             raise ValueError("model_poll_s must be >= 0 and model_ready_timeout_s > 0")
 
     def auth_tokens(self) -> list[bytes]:
-        """Accepted bearer tokens (one per line in the file); empty list = auth disabled."""
-        tokens = [self.auth_token.encode()] if self.auth_token else []
-        if self.auth_token_file:
-            with open(self.auth_token_file, "rb") as f:
-                tokens += [t.strip() for t in f if t.strip()]
-        return tokens
+        """Accepted scoring bearer tokens (one per line in the file); no tokens at all = auth disabled."""
+        return _tokens(self.auth_token, self.auth_token_file)
+
+    def admin_tokens(self) -> list[bytes]:
+        """Bearer tokens of the admin role (labels and holds; they may score too)."""
+        return _tokens(self.admin_token, self.admin_token_file)
 
     def key_bytes(self) -> bytes:
         """The pseudonymisation key; a missing key is an error, not a silent default."""
@@ -157,3 +163,11 @@ class Settings:
             return key
         raise ValueError("no pseudonymisation key: set SEQGUARD_PSEUDONYM_KEY or SEQGUARD_PSEUDONYM_KEY_FILE "
                          "(`seqguard up` creates a key file in its run directory)")
+
+
+def _tokens(inline: str, path: str) -> list[bytes]:
+    tokens = [inline.encode()] if inline else []
+    if path:
+        with open(path, "rb") as f:
+            tokens += [t.strip() for t in f if t.strip()]
+    return tokens
