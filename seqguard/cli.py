@@ -173,6 +173,11 @@ def cmd_alerts_sink(args) -> int:
     return main_sink(args)
 
 
+def cmd_review(args) -> int:
+    from gateway.review.serve import main_review
+    return main_review(args)
+
+
 def cmd_demo(args) -> int:
     from .demo import main_demo
     return main_demo(args)
@@ -286,6 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.alerts import add_sink_args
     add_sink_args(a)
     a.set_defaults(fn=cmd_alerts_sink)
+
+    rv = sub.add_parser("review", help="the review queue in the browser: open alerts, cases, fraud/legitimate "
+                        "labels, holds (prints its URL)", description=(
+        "Serves the analysts' review queue (gateway/review/): open alerts sorted by risk with filters, a case page "
+        "per pseudonymised user (risk over time, reasons and rules per alert, holds), and buttons that store "
+        "labels the way ReportOutcome does and release or confirm holds. Log in with the gateway's bearer token "
+        "(SEQGUARD_AUTH_TOKEN / SEQGUARD_AUTH_TOKEN_FILE). Redis: the gateway's settings (SEQGUARD_REDIS_*)."))
+    from gateway.review.serve import add_review_args
+    add_review_args(rv)
+    rv.set_defaults(fn=cmd_review)
 
     d = sub.add_parser("demo", help="end to end: generate, train a small model, start services, stream traffic, report")
     d.add_argument("--users", type=int, default=1500)
