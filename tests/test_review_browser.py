@@ -231,3 +231,14 @@ def test_review_app_refuses_without_auth_and_cross_origin(seeded, review_app):
     assert json.loads(r.get(f"sg:o:{P('event', 'ev-1')}"))["label"] == "FRAUD"
     with urllib.request.urlopen(f"{review_app.url}/case/{ALICE}", timeout=10) as resp:   # GET without a session
         assert "/login" in resp.url
+
+
+def test_review_pages_escape_what_alerts_carry(seeded, review_app):
+    """Rule names come from an editable rules file and user_raw from callers: rendered as text, never markup."""
+    evil = "<script>alert(1)</script>"
+    seeded.xadd("sg:alerts", AlertRecord("99", P("event", "ev-99"), ALICE, 0.99, "BLOCK", ("NEW_DEVICE",), (evil,),
+                                         "m", T0, T0, user_raw=evil).to_fields())
+    req = urllib.request.Request(f"{review_app.url}/?show=all", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        html = resp.read().decode()
+    assert evil not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html

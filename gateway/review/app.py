@@ -32,7 +32,7 @@ from ..state import StateUnavailable
 from . import auth
 from .cases import LABELS, AlertFilter, CaseReader, FilterError, outcome_store
 from .config import ReviewConfig
-from .plot import risk_svg
+from .plot import risk_plot
 
 USER_KEY = re.compile(r"^[0-9a-f]{32}$")
 TEMPLATES = Path(__file__).parent / "templates"
@@ -132,7 +132,7 @@ def create_app(settings, config: ReviewConfig, tokens: list[bytes]) -> Starlette
             return page(request, "error.html", 404, error="no such case (a user key is 32 hex characters)")
         pg = await request.app.state.cases.case(user)
         holds = await request.app.state.holds.get([("user", user)])
-        plot = risk_svg([(v.alert.ts, v.alert.risk, v.alert.action, v.label) for v in pg.alerts])
+        plot = risk_plot([(v.alert.ts, v.alert.risk, v.alert.action, v.label) for v in pg.alerts])
         history = [h for h in await request.app.state.holds.history() if h.get("key") == user][:50]
         return page(request, "case.html", user=user, alerts=pg.alerts, scanned=pg.scanned, malformed=pg.malformed,
                     holds=holds, history=history, plot=plot, actions=HOLD_ACTIONS, hold_days=config.hold_days)
