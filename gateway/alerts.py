@@ -391,6 +391,29 @@ class WebhookSink:
             return False
 
 
+async def redrive_dead_letters(redis, prefix: str, limit: int = 10_000) -> tuple[int, int]:
+    """Move dead-lettered alerts back to the alerts stream (after the receiver is fixed).
+
+    Each goes back as a new entry with its original fields (same alert_id: receivers that saw an
+    earlier try deduplicate); copy and delete are one transaction. Entries that are not alert
+    records stay in the dead-letter stream. Returns (moved, kept).
+    """
+    stream, dead = alerts_stream(prefix), dead_letter_stream(prefix)
+    moved = kept = 0
+    for entry_id, fields in await redis.xrange(dead, count=limit):
+        try:
+            alert = AlertRecord.from_fields(fields)
+        except AlertFormatError:
+            kept += 1
+            continue
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(stream, alert.to_fields())
+            pipe.xdel(dead, entry_id)
+            await pipe.execute()
+        moved += 1
+    return moved, kept
+
+
 # ------------------------------------------------------------------ `seqguard alerts-sink`
 SECRET_ENV = "SEQGUARD_ALERTS_WEBHOOK_SECRET"
 
@@ -408,7 +431,7 @@ def read_secret(path: str | None) -> bytes:
 
 
 def add_sink_args(p) -> None:
-    p.add_argument("--url", required=True, help="receiver URL; every alert is POSTed there as JSON")
+    p.add_argument("--url", help="receiver URL; every alert is POSTed there as JSON (required unless --redrive-dead)")
     p.add_argument("--secret-file", default=os.environ.get("SEQGUARD_ALERTS_WEBHOOK_SECRET_FILE"),
                    help=f"file holding the HMAC-SHA256 signing secret (>= 16 bytes); else ${SECRET_ENV}. "
                         f"Receivers check the {SIGNATURE_HEADER} header (sha256=<hex hmac of the body>) and "
@@ -424,6 +447,9 @@ def add_sink_args(p) -> None:
                    help="take over alerts another sink left unacknowledged this long (it died)")
     p.add_argument("--allow-insecure-http", action="store_true", help="allow http:// to a non-loopback host")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (0 = off)")
+    p.add_argument("--redrive-dead", action="store_true",
+                   help="instead of running: move the dead-lettered alerts back into the alerts stream (once the "
+                        "receiver is fixed), print how many, and exit")
 
 
 def main_sink(args) -> int:
@@ -434,6 +460,10 @@ def main_sink(args) -> int:
     from .settings import Settings
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings.load()
+    if args.redrive_dead:
+        return _redrive(settings)
+    if not args.url:
+        raise ValueError("--url is required")
     cfg = SinkConfig(url=args.url, secret=read_secret(args.secret_file), group=args.group, consumer=args.consumer,
                      max_attempts=args.max_attempts, backoff_initial_s=args.backoff_initial,
                      backoff_max_s=args.backoff_max, http_timeout_s=args.http_timeout,
@@ -458,4 +488,18 @@ def main_sink(args) -> int:
             await redis.aclose()
 
     asyncio.run(run())
+    return 0
+
+
+def _redrive(settings) -> int:
+    from .redisconn import connect_redis, key_prefix
+
+    async def run() -> tuple[int, int]:
+        redis = connect_redis(settings, timeout_s=10.0)
+        try:
+            return await redrive_dead_letters(redis, key_prefix(settings))
+        finally:
+            await redis.aclose()
+    moved, kept = asyncio.run(run())
+    print(json.dumps({"redriven": moved, "kept_malformed": kept}))
     return 0

@@ -239,3 +239,14 @@ def test_rejected_and_malformed_alerts_are_dead_lettered_at_once(redis_server):
     assert m.delivered._value.get() == 3 and m.retried._value.get() == 0
     assert m.dead_lettered.labels("rejected")._value.get() == 1 and m.dead_lettered.labels("malformed")._value.get() == 1
     assert _group_idle(r)
+
+    # after the receiver is fixed: the rejected alert goes back to the stream, the malformed one stays
+    env = dict(os.environ, SEQGUARD_REDIS_PORT=str(redis_server.port))
+    env.pop("SEQGUARD_CONFIG", None)
+    out = subprocess.run([sys.executable, "-m", "seqguard.cli", "alerts-sink", "--redrive-dead"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"redriven": 1, "kept_malformed": 1}
+    assert [f[b"why"] for _, f in r.xrange(DEAD)] == [b"malformed"]
+    last_id, last = r.xrevrange(STREAM, count=1)[0]
+    assert AlertRecord.from_fields(last) == alert(2) and r.xlen(STREAM) == 6
