@@ -253,6 +253,8 @@ class WebhookSink:
                     for _stream, entries in got or ():
                         await self._deliver_all(entries)
                 except (RedisError, OSError) as e:
+                    if "NOGROUP" in str(e):
+                        own_backlog_done = False    # the stream was deleted (e.g. FLUSHALL): make the group again
                     log.warning("alert sink: redis unavailable (%s: %s); retrying in 1 s", type(e).__name__, e)
                     await self._sleep(1.0)
             # stopping: tasks in backoff return at once (their entries stay pending); POSTs finish
@@ -283,7 +285,9 @@ class WebhookSink:
             res = await self.r.xautoclaim(self.stream, self.cfg.group, self.consumer, self.cfg.claim_idle_ms,
                                           start_id=start, count=self.cfg.batch)
             start, entries = res[0], [e for e in res[1] if e[0] not in self._in_hand]
-            deleted = res[2] if len(res) > 2 else []
+            # XAUTOCLAIM reports (and drops) deleted entries whatever their idle time; one this sink
+            # is already handling is counted by its delivery task
+            deleted = [i for i in (res[2] if len(res) > 2 else []) if i not in self._in_hand]
             if deleted:
                 # XAUTOCLAIM already dropped them from the pending list: trimmed before anyone delivered them
                 self.metrics.missing.inc(len(deleted))

@@ -250,3 +250,38 @@ def test_rejected_and_malformed_alerts_are_dead_lettered_at_once(redis_server):
     assert [f[b"why"] for _, f in r.xrange(DEAD)] == [b"malformed"]
     last_id, last = r.xrevrange(STREAM, count=1)[0]
     assert AlertRecord.from_fields(last) == alert(2) and r.xlen(STREAM) == 6
+
+
+def test_restarted_sink_redelivers_its_pending_and_counts_trimmed_ones(redis_server):
+    """A sink restarted under the same consumer name first re-delivers what it had read but not
+    acknowledged; an entry trimmed from the stream meanwhile is counted (missing), never silently dropped."""
+    r = redis_server.client()
+    r.flushall()
+    ids = [r.xadd(STREAM, alert(i).to_fields()) for i in range(3)]
+    r.xgroup_create(STREAM, GROUP, id="0")
+    assert len(r.xreadgroup(GROUP, "sink-1", {STREAM: ">"})[0][1]) == 3      # read, then "killed"
+    r.xdel(STREAM, ids[1])                                                    # trimmed before delivery
+    receiver = Receiver(free_port()).start()
+
+    async def run():
+        import redis.asyncio as aioredis
+        client = aioredis.Redis(port=redis_server.port, socket_timeout=5)
+        sink = WebhookSink(client, "sg:", SinkConfig(receiver.url, SECRET, consumer="sink-1", block_ms=100))
+        task = asyncio.create_task(sink.run())
+        try:
+            for _ in range(200):
+                await asyncio.sleep(0.05)
+                if await asyncio.to_thread(_group_idle, r):
+                    break
+        finally:
+            sink.stop()
+            await asyncio.wait_for(task, 10)
+            await client.aclose()
+        return sink.metrics
+
+    try:
+        m = asyncio.run(run())
+    finally:
+        receiver.stop()
+    assert sorted(receiver.accepted) == ["0", "2"]
+    assert m.missing._value.get() == 1 and m.delivered._value.get() == 2 and _group_idle(r)
