@@ -31,6 +31,7 @@ from .redisconn import connect_redis, key_prefix
 from .reload import ModelReloader
 from .settings import Settings
 from .state import RedisStateStore, StateUnavailable
+from .local_encoder import FailoverEncoder, LocalStepEncoder
 from .triton_client import TritonStepClient
 
 log = logging.getLogger("seqguard.gateway")
@@ -198,13 +199,13 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
         try:
             prev = await asyncio.wait_for(self.engine.store.record_outcome(
                 request.event_id, risk_pb2.Label.Name(request.label), family, int(time.time() * 1000),
-                self.s.outcome_ttl_s, self.s.outcome_stream_max), self.s.deadline_ms / 1000)
+                self.s.outcome_ttl_s, self.s.outcome_stream_max,
+                user_id=request.user_id if request.HasField("user_id") else ""), self.s.deadline_ms / 1000)
         except (StateUnavailable, asyncio.TimeoutError) as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"state store unavailable: {e}")
         if prev is None:
             return risk_pb2.OutcomeAck(scored=False)
         return risk_pb2.OutcomeAck(scored=True, risk=prev["risk"], model_version=prev["mv"])
-
 
     async def _holds_call(self, context, coro):
         """Run a HoldStore call under the deadline: HoldError -> INVALID_ARGUMENT, Redis trouble -> UNAVAILABLE."""
@@ -333,6 +334,7 @@ class Gateway:
                                    s.coalesce_max_concurrent)
         self.coalescer.start()
         self.metrics.in_flight.set_function(lambda: self.coalescer.in_flight)
+        self.metrics.watch_engine(lambda: self.coalescer.engine)
         self.metrics.set_model(self.artifact.model_version, self.encoder.model_version)
         if s.metrics_port:
             self.metrics_port = self.metrics.serve(s.metrics_host or s.host, s.metrics_port)
@@ -376,8 +378,14 @@ class Gateway:
 
     def _encoder_for(self, artifact: ModelArtifact):
         s = self.s
+        if s.encoder == "local":
+            return TimedEncoder(LocalStepEncoder(str(artifact.onnx_path)), self.metrics)
         version = s.triton_model_version or artifact.triton_model_version
-        return TimedEncoder(TritonStepClient(s.triton_url, s.triton_model, version, s.triton_timeout_ms), self.metrics)
+        encoder = TritonStepClient(s.triton_url, s.triton_model, version, s.triton_timeout_ms)
+        if s.local_encoder_fallback:
+            encoder = FailoverEncoder(encoder, LocalStepEncoder(str(artifact.onnx_path)),
+                                      s.local_encoder_retry_ms / 1000)
+        return TimedEncoder(encoder, self.metrics)
 
     def _engine_for(self, artifact: ModelArtifact, store, encoder):
         engine = ScoringEngine(artifact, TimedStore(store, self.metrics), encoder, self.s.fallback)

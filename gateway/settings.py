@@ -34,9 +34,16 @@ class Settings:
     triton_model: str = "seqguard_encoder"
     triton_model_version: str = ""      # "" = the artifact's metadata triton.model_version (always explicit)
     triton_timeout_ms: int = 100
+    # "triton" (the serving path) or "local": the artifact's model.onnx on ONNX Runtime in the gateway
+    # process, for CPU-only nodes. Both give the same bits (gateway/local_encoder.py).
+    encoder: str = "triton"
+    # with encoder "triton": score with the local model while Triton is unavailable instead of answering
+    # DEGRADED and deferring steps; Triton is probed again every local_encoder_retry_ms
+    local_encoder_fallback: bool = True
+    local_encoder_retry_ms: int = 1000
     # Requests
     deadline_ms: int = 250              # server-side budget per Score when the client sets none
-    fallback: str = "fail_open"         # fail_open: ALLOW, fail_closed: REVIEW, when degraded
+    fallback: str = "fail_open"         # fail_open: ALLOW, fail_closed: CHALLENGE, when degraded
     max_batch_events: int = 1000        # ScoreBatch limit
     max_message_bytes: int = 4 * 1024 * 1024
     max_in_flight: int = 2048           # queued + running events; beyond -> RESOURCE_EXHAUSTED
@@ -102,6 +109,8 @@ class Settings:
         return replace(self, **out)
 
     def validate(self) -> None:
+        if self.encoder not in ("triton", "local"):
+            raise ValueError(f"encoder must be triton or local, got {self.encoder!r}")
         if self.fallback not in ("fail_open", "fail_closed"):
             raise ValueError(f"fallback must be fail_open or fail_closed, got {self.fallback!r}")
         for name in ("deadline_ms", "redis_timeout_ms", "triton_timeout_ms", "max_batch_events", "max_in_flight",

@@ -176,14 +176,16 @@ class UserState(_message.Message):
     def __init__(self, user_key: _Optional[str] = ..., n_events: _Optional[int] = ..., last_ts: _Optional[int] = ..., model_version: _Optional[str] = ..., recent: _Optional[_Iterable[_Union[RecentEvent, _Mapping]]] = ..., context: _Optional[_Mapping[str, float]] = ..., holds: _Optional[_Iterable[_Union[Hold, _Mapping]]] = ...) -> None: ...
 
 class OutcomeRequest(_message.Message):
-    __slots__ = ("event_id", "label", "family")
+    __slots__ = ("event_id", "label", "family", "user_id")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     label: Label
     family: str
-    def __init__(self, event_id: _Optional[str] = ..., label: _Optional[_Union[Label, str]] = ..., family: _Optional[str] = ...) -> None: ...
+    user_id: str
+    def __init__(self, event_id: _Optional[str] = ..., label: _Optional[_Union[Label, str]] = ..., family: _Optional[str] = ..., user_id: _Optional[str] = ...) -> None: ...
 
 class OutcomeAck(_message.Message):
     __slots__ = ("scored", "risk", "model_version")
