@@ -63,7 +63,8 @@ class AlertRecord:
     """One alert. All identifiers are pseudonymised (hex keyed hashes, gateway/state.py Pseudonymizer)
     except `user_raw`, present only when the deployment opted in (setting alerts_include_raw_ids)."""
     alert_id: str               # the event's apply sequence number: unique, and the receivers' idempotency key
-    event: str                  # hmac(event_id), as in sg:e: / sg:o: keys (ReportOutcome labels join on it)
+    event: str                  # Pseudonymizer("event", event_id), as in the sg:o: label keys and the
+                                # sg:outcomes stream: labels join on it
     user: str                   # hmac(user_id): the hex after "sg:u:" in the user key
     risk: float
     action: str                 # one of ACTIONS

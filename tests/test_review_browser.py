@@ -242,3 +242,16 @@ def test_review_pages_escape_what_alerts_carry(seeded, review_app):
     with urllib.request.urlopen(req, timeout=10) as resp:
         html = resp.read().decode()
     assert evil not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+def test_review_app_answers_503_when_redis_is_down():
+    from gateway.settings import Settings
+    srv = ReviewServerThread(Settings.load(redis_port=free_port(), auth_token=TOKEN))
+    try:
+        for path in ("/", f"/case/{ALICE}"):
+            req = urllib.request.Request(srv.url + path, headers={"Authorization": f"Bearer {TOKEN}"})
+            with pytest.raises(urllib.error.HTTPError) as exc:
+                urllib.request.urlopen(req, timeout=30)
+            assert exc.value.code == 503 and "Redis unavailable" in exc.value.read().decode()
+    finally:
+        srv.stop()

@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
 import jinja2
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
@@ -85,8 +86,8 @@ def create_app(settings, config: ReviewConfig, tokens: list[bytes]) -> Starlette
             request.state.analyst = analyst
             try:
                 return await fn(request)
-            except StateUnavailable as e:
-                return page(request, "error.html", 503, error=f"Redis unavailable: {e}")
+            except (StateUnavailable, RedisError, OSError) as e:
+                return page(request, "error.html", 503, error=f"Redis unavailable: {type(e).__name__}: {e}")
         return inner
 
     async def login(request: Request):
