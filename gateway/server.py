@@ -24,8 +24,10 @@ from seqguard.featurizer import TokenHasher
 from seqguard.schema import SchemaError, validate_event
 
 from .engine import Coalescer, Overloaded, ScoreResult, ScoringEngine
+from .holds import MAX_HOLD_TTL_S, Hold, HoldError, HoldStore
 from .metrics import GatewayMetrics, MeteredEngine, TimedEncoder, TimedStore, metered
 from .proto import risk_pb2, risk_pb2_grpc
+from .redisconn import connect_redis, key_prefix
 from .reload import ModelReloader
 from .settings import Settings
 from .state import RedisStateStore, StateUnavailable
@@ -79,11 +81,22 @@ async def _require_id(context, field: str, value: str, max_len: int = 256) -> No
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"field '{field}': longer than {max_len} characters")
 
 
+_HOLD_KINDS = {risk_pb2.HOLD_USER: "user", risk_pb2.HOLD_DEVICE: "device", risk_pb2.HOLD_IP: "ip"}
+
+
+def hold_to_proto(h: Hold) -> risk_pb2.Hold:
+    kind = {v: k for k, v in _HOLD_KINDS.items()}[h.kind]
+    return risk_pb2.Hold(kind=kind, key=h.key, action=risk_pb2.Action.Value(h.action), reason=h.reason, who=h.who,
+                         created_ms=h.created_ms, expires_ms=h.expires_ms)
+
+
 class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
-    def __init__(self, settings: Settings, coalescer: Coalescer, metrics: GatewayMetrics):
+    def __init__(self, settings: Settings, coalescer: Coalescer, metrics: GatewayMetrics,
+                 holds: HoldStore | None = None):
         self.s = settings
         self.coalescer = coalescer
         self.metrics = metrics
+        self.holds = holds
 
     @property
     def engine(self) -> ScoringEngine:
@@ -175,6 +188,7 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
             st = await asyncio.wait_for(self.engine.store.get_user(request.user_id), self.s.deadline_ms / 1000)
         except (StateUnavailable, asyncio.TimeoutError) as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"state store unavailable: {e}")
+        holds = await self._holds_call(context, self.holds.get([("user", self.holds.hashed("user", request.user_id))]))
         u = st.ctx
         ctx = {"n_events": float(u.n), "n_payments": float(u.n_payments), "n_reviews": float(u.n_reviews),
                "events_1m": u.ev_1m, "events_1h": u.ev_1h, "login_failed_1h": u.fail_login,
@@ -186,7 +200,8 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
         return risk_pb2.UserState(user_key=st.key.split(":")[-1], n_events=st.n, last_ts=u.last_ts,
                                   model_version=st.model_version, context=ctx,
                                   recent=[risk_pb2.RecentEvent(event_id=e[0], event_type=e[1], ts=e[2])
-                                          for e in st.ring])
+                                          for e in st.ring],
+                                  holds=[hold_to_proto(h) for h in holds])
 
     @metered("ReportOutcome")
     async def ReportOutcome(self, request, context):
@@ -208,6 +223,53 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
         if prev is None:
             return risk_pb2.OutcomeAck(scored=False)
         return risk_pb2.OutcomeAck(scored=True, risk=prev["risk"], model_version=prev["mv"])
+
+    async def _holds_call(self, context, coro):
+        """Run a HoldStore call under the deadline: HoldError -> INVALID_ARGUMENT, Redis trouble -> UNAVAILABLE."""
+        try:
+            return await asyncio.wait_for(coro, self.s.deadline_ms / 1000)
+        except HoldError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except (StateUnavailable, asyncio.TimeoutError) as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"state store unavailable: {e}")
+
+    @metered("SetHold")
+    async def SetHold(self, request, context):
+        if request.kind not in _HOLD_KINDS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "field 'kind': must be HOLD_USER, HOLD_DEVICE or HOLD_IP")
+        await _require_id(context, "id", request.id)
+        if request.action not in (risk_pb2.REVIEW, risk_pb2.CHALLENGE, risk_pb2.BLOCK):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "field 'action': must be REVIEW, CHALLENGE or BLOCK")
+        if not 1 <= request.ttl_s <= MAX_HOLD_TTL_S:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"field 'ttl_s': must be in 1..{MAX_HOLD_TTL_S}")
+        hold = await self._holds_call(context, self.holds.set(
+            _HOLD_KINDS[request.kind], raw_id=request.id, action=risk_pb2.Action.Name(request.action),
+            reason=request.reason, who=request.who, ttl_s=request.ttl_s))
+        return hold_to_proto(hold)
+
+    @metered("ReleaseHold")
+    async def ReleaseHold(self, request, context):
+        if request.kind not in _HOLD_KINDS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "field 'kind': must be HOLD_USER, HOLD_DEVICE or HOLD_IP")
+        if bool(request.id) == bool(request.key):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "field 'id': give exactly one of id and key")
+        if request.key and (len(request.key) != 32 or any(c not in "0123456789abcdef" for c in request.key)):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "field 'key': must be a pseudonymised id (32 hex)")
+        if request.id:
+            await _require_id(context, "id", request.id)
+        released = await self._holds_call(context, self.holds.release(
+            _HOLD_KINDS[request.kind], raw_id=request.id, hashed=request.key, who=request.who, reason=request.reason))
+        return risk_pb2.ReleaseHoldAck(released=released is not None)
+
+    @metered("ListHolds")
+    async def ListHolds(self, request, context):
+        if request.kind and request.kind not in _HOLD_KINDS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "field 'kind': must be a HoldKind")
+        if not 0 <= request.limit <= 1000:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "field 'limit': must be in 0..1000")
+        holds = await self._holds_call(context, self.holds.list_holds(_HOLD_KINDS.get(request.kind, ""),
+                                                                     request.limit or 100))
+        return risk_pb2.ListHoldsResponse(holds=[hold_to_proto(h) for h in holds])
 
 
 async def _aenumerate(it):
@@ -296,6 +358,7 @@ class Gateway:
         self.metrics_port: int | None = None
         self._retired: list[asyncio.Task] = []
         self.shadow = None                  # gateway.shadow.ShadowScorer when settings.shadow_model_dir is set
+        self.holds: HoldStore | None = None
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.port = None
@@ -329,8 +392,10 @@ class Gateway:
         admin_tokens = s.admin_tokens()
         self.server = grpc.aio.server(options=opts, interceptors=[BearerAuth(tokens, admin_tokens)]
                                       if tokens or admin_tokens else [])
-        risk_pb2_grpc.add_RiskScoringServicer_to_server(RiskScoringService(s, self.coalescer, self.metrics),
-                                                        self.server)
+        # holds get their own client: the state store's is replaced (and closed) by a model reload
+        self.holds = HoldStore(connect_redis(s, s.redis_timeout_ms / 1000), self.store.p, key_prefix(s))
+        risk_pb2_grpc.add_RiskScoringServicer_to_server(
+            RiskScoringService(s, self.coalescer, self.metrics, self.holds), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -444,6 +509,8 @@ class Gateway:
             t.cancel()
         await self.encoder.close()
         await self.store.close()
+        if self.holds is not None:
+            await self.holds.r.aclose()
         self.metrics.close()
 
     async def serve(self) -> None:
