@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,12 +26,16 @@ from seqguard.explain import Reason, explain
 from seqguard.schema import Event
 
 from .aio import cancel_and_wait
-from .state import NO_ANSWER, RedisStateStore, StateConflict, StateUnavailable, ring_entry, unpack_features
+from .alerts import AlertRecord
+from .holds import HOLD_REASON, HoldStore, apply_holds
+from .state import (NO_ANSWER, RedisStateStore, StateConflict, StateUnavailable, alert_fields, ring_entry,
+                    unpack_features)
 from .triton_client import EncoderUnavailable, TritonStepClient
 
 log = logging.getLogger("seqguard.gateway")
 
 OK, DEGRADED = "OK", "DEGRADED"
+MAX_REASONS = 3              # reason codes per answer, strongest first (README, "The gRPC API")
 FALLBACKS = {"fail_open": (0.0, "ALLOW"), "fail_closed": (1.0, "CHALLENGE")}
 
 
@@ -73,8 +78,10 @@ class ScoringEngine:
     shadow = None            # gateway.shadow.ShadowScorer when settings.shadow_model_dir is set
 
     def __init__(self, artifact: ModelArtifact, store: RedisStateStore, encoder: TritonStepClient,
-                 fallback: str = "fail_open"):
+                 fallback: str = "fail_open", holds: HoldStore | None = None, alerts_include_raw_ids: bool = False):
         self.artifact = artifact
+        self.holds = holds                   # read in the batch's one MGET; None: holds not enforced
+        self.alerts_include_raw_ids = alerts_include_raw_ids
         self.featurizer = artifact.featurizer
         self.detector = artifact.detector
         self.store = store
@@ -127,16 +134,19 @@ class ScoringEngine:
         remaining = lambda: None if deadline is None else deadline - loop.time()  # noqa: E731
         store = self.store
 
-        # 1. one read: every user, entity and (user, event id) this batch touches
+        # 1. one read: every user, entity, (user, event id) and hold this batch touches
         ent_keys = [store.entity_keys(e) for e in events]
         uniq_ent = list(dict.fromkeys(k for ks in ent_keys for k in ks if k))
+        hold_keys = [self.holds.keys_for(e) for e in events] if self.holds else [[] for _ in events]
+        uniq_holds = list(dict.fromkeys(k for ks in hold_keys for k in ks))
         try:
-            users, (entities, raw_entities), answered = await store.load(
-                list(dict.fromkeys(e.user_id for e in events)), uniq_ent,
-                list(dict.fromkeys((e.user_id, e.event_id) for e in events)))
+            read = await store.load(list(dict.fromkeys(e.user_id for e in events)), uniq_ent,
+                                    list(dict.fromkeys((e.user_id, e.event_id) for e in events)), uniq_holds)
         except StateUnavailable as e:
             log.warning("degraded: %s", e)
             return self.degraded(events, f"state store unavailable: {e}")
+        users, entities, raw_entities, answered = read.users, read.entities, read.raw_entities, read.answered
+        held = self.holds.parse(uniq_holds, read.extra) if self.holds else {}
         for st in users.values():
             if st.existed and (st.model_version != self.model_version or st.h.shape[0] != self.hidden):
                 self._rebuild(st)
@@ -158,14 +168,17 @@ class ScoringEngine:
                                             explain_reasons)
         for u in behind:
             self._schedule_catch_up(u)
+        if held:
+            self._enforce_holds([out[i] for i in fresh], [[held[k] for k in hold_keys[i] if k in held] for i in fresh])
 
         # 4. one atomic write (compare-and-set) of users, entities and the answers to remember
         changed = [st for st in users.values() if st.dirty]
         if changed:
             responses = [((events[i].user_id, events[i].event_id), out[i].to_json()) for i in fresh]
+            alerts = [self._alert(events[i], out[i]) for i in fresh]
             try:
                 last = await store.save(changed, {k: entities[k] for k in uniq_ent}, raw_entities, responses,
-                                        [(ref, r.to_json()) for ref, r in rewrites.items()])
+                                        [(ref, r.to_json()) for ref, r in rewrites.items()], alerts)
             except StateUnavailable as e:
                 log.warning("degraded: %s", e)
                 self.refused_writes += 1
@@ -182,6 +195,27 @@ class ScoringEngine:
                                        (encoded.emb[encoded.fresh_step], encoded.surprise[encoded.fresh_step]),
                                        risk)
         return self._in_request_order(events, out, answered, rewrites, first_of)
+
+    @staticmethod
+    def _enforce_holds(results: list[ScoreResult], holds_per_event: list[list]) -> None:
+        """Every event of a held user, device or IP gets at least the hold's action, DEGRADED answers
+        too, with the HOLD reasons first (gateway/holds.py apply_holds is the one rule)."""
+        actions, hold_reasons = apply_holds([r.action for r in results], holds_per_event)
+        for r, action, reasons in zip(results, actions, hold_reasons):
+            if reasons:
+                r.action = action
+                r.reasons = (reasons + r.reasons)[:MAX_REASONS]
+
+    def _alert(self, ev: Event, r: ScoreResult) -> str:
+        """The alert of an applied decision ("" for none): REVIEW / CHALLENGE / BLOCK from the model or a
+        hold. A fallback answer (DEGRADED, no hold) is not a finding about the event, so it raises none."""
+        if r.action == "ALLOW" or (r.status != OK and not any(x.code == HOLD_REASON for x in r.reasons)):
+            return ""
+        p = self.store.p
+        record = AlertRecord("0", p("event", ev.event_id), p("user", ev.user_id), r.risk, r.action,
+                             tuple(x.code for x in r.reasons), (), r.model_version, ev.ts, int(time.time() * 1000),
+                             ev.user_id if self.alerts_include_raw_ids else None)
+        return alert_fields(record.to_fields())
 
     def _dedupe(self, events: list[Event], answered: dict) -> tuple[list[int], dict]:
         """Indices of the events to apply: a (user, event id) already answered or repeated in this
@@ -401,7 +435,7 @@ class ScoringEngine:
         end = loop.time() + budget_s
         while loop.time() < end:
             try:
-                users, _, _ = await self.store.load([user_id], [])
+                users = (await self.store.load([user_id], [])).users
                 st = users[user_id]
                 if len(st.pending) <= self.MAX_INLINE_CATCHUP:
                     return

@@ -177,6 +177,19 @@ class HoldStore:
             raise StateUnavailable(f"redis hold read failed: {type(e).__name__}: {e}") from None
         return [Hold.from_json(k, h, raw) for (k, h), raw in zip(pairs, raws) if raw]
 
+    def keys_for(self, ev) -> list[str]:
+        """The hold keys that apply to an event (its user, device and IP), for the batch's one MGET."""
+        return [self.key(k, self.hashed(k, v)) for k, v in event_hold_ids(ev)]
+
+    def parse(self, keys: list[str], raws: list) -> dict[str, Hold]:
+        """key -> Hold for the keys that hold one (what keys_for's keys read back)."""
+        out = {}
+        for k, raw in zip(keys, raws):
+            if raw:
+                _, kind, hashed = k.rsplit(":", 2)
+                out[k] = Hold.from_json(kind, hashed, raw)
+        return out
+
     async def for_events(self, events) -> list[list[Hold]]:
         """Per event, the holds on its user, device and IP (one MGET for the whole batch)."""
         per = [[(k, self.hashed(k, v)) for k, v in event_hold_ids(ev)] for ev in events]

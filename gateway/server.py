@@ -432,7 +432,9 @@ class Gateway:
         return TimedEncoder(encoder, self.metrics)
 
     def _engine_for(self, artifact: ModelArtifact, store, encoder):
-        engine = ScoringEngine(artifact, TimedStore(store, self.metrics), encoder, self.s.fallback)
+        engine = ScoringEngine(artifact, TimedStore(store, self.metrics), encoder, self.s.fallback,
+                               holds=HoldStore(store.r, store.p, store.prefix),
+                               alerts_include_raw_ids=self.s.alerts_include_raw_ids)
         engine.shadow = self.shadow
         return MeteredEngine(engine, self.metrics)
 

@@ -29,6 +29,13 @@ class Settings:
     rebuild_steps: int = 3              # newest ring events that keep their feature row, replayed to rebuild
                                         # h, c after a model version change; 0..recent_events (~70 B each)
     dedupe_ttl_s: int = 600             # a re-sent event_id within this window gets its original answer
+    # Alerts: every applied REVIEW / CHALLENGE / BLOCK decision (and every rule hit) is appended to the
+    # <prefix>alerts stream in the same atomic write as the state (gateway/alerts.py: format, webhook sink).
+    # Approximate cap on the stream: the sink acknowledges, it does not delete.
+    alerts_stream_max: int = 1_000_000
+    # Alerts carry pseudonymised ids only; opt in to add the caller's raw user id (user_raw) where the
+    # receiving system needs it and may hold it
+    alerts_include_raw_ids: bool = False
     # Triton: the step encoder
     triton_url: str = "127.0.0.1:8001"
     triton_model: str = "seqguard_encoder"

@@ -55,13 +55,14 @@ USER_FORMAT = 5                 # 1 was the hash layout (h, c, ctx, ring as JSON
 LEGACY_FEATURE_WIDTH = 40       # read rows are padded with zeros to N_FEATURES (the new columns
                                 # are detector-only ring counters: 0 = no evidence)
 
-# KEYS: seq, users..., entities..., events..., rewritten events...
-# ARGV: U, E, M, ttl, dedupe_ttl, R, then per user: expected first 8 bytes ('' for an absent key), blob;
-#       per entity: expected, value; per event: response; per rewrite: the new response
+# KEYS: seq, users..., entities..., events..., rewritten events..., the alerts stream
+# ARGV: U, E, M, ttl, dedupe_ttl, R, alerts stream max length, then per user: expected first 8 bytes
+#       ('' for an absent key), blob; per entity: expected, value; per event: response; per rewrite:
+#       the new response; per event: its alert as a JSON list [field, value, ...] ('' for none)
 _SAVE_LUA = """
 local U, E, M = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local ttl, dttl, R = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local a = 7
+local ttl, dttl, R, amax = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local a = 8
 for i = 1, U do
   local cur = redis.pcall('GETRANGE', KEYS[1 + i], 0, 7)
   if type(cur) ~= 'string' then cur = '' end      -- a legacy (hash) state key: replaced below
@@ -75,7 +76,7 @@ for j = 1, E do
   if cur ~= ARGV[b] then return -1 end
   b = b + 2
 end
-a = 7
+a = 8
 for i = 1, U do
   redis.call('SET', KEYS[1 + i], ARGV[a + 1], 'EX', ttl)
   a = a + 2
@@ -104,8 +105,37 @@ for r = 1, R do
   end
   a = a + 1
 end
+-- alerts: a stream entry per applied decision that needs one (in this same atomic write, so an alert
+-- exists if and only if its decision was applied); its alert_id is the event's sequence number
+local akey = KEYS[2 + U + E + M + R]
+for m = 1, M do
+  if ARGV[a] ~= '' then
+    local f = cjson.decode(ARGV[a])
+    f[2] = tostring(seq - M + m)
+    redis.call('XADD', akey, 'MAXLEN', '~', amax, '*', unpack(f))
+  end
+  a = a + 1
+end
 return seq
 """
+
+
+class BatchRead(NamedTuple):
+    """What one MGET returned for a batch."""
+    users: dict                 # user id -> UserState
+    entities: dict              # entity key -> EntityContext
+    raw_entities: dict          # entity key -> the bytes read (the compare-and-set expectation)
+    answered: dict              # (user id, event id) -> the remembered answer (dict)
+    extra: list                 # raw values of the extra keys, in order (None where absent)
+
+
+def alert_fields(fields: dict[str, str]) -> str:
+    """An alert stream entry for save(): [field, value, ...] as JSON, the alert_id (second) filled in
+    by the write script with the event's sequence number."""
+    flat = []
+    for k, v in fields.items():
+        flat += [k, v]
+    return json.dumps(flat, separators=(",", ":"))
 
 
 class StateUnavailable(RuntimeError):
@@ -336,11 +366,13 @@ def unpack_user(key: str, raw: bytes) -> UserState:
 class RedisStateStore:
     def __init__(self, client: aioredis.Redis, pseudonymize: Pseudonymizer, hidden: int, ttl_s: int,
                  ring_size: int = 8, dedupe_ttl_s: int = 600, rebuild_steps: int = 3,
-                 key_prefix: str = KEY_PREFIX):
+                 key_prefix: str = KEY_PREFIX, alerts_max: int = 1_000_000):
         self.r = client
         self.prefix = key_prefix
         self.seq_key = key_prefix + "seq"
         self.outcome_stream = key_prefix + "outcomes"
+        self.alerts_stream = key_prefix + "alerts"
+        self.alerts_max = alerts_max
         self.rebuild_steps = min(rebuild_steps, ring_size)
         self.p = pseudonymize
         self.hidden = hidden
@@ -364,7 +396,7 @@ class RedisStateStore:
                                     retry=Retry(NoBackoff(), 0), health_check_interval=0)  # fail fast: we degrade
             prefix = KEY_PREFIX
         return cls(client, Pseudonymizer(s.key_bytes()), hidden, s.state_ttl_s, s.recent_events, s.dedupe_ttl_s,
-                   s.rebuild_steps, key_prefix=prefix)
+                   s.rebuild_steps, key_prefix=prefix, alerts_max=s.alerts_stream_max)
 
     def user_key(self, user_id: str) -> str:
         return self.prefix + "u:" + self.p("user", user_id)
@@ -383,14 +415,14 @@ class RedisStateStore:
                 pre + "i:" + self.p("ip", ev.ip) if ev.ip else None,
                 pre + "p:" + self.p("prefix", ip_prefix(ev.ip)) if ev.ip else None)
 
-    async def load(self, user_ids: list[str], entity_keys: list[str], event_refs: list[tuple[str, str]] = ()
-                   ) -> tuple[dict, dict, dict]:
-        """Users (by id), entities (by key) and already-answered events (by (user id, event id)) in one
-        round trip."""
+    async def load(self, user_ids: list[str], entity_keys: list[str], event_refs: list[tuple[str, str]] = (),
+                   extra_keys: list[str] = ()) -> BatchRead:
+        """Users (by id), entities (by key), already-answered events (by (user id, event id)) and the
+        raw values of `extra_keys` (e.g. holds) in one round trip."""
         # one MGET for every key: all of them are strings (a legacy hash user key reads as nil, i.e. a
         # fresh user, and the write script replaces it); a pipeline of GETs cost ~0.1 ms more in redis-py
         ukeys = [self.user_key(u) for u in user_ids]
-        keys = ukeys + list(entity_keys) + [self.event_key(u, e) for u, e in event_refs]
+        keys = ukeys + list(entity_keys) + [self.event_key(u, e) for u, e in event_refs] + list(extra_keys)
         try:
             res = await self.r.mget(keys) if keys else []
         except (RedisError, OSError, TimeoutError) as e:
@@ -402,8 +434,8 @@ class RedisStateStore:
             entities[k] = EntityContext.from_bytes(raw) if raw else EntityContext()
             raw_entities[k] = raw or b""
         pos += len(entity_keys)
-        answered = {ref: json.loads(raw) for ref, raw in zip(event_refs, res[pos:]) if raw}
-        return users, (entities, raw_entities), answered
+        answered = {ref: json.loads(raw) for ref, raw in zip(event_refs, res[pos:pos + len(event_refs)]) if raw}
+        return BatchRead(users, entities, raw_entities, answered, res[pos + len(event_refs):])
 
     def _decode_user(self, key: str, raw) -> UserState:
         if not raw or isinstance(raw, Exception):
@@ -412,7 +444,8 @@ class RedisStateStore:
         return unpack_user(key, raw)
 
     async def save(self, users: list[UserState], entities: dict[str, EntityContext], expected_entities: dict,
-                   responses: list[tuple[tuple[str, str], str]], rewrites: list[tuple[str, str]] = ()) -> int:
+                   responses: list[tuple[tuple[str, str], str]], rewrites: list[tuple[str, str]] = (),
+                   alerts: list[str] = ()) -> int:
         """Compare-and-set write of a batch; returns the apply sequence number of its last event.
 
         `users`: the users this batch changed (a user that was only read must not be written: it
@@ -420,12 +453,15 @@ class RedisStateStore:
         the JSON to remember for idempotency), with "seq":0 to be replaced by the event's apply
         sequence number. `rewrites`: (answer key of a deferred step, the JSON of its real score
         with "seq":0) replacing a remembered DEGRADED answer, which keeps its sequence number and
-        TTL (skipped if it expired). Raises StateConflict if another writer got there first
-        (nothing written), StateUnavailable if Redis fails.
+        TTL (skipped if it expired). `alerts`: per response, alert_fields() of its alert or "" for
+        none. Raises StateConflict if another writer got there first (nothing written),
+        StateUnavailable if Redis fails.
         """
         keys = [self.seq_key] + [u.key for u in users] + list(entities) + [
-            self.event_key(*ref) for ref, _ in responses] + [self.prefix + "e:" + ref for ref, _ in rewrites]
-        argv: list = [len(users), len(entities), len(responses), self.ttl_s, self.dedupe_ttl_s, len(rewrites)]
+            self.event_key(*ref) for ref, _ in responses] + [self.prefix + "e:" + ref for ref, _ in rewrites] + [
+            self.alerts_stream]
+        argv: list = [len(users), len(entities), len(responses), self.ttl_s, self.dedupe_ttl_s, len(rewrites),
+                      self.alerts_max]
         for st in users:
             # the expectation is the head as read; a key that was absent must still be absent
             argv += [_BLOB_HEAD.pack(st.version, USER_FORMAT)[:8] if st.existed else b"",
@@ -434,6 +470,7 @@ class RedisStateStore:
             argv += [expected_entities.get(k, b""), e.to_bytes()]
         argv += [resp for _, resp in responses]
         argv += [resp for _, resp in rewrites]
+        argv += list(alerts) if alerts else [""] * len(responses)
         try:
             seq = await self._save(keys=keys, args=argv)
         except (RedisError, OSError, TimeoutError) as e:
@@ -443,8 +480,7 @@ class RedisStateStore:
         return int(seq)
 
     async def get_user(self, user_id: str) -> UserState:
-        users, _, _ = await self.load([user_id], [])
-        return users[user_id]
+        return (await self.load([user_id], [])).users[user_id]
 
     async def ping(self) -> bool:
         try:

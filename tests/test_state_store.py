@@ -18,7 +18,7 @@ def test_load_save_roundtrip_and_legacy_hash_key(redis_server):
         legacy = store.user_key("ss-u2")
         await r.hset(legacy, mapping={"n": "7", "mv": "old"})          # format-1 state of another user
         ents = [k for k in store.entity_keys(ev) if k]
-        users, (entities, raw), answered = await store.load(["ss-u1", "ss-u2"], ents, [("ss-u1", "ss-e1")])
+        users, entities, raw, answered, _ = await store.load(["ss-u1", "ss-u2"], ents, [("ss-u1", "ss-e1")])
         assert not users["ss-u1"].existed and not users["ss-u2"].existed and answered == {}
         assert set(entities) == set(ents) and all(v == b"" for v in raw.values())
         for st in users.values():
@@ -28,7 +28,7 @@ def test_load_save_roundtrip_and_legacy_hash_key(redis_server):
             st.dirty = True
         entities[ents[0]] = EntityContext()
         seq = await store.save(list(users.values()), entities, raw, [(("ss-u1", "ss-e1"), '{"risk":0.5,"seq":0}')])
-        users2, (entities2, raw2), answered2 = await store.load(["ss-u2", "ss-u1"], ents[::-1],
+        users2, entities2, raw2, answered2, _ = await store.load(["ss-u2", "ss-u1"], ents[::-1],
                                                                   [("ss-u1", "nope"), ("ss-u2", "ss-e1"), ("ss-u1", "ss-e1")])
         assert list(users2) == ["ss-u2", "ss-u1"] and all(u.existed and u.n == 1 for u in users2.values())
         assert users2["ss-u2"].key == legacy and await r.type(legacy) == b"string"   # the hash was replaced
@@ -53,7 +53,7 @@ def test_compare_and_set_refuses_stale_writes_and_writes_nothing(redis_server):
         store = RedisStateStore(r, Pseudonymizer(b"t" * 32), hidden=4, ttl_s=60, ring_size=4, rebuild_steps=2)
 
         async def read(user):
-            users, (entities, raw), _ = await store.load([user], [])
+            users = (await store.load([user], [])).users
             st = users[user]
             st.n += 1
             st.dirty = True
