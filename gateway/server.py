@@ -360,6 +360,8 @@ class Gateway:
         self.shadow = None                  # gateway.shadow.ShadowScorer when settings.shadow_model_dir is set
         self.holds: HoldStore | None = None
         self.server: grpc.aio.Server | None = None
+        self.health_server: grpc.aio.Server | None = None     # settings.health_port: plaintext health only
+        self.health_port = None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.port = None
 
@@ -412,6 +414,15 @@ class Gateway:
         if not self.port:
             raise RuntimeError(f"cannot bind {s.host}:{s.port}")
         await self.server.start()
+        if s.health_port:
+            # kubelet gRPC probes cannot speak TLS: the same health servicer (so NOT_SERVING on stop shows
+            # here too), plaintext, and nothing else on this port: no scoring RPC, no reflection
+            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_port = self.health_server.add_insecure_port(f"{s.host}:{s.health_port}")
+            if not self.health_port:
+                raise RuntimeError(f"cannot bind health port {s.host}:{s.health_port}")
+            await self.health_server.start()
         if s.gc_freeze:
             freeze_heap()
         for name in ("", SERVICE_NAME):
@@ -503,6 +514,8 @@ class Gateway:
             await _maybe_await(self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING))
         if self.server:
             await self.server.stop(grace)
+        if self.health_server:
+            await self.health_server.stop(0)
         await self.reloader.stop()
         await self.coalescer.stop()
         if self.shadow is not None:

@@ -22,6 +22,7 @@ class Settings:
     redis_db: int = 0
     redis_username: str = ""
     redis_password: str = ""
+    redis_password_file: str = ""       # the password read from this file at load (a mounted Secret), not env
     redis_cluster: bool = False         # cluster-mode Redis: keys tagged "{sg}:" (one slot, see gateway/state.py)
     redis_timeout_ms: int = 50          # per command; an outage is detected within this
     state_ttl_s: int = 30 * 86400       # idle users / entities expire
@@ -96,6 +97,9 @@ class Settings:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
+    # plaintext grpc.health.v1 ONLY (no other service) on this port, for kubelet gRPC probes, which
+    # cannot speak TLS; 0 = off (health is always on the main port too). Binds `host`.
+    health_port: int = 0
     # Privacy: keyed hashing of user ids (and devices / IPs) in keys and logs
     pseudonym_key: str = ""
     pseudonym_key_file: str = ""
@@ -111,6 +115,13 @@ class Settings:
                if f"SEQGUARD_{f.name.upper()}" in os.environ}
         s = s._merged(env, "environment")
         s = s._merged({k: v for k, v in overrides.items() if v is not None}, "arguments")
+        if s.redis_password_file:
+            if s.redis_password:
+                raise ValueError("set redis_password or redis_password_file, not both")
+            with open(s.redis_password_file) as f:
+                s = replace(s, redis_password=f.read().strip())
+            if not s.redis_password:
+                raise ValueError(f"{s.redis_password_file}: empty Redis password file")
         s.validate()
         return s
 
@@ -143,6 +154,8 @@ class Settings:
         if not 0 <= self.rebuild_steps <= self.recent_events:
             raise ValueError(f"rebuild_steps must be in 0..recent_events ({self.recent_events}), "
                              f"got {self.rebuild_steps}")
+        if not 0 <= self.health_port < 65536 or (self.health_port and self.health_port == self.port):
+            raise ValueError(f"health_port must be 0 (off) or a TCP port other than port, got {self.health_port}")
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port must be 0 (off) or a TCP port, got {self.metrics_port}")
         if self.shadow_stream_max <= 0 or self.shadow_queue_events <= 0:
