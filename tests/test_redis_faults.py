@@ -101,6 +101,10 @@ def test_redis_restart_or_crash_mid_load_loses_no_answered_update(small_model, t
                                                      if a.sequence == 0)
             assert len({a.sequence for a in applied}) == len(applied)               # no sequence reused
             assert _state_counts(stub, users) == len(applied)                        # none lost
+            print(f"\n[counts] sent={len(events)} answered={len(answers)} "
+                  f"ok={sum(a.status == risk_pb2.OK for a in answers)} "
+                  f"degraded={sum(a.status == risk_pb2.DEGRADED for a in answers)} applied={len(applied)} "
+                  f"in_state={_state_counts(stub, users)} seq_reused={len(applied) - len({a.sequence for a in applied})}")
             for ev in not_applied:                                                    # the client's retry
                 assert stub.Score(risk_pb2.ScoreRequest(event=ev), timeout=3).status == risk_pb2.OK
             assert _state_counts(stub, users) == len(events)
