@@ -224,6 +224,49 @@ def chunks_of(events: Iterable[Event], size: int) -> Iterator[list[Event]]:
         yield chunk
 
 
+def prefetched(chunks: Iterator[list[Event]], depth: int = 1, poll_s: float = 0.1) -> Iterator[list[Event]]:
+    """`chunks`, read by a background thread at most `depth` chunks ahead: parsing the log (Python,
+    holds the GIL) overlaps the step model and detector (ONNX Runtime, releases it). A reader error
+    is raised here, in order; when the consumer stops early the reader stops too."""
+    import queue
+    import threading
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=poll_s)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for chunk in chunks:
+                if not put(chunk):
+                    return
+            put(done)
+        except BaseException as e:          # noqa: BLE001  (re-raised in the consumer)
+            put(e)
+
+    t = threading.Thread(target=read, name="score-file-reader", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join(timeout=30)
+
+
 def stream_scores_csv(artifact: ModelArtifact, events: Iterable[Event], path: str, chunk_events: int = 65536,
                       progress: bool = False) -> int:
     """Score a time-ordered event stream chunk by chunk into the CSV `write_scores_csv` writes (same
@@ -240,7 +283,7 @@ def stream_scores_csv(artifact: ModelArtifact, events: Iterable[Event], path: st
             w = csv.writer(f)
             w.writerow(["event_id", "user_id", "risk", "action", "model_version"])
             mv = artifact.model_version
-            for chunk in chunks_of(events, chunk_events):
+            for chunk in prefetched(chunks_of(events, chunk_events)):
                 risk, actions = scorer.score(chunk)
                 w.writerows([ev.event_id, ev.user_id, f"{r:.8f}", ACTIONS[a], mv]
                              for ev, r, a in zip(chunk, risk.tolist(), actions.tolist()))

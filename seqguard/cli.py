@@ -124,9 +124,10 @@ def _stream_score_file(model, args) -> int | None:
     """Score the log chunk by chunk (memory bounded by the chunk and the users/entities) when it is
     in time order; None when it is not (the caller scores it whole, in memory)."""
     from .batch import NotInTimeOrder, stream_scores_csv
-    from .schema import ReadReport, parse_column_map, read_events
+    from .fastlog import read_events_fast
+    from .schema import ReadReport, parse_column_map
     report = ReadReport()
-    events = read_events(args.input, parse_column_map(args.column_map), args.on_bad_row, report)
+    events = read_events_fast(args.input, parse_column_map(args.column_map), args.on_bad_row, report)
     try:
         n = stream_scores_csv(model, events, args.output, chunk_events=args.chunk_events, progress=not args.quiet)
     except NotInTimeOrder as e:
