@@ -382,3 +382,192 @@ def touch_entities(rows, ts, user, is_new, failed, EI, EF, out):
         touch_entity(EI, EF, rows[k], ts[k], user[k], is_new[k], failed[k], buf, five)
         for j in range(5):
             out[k, j] = five[j]
+
+
+# --------------------------------------------------------------------------- Redis bytes, in bulk
+# The byte layout is featurizer.UserContext / EntityContext's (unchanged, versions 1 and 2): a
+# packed little-endian head, then the variable lists. Decoding and encoding many contexts is one
+# call each, so a gateway batch never touches a context field from Python.
+
+USER_HEAD_SIZE = 181           # struct "<BIqqqIIIIIIII" + 15 d
+ENTITY_HEAD_SIZE = 50          # struct "<Bqqdddd B"
+PAIR_SIZE = 12                 # "<Iq"
+
+
+@njit(cache=True)
+def _load(buf, o, nbytes):
+    """Little-endian integer of nbytes at buf[o:] (8 bytes: two's complement int64)."""
+    v = np.uint64(0)
+    for j in range(nbytes):
+        v |= np.uint64(buf[o + j]) << np.uint64(8 * j)
+    return np.int64(v)
+
+
+@njit(cache=True)
+def _store(buf, o, nbytes, value):
+    v = np.uint64(value)
+    for j in range(nbytes):
+        buf[o + j] = np.uint8((v >> np.uint64(8 * j)) & np.uint64(0xFF))
+
+
+@njit(cache=True)
+def _load_f64(buf, o, scratch):
+    for j in range(8):
+        scratch[j] = buf[o + j]
+    return scratch.view(np.float64)[0]
+
+
+@njit(cache=True)
+def _store_f64(buf, o, value, scratch):
+    scratch.view(np.float64)[0] = value
+    for j in range(8):
+        buf[o + j] = scratch[j]
+
+
+@njit(cache=True)
+def decode_users(buf, offsets, UI, UF):
+    """Blob k = buf[offsets[k]:offsets[k + 1]] (empty: a new user) -> row k of UI/UF. Returns -1, or
+    the index of the first blob that is not a version 1 or 2 context of its length (not decoded)."""
+    scratch = np.empty(8, np.uint8)
+    for k in range(len(offsets) - 1):
+        o = offsets[k]
+        size = offsets[k + 1] - o
+        UI[k, :] = 0
+        UF[k, :] = 0.0
+        UF[k, F_GAP_JITTER] = JITTER_PRIOR
+        if size == 0:
+            continue
+        ver = buf[o]
+        if (ver != 1 and ver != 2) or size < USER_HEAD_SIZE + 3:
+            return k
+        nd, nc, npf = buf[o + USER_HEAD_SIZE], buf[o + USER_HEAD_SIZE + 1], buf[o + USER_HEAD_SIZE + 2]
+        if (nd > MAX_DEVICES or nc > MAX_COUNTRIES or npf > MAX_PREFIXES
+                or size < USER_HEAD_SIZE + 3 + 4 * (np.int64(nd) + nc + npf)):
+            return k
+        UI[k, U_N] = _load(buf, o + 1, 4)
+        for j in range(3):                                   # first_ts, last_ts, last_change_ts
+            UI[k, U_FIRST_TS + j] = _load(buf, o + 5 + 8 * j, 8)
+        for j in range(8):                                   # last_device .. last_type
+            UI[k, U_LAST_DEVICE + j] = _load(buf, o + 29 + 4 * j, 4)
+        for j in range(N_UF):
+            UF[k, j] = _load_f64(buf, o + 61 + 8 * j, scratch)
+        if ver == 1:                                         # written before gap_jitter: unused zeros
+            UF[k, F_LAST_LOG_GAP] = 0.0
+            UF[k, F_GAP_JITTER] = JITTER_PRIOR
+        p = o + USER_HEAD_SIZE + 3
+        for j, (count_col, base) in enumerate(((U_N_DEVICES, U_DEVICES), (U_N_COUNTRIES, U_COUNTRIES),
+                                                (U_N_PREFIXES, U_PREFIXES))):
+            n = np.int64(buf[o + USER_HEAD_SIZE + j])
+            UI[k, count_col] = n
+            for i in range(n):
+                UI[k, base + i] = _load(buf, p, 4)
+                p += 4
+    return -1
+
+
+@njit(cache=True)
+def encode_users(UI, UF, version):
+    """Rows of UI/UF -> (bytes buffer, offsets): context k is buf[offsets[k]:offsets[k + 1]]."""
+    n = UI.shape[0]
+    offsets = np.empty(n + 1, np.int64)
+    offsets[0] = 0
+    for k in range(n):
+        offsets[k + 1] = offsets[k] + USER_HEAD_SIZE + 3 + 4 * (UI[k, U_N_DEVICES] + UI[k, U_N_COUNTRIES]
+                                                                 + UI[k, U_N_PREFIXES])
+    buf = np.empty(offsets[n], np.uint8)
+    scratch = np.empty(8, np.uint8)
+    for k in range(n):
+        o = offsets[k]
+        buf[o] = version
+        _store(buf, o + 1, 4, UI[k, U_N])
+        for j in range(3):
+            _store(buf, o + 5 + 8 * j, 8, UI[k, U_FIRST_TS + j])
+        for j in range(8):
+            _store(buf, o + 29 + 4 * j, 4, UI[k, U_LAST_DEVICE + j])
+        for j in range(N_UF):
+            _store_f64(buf, o + 61 + 8 * j, UF[k, j], scratch)
+        p = o + USER_HEAD_SIZE + 3
+        for j, (count_col, base) in enumerate(((U_N_DEVICES, U_DEVICES), (U_N_COUNTRIES, U_COUNTRIES),
+                                                (U_N_PREFIXES, U_PREFIXES))):
+            cnt = UI[k, count_col]
+            buf[o + USER_HEAD_SIZE + j] = cnt
+            for i in range(cnt):
+                _store(buf, p, 4, UI[k, base + i])
+                p += 4
+    return buf, offsets
+
+
+@njit(cache=True)
+def decode_entities(buf, offsets, EI, EF):
+    """As decode_users, for entity contexts (version 1 has no failed-account list: read as empty)."""
+    scratch = np.empty(8, np.uint8)
+    for k in range(len(offsets) - 1):
+        o = offsets[k]
+        end = offsets[k + 1]
+        EI[k, :] = 0
+        EF[k, :] = 0.0
+        if end == o:
+            continue
+        ver = buf[o]
+        if (ver != 1 and ver != 2) or end - o < ENTITY_HEAD_SIZE:
+            return k
+        n = np.int64(buf[o + 49])
+        if n > MAX_ENTITY_USERS or end - o < ENTITY_HEAD_SIZE + PAIR_SIZE * n + (1 if ver >= 2 else 0):
+            return k
+        if ver >= 2:
+            nf = np.int64(buf[o + ENTITY_HEAD_SIZE + PAIR_SIZE * n])
+            if nf > MAX_ENTITY_USERS or end - o < ENTITY_HEAD_SIZE + PAIR_SIZE * n + 1 + PAIR_SIZE * nf:
+                return k
+        EI[k, E_FIRST_TS] = _load(buf, o + 1, 8)
+        EI[k, E_LAST_TS] = _load(buf, o + 9, 8)
+        for j in range(N_EF):
+            EF[k, j] = _load_f64(buf, o + 17 + 8 * j, scratch)
+        n = np.int64(buf[o + 49])
+        EI[k, E_N_USERS] = n
+        p = o + ENTITY_HEAD_SIZE
+        for i in range(n):
+            EI[k, E_USERS + 2 * i] = _load(buf, p, 4)
+            EI[k, E_USERS + 2 * i + 1] = _load(buf, p + 4, 8)
+            p += PAIR_SIZE
+        if ver >= 2:
+            nf = np.int64(buf[p])
+            EI[k, E_N_FAILED] = nf
+            p += 1
+            for i in range(nf):
+                EI[k, E_FAILED + 2 * i] = _load(buf, p, 4)
+                EI[k, E_FAILED + 2 * i + 1] = _load(buf, p + 4, 8)
+                p += PAIR_SIZE
+    return -1
+
+
+@njit(cache=True)
+def encode_entities(EI, EF, version):
+    n = EI.shape[0]
+    offsets = np.empty(n + 1, np.int64)
+    offsets[0] = 0
+    for k in range(n):
+        offsets[k + 1] = offsets[k] + ENTITY_HEAD_SIZE + 1 + PAIR_SIZE * (EI[k, E_N_USERS] + EI[k, E_N_FAILED])
+    buf = np.empty(offsets[n], np.uint8)
+    scratch = np.empty(8, np.uint8)
+    for k in range(n):
+        o = offsets[k]
+        buf[o] = version
+        _store(buf, o + 1, 8, EI[k, E_FIRST_TS])
+        _store(buf, o + 9, 8, EI[k, E_LAST_TS])
+        for j in range(N_EF):
+            _store_f64(buf, o + 17 + 8 * j, EF[k, j], scratch)
+        nu = EI[k, E_N_USERS]
+        buf[o + 49] = nu
+        p = o + ENTITY_HEAD_SIZE
+        for i in range(nu):
+            _store(buf, p, 4, EI[k, E_USERS + 2 * i])
+            _store(buf, p + 4, 8, EI[k, E_USERS + 2 * i + 1])
+            p += PAIR_SIZE
+        nf = EI[k, E_N_FAILED]
+        buf[p] = nf
+        p += 1
+        for i in range(nf):
+            _store(buf, p, 4, EI[k, E_FAILED + 2 * i])
+            _store(buf, p + 4, 8, EI[k, E_FAILED + 2 * i + 1])
+            p += PAIR_SIZE
+    return buf, offsets

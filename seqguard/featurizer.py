@@ -24,6 +24,7 @@ O(1) to update and independent of how the stream is chunked.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import struct
 from collections import Counter
@@ -199,9 +200,8 @@ class EventArrays(NamedTuple):
 
 # --------------------------------------------------------------------------- contexts
 
-_USER_HEAD = struct.Struct("<BIqqqIIIIIIII" + "d" * 15)
-_ENTITY_HEAD = struct.Struct("<Bqqdddd B")
-_N_USER_HEAD_INTS = 12                     # n .. last_type: the kernel's UI[:12], in this order
+assert struct.calcsize("<BIqqqIIIIIIII" + "d" * 15) == K.USER_HEAD_SIZE       # the Redis layout
+assert struct.calcsize("<Bqqdddd B") == K.ENTITY_HEAD_SIZE
 
 
 def _int_field(col: int):
@@ -212,16 +212,52 @@ def _float_field(col: int):
     return property(lambda self: float(self.floats[col]), lambda self, v: self.floats.__setitem__(col, v))
 
 
-class UserContext:
-    """Per-user featuriser state: one row of the kernel's user tables (`ints`, `floats`; views when
-    the context lives in a ContextStore). Serialised for Redis as before (~300 bytes)."""
-    __slots__ = ("ints", "floats")
+class _Context:
+    """A featuriser context is held either as its Redis bytes (`from_bytes`, and after
+    `featurize_batch`: decoded and encoded in bulk, so a gateway batch never pays per field) or as
+    kernel rows `ints` / `floats` (views into a ContextStore's tables, or its own), materialised on
+    first field access."""
+    __slots__ = ("_ints", "_floats", "_blob")
+    _decode = _encode = None                 # the bulk codec of the subclass
 
     def __init__(self, ints: np.ndarray | None = None, floats: np.ndarray | None = None):
-        if ints is None:
-            i, f = K.new_user_rows(1)
-            ints, floats = i[0], f[0]
-        self.ints, self.floats = ints, floats
+        self._ints, self._floats = ints, floats
+        self._blob = b"" if ints is None else None           # b"": a new context
+
+    @classmethod
+    def from_bytes(cls, data: bytes):
+        if not data or data[0] not in READABLE_CONTEXT_VERSIONS:
+            raise ValueError(f"{cls.__name__} version {data[0] if data else None} is not one of "
+                             f"{READABLE_CONTEXT_VERSIONS}")
+        c = cls()
+        c._blob = bytes(data)
+        return c
+
+    def to_bytes(self) -> bytes:
+        if self._blob:
+            return self._blob
+        return type(self)._encode(self.ints[None], self.floats[None])[0]
+
+    def _materialise(self) -> None:
+        i, f = type(self)._decode([self._blob])
+        self._ints, self._floats, self._blob = i[0], f[0], None
+
+    @property
+    def ints(self) -> np.ndarray:
+        if self._ints is None:
+            self._materialise()
+        return self._ints
+
+    @property
+    def floats(self) -> np.ndarray:
+        if self._ints is None:
+            self._materialise()
+        return self._floats
+
+
+class UserContext(_Context):
+    """Per-user featuriser state (~300 bytes serialised): one row of the kernel's user tables."""
+    __slots__ = ()
 
     n, first_ts, last_ts, last_change_ts = (_int_field(c) for c in (K.U_N, K.U_FIRST_TS, K.U_LAST_TS,
                                                                      K.U_LAST_CHANGE_TS))
@@ -234,34 +270,6 @@ class UserContext:
     devices = property(lambda self: self.ints[K.U_DEVICES:K.U_DEVICES + self.ints[K.U_N_DEVICES]].tolist())
     countries = property(lambda self: self.ints[K.U_COUNTRIES:K.U_COUNTRIES + self.ints[K.U_N_COUNTRIES]].tolist())
     prefixes = property(lambda self: self.ints[K.U_PREFIXES:K.U_PREFIXES + self.ints[K.U_N_PREFIXES]].tolist())
-
-    def to_bytes(self) -> bytes:
-        i = self.ints.tolist()
-        nd, nc, npf = i[K.U_N_DEVICES], i[K.U_N_COUNTRIES], i[K.U_N_PREFIXES]
-        ids = i[K.U_DEVICES:K.U_DEVICES + nd] + i[K.U_COUNTRIES:K.U_COUNTRIES + nc] + i[K.U_PREFIXES:K.U_PREFIXES + npf]
-        head = _USER_HEAD.pack(FEATURIZER_VERSION, *i[:_N_USER_HEAD_INTS], *self.floats.tolist())
-        return head + bytes([nd, nc, npf]) + struct.pack(f"<{len(ids)}I", *ids)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> "UserContext":
-        u = cls()
-        vals = _USER_HEAD.unpack_from(data, 0)
-        if vals[0] not in READABLE_CONTEXT_VERSIONS:     # (the user layout is the same in 1 and 2)
-            raise ValueError(f"user context version {vals[0]} is not one of {READABLE_CONTEXT_VERSIONS}")
-        u.ints[:_N_USER_HEAD_INTS] = vals[1:1 + _N_USER_HEAD_INTS]
-        u.floats[:] = vals[1 + _N_USER_HEAD_INTS:]
-        if vals[0] == 1:                 # written before gap_jitter: its slots were unused zeros
-            u.floats[K.F_LAST_LOG_GAP], u.floats[K.F_GAP_JITTER] = 0.0, JITTER_PRIOR
-        off = _USER_HEAD.size
-        counts = data[off], data[off + 1], data[off + 2]
-        ids = struct.unpack_from(f"<{sum(counts)}I", data, off + 3)
-        a = 0
-        for count_col, base, n in zip((K.U_N_DEVICES, K.U_N_COUNTRIES, K.U_N_PREFIXES),
-                                      (K.U_DEVICES, K.U_COUNTRIES, K.U_PREFIXES), counts):
-            u.ints[count_col] = n
-            u.ints[base:base + n] = ids[a:a + n]
-            a += n
-        return u
 
 
 def _pairs_field(count_col: int, base: int):
@@ -278,47 +286,62 @@ def _pairs_field(count_col: int, base: int):
     return property(get, put)
 
 
-class EntityContext:
+class EntityContext(_Context):
     """Per device / IP / IP-prefix state shared by all users: one row of the kernel's entity tables
-    (~300 bytes serialised, up to ~700 for a device in a stuffing ring)."""
-    __slots__ = ("ints", "floats")
-
-    def __init__(self, ints: np.ndarray | None = None, floats: np.ndarray | None = None):
-        if ints is None:
-            i, f = K.new_entity_rows(1)
-            ints, floats = i[0], f[0]
-        self.ints, self.floats = ints, floats
+    (~300 bytes serialised, up to ~700 for a device in a stuffing ring). `from_bytes` reads versions
+    1 (written before the 7-day failed-account list: read as empty) and 2."""
+    __slots__ = ()
 
     first_ts, last_ts = _int_field(K.E_FIRST_TS), _int_field(K.E_LAST_TS)
     events_1h, failed_1h, new_accounts_24h, spare = (_float_field(c) for c in range(K.N_EF))
     users = _pairs_field(K.E_N_USERS, K.E_USERS)                 # [user hash, last ts ms], most recent first (24 h)
     failed_users = _pairs_field(K.E_N_FAILED, K.E_FAILED)        # [user hash, last failed-login ts ms] (7 days)
 
-    def to_bytes(self) -> bytes:
-        i = self.ints.tolist()
-        nu, nf = i[K.E_N_USERS], i[K.E_N_FAILED]
-        head = _ENTITY_HEAD.pack(FEATURIZER_VERSION, i[K.E_FIRST_TS], i[K.E_LAST_TS], *self.floats.tolist(), nu)
-        return (head + struct.pack("<" + "Iq" * nu, *i[K.E_USERS:K.E_USERS + 2 * nu]) + bytes([nf])
-                + struct.pack("<" + "Iq" * nf, *i[K.E_FAILED:K.E_FAILED + 2 * nf]))
 
-    @classmethod
-    def from_bytes(cls, data: bytes) -> "EntityContext":
-        """Reads versions 1 (written before the 7-day failed-account list: read as empty) and 2."""
-        e = cls()
-        ver, first_ts, last_ts, *floats, n = _ENTITY_HEAD.unpack_from(data, 0)
-        if ver not in READABLE_CONTEXT_VERSIONS:
-            raise ValueError(f"entity context version {ver} is not one of {READABLE_CONTEXT_VERSIONS}")
-        e.ints[K.E_FIRST_TS], e.ints[K.E_LAST_TS] = first_ts, last_ts
-        e.floats[:] = floats
-        i = _ENTITY_HEAD.size
-        e.ints[K.E_N_USERS] = n
-        e.ints[K.E_USERS:K.E_USERS + 2 * n] = struct.unpack_from("<" + "Iq" * n, data, i)
-        if ver >= 2:
-            i += 12 * n
-            nf = data[i]
-            e.ints[K.E_N_FAILED] = nf
-            e.ints[K.E_FAILED:K.E_FAILED + 2 * nf] = struct.unpack_from("<" + "Iq" * nf, data, i + 1)
-        return e
+def _blobs(blobs: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
+    present = [b or b"" for b in blobs]
+    offsets = np.array([0, *itertools.accumulate(map(len, present))], np.int64)
+    return np.frombuffer(b"".join(present), np.uint8), offsets
+
+
+def _split(buf: np.ndarray, offsets: np.ndarray) -> list[bytes]:
+    data = buf.tobytes()
+    o = offsets.tolist()
+    return [data[o[k]:o[k + 1]] for k in range(len(o) - 1)]
+
+
+def decode_user_contexts(blobs: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Many UserContext byte strings (None or b"": a new user) -> kernel rows (UI, UF), one call."""
+    buf, offsets = _blobs(blobs)
+    ui, uf = np.empty((len(blobs), K.N_UI), np.int64), np.empty((len(blobs), K.N_UF))   # (every row is set)
+    bad = K.decode_users(buf, offsets, ui, uf)
+    if bad >= 0:
+        raise ValueError(f"user context {bad} is corrupt: version {blobs[bad][0]} (readable: "
+                         f"{READABLE_CONTEXT_VERSIONS}), {len(blobs[bad])} bytes")
+    return ui, uf
+
+
+def encode_user_contexts(ui: np.ndarray, uf: np.ndarray) -> list[bytes]:
+    return _split(*K.encode_users(ui, uf, FEATURIZER_VERSION))
+
+
+def decode_entity_contexts(blobs: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Many EntityContext byte strings (None or b"": a new entity) -> kernel rows (EI, EF), one call."""
+    buf, offsets = _blobs(blobs)
+    ei, ef = np.empty((len(blobs), K.N_EI), np.int64), np.empty((len(blobs), K.N_EF))   # (every row is set)
+    bad = K.decode_entities(buf, offsets, ei, ef)
+    if bad >= 0:
+        raise ValueError(f"entity context {bad} is corrupt: version {blobs[bad][0]} (readable: "
+                         f"{READABLE_CONTEXT_VERSIONS}), {len(blobs[bad])} bytes")
+    return ei, ef
+
+
+def encode_entity_contexts(ei: np.ndarray, ef: np.ndarray) -> list[bytes]:
+    return _split(*K.encode_entities(ei, ef, FEATURIZER_VERSION))
+
+
+UserContext._decode, UserContext._encode = staticmethod(decode_user_contexts), staticmethod(encode_user_contexts)
+EntityContext._decode, EntityContext._encode = staticmethod(decode_entity_contexts), staticmethod(encode_entity_contexts)
 
 
 # The 9 cross-user features start at ENTITY_FEATURES_START, in the kernel's order. Per entity kind:
@@ -478,36 +501,47 @@ class Featurizer:
 
 def _run_on_contexts(ev: EventArrays, user_contexts: Sequence[UserContext], entity_contexts: Sequence[tuple],
                      out: np.ndarray) -> None:
-    """The kernel over context objects: their rows are gathered into tables (each object once, by
-    identity), featurised, and written back."""
-    users: dict[int, int] = {}
-    objs: list = []
+    """The kernel over context objects, each once (by identity): those held as bytes are decoded in
+    one call and re-encoded in one call (left as bytes); those held as rows are copied in and back."""
+    index: dict[int, int] = {}
+    users: list = []
+    ents: list = []
 
-    def row_of(ctx) -> int:
+    def row_of(ctx, objs: list) -> int:
         if ctx is None:
             return -1
-        r = users.get(id(ctx))
+        r = index.get(id(ctx))
         if r is None:
-            r = users[id(ctx)] = len(objs)
+            r = index[id(ctx)] = len(objs)
             objs.append(ctx)
         return r
 
-    u_row = np.array([row_of(u) for u in user_contexts], np.int64)
-    n_users = len(objs)
-    ent_rows = np.array([[row_of(e) for e in ents] for ents in entity_contexts], np.int64).reshape(len(ev), 3)
-    ent_rows[ent_rows >= 0] -= n_users
-    UI = np.array([u.ints for u in objs[:n_users]], np.int64).reshape(n_users, K.N_UI)
-    UF = np.array([u.floats for u in objs[:n_users]], np.float64).reshape(n_users, K.N_UF)
-    ents = objs[n_users:]
-    EI = np.array([e.ints for e in ents], np.int64).reshape(len(ents), K.N_EI)
-    EF = np.array([e.floats for e in ents], np.float64).reshape(len(ents), K.N_EF)
+    u_row = np.array([row_of(u, users) for u in user_contexts], np.int64)
+    ent_rows = np.array([[row_of(e, ents) for e in es] for es in entity_contexts], np.int64).reshape(len(ev), 3)
+    UI, UF = _gather(users, decode_user_contexts)
+    EI, EF = _gather(ents, decode_entity_contexts)
     K.featurize_events(ev.ts, ev.type_id, ev.flags, ev.amount, ev.user, ev.device, ev.country, ev.prefix,
                        ev.session, u_row, ent_rows[:, 0].copy(), ent_rows[:, 1].copy(), ent_rows[:, 2].copy(),
                        UI, UF, EI, EF, out)
-    for r, u in enumerate(objs[:n_users]):
-        u.ints[:], u.floats[:] = UI[r], UF[r]
-    for r, e in enumerate(ents):
-        e.ints[:], e.floats[:] = EI[r], EF[r]
+    _scatter(users, UI, UF, encode_user_contexts)
+    _scatter(ents, EI, EF, encode_entity_contexts)
+
+
+def _gather(objs: list, decode) -> tuple[np.ndarray, np.ndarray]:
+    ints, floats = decode([o._blob if o._ints is None else None for o in objs])
+    for r, o in enumerate(objs):
+        if o._ints is not None:
+            ints[r], floats[r] = o._ints, o._floats
+    return ints, floats
+
+
+def _scatter(objs: list, ints: np.ndarray, floats: np.ndarray, encode) -> None:
+    held = [r for r, o in enumerate(objs) if o._ints is None]
+    for r, blob in zip(held, encode(ints[held], floats[held]) if held else ()):
+        objs[r]._blob = blob
+    for r, o in enumerate(objs):
+        if o._ints is not None:
+            o._ints[:], o._floats[:] = ints[r], floats[r]
 
 
 def replay_order(ts: np.ndarray) -> np.ndarray:

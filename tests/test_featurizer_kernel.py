@@ -162,3 +162,20 @@ def test_compiled_cache_works_from_a_read_only_install():
     finally:
         os.chmod(os.path.join(root, "seqguard"), 0o755)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_corrupt_context_bytes_are_refused_not_read_past_their_end(log):
+    """The bulk decoder checks version, list lengths and size before reading a blob (no bounds checks
+    in compiled code): a truncated or garbled context from Redis is a ValueError naming it."""
+    fz, _ = _featurizers(log)
+    store = ContextStore()
+    featurize_log(fz, log, store)
+    u = store.user(next(iter(store.user_rows))).to_bytes()
+    ring = max(store.entities(0), key=lambda e: len(e.users)).to_bytes()
+    for blob, cls in ((u, UserContext), (ring, EntityContext)):
+        assert cls.from_bytes(blob).to_bytes() == blob
+        for bad in (blob[:-1], blob[:40], blob[:1] + bytes([255]) * (len(blob) - 1)):
+            with pytest.raises(ValueError, match="corrupt|version"):
+                _ = cls.from_bytes(bad).ints
+    with pytest.raises(ValueError, match="version"):
+        UserContext.from_bytes(bytes([9]) + u[1:])
