@@ -113,7 +113,7 @@ def test_selectors_match_pod_labels_and_named_ports_exist():
         for d in docs_of(kind):
             sel = d["spec"]["selector"] if kind == "Service" else (
                 d["spec"]["selector"]["matchLabels"] if kind == "PodDisruptionBudget"
-                else d["spec"]["podSelector"]["matchLabels"])
+                else d["spec"]["podSelector"].get("matchLabels", {}))     # {} = every pod (default deny)
             matched = [spec for spec, labels in pods if all(labels.get(k) == v for k, v in sel.items())]
             assert matched, f"{kind}/{d['metadata']['name']} selects no pod template"
             if kind == "Service":
@@ -123,11 +123,14 @@ def test_selectors_match_pod_labels_and_named_ports_exist():
     for w in workloads():
         for c in containers(w):
             names = {p["name"] for p in c.get("ports", [])}
+            numbers = {p["containerPort"] for p in c.get("ports", [])}
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 pr = c.get(probe, {})
                 port = pr.get("httpGet", {}).get("port") or pr.get("grpc", {}).get("port")
                 if isinstance(port, str):
                     assert port in names, f"{w['metadata'].get('name')}/{c['name']} {probe}: no port {port}"
+                elif port is not None:
+                    assert port in numbers, f"{w['metadata'].get('name')}/{c['name']} {probe}: no port {port}"
 
 
 def test_references_resolve():
@@ -159,14 +162,16 @@ def test_references_resolve():
 
 
 def test_gateway_settings_keys_exist():
-    """Every SEQGUARD_* the manifests set is a real gateway setting (a typo would be ignored)."""
+    """Every SEQGUARD_* the manifests set -- any ConfigMap key, any container's env, in any workload --
+    is a real gateway setting (a typo would be ignored, e.g. auth silently off)."""
     from gateway.settings import Settings
     known = {f"SEQGUARD_{f.name.upper()}" for f in fields(Settings)}
-    pending = {"SEQGUARD_METRICS_PORT"}    # the gateway's Prometheus endpoint (scrape annotations use 9090)
-    names = set(by_name("ConfigMap")["seqguard-gateway"]["data"])
-    gw = by_name("Deployment")["seqguard-gateway"]
-    names |= {e["name"] for c in containers(gw) for e in c.get("env", []) if e["name"].startswith("SEQGUARD_")}
-    assert names - known - pending == set()
+    names = {k for d in docs_of("ConfigMap") for k in d.get("data", {}) if k.startswith("SEQGUARD_")}
+    assert set(by_name("ConfigMap")["seqguard-gateway"]["data"]) <= names | {"SEQGUARD_CONFIG"}
+    env = {e["name"] for w in workloads() for c in containers(w) for e in c.get("env", [])}
+    names |= {n for n in env if n.startswith("SEQGUARD_")}
+    assert {"SEQGUARD_AUTH_TOKEN_FILE", "SEQGUARD_TLS_CERT_FILE", "SEQGUARD_HEALTH_PORT"} <= names
+    assert names - known == set()
 
 
 def test_gpu_and_probe_requirements():
@@ -178,7 +183,13 @@ def test_gpu_and_probe_requirements():
     assert {p["containerPort"] for p in c["ports"]} == {8000, 8001, 8002}
     gw = pod_spec(by_name("Deployment")["seqguard-gateway"])
     g = gw["containers"][0]
-    assert g["readinessProbe"]["grpc"]["port"] == 50051 and g["livenessProbe"]["grpc"]["port"] == 50051
+    # the gRPC port is TLS, which kubelet grpc probes cannot speak: they use the plaintext health-only port
+    cfg = by_name("ConfigMap")["seqguard-gateway"]["data"]
+    health, grpc_port = int(cfg["SEQGUARD_HEALTH_PORT"]), int(cfg["SEQGUARD_PORT"])
+    assert health != grpc_port
+    assert {p["name"]: p["containerPort"] for p in g["ports"]} == {"grpc": grpc_port, "metrics": 9090, "health": health}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert g[probe]["grpc"]["port"] == health, probe
     assert g["lifecycle"]["preStop"] and gw["terminationGracePeriodSeconds"] >= 10
     conf = by_name("ConfigMap")["seqguard-redis-config"]["data"]["redis.conf"]
     assert re.search(r"^appendonly yes$", conf, re.M) and re.search(r"^appendfsync everysec$", conf, re.M)
@@ -255,3 +266,152 @@ def test_alert_rules_have_runbook_sections():
         assert r["annotations"]["runbook"].endswith("#" + r["alert"].lower())
         e = r["expr"]
         assert e.count("(") == e.count(")") and e.count("[") == e.count("]"), r["alert"]
+
+
+# ------------------------------------------------------------------ secure defaults (#18 part 6)
+GATEWAY_SECRET_FILES = {            # setting -> (Secret, key) it must be mounted from
+    "SEQGUARD_AUTH_TOKEN_FILE": ("seqguard-gateway-tokens", "scoring-tokens"),
+    "SEQGUARD_ADMIN_TOKEN_FILE": ("seqguard-gateway-tokens", "admin-tokens"),
+    "SEQGUARD_TLS_CERT_FILE": ("seqguard-gateway-tls", "tls.crt"),
+    "SEQGUARD_TLS_KEY_FILE": ("seqguard-gateway-tls", "tls.key"),
+    "SEQGUARD_REDIS_PASSWORD_FILE": ("seqguard-redis", "gateway-password"),
+    "SEQGUARD_PSEUDONYM_KEY_FILE": ("seqguard-pseudonym-key", "pseudonym.key"),
+}
+# a secret's value may never be an env var of the gateway, inline or from a Secret
+SECRET_SETTINGS = ("SEQGUARD_AUTH_TOKEN", "SEQGUARD_ADMIN_TOKEN", "SEQGUARD_REDIS_PASSWORD", "SEQGUARD_PSEUDONYM_KEY")
+
+
+def secret_mounts(w: dict, c: dict) -> dict[str, tuple[str, str]]:
+    """Path in container -> (Secret name, key) for every Secret volume item mounted in container c."""
+    vols = {v["name"]: v["secret"] for v in pod_spec(w).get("volumes", []) if "secret" in v}
+    out = {}
+    for m in c.get("volumeMounts", []):
+        if m["name"] in vols:
+            assert m.get("readOnly") and "subPath" not in m, f"{m['name']}: mount Secrets read-only, whole (no subPath)"
+            for item in vols[m["name"]]["items"]:
+                out[f"{m['mountPath'].rstrip('/')}/{item['path']}"] = (vols[m["name"]]["secretName"], item["key"])
+    return out
+
+
+def gateway_env() -> dict[str, str]:
+    """The gateway container's SEQGUARD_* environment as the manifests give it (ConfigMap, then env)."""
+    gw = by_name("Deployment")["seqguard-gateway"]
+    c = pod_spec(gw)["containers"][0]
+    env = {}
+    for ef in c.get("envFrom", []):
+        assert "configMapRef" in ef, "no envFrom a Secret: that makes every key an env value"
+        env.update(by_name("ConfigMap")[ef["configMapRef"]["name"]]["data"])
+    for e in c.get("env", []):
+        assert "valueFrom" not in e, f"gateway env {e['name']} from a Secret/field: secrets are files"
+        env[e["name"]] = e["value"]
+    return env
+
+
+def test_gateway_auth_and_tls_on_with_secrets_as_files():
+    """Bearer tokens (scoring + admin) and TLS are ON in the manifests, every secret the gateway reads
+    is a file from a Secret volume (named *_FILE setting -> a mounted Secret key), never an env value."""
+    gw = by_name("Deployment")["seqguard-gateway"]
+    c = pod_spec(gw)["containers"][0]
+    env = gateway_env()
+    for name in SECRET_SETTINGS:
+        assert name not in env, f"{name} as an env value: use {name}_FILE and a Secret volume"
+    mounts = secret_mounts(gw, c)
+    for setting, want in GATEWAY_SECRET_FILES.items():
+        assert setting in env, f"{setting} not set: secure default off"
+        assert mounts.get(env[setting]) == want, f"{setting}={env[setting]} is not Secret {want[0]} key {want[1]}"
+    assert not env.get("SEQGUARD_TLS_CLIENT_CA_FILE") or env["SEQGUARD_TLS_CLIENT_CA_FILE"] in mounts
+    secrets = by_name("Secret")
+    assert secrets["seqguard-gateway-tls"]["type"] == "kubernetes.io/tls"
+    assert pod_spec(gw)["automountServiceAccountToken"] is False
+    # Secret files are root-owned: the non-root gateway reads them through its fsGroup and a group-read mode
+    sc = pod_spec(gw)["securityContext"]
+    assert sc["fsGroup"] == sc["runAsGroup"]
+    for v in pod_spec(gw)["volumes"]:
+        if "secret" in v:
+            assert v["secret"]["defaultMode"] & 0o040 and not v["secret"]["defaultMode"] & 0o007, v["name"]
+    # the Secrets the workloads need are documented in the example file, with how to make them
+    example = (K8S / "secrets" / "secrets.example.yaml").read_text()
+    for name, key in set(GATEWAY_SECRET_FILES.values()) | {("seqguard-redis", "password")}:
+        assert name in secrets and key in example, (name, key)
+    # and the settings really turn auth, roles and TLS on: load them as the gateway would
+    from gateway.settings import Settings
+    assert Settings.load(**{k[len("SEQGUARD_"):].lower(): v for k, v in env.items()
+                            if not k.endswith("_FILE")}).health_port > 0
+
+
+def test_network_policies_default_deny_and_least_access():
+    """Default deny (ingress and egress) for the namespace; Redis 6379 and Triton 8001 only from the
+    gateway; the gateway only from labelled clients (gRPC) and Prometheus (metrics); the gateway's
+    egress only to Redis, Triton and DNS."""
+    pols = by_name("NetworkPolicy")
+    deny = [p for p in pols.values() if p["spec"]["podSelector"] == {}]
+    assert len(deny) == 1 and set(deny[0]["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    assert not deny[0]["spec"].get("ingress") and not deny[0]["spec"].get("egress")
+    gw_sel = {"app.kubernetes.io/name": "seqguard-gateway"}
+    prometheus = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                  "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+
+    def rules(pol, direction="ingress"):
+        """[(peers, {port numbers})]; every rule must name its peers and its ports (no allow-all)."""
+        out = []
+        for r in pol["spec"].get(direction, []):
+            peers = r.get("from" if direction == "ingress" else "to")
+            assert peers and r.get("ports"), f"{pol['metadata']['name']}: a {direction} rule without peers or ports"
+            out.append((peers, {p["port"] for p in r["ports"]}))
+        return out
+
+    def per_component(name):
+        (pol,) = [p for p in pols.values() if p["spec"]["podSelector"].get("matchLabels") == {"app.kubernetes.io/name": name}]
+        return pol
+
+    for comp, port, metrics in (("seqguard-redis", 6379, 9121), ("seqguard-triton", 8001, 8002)):
+        r = rules(per_component(comp))
+        assert r == [([{"podSelector": {"matchLabels": gw_sel}}], {port}), ([prometheus], {metrics})], comp
+    gw = per_component("seqguard-gateway")
+    assert set(gw["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    client = {"namespaceSelector": {}, "podSelector": {"matchLabels": {"seqguard.io/client": "true"}}}
+    assert rules(gw) == [([client], {50051}), ([prometheus], {9090})]
+    cfg = by_name("ConfigMap")["seqguard-gateway"]["data"]
+    assert int(cfg["SEQGUARD_HEALTH_PORT"]) not in {p for _, ports in rules(gw) for p in ports}
+    out = rules(gw, "egress")
+    assert out[:2] == [([{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "seqguard-redis"}}}], {6379}),
+                       ([{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "seqguard-triton"}}}], {8001})]
+    assert out[2][1] == {53} and len(out) == 3
+    # the gateway's Redis and Triton addresses are the Services of those pods on those ports
+    assert int(cfg["SEQGUARD_REDIS_PORT"]) == 6379 and cfg["SEQGUARD_TRITON_URL"].endswith(":8001")
+    # the publish Job needs no network: default deny is all it gets
+    job = docs_of("Job")[0]["spec"]["template"]["metadata"]["labels"]
+    assert not [p for p in pols.values() if p["spec"]["podSelector"].get("matchLabels", {}).items() <= job.items()
+                and p["spec"]["podSelector"] != {}]
+
+
+def redis_gateway_acl() -> tuple[str, list[str]]:
+    """(user name, ACL rules) of the gateway's Redis user: THE line in 30-redis.yaml's ConfigMap."""
+    text = by_name("ConfigMap")["seqguard-redis-config"]["data"]["gateway.acl"]
+    (line,) = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    word, user, *rules = line.split()
+    assert word == "user"
+    return user, rules
+
+
+def test_redis_acl_rule_is_least_privilege():
+    user, rules = redis_gateway_acl()
+    assert user == by_name("ConfigMap")["seqguard-gateway"]["data"]["SEQGUARD_REDIS_USERNAME"]
+    assert rules[:2] == ["reset", "on"] and "-@all" in rules and "resetchannels" in rules
+    assert [r for r in rules if r.startswith(("~", "%", "&", "allkeys", "allchannels"))] == ["~sg:*"]
+    allowed = {r[1:] for r in rules if r.startswith("+")}
+    assert not [r for r in rules if r.startswith("+@") or r.startswith(">") or r.startswith("#")
+                or r in ("nopass", "allcommands")], "categories, passwords and nopass do not belong in the rule"
+    assert allowed == {"ping", "client|setinfo", "get", "mget", "set", "evalsha", "script|load", "getrange",
+                       "incrby", "del", "xadd", "multi", "exec", "scan"}
+    assert not allowed & {"flushall", "flushdb", "keys", "config", "debug", "eval", "script", "acl", "shutdown"}
+    # Redis builds its config from exactly this file and the gateway-password Secret key
+    redis = by_name("StatefulSet")["seqguard-redis"]
+    c = pod_spec(redis)["containers"][0]
+    script = " ".join(c["args"])
+    assert "/etc/redis/gateway.acl" in script and "sha256sum" in script and "/run/redis/auth.conf" in script
+    assert secret_mounts(redis, c)["/var/run/secrets/seqguard-redis/gateway-password"] == ("seqguard-redis",
+                                                                                         "gateway-password")
+    assert "/var/run/secrets/seqguard-redis/gateway-password" in script
+    conf = by_name("ConfigMap")["seqguard-redis-config"]["data"]["redis.conf"]
+    assert re.search(r"^include /run/redis/auth.conf$", conf, re.M)
