@@ -415,3 +415,106 @@ def test_redis_acl_rule_is_least_privilege():
     assert "/var/run/secrets/seqguard-redis/gateway-password" in script
     conf = by_name("ConfigMap")["seqguard-redis-config"]["data"]["redis.conf"]
     assert re.search(r"^include /run/redis/auth.conf$", conf, re.M)
+
+
+@pytest.mark.slow
+def test_manifest_settings_serve_tls_tokens_and_a_plaintext_health_port(small_model, gateway_factory, tmp_path,
+                                                                        monkeypatch):
+    """The gateway as the manifests configure it -- the ConfigMap + Deployment env, each *_FILE pointing
+    at a file laid out like its Secret volume -- serves TLS + bearer tokens on the gRPC port (several
+    tokens per file: rotation), admin-only labels, and plaintext grpc.health.v1 and NOTHING else on
+    the probe port. Only the addresses are overridden (loopback, free ports, a test Redis)."""
+    import subprocess
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from gateway.proto import risk_pb2, risk_pb2_grpc
+    from seqguard.services import RedisServer, ServiceNotInstalled, free_port
+
+    gw_doc = by_name("Deployment")["seqguard-gateway"]
+    mounts = secret_mounts(gw_doc, pod_spec(gw_doc)["containers"][0])
+    san = "seqguard-gateway.seqguard.svc"
+    d = tmp_path / "secrets"
+    d.mkdir()
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-days", "1", "-keyout", str(d / "tls.key"), "-out", str(d / "tls.crt"), "-subj", "/CN=seqguard-gateway",
+                    "-addext", f"subjectAltName=DNS:{san}"], check=True, capture_output=True, timeout=30)
+    contents = {"scoring-tokens": "old-scoring-token\nnew-scoring-token\n", "admin-tokens": "admin-token\n",
+                "gateway-password": "redis-gateway-pass\n", "pseudonym.key": "ab" * 32 + "\n"}
+    for key, text in contents.items():
+        (d / key).write_text(text)
+    for name, value in gateway_env().items():
+        if name.endswith("_FILE"):
+            value = str(d / mounts[value][1])           # the Secret key's file, as the volume would mount it
+        monkeypatch.setenv(name, value)
+    try:
+        redis = RedisServer(run_dir=tmp_path / "redis", password="redis-gateway-pass")
+    except ServiceNotInstalled as exc:
+        pytest.skip(str(exc))
+    redis.start()
+    try:
+        redis.wait_ready(timeout=15)
+        gw = gateway_factory(model_dir=str(small_model), host="127.0.0.1", port=free_port(), health_port=free_port(),
+                             metrics_port=0, redis_host=redis.host, redis_port=redis.port,
+                             redis_username="",              # the test Redis has no ACL user (test_security.py has)
+                             triton_url="127.0.0.1:1", pseudonym_key="")
+        s = gw.gateway.s
+        assert s.tls_cert_file and len(s.auth_tokens()) == 2 and len(s.admin_tokens()) == 1
+        assert s.redis_password == "redis-gateway-pass" and s.key_bytes() == b"ab" * 32
+
+        def code(fn):
+            try:
+                fn()
+            except grpc.RpcError as e:
+                return e.code()
+            return grpc.StatusCode.OK
+
+        state = risk_pb2.UserStateRequest(user_id="u-deploy")
+        with grpc.insecure_channel(f"127.0.0.1:{gw.gateway.health_port}") as ch:     # what the kubelet does
+            assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status \
+                == health_pb2.HealthCheckResponse.SERVING
+            only_health = risk_pb2_grpc.RiskScoringStub(ch).GetUserState
+            assert code(lambda: only_health(state, metadata=[("authorization", "Bearer admin-token")], timeout=5)) \
+                == grpc.StatusCode.UNIMPLEMENTED
+        with grpc.insecure_channel(gw.address) as ch:                                  # plaintext to the TLS port
+            assert code(lambda: health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=3)) \
+                == grpc.StatusCode.UNAVAILABLE
+        creds = grpc.ssl_channel_credentials(root_certificates=(d / "tls.crt").read_bytes())
+        with grpc.secure_channel(gw.address, creds, options=[("grpc.ssl_target_name_override", san)]) as ch:
+            stub = risk_pb2_grpc.RiskScoringStub(ch)
+            md = lambda tok: [("authorization", f"Bearer {tok}")]  # noqa: E731
+            assert code(lambda: stub.GetUserState(state, timeout=5)) == grpc.StatusCode.UNAUTHENTICATED
+            for tok in ("old-scoring-token", "new-scoring-token", "admin-token"):
+                assert code(lambda: stub.GetUserState(state, metadata=md(tok), timeout=5)) == grpc.StatusCode.OK
+            outcome = risk_pb2.OutcomeRequest(event_id="e-deploy", label=risk_pb2.GENUINE)
+            assert code(lambda: stub.ReportOutcome(outcome, metadata=md("new-scoring-token"), timeout=5)) \
+                == grpc.StatusCode.PERMISSION_DENIED
+            assert code(lambda: stub.ReportOutcome(outcome, metadata=md("admin-token"), timeout=5)) == grpc.StatusCode.OK
+        health_port = gw.gateway.health_port
+        gw.stop()
+        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as ch:                  # closed with the gateway
+            assert code(lambda: health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)) \
+                == grpc.StatusCode.UNAVAILABLE
+    finally:
+        redis.stop()
+
+
+def test_settings_the_manifests_rely_on(tmp_path):
+    """redis_password_file (the Redis password as a mounted file) and health_port, validated."""
+    from gateway.settings import Settings
+    f = tmp_path / "password"
+    f.write_text("from-a-file\n")
+    assert Settings.load(redis_password_file=str(f)).redis_password == "from-a-file"
+    with pytest.raises(ValueError, match="not both"):
+        Settings.load(redis_password_file=str(f), redis_password="inline")
+    f.write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        Settings.load(redis_password_file=str(f))
+    with pytest.raises(FileNotFoundError):
+        Settings.load(redis_password_file=str(tmp_path / "missing"))
+    assert Settings.load().health_port == 0                       # off unless configured
+    with pytest.raises(ValueError, match="health_port"):
+        Settings.load(port=50051, health_port=50051)
+    with pytest.raises(ValueError, match="health_port"):
+        Settings.load(health_port=70000)
