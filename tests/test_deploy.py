@@ -518,3 +518,76 @@ def test_settings_the_manifests_rely_on(tmp_path):
         Settings.load(port=50051, health_port=50051)
     with pytest.raises(ValueError, match="health_port"):
         Settings.load(health_port=70000)
+
+
+@pytest.mark.slow
+def test_redis_start_command_builds_the_acl_user(tmp_path):
+    """30-redis.yaml's start script and redis.conf, run for real (paths, port and bind moved into tmp):
+    Redis starts; the gateway-password Secret file authenticates as the gateway ACL user with the
+    gateway.acl rule; the admin password is the default user's; the plaintext gateway password is in
+    no file Redis reads; an empty gateway-password stops Redis from starting."""
+    import os
+    import subprocess
+    import time
+
+    import redis as redis_py
+
+    from seqguard.services import ServiceNotInstalled, find_redis_server, free_port
+    try:
+        exe = find_redis_server()
+    except ServiceNotInstalled as exc:
+        pytest.skip(str(exc))
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True).stdout
+    major, minor = (int(x) for x in re.search(r"v=(\d+)\.(\d+)", version).groups())
+    cm = by_name("ConfigMap")["seqguard-redis-config"]["data"]
+    redis_doc = by_name("StatefulSet")["seqguard-redis"]
+    c = pod_spec(redis_doc)["containers"][0]
+    assert c["command"] == ["sh", "-c"]
+    port = free_port()
+    sec, etc, run, data = (tmp_path / n for n in ("sec", "etc", "run", "data"))
+    for p in (sec, etc, run, data):
+        p.mkdir()
+    (etc / "redis.conf").write_text(cm["redis.conf"].replace("bind * -::*", "bind 127.0.0.1")
+                                    .replace("port 6379", f"port {port}").replace("dir /data", f"dir {data}")
+                                    .replace("/run/redis/auth.conf", f"{run}/auth.conf"))
+    acl = cm["gateway.acl"]
+    if (major, minor) < (7, 2):          # CLIENT SETINFO (redis-py's connect-time call) is new in 7.2
+        acl = acl.replace(" +client|setinfo", "")
+    (etc / "gateway.acl").write_text(acl)
+    script = (c["args"][0].replace("/var/run/secrets/seqguard-redis", str(sec)).replace("/etc/redis", str(etc))
+              .replace("/run/redis", str(run)).replace("exec redis-server", f"exec {exe}"))
+    env = {**os.environ, "REDIS_PASSWORD": "admin-pass"}
+
+    (sec / "gateway-password").write_text("")
+    bad = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert bad.returncode != 0 and "no gateway-password" in bad.stderr
+
+    (sec / "gateway-password").write_text("gw-secret-pass\n")
+    proc = subprocess.Popen(["sh", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        admin = redis_py.Redis(port=port, password="admin-pass")
+        for _ in range(100):
+            try:
+                admin.ping()
+                break
+            except redis_py.exceptions.ConnectionError:
+                assert proc.poll() is None, proc.stdout.read().decode()
+                time.sleep(0.1)
+        user = by_name("ConfigMap")["seqguard-gateway"]["data"]["SEQGUARD_REDIS_USERNAME"]
+        gw = redis_py.Redis(port=port, username=user, password="gw-secret-pass")
+        assert gw.set("sg:probe", "1") and gw.get("sg:probe") == b"1"
+        with pytest.raises(redis_py.exceptions.NoPermissionError):
+            gw.flushall()
+        with pytest.raises(redis_py.exceptions.NoPermissionError):
+            gw.set("other:key", "1")
+        with pytest.raises(redis_py.exceptions.AuthenticationError):
+            redis_py.Redis(port=port, username=user, password="admin-pass").ping()
+        conf = (run / "auth.conf").read_text()
+        assert "gw-secret-pass" not in conf and (run / "auth.conf").stat().st_mode & 0o077 == 0
+        assert admin.acl_getuser(user)["enabled"]
+        gw.close()
+        admin.close()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()                 # sh exec'd redis-server: this is Redis' own pid
+        proc.wait(10)
