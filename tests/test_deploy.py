@@ -1,5 +1,7 @@
 """deploy/: Kubernetes manifests valid against the Kubernetes API schemas, wired together
 consistently, free of secret values; the Grafana dashboard and alert rules use the real metrics.
+Secure by default (#18 part 6): TLS + bearer tokens on, every secret a mounted file, default-deny
+NetworkPolicies, the least-privilege Redis ACL rule, and the manifest's settings run for real.
 
 Schema validation uses `kubernetes-validate` (PyPI; bundles the Kubernetes JSON schemas, so it
 runs offline): pip install kubernetes-validate==1.37.0
