@@ -143,6 +143,21 @@ def model_rule_inputs(artifact: ModelArtifact, events: list[Event], progress: bo
     return x, det.action_codes(risk)
 
 
+def rule_inputs_from_encoded(artifact: ModelArtifact, events: list[Event], enc: EncodedLog, risk: np.ndarray,
+                             rules: RuleSet, chunk: int = 8192) -> RuleInputs:
+    """Rule inputs from a log `score_events` already encoded (`risk` in input order). The session
+    lift costs a second detector pass, so it is computed only when a rule reads RISKY_SESSION."""
+    det = artifact.detector
+    lift = None
+    if "RISKY_SESSION" in rules.reason_codes:
+        _, lift_r = detector_risk_and_lift(det, enc.emb, enc.surprise, enc.feats, enc.type_ids, chunk,
+                                           user_idx=enc.user_idx, n_users=len(enc.users))
+        lift = _to_input_order(enc.order, lift_r)
+    return RuleInputs(events, _to_input_order(enc.order, enc.feats), risk=risk,
+                      surprise=_to_input_order(enc.order, enc.surprise), session_lift=lift,
+                      surprise_cut=surprise_cut(artifact))
+
+
 def score_events_with_rules(artifact: ModelArtifact, events: list[Event], rules: RuleSet, progress: bool = False,
                             chunk: int = 8192) -> tuple[np.ndarray, np.ndarray, RuleOutcome]:
     """`score_events` plus the rules on every event, INPUT order: (risk, model action codes, rule outcome)."""

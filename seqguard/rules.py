@@ -446,6 +446,11 @@ class RuleSet:
     def needs_model(self) -> bool:
         return any(r.needs_model for r in self.rules)
 
+    @property
+    def reason_codes(self) -> frozenset:
+        """The reason codes the rules read."""
+        return frozenset(c.value for r in self.rules for c in (*r.when, *r.any) if c.field == "reasons")
+
     def without_model(self) -> "RuleSet":
         """The rules that read only featuriser outputs and event fields."""
         return RuleSet(tuple(r for r in self.rules if not r.needs_model), self.score_actions, self.name,
