@@ -12,6 +12,7 @@ import time
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .proto import risk_pb2
 
@@ -48,6 +49,12 @@ class GatewayMetrics:
                                      "(scored; failed = shadow error, live answer unaffected; dropped = queue full)",
                                      ["result"], registry=r)
         self._server = None
+
+    def watch_engine(self, current_engine) -> None:
+        """Export the engine's own counters (read at scrape time from `current_engine()`, which
+        follows model reloads): compare-and-set conflicts, rebuilds, deferred steps and backlogs,
+        refused writes, steps the local standby computed."""
+        self.registry.register(_EngineCollector(current_engine))
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP endpoint in a daemon thread; returns the bound port."""
@@ -148,3 +155,35 @@ class MeteredEngine(_Proxy):
                 bad += 1
         if bad:
             self._m.degraded.inc(bad)
+
+
+class _EngineCollector:
+    """Counters kept by the ScoringEngine (plain ints on the hot path), turned into metrics on scrape.
+    A reload starts a new engine, so they count from the model's start, like a process restart."""
+
+    COUNTERS = (
+        ("conflicts", "seqguard_state_conflicts", "compare-and-set writes refused because another writer changed "
+                                                  "the same user or entity (retried from a fresh read)"),
+        ("refused_writes", "seqguard_state_refused_batches", "batches not applied: Redis failed or the state "
+                                                             "kept changing for every attempt"),
+        ("rebuilds", "seqguard_state_rebuilds", "user states rebuilt from the ring after a model change"),
+        ("deferred_steps", "seqguard_deferred_steps", "model steps deferred (encoder unavailable or a user "
+                                                      "catching up)"),
+        ("caught_up_steps", "seqguard_caught_up_steps", "deferred model steps run later"),
+        ("backlog_resets", "seqguard_backlog_resets", "backlogs past MAX_PENDING (the loss rule applied)"),
+    )
+
+    def __init__(self, current_engine):
+        self._engine = current_engine
+
+    def collect(self):
+        engine = self._engine()
+        engine = getattr(engine, "_inner", engine)
+        for attr, name, doc in self.COUNTERS:
+            yield CounterMetricFamily(name, doc, value=getattr(engine, attr))
+        yield GaugeMetricFamily("seqguard_backlog_users", "users whose deferred steps are being drained now",
+                                value=engine.backlog_users)
+        yield CounterMetricFamily("seqguard_local_encoder_steps", "model steps the local standby encoder computed "
+                                  "while Triton was unavailable",
+                                  value=getattr(getattr(engine.encoder, "_inner", engine.encoder),
+                                                "failover_steps", 0))

@@ -24,16 +24,29 @@ from seqguard.featurizer import TokenHasher
 from seqguard.schema import SchemaError, validate_event
 
 from .engine import Coalescer, Overloaded, ScoreResult, ScoringEngine
+from .holds import MAX_HOLD_TTL_S, Hold, HoldError, HoldStore
 from .metrics import GatewayMetrics, MeteredEngine, TimedEncoder, TimedStore, metered
 from .proto import risk_pb2, risk_pb2_grpc
+from .redisconn import connect_redis, key_prefix
 from .reload import ModelReloader
 from .settings import Settings
 from .state import RedisStateStore, StateUnavailable
+from .local_encoder import FailoverEncoder, LocalStepEncoder
 from .triton_client import TritonStepClient
 
 log = logging.getLogger("seqguard.gateway")
 SERVICE_NAME = risk_pb2.DESCRIPTOR.services_by_name["RiskScoring"].full_name
 _OPTIONAL = ("item_id", "category", "amount", "device_id", "ip", "country", "session_id")
+
+
+def check_clock_skew(ev, where: str, now_ms: int, future_ms: int, past_ms: int) -> None:
+    """Live events must carry a plausible time (settings.max_future_skew_ms / max_past_skew_ms)."""
+    if future_ms and ev.ts > now_ms + future_ms:
+        raise SchemaError(f"{where}.ts", f"{ev.ts} is {(ev.ts - now_ms) / 3.6e6:.1f} h ahead of the server clock; "
+                                         f"at most {future_ms / 3.6e6:.1f} h accepted")
+    if past_ms and ev.ts < now_ms - past_ms:
+        raise SchemaError(f"{where}.ts", f"{ev.ts} is {(now_ms - ev.ts) / 3.6e6:.1f} h behind the server clock; "
+                                         f"at most {past_ms / 3.6e6:.1f} h accepted (use Ingest for backfills)")
 
 
 def event_from_proto(msg: risk_pb2.Event, where: str = "event"):
@@ -68,11 +81,22 @@ async def _require_id(context, field: str, value: str, max_len: int = 256) -> No
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"field '{field}': longer than {max_len} characters")
 
 
+_HOLD_KINDS = {risk_pb2.HOLD_USER: "user", risk_pb2.HOLD_DEVICE: "device", risk_pb2.HOLD_IP: "ip"}
+
+
+def hold_to_proto(h: Hold) -> risk_pb2.Hold:
+    kind = {v: k for k, v in _HOLD_KINDS.items()}[h.kind]
+    return risk_pb2.Hold(kind=kind, key=h.key, action=risk_pb2.Action.Value(h.action), reason=h.reason, who=h.who,
+                         created_ms=h.created_ms, expires_ms=h.expires_ms)
+
+
 class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
-    def __init__(self, settings: Settings, coalescer: Coalescer, metrics: GatewayMetrics):
+    def __init__(self, settings: Settings, coalescer: Coalescer, metrics: GatewayMetrics,
+                 holds: HoldStore | None = None):
         self.s = settings
         self.coalescer = coalescer
         self.metrics = metrics
+        self.holds = holds
 
     @property
     def engine(self) -> ScoringEngine:
@@ -100,10 +124,15 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
         except asyncio.TimeoutError:
             return self.engine.degraded(events, f"deadline of {budget * 1000:.0f} ms exceeded")
 
+    def _live_event(self, msg: risk_pb2.Event, where: str):
+        ev = event_from_proto(msg, where)
+        check_clock_skew(ev, where, int(time.time() * 1000), self.s.max_future_skew_ms, self.s.max_past_skew_ms)
+        return ev
+
     @metered("Score")
     async def Score(self, request, context):
         try:
-            ev = event_from_proto(request.event)
+            ev = self._live_event(request.event, "event")
         except SchemaError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         results = await self._score([ev], context)
@@ -115,7 +144,7 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"field 'events': {len(request.events)} events; at most {self.s.max_batch_events} per batch")
         try:
-            events = [event_from_proto(m, f"events[{i}]") for i, m in enumerate(request.events)]
+            events = [self._live_event(m, f"events[{i}]") for i, m in enumerate(request.events)]
         except SchemaError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if not events:
@@ -130,7 +159,9 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
         chunk = []
         async for i, msg in _aenumerate(request_iterator):
             try:
-                chunk.append(event_from_proto(msg, f"event[{i}]"))
+                ev = event_from_proto(msg, f"event[{i}]")
+                check_clock_skew(ev, f"event[{i}]", int(time.time() * 1000), self.s.max_future_skew_ms, 0)
+                chunk.append(ev)
             except SchemaError as e:
                 rejected += 1
                 if len(errors) < 100:
@@ -157,6 +188,7 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
             st = await asyncio.wait_for(self.engine.store.get_user(request.user_id), self.s.deadline_ms / 1000)
         except (StateUnavailable, asyncio.TimeoutError) as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"state store unavailable: {e}")
+        holds = await self._holds_call(context, self.holds.get([("user", self.holds.hashed("user", request.user_id))]))
         u = st.ctx
         ctx = {"n_events": float(u.n), "n_payments": float(u.n_payments), "n_reviews": float(u.n_reviews),
                "events_1m": u.ev_1m, "events_1h": u.ev_1h, "login_failed_1h": u.fail_login,
@@ -168,7 +200,8 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
         return risk_pb2.UserState(user_key=st.key.split(":")[-1], n_events=st.n, last_ts=u.last_ts,
                                   model_version=st.model_version, context=ctx,
                                   recent=[risk_pb2.RecentEvent(event_id=e[0], event_type=e[1], ts=e[2])
-                                          for e in st.ring])
+                                          for e in st.ring],
+                                  holds=[hold_to_proto(h) for h in holds])
 
     @metered("ReportOutcome")
     async def ReportOutcome(self, request, context):
@@ -183,12 +216,60 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
         try:
             prev = await asyncio.wait_for(self.engine.store.record_outcome(
                 request.event_id, risk_pb2.Label.Name(request.label), family, int(time.time() * 1000),
-                self.s.outcome_ttl_s, self.s.outcome_stream_max), self.s.deadline_ms / 1000)
+                self.s.outcome_ttl_s, self.s.outcome_stream_max,
+                user_id=request.user_id if request.HasField("user_id") else ""), self.s.deadline_ms / 1000)
         except (StateUnavailable, asyncio.TimeoutError) as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"state store unavailable: {e}")
         if prev is None:
             return risk_pb2.OutcomeAck(scored=False)
         return risk_pb2.OutcomeAck(scored=True, risk=prev["risk"], model_version=prev["mv"])
+
+    async def _holds_call(self, context, coro):
+        """Run a HoldStore call under the deadline: HoldError -> INVALID_ARGUMENT, Redis trouble -> UNAVAILABLE."""
+        try:
+            return await asyncio.wait_for(coro, self.s.deadline_ms / 1000)
+        except HoldError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except (StateUnavailable, asyncio.TimeoutError) as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"state store unavailable: {e}")
+
+    @metered("SetHold")
+    async def SetHold(self, request, context):
+        if request.kind not in _HOLD_KINDS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "field 'kind': must be HOLD_USER, HOLD_DEVICE or HOLD_IP")
+        await _require_id(context, "id", request.id)
+        if request.action not in (risk_pb2.REVIEW, risk_pb2.CHALLENGE, risk_pb2.BLOCK):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "field 'action': must be REVIEW, CHALLENGE or BLOCK")
+        if not 1 <= request.ttl_s <= MAX_HOLD_TTL_S:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"field 'ttl_s': must be in 1..{MAX_HOLD_TTL_S}")
+        hold = await self._holds_call(context, self.holds.set(
+            _HOLD_KINDS[request.kind], raw_id=request.id, action=risk_pb2.Action.Name(request.action),
+            reason=request.reason, who=request.who, ttl_s=request.ttl_s))
+        return hold_to_proto(hold)
+
+    @metered("ReleaseHold")
+    async def ReleaseHold(self, request, context):
+        if request.kind not in _HOLD_KINDS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "field 'kind': must be HOLD_USER, HOLD_DEVICE or HOLD_IP")
+        if bool(request.id) == bool(request.key):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "field 'id': give exactly one of id and key")
+        if request.key and (len(request.key) != 32 or any(c not in "0123456789abcdef" for c in request.key)):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "field 'key': must be a pseudonymised id (32 hex)")
+        if request.id:
+            await _require_id(context, "id", request.id)
+        released = await self._holds_call(context, self.holds.release(
+            _HOLD_KINDS[request.kind], raw_id=request.id, hashed=request.key, who=request.who, reason=request.reason))
+        return risk_pb2.ReleaseHoldAck(released=released is not None)
+
+    @metered("ListHolds")
+    async def ListHolds(self, request, context):
+        if request.kind and request.kind not in _HOLD_KINDS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "field 'kind': must be a HoldKind")
+        if not 0 <= request.limit <= 1000:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "field 'limit': must be in 0..1000")
+        holds = await self._holds_call(context, self.holds.list_holds(_HOLD_KINDS.get(request.kind, ""),
+                                                                     request.limit or 100))
+        return risk_pb2.ListHoldsResponse(holds=[hold_to_proto(h) for h in holds])
 
 
 async def _aenumerate(it):
@@ -199,30 +280,55 @@ async def _aenumerate(it):
 
 
 class BearerAuth(grpc.aio.ServerInterceptor):
-    """`authorization: Bearer <token>` on every seqguard RPC; health and reflection stay open for probes."""
+    """`authorization: Bearer <token>` on every RPC but health (open for probes).
 
-    OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+    Scoring tokens may call the scoring RPCs and reflection; methods in ADMIN_METHODS (labels and
+    holds) need an admin token (settings.admin_tokens). Unknown caller: UNAUTHENTICATED; a scoring
+    token on an admin method: PERMISSION_DENIED.
+    """
 
-    def __init__(self, tokens: list[bytes]):
-        self.tokens = tokens
+    OPEN = ("/grpc.health.v1.Health/",)
+    ADMIN_METHODS = frozenset(f"/{SERVICE_NAME}/{m}" for m in ("ReportOutcome", "SetHold", "ReleaseHold",
+                                                                "ListHolds"))
 
-        async def deny(request, context):
+    def __init__(self, tokens: list[bytes], admin_tokens: list[bytes] = ()):
+        self.tokens = list(tokens)
+        self.admin_tokens = list(admin_tokens)
+
+        async def unauthenticated(request, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
-        self._deny = deny
+
+        async def forbidden(request, context):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "this method needs an admin token "
+                                "(settings admin_token / admin_token_file)")
+        self._unauthenticated, self._forbidden = unauthenticated, forbidden
 
     async def intercept_service(self, continuation, details):
         if details.method.startswith(self.OPEN):
             return await continuation(details)
         sent = dict(details.invocation_metadata or ()).get("authorization", "")
         token = sent[7:].encode() if sent.startswith("Bearer ") else b""
-        if token and any(hmac.compare_digest(token, t) for t in self.tokens):
+        admin = bool(token) and any(hmac.compare_digest(token, t) for t in self.admin_tokens)
+        scoring = admin or (bool(token) and any(hmac.compare_digest(token, t) for t in self.tokens))
+        if admin or (scoring and details.method not in self.ADMIN_METHODS):
             return await continuation(details)
         handler = await continuation(details)
         if handler is None:
             return None
-        if handler.request_streaming and not handler.response_streaming:
-            return grpc.stream_unary_rpc_method_handler(self._deny)   # a coroutine function: aio awaits it
-        return grpc.unary_unary_rpc_method_handler(self._deny)
+        deny = self._forbidden if scoring else self._unauthenticated
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(_deny_stream(deny))
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(deny)   # a coroutine function: aio awaits it
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+def _deny_stream(deny):
+    """A bidirectional-streaming denial (server reflection is one): abort before yielding anything."""
+    async def handler(request_iterator, context):
+        await deny(None, context)
+        yield  # pragma: no cover - unreachable, makes this an async generator
+    return handler
 
 
 def freeze_heap() -> None:
@@ -252,7 +358,10 @@ class Gateway:
         self.metrics_port: int | None = None
         self._retired: list[asyncio.Task] = []
         self.shadow = None                  # gateway.shadow.ShadowScorer when settings.shadow_model_dir is set
+        self.holds: HoldStore | None = None
         self.server: grpc.aio.Server | None = None
+        self.health_server: grpc.aio.Server | None = None     # settings.health_port: plaintext health only
+        self.health_port = None
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.port = None
 
@@ -269,6 +378,7 @@ class Gateway:
                                    s.coalesce_max_concurrent)
         self.coalescer.start()
         self.metrics.in_flight.set_function(lambda: self.coalescer.in_flight)
+        self.metrics.watch_engine(lambda: self.coalescer.engine)
         self.metrics.set_model(self.artifact.model_version, self.encoder.model_version)
         if s.metrics_port:
             self.metrics_port = self.metrics.serve(s.metrics_host or s.host, s.metrics_port)
@@ -281,9 +391,13 @@ class Gateway:
         tokens = s.auth_tokens()
         if not tokens:
             log.warning("bearer-token auth is OFF (set SEQGUARD_AUTH_TOKEN or SEQGUARD_AUTH_TOKEN_FILE)")
-        self.server = grpc.aio.server(options=opts, interceptors=[BearerAuth(tokens)] if tokens else [])
-        risk_pb2_grpc.add_RiskScoringServicer_to_server(RiskScoringService(s, self.coalescer, self.metrics),
-                                                        self.server)
+        admin_tokens = s.admin_tokens()
+        self.server = grpc.aio.server(options=opts, interceptors=[BearerAuth(tokens, admin_tokens)]
+                                      if tokens or admin_tokens else [])
+        # holds get their own client: the state store's is replaced (and closed) by a model reload
+        self.holds = HoldStore(connect_redis(s, s.redis_timeout_ms / 1000), self.store.p, key_prefix(s))
+        risk_pb2_grpc.add_RiskScoringServicer_to_server(
+            RiskScoringService(s, self.coalescer, self.metrics, self.holds), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -300,6 +414,15 @@ class Gateway:
         if not self.port:
             raise RuntimeError(f"cannot bind {s.host}:{s.port}")
         await self.server.start()
+        if s.health_port:
+            # kubelet gRPC probes cannot speak TLS: the same health servicer (so NOT_SERVING on stop shows
+            # here too), plaintext, and nothing else on this port: no scoring RPC, no reflection
+            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_port = self.health_server.add_insecure_port(f"{s.host}:{s.health_port}")
+            if not self.health_port:
+                raise RuntimeError(f"cannot bind health port {s.host}:{s.health_port}")
+            await self.health_server.start()
         if s.gc_freeze:
             freeze_heap()
         for name in ("", SERVICE_NAME):
@@ -310,11 +433,19 @@ class Gateway:
 
     def _encoder_for(self, artifact: ModelArtifact):
         s = self.s
+        if s.encoder == "local":
+            return TimedEncoder(LocalStepEncoder(str(artifact.onnx_path)), self.metrics)
         version = s.triton_model_version or artifact.triton_model_version
-        return TimedEncoder(TritonStepClient(s.triton_url, s.triton_model, version, s.triton_timeout_ms), self.metrics)
+        encoder = TritonStepClient(s.triton_url, s.triton_model, version, s.triton_timeout_ms)
+        if s.local_encoder_fallback:
+            encoder = FailoverEncoder(encoder, LocalStepEncoder(str(artifact.onnx_path)),
+                                      s.local_encoder_retry_ms / 1000)
+        return TimedEncoder(encoder, self.metrics)
 
     def _engine_for(self, artifact: ModelArtifact, store, encoder):
-        engine = ScoringEngine(artifact, TimedStore(store, self.metrics), encoder, self.s.fallback)
+        engine = ScoringEngine(artifact, TimedStore(store, self.metrics), encoder, self.s.fallback,
+                               holds=HoldStore(store.r, store.p, store.prefix),
+                               alerts_include_raw_ids=self.s.alerts_include_raw_ids)
         engine.shadow = self.shadow
         return MeteredEngine(engine, self.metrics)
 
@@ -383,6 +514,8 @@ class Gateway:
             await _maybe_await(self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING))
         if self.server:
             await self.server.stop(grace)
+        if self.health_server:
+            await self.health_server.stop(0)
         await self.reloader.stop()
         await self.coalescer.stop()
         if self.shadow is not None:
@@ -391,6 +524,8 @@ class Gateway:
             t.cancel()
         await self.encoder.close()
         await self.store.close()
+        if self.holds is not None:
+            await self.holds.r.aclose()
         self.metrics.close()
 
     async def serve(self) -> None:

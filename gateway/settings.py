@@ -22,6 +22,7 @@ class Settings:
     redis_db: int = 0
     redis_username: str = ""
     redis_password: str = ""
+    redis_password_file: str = ""       # the password read from this file at load (a mounted Secret), not env
     redis_cluster: bool = False         # cluster-mode Redis: keys tagged "{sg}:" (one slot, see gateway/state.py)
     redis_timeout_ms: int = 50          # per command; an outage is detected within this
     state_ttl_s: int = 30 * 86400       # idle users / entities expire
@@ -29,16 +30,36 @@ class Settings:
     rebuild_steps: int = 3              # newest ring events that keep their feature row, replayed to rebuild
                                         # h, c after a model version change; 0..recent_events (~70 B each)
     dedupe_ttl_s: int = 600             # a re-sent event_id within this window gets its original answer
+    # Alerts: every applied REVIEW / CHALLENGE / BLOCK decision (and every rule hit) is appended to the
+    # <prefix>alerts stream in the same atomic write as the state (gateway/alerts.py: format, webhook sink).
+    # Approximate cap on the stream: the sink acknowledges, it does not delete.
+    alerts_stream_max: int = 1_000_000
+    # Alerts carry pseudonymised ids only; opt in to add the caller's raw user id (user_raw) where the
+    # receiving system needs it and may hold it
+    alerts_include_raw_ids: bool = False
     # Triton: the step encoder
     triton_url: str = "127.0.0.1:8001"
     triton_model: str = "seqguard_encoder"
     triton_model_version: str = ""      # "" = the artifact's metadata triton.model_version (always explicit)
     triton_timeout_ms: int = 100
+    # "triton" (the serving path) or "local": the artifact's model.onnx on ONNX Runtime in the gateway
+    # process, for CPU-only nodes. Both give the same bits (gateway/local_encoder.py).
+    encoder: str = "triton"
+    # with encoder "triton": score with the local model while Triton is unavailable instead of answering
+    # DEGRADED and deferring steps; Triton is probed again every local_encoder_retry_ms
+    local_encoder_fallback: bool = True
+    local_encoder_retry_ms: int = 1000
     # Requests
     deadline_ms: int = 250              # server-side budget per Score when the client sets none
-    fallback: str = "fail_open"         # fail_open: ALLOW, fail_closed: REVIEW, when degraded
+    fallback: str = "fail_open"         # fail_open: ALLOW, fail_closed: CHALLENGE, when degraded
     max_batch_events: int = 1000        # ScoreBatch limit
     max_message_bytes: int = 4 * 1024 * 1024
+    # Clock skew accepted for live events, relative to the gateway's clock: an event "from the future"
+    # would pin its device's and IP's last-seen time and stop their decaying counters for every user on
+    # them. The past is not bounded by default (replays and late events are legitimate); Ingest (backfill)
+    # is exempt from the past bound. 0 = no bound.
+    max_future_skew_ms: int = 24 * 3600 * 1000
+    max_past_skew_ms: int = 0
     max_in_flight: int = 2048           # queued + running events; beyond -> RESOURCE_EXHAUSTED
     # Coalescing: concurrent calls share one Redis round trip and one Triton request
     coalesce_max_events: int = 256
@@ -64,12 +85,21 @@ class Settings:
     # Feedback: ReportOutcome labels (sg:o:<hmac(event_id)>) and the sg:outcomes export stream
     outcome_ttl_s: int = 180 * 86400    # chargebacks arrive weeks later; keep labels ~6 months
     outcome_stream_max: int = 5_000_000  # approximate cap on the stream (export it before it wraps)
-    # Security: bearer-token auth (empty = off) and TLS (optional mTLS with a client CA)
+    # Security: bearer-token auth (empty = off) and TLS (optional mTLS with a client CA). Two roles: a
+    # scoring token may call Score, ScoreBatch, Ingest, GetUserState and reflection; only an admin token
+    # may also write labels and holds (ReportOutcome, SetHold, ReleaseHold, ListHolds), so a compromised
+    # scoring client cannot poison the labels retraining learns from. With auth on and no admin token
+    # configured, those RPCs are refused (PERMISSION_DENIED).
     auth_token: str = ""
     auth_token_file: str = ""
+    admin_token: str = ""
+    admin_token_file: str = ""
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
+    # plaintext grpc.health.v1 ONLY (no other service) on this port, for kubelet gRPC probes, which
+    # cannot speak TLS; 0 = off (health is always on the main port too). Binds `host`.
+    health_port: int = 0
     # Privacy: keyed hashing of user ids (and devices / IPs) in keys and logs
     pseudonym_key: str = ""
     pseudonym_key_file: str = ""
@@ -85,6 +115,13 @@ class Settings:
                if f"SEQGUARD_{f.name.upper()}" in os.environ}
         s = s._merged(env, "environment")
         s = s._merged({k: v for k, v in overrides.items() if v is not None}, "arguments")
+        if s.redis_password_file:
+            if s.redis_password:
+                raise ValueError("set redis_password or redis_password_file, not both")
+            with open(s.redis_password_file) as f:
+                s = replace(s, redis_password=f.read().strip())
+            if not s.redis_password:
+                raise ValueError(f"{s.redis_password_file}: empty Redis password file")
         s.validate()
         return s
 
@@ -102,8 +139,12 @@ class Settings:
         return replace(self, **out)
 
     def validate(self) -> None:
+        if self.encoder not in ("triton", "local"):
+            raise ValueError(f"encoder must be triton or local, got {self.encoder!r}")
         if self.fallback not in ("fail_open", "fail_closed"):
             raise ValueError(f"fallback must be fail_open or fail_closed, got {self.fallback!r}")
+        if self.max_future_skew_ms < 0 or self.max_past_skew_ms < 0:
+            raise ValueError("max_future_skew_ms and max_past_skew_ms must be >= 0 (0 = no bound)")
         for name in ("deadline_ms", "redis_timeout_ms", "triton_timeout_ms", "max_batch_events", "max_in_flight",
                      "coalesce_max_events", "coalesce_max_concurrent"):
             if getattr(self, name) <= 0:
@@ -113,6 +154,8 @@ class Settings:
         if not 0 <= self.rebuild_steps <= self.recent_events:
             raise ValueError(f"rebuild_steps must be in 0..recent_events ({self.recent_events}), "
                              f"got {self.rebuild_steps}")
+        if not 0 <= self.health_port < 65536 or (self.health_port and self.health_port == self.port):
+            raise ValueError(f"health_port must be 0 (off) or a TCP port other than port, got {self.health_port}")
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port must be 0 (off) or a TCP port, got {self.metrics_port}")
         if self.shadow_stream_max <= 0 or self.shadow_queue_events <= 0:
@@ -121,12 +164,12 @@ class Settings:
             raise ValueError("model_poll_s must be >= 0 and model_ready_timeout_s > 0")
 
     def auth_tokens(self) -> list[bytes]:
-        """Accepted bearer tokens (one per line in the file); empty list = auth disabled."""
-        tokens = [self.auth_token.encode()] if self.auth_token else []
-        if self.auth_token_file:
-            with open(self.auth_token_file, "rb") as f:
-                tokens += [t.strip() for t in f if t.strip()]
-        return tokens
+        """Accepted scoring bearer tokens (one per line in the file); no tokens at all = auth disabled."""
+        return _tokens(self.auth_token, self.auth_token_file)
+
+    def admin_tokens(self) -> list[bytes]:
+        """Bearer tokens of the admin role (labels and holds; they may score too)."""
+        return _tokens(self.admin_token, self.admin_token_file)
 
     def key_bytes(self) -> bytes:
         """The pseudonymisation key; a missing key is an error, not a silent default."""
@@ -140,3 +183,11 @@ class Settings:
             return key
         raise ValueError("no pseudonymisation key: set SEQGUARD_PSEUDONYM_KEY or SEQGUARD_PSEUDONYM_KEY_FILE "
                          "(`seqguard up` creates a key file in its run directory)")
+
+
+def _tokens(inline: str, path: str) -> list[bytes]:
+    tokens = [inline.encode()] if inline else []
+    if path:
+        with open(path, "rb") as f:
+            tokens += [t.strip() for t in f if t.strip()]
+    return tokens

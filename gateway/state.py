@@ -13,7 +13,9 @@ raw user id, device id, IP or event id:
                           hash with 1 KB of h/c is hashtable-encoded (~70 B per field overhead);
                           the JSON ring cost ~40 B per event.
     sg:d: / sg:i: / sg:p:<hmac(device | ip | ip prefix)>   EntityContext bytes
-    sg:e:<hmac(event_id)> the response already given for that event (idempotency window)
+    sg:e:<hmac(user_id, event_id)> the response already given for that event of that user
+                          (idempotency window; scoped to the user, so one user's event id can
+                          never answer for another user's event)
     sg:seq                global apply counter: the order in which events changed state
 
 On Redis Cluster (`redis_cluster`) the prefix is the hash tag "{sg}:": every key of a deployment
@@ -46,19 +48,21 @@ from seqguard.featurizer import N_FEATURES, EntityContext, UserContext, ip_prefi
 from seqguard.schema import Event
 
 KEY_PREFIX = "sg:"               # every key starts with it; "{sg}:" on Redis Cluster (see RedisStateStore)
-USER_FORMAT = 4                 # 1 was the hash layout (h, c, ctx, ring as JSON, pend, mv, n);
+USER_FORMAT = 5                 # 1 was the hash layout (h, c, ctx, ring as JSON, pend, mv, n);
                                 # 2 had no session average (read as 0.0); 2 and 3 hold feature
-                                # rows of featuriser version 1 (LEGACY_FEATURE_WIDTH wide)
+                                # rows of featuriser version 1 (LEGACY_FEATURE_WIDTH wide); 5 added
+                                # each deferred step's answer key
 LEGACY_FEATURE_WIDTH = 40       # read rows are padded with zeros to N_FEATURES (the new columns
                                 # are detector-only ring counters: 0 = no evidence)
 
-# KEYS: seq, users..., entities..., events...
-# ARGV: U, E, M, ttl, dedupe_ttl, then per user: expected first 8 bytes ('' for a new user), blob;
-#       per entity: expected, value; per event: response
+# KEYS: seq, users..., entities..., events..., rewritten events..., the alerts stream
+# ARGV: U, E, M, ttl, dedupe_ttl, R, alerts stream max length, then per user: expected first 8 bytes
+#       ('' for an absent key), blob; per entity: expected, value; per event: response; per rewrite:
+#       the new response; per event: its alert as a JSON list [field, value, ...] ('' for none)
 _SAVE_LUA = """
 local U, E, M = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local ttl, dttl = tonumber(ARGV[4]), tonumber(ARGV[5])
-local a = 6
+local ttl, dttl, R, amax = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local a = 8
 for i = 1, U do
   local cur = redis.pcall('GETRANGE', KEYS[1 + i], 0, 7)
   if type(cur) ~= 'string' then cur = '' end      -- a legacy (hash) state key: replaced below
@@ -72,7 +76,7 @@ for j = 1, E do
   if cur ~= ARGV[b] then return -1 end
   b = b + 2
 end
-a = 6
+a = 8
 for i = 1, U do
   redis.call('SET', KEYS[1 + i], ARGV[a + 1], 'EX', ttl)
   a = a + 2
@@ -89,8 +93,49 @@ for m = 1, M do
   end
   a = a + 1
 end
+-- rewrites: a deferred event's remembered answer replaced by its real score, keeping its sequence
+for r = 1, R do
+  local key = KEYS[1 + U + E + M + r]
+  local old = redis.call('GET', key)
+  if old then
+    local s = string.match(old, '"seq":(%d+)')
+    if s then
+      redis.call('SET', key, string.gsub(ARGV[a], '"seq":0', '"seq":' .. s), 'KEEPTTL')
+    end
+  end
+  a = a + 1
+end
+-- alerts: a stream entry per applied decision that needs one (in this same atomic write, so an alert
+-- exists if and only if its decision was applied); its alert_id is the event's sequence number
+local akey = KEYS[2 + U + E + M + R]
+for m = 1, M do
+  if ARGV[a] ~= '' then
+    local f = cjson.decode(ARGV[a])
+    f[2] = tostring(seq - M + m)
+    redis.call('XADD', akey, 'MAXLEN', '~', amax, '*', unpack(f))
+  end
+  a = a + 1
+end
 return seq
 """
+
+
+class BatchRead(NamedTuple):
+    """What one MGET returned for a batch."""
+    users: dict                 # user id -> UserState
+    entities: dict              # entity key -> EntityContext
+    raw_entities: dict          # entity key -> the bytes read (the compare-and-set expectation)
+    answered: dict              # (user id, event id) -> the remembered answer (dict)
+    extra: list                 # raw values of the extra keys, in order (None where absent)
+
+
+def alert_fields(fields: dict[str, str]) -> str:
+    """An alert stream entry for save(): [field, value, ...] as JSON, the alert_id (second) filled in
+    by the write script with the event's sequence number."""
+    flat = []
+    for k, v in fields.items():
+        flat += [k, v]
+    return json.dumps(flat, separators=(",", ":"))
 
 
 class StateUnavailable(RuntimeError):
@@ -139,12 +184,15 @@ class UserState:
     c: np.ndarray
     ctx: UserContext
     ring: list = field(default_factory=list)        # [RingEntry, ...] oldest first
-    pending: list = field(default_factory=list)     # [(type_id, features float32 [F]), ...] not yet stepped
+    pending: list = field(default_factory=list)     # [(type_id, features float32 [F], answer key), ...] not yet
+                                                    # stepped; the key names the remembered DEGRADED answer
+                                                    # that the real score replaces once the step runs
     model_version: str = ""
     n: int = 0
     version: int = 0                                # n as read: the compare-and-set expectation
-    existed: bool = False
+    existed: bool = False                           # a key was read: "absent" and "n = 0" are different versions
     session: float = 0.0                            # the detector's session average m (stage 2)
+    dirty: bool = False                             # changed by this batch: only these users are written
 
 
 def _varint(n: int) -> bytes:
@@ -231,21 +279,31 @@ def unpack_ring(raw: bytes) -> list:
     return out
 
 
+NO_ANSWER = ""                  # a deferred step whose answer is not remembered (a rebuild step)
+_REF_BYTES = 16                 # a deferred step's answer key: the 32 hex digits after "e:", as bytes
+
+
 def _pack_pending(pending: list) -> bytes:
+    """[n, F] int32, n type ids int64, n x F features float32, n answer keys (16 bytes; zeros: none)."""
     if not pending:
         return b""
     types = np.array([p[0] for p in pending], np.int64)
     feats = np.stack([p[1] for p in pending]).astype(np.float32)
-    return np.int32(len(pending)).tobytes() + np.int32(feats.shape[1]).tobytes() + types.tobytes() + feats.tobytes()
+    refs = b"".join(bytes.fromhex(p[2]) if p[2] else bytes(_REF_BYTES) for p in pending)
+    return (np.int32(len(pending)).tobytes() + np.int32(feats.shape[1]).tobytes() + types.tobytes()
+            + feats.tobytes() + refs)
 
 
-def _unpack_pending(raw: bytes | None) -> list:
+def _unpack_pending(raw: bytes | None, with_refs: bool = True) -> list:
     if not raw:
         return []
     n, f = int(np.frombuffer(raw[:4], np.int32)[0]), int(np.frombuffer(raw[4:8], np.int32)[0])
     types = np.frombuffer(raw[8:8 + 8 * n], np.int64)
-    feats = np.frombuffer(raw[8 + 8 * n:], np.float32).reshape(n, f)
-    return [(int(types[i]), _to_width(feats[i])) for i in range(n)]
+    end = 8 + 8 * n + 4 * n * f
+    feats = np.frombuffer(raw[8 + 8 * n:end], np.float32).reshape(n, f)
+    refs = [raw[end + _REF_BYTES * i:end + _REF_BYTES * (i + 1)] for i in range(n)] if with_refs else []
+    return [(int(types[i]), _to_width(feats[i]),
+             refs[i].hex() if with_refs and any(refs[i]) else NO_ANSWER) for i in range(n)]
 
 
 def _to_width(row: np.ndarray, width: int = N_FEATURES) -> np.ndarray:
@@ -278,8 +336,8 @@ def pack_user(st: UserState, ring_size: int, rebuild_steps: int) -> bytes:
 
 def unpack_user(key: str, raw: bytes) -> UserState:
     n, fmt = _BLOB_HEAD.unpack_from(raw, 0)
-    if fmt not in (2, 3, USER_FORMAT):
-        raise ValueError(f"user state format {fmt} is not one of 2, 3, {USER_FORMAT}")
+    if fmt not in (2, 3, 4, USER_FORMAT):
+        raise ValueError(f"user state format {fmt} is not one of 2, 3, 4, {USER_FORMAT}")
     i = _BLOB_HEAD.size
     m = raw[i]
     mv = raw[i + 1:i + 1 + m].decode()
@@ -297,7 +355,7 @@ def unpack_user(key: str, raw: bytes) -> UserState:
     ctx = UserContext.from_bytes(raw[i + 2:i + 2 + lc])
     i += 2 + lc
     (lp,) = struct.unpack_from("<I", raw, i)
-    pend = _unpack_pending(raw[i + 4:i + 4 + lp])
+    pend = _unpack_pending(raw[i + 4:i + 4 + lp], with_refs=fmt >= 5)
     i += 4 + lp
     ring = unpack_ring(raw[i:])
     if fmt < 4:
@@ -308,11 +366,13 @@ def unpack_user(key: str, raw: bytes) -> UserState:
 class RedisStateStore:
     def __init__(self, client: aioredis.Redis, pseudonymize: Pseudonymizer, hidden: int, ttl_s: int,
                  ring_size: int = 8, dedupe_ttl_s: int = 600, rebuild_steps: int = 3,
-                 key_prefix: str = KEY_PREFIX):
+                 key_prefix: str = KEY_PREFIX, alerts_max: int = 1_000_000):
         self.r = client
         self.prefix = key_prefix
         self.seq_key = key_prefix + "seq"
         self.outcome_stream = key_prefix + "outcomes"
+        self.alerts_stream = key_prefix + "alerts"
+        self.alerts_max = alerts_max
         self.rebuild_steps = min(rebuild_steps, ring_size)
         self.p = pseudonymize
         self.hidden = hidden
@@ -336,13 +396,18 @@ class RedisStateStore:
                                     retry=Retry(NoBackoff(), 0), health_check_interval=0)  # fail fast: we degrade
             prefix = KEY_PREFIX
         return cls(client, Pseudonymizer(s.key_bytes()), hidden, s.state_ttl_s, s.recent_events, s.dedupe_ttl_s,
-                   s.rebuild_steps, key_prefix=prefix)
+                   s.rebuild_steps, key_prefix=prefix, alerts_max=s.alerts_stream_max)
 
     def user_key(self, user_id: str) -> str:
         return self.prefix + "u:" + self.p("user", user_id)
 
-    def event_key(self, event_id: str) -> str:
-        return self.prefix + "e:" + self.p("event", event_id)
+    def answer_ref(self, user_id: str, event_id: str) -> str:
+        """The pseudonymised (user, event id) pair: the suffix of its idempotency key."""
+        # length-prefixed so that no (user, event) pair can collide with another
+        return self.p("event", f"{len(user_id)}:{user_id}{event_id}")
+
+    def event_key(self, user_id: str, event_id: str) -> str:
+        return self.prefix + "e:" + self.answer_ref(user_id, event_id)
 
     def entity_keys(self, ev: Event) -> tuple[str | None, str | None, str | None]:
         pre = self.prefix
@@ -350,13 +415,14 @@ class RedisStateStore:
                 pre + "i:" + self.p("ip", ev.ip) if ev.ip else None,
                 pre + "p:" + self.p("prefix", ip_prefix(ev.ip)) if ev.ip else None)
 
-    async def load(self, user_ids: list[str], entity_keys: list[str], event_ids: list[str] = ()
-                   ) -> tuple[dict, dict, dict]:
-        """Users (by id), entities (by key) and already-answered events (by id) in one round trip."""
+    async def load(self, user_ids: list[str], entity_keys: list[str], event_refs: list[tuple[str, str]] = (),
+                   extra_keys: list[str] = ()) -> BatchRead:
+        """Users (by id), entities (by key), already-answered events (by (user id, event id)) and the
+        raw values of `extra_keys` (e.g. holds) in one round trip."""
         # one MGET for every key: all of them are strings (a legacy hash user key reads as nil, i.e. a
         # fresh user, and the write script replaces it); a pipeline of GETs cost ~0.1 ms more in redis-py
         ukeys = [self.user_key(u) for u in user_ids]
-        keys = ukeys + list(entity_keys) + [self.event_key(e) for e in event_ids]
+        keys = ukeys + list(entity_keys) + [self.event_key(u, e) for u, e in event_refs] + list(extra_keys)
         try:
             res = await self.r.mget(keys) if keys else []
         except (RedisError, OSError, TimeoutError) as e:
@@ -368,8 +434,8 @@ class RedisStateStore:
             entities[k] = EntityContext.from_bytes(raw) if raw else EntityContext()
             raw_entities[k] = raw or b""
         pos += len(entity_keys)
-        answered = {e: json.loads(raw) for e, raw in zip(event_ids, res[pos:]) if raw}
-        return users, (entities, raw_entities), answered
+        answered = {ref: json.loads(raw) for ref, raw in zip(event_refs, res[pos:pos + len(event_refs)]) if raw}
+        return BatchRead(users, entities, raw_entities, answered, res[pos + len(event_refs):])
 
     def _decode_user(self, key: str, raw) -> UserState:
         if not raw or isinstance(raw, Exception):
@@ -378,22 +444,33 @@ class RedisStateStore:
         return unpack_user(key, raw)
 
     async def save(self, users: list[UserState], entities: dict[str, EntityContext], expected_entities: dict,
-                   responses: list[str]) -> int:
+                   responses: list[tuple[tuple[str, str], str]], rewrites: list[tuple[str, str]] = (),
+                   alerts: list[str] = ()) -> int:
         """Compare-and-set write of a batch; returns the apply sequence number of its last event.
 
-        `responses`: per event, the JSON to remember for idempotency ("" for none), with "seq":0
-        to be replaced by the event's apply sequence number. Raises StateConflict if another writer
-        got there first (nothing written), StateUnavailable if Redis fails.
+        `users`: the users this batch changed (a user that was only read must not be written: it
+        would turn "absent" into "n = 0"). `responses`: per applied event, ((user id, event id),
+        the JSON to remember for idempotency), with "seq":0 to be replaced by the event's apply
+        sequence number. `rewrites`: (answer key of a deferred step, the JSON of its real score
+        with "seq":0) replacing a remembered DEGRADED answer, which keeps its sequence number and
+        TTL (skipped if it expired). `alerts`: per response, alert_fields() of its alert or "" for
+        none. Raises StateConflict if another writer got there first (nothing written),
+        StateUnavailable if Redis fails.
         """
         keys = [self.seq_key] + [u.key for u in users] + list(entities) + [
-            self.event_key(r_id) for r_id, _ in responses]
-        argv: list = [len(users), len(entities), len(responses), self.ttl_s, self.dedupe_ttl_s]
+            self.event_key(*ref) for ref, _ in responses] + [self.prefix + "e:" + ref for ref, _ in rewrites] + [
+            self.alerts_stream]
+        argv: list = [len(users), len(entities), len(responses), self.ttl_s, self.dedupe_ttl_s, len(rewrites),
+                      self.alerts_max]
         for st in users:
-            argv += [_BLOB_HEAD.pack(st.version, USER_FORMAT)[:8] if st.version else b"",
+            # the expectation is the head as read; a key that was absent must still be absent
+            argv += [_BLOB_HEAD.pack(st.version, USER_FORMAT)[:8] if st.existed else b"",
                      pack_user(st, self.ring_size, self.rebuild_steps)]
         for k, e in entities.items():
             argv += [expected_entities.get(k, b""), e.to_bytes()]
         argv += [resp for _, resp in responses]
+        argv += [resp for _, resp in rewrites]
+        argv += list(alerts) if alerts else [""] * len(responses)
         try:
             seq = await self._save(keys=keys, args=argv)
         except (RedisError, OSError, TimeoutError) as e:
@@ -403,8 +480,7 @@ class RedisStateStore:
         return int(seq)
 
     async def get_user(self, user_id: str) -> UserState:
-        users, _, _ = await self.load([user_id], [])
-        return users[user_id]
+        return (await self.load([user_id], [])).users[user_id]
 
     async def ping(self) -> bool:
         try:
@@ -417,16 +493,17 @@ class RedisStateStore:
 
 
     async def record_outcome(self, event_id: str, label: str, family: str, reported_ms: int, ttl_s: int,
-                             stream_max: int) -> dict | None:
+                             stream_max: int, user_id: str = "") -> dict | None:
         """Store a reported label at sg:o:<hmac(event_id)> (TTL) and append it to the sg:outcomes stream.
 
-        Returns the answer the gateway gave for that event if it is still in the idempotency
-        window (so the label can be joined with the score), else None. Keys and the stream carry
-        only the pseudonymised event id; export jobs hash their log's event ids the same way.
+        With the user id, returns the answer the gateway gave for that user's event if it is
+        still in the idempotency window (so the label can be joined with the score), else None.
+        Keys and the stream carry only the pseudonymised event id; export jobs hash their log's
+        event ids the same way.
         """
         h = self.p("event", event_id)
         try:
-            answered = await self.r.get(self.prefix + "e:" + h)
+            answered = await self.r.get(self.event_key(user_id, event_id)) if user_id else None
             prev = json.loads(answered) if answered else None
             rec = {"label": label, "family": family, "ts": reported_ms}
             if prev:

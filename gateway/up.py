@@ -36,12 +36,13 @@ class LocalStack:
     def __init__(self, model_dir: str, run_dir: str, *, host: str = "127.0.0.1", port: int = 50051,
                  redis_port: int | None = None, triton_http_port: int | None = None,
                  triton_grpc_port: int | None = None, triton_metrics_port: int | None = None,
-                 redis_appendonly: bool = True, **settings_overrides):
+                 redis_appendonly: bool = True, redis_appendfsync: str = "everysec", **settings_overrides):
         self.model = ModelArtifact.load(model_dir)           # fail fast on a bad model dir
         self.run_dir = Path(run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.host, self.port = host, port
-        self.redis = RedisServer(redis_port, run_dir=self.run_dir / "redis", appendonly=redis_appendonly)
+        self.redis = RedisServer(redis_port, run_dir=self.run_dir / "redis", appendonly=redis_appendonly,
+                                 appendfsync=redis_appendfsync)
         self.triton = TritonServer(self.model.repository_dir, models=[self.model.triton_model_name],
                                    grpc_port=triton_grpc_port, http_port=triton_http_port,
                                    metrics_port=triton_metrics_port, run_dir=self.run_dir / "triton")
@@ -53,7 +54,8 @@ class LocalStack:
             self.redis.start()
             self.triton.start()
             t_r = await asyncio.to_thread(self.redis.wait_ready, 30)
-            log(f"redis     ready on {self.redis.address} ({t_r:.1f}s; AOF {'on' if self.redis.appendonly else 'off'})")
+            log(f"redis     ready on {self.redis.address} ({t_r:.1f}s; AOF "
+                f"{'appendfsync ' + self.redis.appendfsync if self.redis.appendonly else 'off'})")
             t_t = await asyncio.to_thread(self.triton.wait_ready, 120)
             log(f"triton    ready: gRPC {self.triton.grpc_url}, HTTP {self.triton.http_url}, "
                 f"metrics {self.triton.metrics_url} ({t_t:.1f}s)")
@@ -91,7 +93,8 @@ def main_up(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stack = LocalStack(args.model, args.run_dir, host=args.host, port=args.port, redis_port=args.redis_port,
                        triton_http_port=args.triton_http_port, triton_grpc_port=args.triton_grpc_port,
-                       triton_metrics_port=args.triton_metrics_port)
+                       triton_metrics_port=args.triton_metrics_port,
+                       redis_appendfsync=getattr(args, "redis_appendfsync", "everysec"))
 
     async def run() -> None:
         await stack.start()

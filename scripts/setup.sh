@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh Debian 12 / Ubuntu machine with Python 3.11:
-#   - Debian packages: redis-server, python3.11-venv
+#   - Debian packages: redis-server, python3.11-venv, chromium (the review queue's browser test)
 #   - .venv made from the SYSTEM python3.11: Triton's Python backend stub (from nvidia-pytriton)
 #     links the system libpython3.11, so the venv's standard library must be the same one
 #   - the project with its training, serving, test and scale-out (Ray) extras, pinned by constraints.txt
@@ -11,6 +11,9 @@ need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 [ -x /usr/bin/python3.11 ] || need_apt+=(python3.11)
 /usr/bin/python3.11 -c "import ensurepip, venv" >/dev/null 2>&1 || need_apt+=(python3.11-venv)
+# the review queue's end-to-end test drives Debian's chromium with Playwright (tests/test_review_browser.py);
+# Playwright's own browser download (`playwright install`) is never used
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "[setup] apt-get install ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -185,6 +185,16 @@ def cmd_drift(args) -> int:
     return 0
 
 
+def cmd_alerts_sink(args) -> int:
+    from gateway.alerts import main_sink
+    return main_sink(args)
+
+
+def cmd_review(args) -> int:
+    from gateway.review.serve import main_review
+    return main_review(args)
+
+
 def cmd_demo(args) -> int:
     from .demo import main_demo
     return main_demo(args)
@@ -292,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--triton-metrics-port", type=int, default=int(os.environ.get("SEQGUARD_TRITON_METRICS_PORT", "8002")))
     u.add_argument("--run-dir", default=os.environ.get("SEQGUARD_RUN_DIR", "runs/up"),
                    help="logs, Redis AOF and the pseudonymisation key file live here")
+    u.add_argument("--redis-appendfsync", choices=("always", "everysec"),
+                   default=os.environ.get("SEQGUARD_REDIS_APPENDFSYNC", "everysec"),
+                   help="everysec (default): an answered update survives a crash of Redis, up to ~1 s of them "
+                        "can be lost in a crash of the host; always: survives a host crash too, p99 write "
+                        "latency ~6 ms instead of ~0.1 ms here (docs/reliability.md)")
     u.set_defaults(fn=cmd_up)
 
     r = sub.add_parser("retrain", help="train a candidate on new events (+ labels) and compare it with the live model")
@@ -314,6 +329,27 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--threshold", type=float, default=0.2, help="PSI above this is flagged (default 0.2)")
     _add_input_opts(dr)
     dr.set_defaults(fn=cmd_drift)
+
+    a = sub.add_parser("alerts-sink", help="deliver the gateway's alerts stream to a webhook (signed, retried, "
+                       "dead-lettered; at-least-once)", description=(
+        "Reads <prefix>alerts (the gateway's REVIEW/CHALLENGE/BLOCK decisions and rule hits) in a Redis consumer "
+        "group and POSTs each alert as JSON to --url, signed with HMAC-SHA256. An alert is acknowledged only after "
+        "a 2xx answer; failures are retried with exponential backoff, and after --max-attempts (or at once on a "
+        "4xx other than 408/429) the alert moves to <prefix>alerts:dead. Redis connection: the gateway's "
+        "settings (SEQGUARD_REDIS_HOST, SEQGUARD_REDIS_PORT, ... or SEQGUARD_CONFIG). Stops on SIGINT/SIGTERM."))
+    from gateway.alerts import add_sink_args
+    add_sink_args(a)
+    a.set_defaults(fn=cmd_alerts_sink)
+
+    rv = sub.add_parser("review", help="the review queue in the browser: open alerts, cases, fraud/legitimate "
+                        "labels, holds (prints its URL)", description=(
+        "Serves the analysts' review queue (gateway/review/): open alerts sorted by risk with filters, a case page "
+        "per pseudonymised user (risk over time, reasons and rules per alert, holds), and buttons that store "
+        "labels the way ReportOutcome does and release or confirm holds. Log in with the gateway's bearer token "
+        "(SEQGUARD_AUTH_TOKEN / SEQGUARD_AUTH_TOKEN_FILE). Redis: the gateway's settings (SEQGUARD_REDIS_*)."))
+    from gateway.review.serve import add_review_args
+    add_review_args(rv)
+    rv.set_defaults(fn=cmd_review)
 
     d = sub.add_parser("demo", help="end to end: generate, train a small model, start services, stream traffic, report")
     d.add_argument("--users", type=int, default=1500)

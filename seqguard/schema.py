@@ -32,6 +32,9 @@ COMMON_EVENT_TYPES = (
 MAX_STR_LEN = 256                 # longer ids are rejected: nothing legitimate needs more
 MIN_TS_MS = 946_684_800_000       # 2000-01-01: older timestamps are unit mistakes (seconds)
 MAX_TS_MS = 4_102_444_800_000     # 2100-01-01
+# the largest money amount accepted: far above any real order, and small enough that the featuriser's
+# log-amount statistics stay finite and meaningful (one absurd value must not own a user's history)
+MAX_AMOUNT = 1e9
 
 
 class SchemaError(ValueError):
@@ -125,6 +128,8 @@ def parse_amount(value) -> float | None:
         raise ValueError("must be a number >= 0, got NaN")
     if not math.isfinite(amount) or amount < 0:
         raise ValueError(f"must be a finite number >= 0, got {amount}")
+    if amount > MAX_AMOUNT:
+        raise ValueError(f"must be at most {MAX_AMOUNT:.0e}, got {amount:.6g}")
     return amount
 
 

@@ -11,6 +11,7 @@ from gateway.proto import risk_pb2, risk_pb2_grpc
 from seqguard.artifact import ModelArtifact
 from seqguard.batch import score_events
 from seqguard.schema import read_events
+from seqguard.services import free_port
 from gateway_process import start_gateway_process
 
 pytestmark = pytest.mark.slow
@@ -28,11 +29,16 @@ def test_two_gateways_concurrent_clients_no_lost_updates(small_model, small_log,
     users = sorted(counts, key=lambda u: -counts[u])[:40]
     chosen = [e for e in sorted(events, key=lambda e: e.ts) if e.user_id in set(users)][:3000]
     # the second gateway overlaps batches that share no user/entity/event id (coalesce_max_concurrent 3)
+    metrics_ports = [free_port() for _ in range(2)]
     gws = [start_gateway_process(small_model, redis_server.port, triton.grpc_url, tmp_path / f"gw{k}.log",
                                  pseudonym_key="concurrency-test-key-0123456789",
-                                 coalesce_max_concurrent=1 + 2 * k) for k in range(2)]
+                                 coalesce_max_concurrent=1 + 2 * k, metrics_port=metrics_ports[k]) for k in range(2)]
     try:
         results = asyncio.run(_drive(chosen, [p for _, p in gws], clients=32))
+        # the subject of this test is the compare-and-set write: it must have been exercised, i.e. the two
+        # processes did write the same users concurrently and the losing writes were refused and retried
+        conflicts = [_counter(p, "seqguard_state_conflicts_total") for p in metrics_ports]
+        assert sum(conflicts) > 0, conflicts
     finally:
         for proc, _ in gws:
             proc.terminate()
@@ -50,6 +56,15 @@ def test_two_gateways_concurrent_clients_no_lost_updates(small_model, small_log,
     online = np.array([x.risk for x in results])
     assert np.abs(online - offline).max() <= 1e-5
     assert int(r.get("sg:seq")) == len(chosen)
+
+
+def _counter(metrics_port: int, name: str) -> float:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    text = opener.open(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
 
 
 async def _drive(events, ports, clients):

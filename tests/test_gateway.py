@@ -161,11 +161,19 @@ def test_user_state_is_pseudonymised(stub, redis_server):
     st = stub.GetUserState(risk_pb2.UserStateRequest(user_id="alice@example.com"), timeout=5)
     assert st.n_events == 1 and st.recent[0].event_id == "pii-1" and "alice" not in st.user_key
     r = redis_server.client()
-    blob = b"".join(k + b"".join(v for v in (r.hgetall(k).values() if r.type(k) == b"hash" else [r.get(k)]))
-                    for k in r.keys("*"))
+    def values(k):
+        kind = r.type(k)
+        if kind == b"hash":
+            return list(r.hgetall(k).values())
+        if kind == b"stream":                       # alerts, outcomes, audit
+            return [x for _, f in r.xrange(k) for kv in f.items() for x in kv]
+        return [r.get(k)]
+    blob = b"".join(k + b"".join(values(k)) for k in r.keys("*"))
     for secret in (b"alice@example.com", b"alice-iphone", b"203.0.113.7", b"203.0.113"):
         assert secret not in blob
-    assert all(r.ttl(k) > 0 for k in r.keys("*") if k != b"sg:seq")   # the apply counter is global
+    # every key expires, but the global apply counter and the streams (alerts, outcomes, audit: capped
+    # by length, consumers acknowledge them)
+    assert all(r.ttl(k) > 0 for k in r.keys("*") if k != b"sg:seq" and r.type(k) != b"stream")
 
 
 def test_ingest_updates_state_only(stub):
@@ -186,7 +194,7 @@ def test_triton_down_degrades_then_recovers_without_losing_events(
     # 300 ms per Triton call (deadline 400): the subject is Triton DOWN; with 150 ms, one 150+ ms stall of
     # a healthy Triton on the 2 shared cores during the warm-up once turned an OK into DEGRADED (full suite)
     gw = gateway_factory(model_dir=str(small_model), redis_port=redis_server.port, triton_url=tri.grpc_url,
-                         deadline_ms=400, triton_timeout_ms=300, fallback=fallback)
+                         deadline_ms=400, triton_timeout_ms=300, fallback=fallback, local_encoder_fallback=False)
     events = [e for e in read_events(str(small_log[0]))]
     user = max({e.user_id for e in events}, key=lambda u: sum(e.user_id == u for e in events))
     mine = sorted([e for e in events if e.user_id == user], key=lambda e: e.ts)[:60]
@@ -214,6 +222,11 @@ def test_triton_down_degrades_then_recovers_without_losing_events(
         got = [stub.Score(risk_pb2.ScoreRequest(event=to_proto(e)), timeout=5) for e in mine[35:]]
         ok = [(i, r) for i, r in zip(range(35, 60), got) if r.status == risk_pb2.OK]
         assert len(ok) == 25
+        # a retry of an event answered DEGRADED during the outage gets its real score now (its deferred
+        # step ran with the next event), under its original sequence number; never the fallback again
+        during = stub.Score(risk_pb2.ScoreRequest(event=to_proto(mine[25])), timeout=5)
+        assert during.status == risk_pb2.OK and "duplicate" in during.status_detail
+        assert abs(during.risk - offline[25]) <= 1e-5 and during.sequence > 0
         # re-sending an event returns the original answer and does not advance the state
         again = stub.Score(risk_pb2.ScoreRequest(event=to_proto(mine[50])), timeout=5)
         assert again.risk == got[15].risk and again.sequence == got[15].sequence and "duplicate" in again.status_detail
@@ -285,13 +298,14 @@ def test_user_state_blob_roundtrip_is_exact():
         assert unpack_features(pack_features(r), N_FEATURES).tobytes() == r.tobytes()
     ring = [ring_entry(f"ev-{k}-é", "login" if k % 2 else "team_custom", 1767225600000 + k, rows[k]) for k in range(10)]
     st = UserState("k", rng.standard_normal(128).astype(np.float32), rng.standard_normal(128).astype(np.float32),
-                   UserContext(), ring, [(3, rows[0])], "v-1", 12, 12, True)
+                   UserContext(), ring, [(3, rows[0], "ab" * 16), (5, rows[1], "")], "v-1", 12, 12, True)
     back = unpack_user("k", pack_user(st, ring_size=8, rebuild_steps=4))
     assert (back.n, back.model_version, back.h.tobytes(), back.c.tobytes()) == (12, "v-1", st.h.tobytes(), st.c.tobytes())
     assert [(e.event_id, e.event_type, e.ts) for e in back.ring] == [(e.event_id, e.event_type, e.ts) for e in ring[-8:]]
     assert [bool(e.feat) for e in back.ring] == [False] * 4 + [True] * 4
     assert unpack_features(back.ring[-1].feat, N_FEATURES).tobytes() == rows[9].tobytes()
     assert back.pending[0][0] == 3 and back.pending[0][1].tobytes() == rows[0].tobytes()
+    assert [p[2] for p in back.pending] == ["ab" * 16, ""]     # a deferred step's answer key, or none
 
 
 def test_state_rebuilt_from_ring_on_model_upgrade(small_model, small_log, redis_server, triton, gateway_factory):

@@ -84,8 +84,9 @@ def test_counters_move_by_what_was_sent(metered_gateway, redis_server):
 
 
 def test_degraded_answers_are_counted(small_model, redis_server, gateway_factory):
-    """Triton address with nothing listening: every Score is DEGRADED and counted as such."""
-    gw = gateway_factory(model_dir=str(small_model), redis_port=redis_server.port,
+    """Triton address with nothing listening and no local standby: every Score is DEGRADED, counted as
+    such, and its model step counted as deferred."""
+    gw = gateway_factory(model_dir=str(small_model), redis_port=redis_server.port, local_encoder_fallback=False,
                          triton_url=f"127.0.0.1:{free_port()}", triton_timeout_ms=200, metrics_port=free_port())
     with grpc.insecure_channel(gw.address) as ch:
         stub = risk_pb2_grpc.RiskScoringStub(ch)
@@ -96,6 +97,22 @@ def test_degraded_answers_are_counted(small_model, redis_server, gateway_factory
     assert val(m, "seqguard_requests_total", method="Score", status="DEGRADED") == 3
     assert val(m, "seqguard_degraded_events_total") == 3
     assert val(m, "seqguard_risk_count") == 0
+    assert val(m, "seqguard_deferred_steps_total") == 3 and val(m, "seqguard_caught_up_steps_total") == 0
+    assert val(m, "seqguard_state_conflicts_total") == 0 and val(m, "seqguard_backlog_users") == 0
+    gw.stop()
+
+
+def test_local_standby_steps_are_counted(small_model, redis_server, gateway_factory):
+    """The same dead Triton with the local standby (the default): every Score is OK, and the steps
+    the standby computed are exported."""
+    gw = gateway_factory(model_dir=str(small_model), redis_port=redis_server.port,
+                         triton_url=f"127.0.0.1:{free_port()}", triton_timeout_ms=200, metrics_port=free_port())
+    with grpc.insecure_channel(gw.address) as ch:
+        stub = risk_pb2_grpc.RiskScoringStub(ch)
+        for i in range(3):
+            assert stub.Score(risk_pb2.ScoreRequest(event=ev(i, "m-standby")), timeout=10).status == risk_pb2.OK
+    m = scrape(gw.gateway.metrics_port)
+    assert val(m, "seqguard_local_encoder_steps_total") == 3 and val(m, "seqguard_deferred_steps_total") == 0
     gw.stop()
 
 

@@ -44,8 +44,8 @@ def test_outcome_stored_with_ttl_and_streamed(stub, redis_server):
     r.flushall()
     ev = risk_pb2.Event(event_id="pay-42", user_id="alice", event_type="payment", ts=1767225600000, amount=99.0)
     scored = stub.Score(risk_pb2.ScoreRequest(event=ev), timeout=10)
-    ack = stub.ReportOutcome(risk_pb2.OutcomeRequest(event_id="pay-42", label=risk_pb2.FRAUD, family="card_testing"),
-                             timeout=10)
+    ack = stub.ReportOutcome(risk_pb2.OutcomeRequest(event_id="pay-42", label=risk_pb2.FRAUD, family="card_testing",
+                                                     user_id="alice"), timeout=10)
     assert ack.scored and ack.model_version == scored.model_version and ack.risk == pytest.approx(scored.risk)
     unknown = stub.ReportOutcome(risk_pb2.OutcomeRequest(event_id="never-scored", label=risk_pb2.GENUINE), timeout=10)
     assert not unknown.scored
@@ -64,6 +64,12 @@ def test_outcome_stored_with_ttl_and_streamed(stub, redis_server):
     stub.ReportOutcome(risk_pb2.OutcomeRequest(event_id="pay-42", label=risk_pb2.GENUINE), timeout=10)
     assert json.loads(r.get(f"sg:o:{h}"))["label"] == "GENUINE"
     assert r.xlen("sg:outcomes") == 3
+    # event ids are idempotency keys within a user: the same id reported for another user, or
+    # without the user, joins no answer
+    for user in ("bob", None):
+        other = stub.ReportOutcome(risk_pb2.OutcomeRequest(event_id="pay-42", label=risk_pb2.FRAUD, user_id=user),
+                                   timeout=10)
+        assert not other.scored
 
 
 def test_outcome_unavailable_when_redis_down(small_model, gateway_factory):

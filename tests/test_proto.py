@@ -33,7 +33,8 @@ def test_generated_code_imports_and_round_trips():
 
     assert risk_pb2.DESCRIPTOR.package == "seqguard.v1"
     service = risk_pb2.DESCRIPTOR.services_by_name["RiskScoring"]
-    assert [m.name for m in service.methods] == ["Score", "ScoreBatch", "Ingest", "GetUserState", "ReportOutcome"]
+    assert [m.name for m in service.methods] == ["Score", "ScoreBatch", "Ingest", "GetUserState", "ReportOutcome",
+                                                   "SetHold", "ReleaseHold", "ListHolds"]
     assert service.methods_by_name["Ingest"].client_streaming
     assert hasattr(risk_pb2_grpc, "RiskScoringStub")
     assert hasattr(risk_pb2_grpc, "add_RiskScoringServicer_to_server")

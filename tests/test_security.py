@@ -73,6 +73,41 @@ def test_bearer_token_auth(small_model, redis_server, gateway_factory):
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_admin_role_guards_labels_and_reflection_needs_a_token(small_model, redis_server, gateway_factory):
+    """ReportOutcome writes the labels retraining learns from: a scoring token may not call it (and with
+    no admin token configured nobody may); reflection is behind auth too, health is not."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    gw = gateway_factory(model_dir=str(small_model), redis_port=redis_server.port, triton_url=DEAD_TRITON,
+                         auth_token="scoring-token-for-tests", admin_token="admin-token-for-tests")
+    only_scoring = gateway_factory(model_dir=str(small_model), redis_port=redis_server.port, triton_url=DEAD_TRITON,
+                                   auth_token="scoring-token-for-tests")
+    outcome = risk_pb2.OutcomeRequest(event_id="e-sec", label=risk_pb2.FRAUD)
+    r = redis_server.client()
+    r.delete("sg:outcomes")
+
+    def report(ch, token):
+        md = [("authorization", f"Bearer {token}")] if token else None
+        return _code(lambda: risk_pb2_grpc.RiskScoringStub(ch).ReportOutcome(outcome, metadata=md, timeout=5))
+
+    def reflect(ch, token):
+        md = [("authorization", f"Bearer {token}")] if token else None
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        req = iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        return _code(lambda: next(stub.ServerReflectionInfo(req, metadata=md, timeout=5)))
+
+    with grpc.insecure_channel(gw.address) as ch:
+        assert report(ch, None) == grpc.StatusCode.UNAUTHENTICATED
+        assert report(ch, "scoring-token-for-tests") == grpc.StatusCode.PERMISSION_DENIED
+        assert r.xlen("sg:outcomes") == 0                          # nothing written by a refused caller
+        assert report(ch, "admin-token-for-tests") == grpc.StatusCode.OK
+        assert r.xlen("sg:outcomes") == 1
+        assert _code(lambda: _state(ch, [("authorization", "Bearer admin-token-for-tests")])) == grpc.StatusCode.OK
+        assert reflect(ch, None) == grpc.StatusCode.UNAUTHENTICATED
+        assert reflect(ch, "scoring-token-for-tests") == grpc.StatusCode.OK
+    with grpc.insecure_channel(only_scoring.address) as ch:
+        assert report(ch, "scoring-token-for-tests") == grpc.StatusCode.PERMISSION_DENIED
+
+
 def test_bearer_token_file_accepts_each_listed_token(small_model, redis_server, gateway_factory, tmp_path):
     f = tmp_path / "tokens"
     f.write_text("token-one\n\ntoken-two\n")

@@ -113,7 +113,7 @@ def test_user_state_format_3_feature_rows_are_padded_to_the_new_featuriser():
     old_rows = rng.standard_normal((2, LEGACY_FEATURE_WIDTH)).astype(np.float32)
     st = UserState("k", np.zeros(16, np.float32), np.zeros(16, np.float32), UserContext(),
                    [ring_entry("e1", "login", 1, old_rows[0]), ring_entry("e2", "view_item", 2, old_rows[1])],
-                   [(3, old_rows[1])], "v-1", 2, 2, True)
+                   [(3, old_rows[1], "")], "v-1", 2, 2, True)
     raw = pack_user(st, ring_size=8, rebuild_steps=3)
     v3 = raw[:8] + bytes([3]) + raw[9:]
     back = unpack_user("k", v3)
@@ -122,7 +122,7 @@ def test_user_state_format_3_feature_rows_are_padded_to_the_new_featuriser():
         assert got[:LEGACY_FEATURE_WIDTH].tobytes() == row.tobytes() and np.all(got[LEGACY_FEATURE_WIDTH:] == 0)
     pend = back.pending[0][1]
     assert pend.shape == (N_FEATURES,) and pend[:LEGACY_FEATURE_WIDTH].tobytes() == old_rows[1].tobytes()
-    again = unpack_user("k", pack_user(back, ring_size=8, rebuild_steps=3))     # written back as format 4
+    again = unpack_user("k", pack_user(back, ring_size=8, rebuild_steps=3))     # written back as the current format
     last = unpack_features(back.ring[-1].feat, N_FEATURES)
     assert unpack_features(again.ring[-1].feat, N_FEATURES).tobytes() == last.tobytes()
 

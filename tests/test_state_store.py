@@ -18,21 +18,73 @@ def test_load_save_roundtrip_and_legacy_hash_key(redis_server):
         legacy = store.user_key("ss-u2")
         await r.hset(legacy, mapping={"n": "7", "mv": "old"})          # format-1 state of another user
         ents = [k for k in store.entity_keys(ev) if k]
-        users, (entities, raw), answered = await store.load(["ss-u1", "ss-u2"], ents, ["ss-e1"])
+        users, entities, raw, answered, _ = await store.load(["ss-u1", "ss-u2"], ents, [("ss-u1", "ss-e1")])
         assert not users["ss-u1"].existed and not users["ss-u2"].existed and answered == {}
         assert set(entities) == set(ents) and all(v == b"" for v in raw.values())
         for st in users.values():
             st.h = np.arange(4, dtype=np.float32)
             st.n, st.model_version = 1, "mv1"
             st.ring.append(ring_entry(ev.event_id, ev.event_type, ev.ts, np.ones(40, np.float32)))
+            st.dirty = True
         entities[ents[0]] = EntityContext()
-        seq = await store.save(list(users.values()), entities, raw, [("ss-e1", '{"risk":0.5,"seq":0}')])
-        users2, (entities2, raw2), answered2 = await store.load(["ss-u2", "ss-u1"], ents[::-1], ["nope", "ss-e1"])
+        seq = await store.save(list(users.values()), entities, raw, [(("ss-u1", "ss-e1"), '{"risk":0.5,"seq":0}')])
+        users2, entities2, raw2, answered2, _ = await store.load(["ss-u2", "ss-u1"], ents[::-1],
+                                                                  [("ss-u1", "nope"), ("ss-u2", "ss-e1"), ("ss-u1", "ss-e1")])
         assert list(users2) == ["ss-u2", "ss-u1"] and all(u.existed and u.n == 1 for u in users2.values())
         assert users2["ss-u2"].key == legacy and await r.type(legacy) == b"string"   # the hash was replaced
         np.testing.assert_array_equal(users2["ss-u1"].h, np.arange(4, dtype=np.float32))
         assert users2["ss-u1"].ring[0].event_id == "ss-e1"
         assert raw2 == {k: entities[k].to_bytes() for k in ents}
-        assert answered2 == {"ss-e1": {"risk": 0.5, "seq": seq}}
+        assert answered2 == {("ss-u1", "ss-e1"): {"risk": 0.5, "seq": seq}}   # scoped to its user
+        await r.aclose()
+    asyncio.run(run())
+
+
+def test_compare_and_set_refuses_stale_writes_and_writes_nothing(redis_server):
+    """The refused-write branch: a user or entity changed since it was read -> StateConflict, no key
+    touched, no sequence number used; a key read as absent must still be absent; and a user stored
+    with n = 0 (written by a build that saved unchanged users) is an existing version, not "absent"."""
+    from gateway.state import StateConflict, UserState, pack_user
+    from seqguard.featurizer import UserContext
+
+    async def run():
+        r = aioredis.Redis(port=redis_server.port)
+        await r.flushall()
+        store = RedisStateStore(r, Pseudonymizer(b"t" * 32), hidden=4, ttl_s=60, ring_size=4, rebuild_steps=2)
+
+        async def read(user):
+            users = (await store.load([user], [])).users
+            st = users[user]
+            st.n += 1
+            st.dirty = True
+            return st
+
+        # 1. two writers read the same absent user; the second write is refused
+        first, second = await read("cas-u"), await read("cas-u")
+        seq = await store.save([first], {}, {}, [(("cas-u", "e1"), '{"seq":0}')])
+        try:
+            await store.save([second], {}, {}, [(("cas-u", "e2"), '{"seq":0}')])
+            raise AssertionError("a stale write was applied")
+        except StateConflict:
+            pass
+        assert int(await r.get("sg:seq")) == seq and not await r.exists(store.event_key("cas-u", "e2"))
+        # 2. an entity changed since it was read: refused, the user untouched
+        ent = "sg:d:test-device"
+        await r.set(ent, EntityContext().to_bytes())
+        third = await read("cas-u")
+        await r.set(ent, b"changed-by-another-gateway")
+        try:
+            await store.save([third], {ent: EntityContext()}, {ent: EntityContext().to_bytes()}, [])
+            raise AssertionError("a write over a changed entity was applied")
+        except StateConflict:
+            pass
+        assert (await store.get_user("cas-u")).n == 1 and await r.get(ent) == b"changed-by-another-gateway"
+        # 3. a record with n = 0 reads as existing and is written over with that expectation
+        zero = UserState(store.user_key("zero-u"), np.zeros(4, np.float32), np.zeros(4, np.float32), UserContext())
+        await r.set(zero.key, pack_user(zero, 4, 2))
+        st = await read("zero-u")
+        assert st.existed and st.version == 0
+        await store.save([st], {}, {}, [])
+        assert (await store.get_user("zero-u")).n == 1
         await r.aclose()
     asyncio.run(run())

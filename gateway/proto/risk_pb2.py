@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16seqguard/v1/risk.proto\x12\x0bseqguard.v1\"\xb8\x02\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\n\n\x02ts\x18\x03 \x01(\x03\x12\x12\n\nevent_type\x18\x04 \x01(\t\x12\x14\n\x07item_id\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x15\n\x08\x63\x61tegory\x18\x06 \x01(\tH\x01\x88\x01\x01\x12\x13\n\x06\x61mount\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x16\n\tdevice_id\x18\x08 \x01(\tH\x03\x88\x01\x01\x12\x0f\n\x02ip\x18\t \x01(\tH\x04\x88\x01\x01\x12\x14\n\x07\x63ountry\x18\n \x01(\tH\x05\x88\x01\x01\x12\x17\n\nsession_id\x18\x0b \x01(\tH\x06\x88\x01\x01\x42\n\n\x08_item_idB\x0b\n\t_categoryB\t\n\x07_amountB\x0c\n\n_device_idB\x05\n\x03_ipB\n\n\x08_countryB\r\n\x0b_session_id\"1\n\x0cScoreRequest\x12!\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x12.seqguard.v1.Event\"7\n\x11ScoreBatchRequest\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.seqguard.v1.Event\"A\n\x12ScoreBatchResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.seqguard.v1.ScoreResponse\"J\n\x06Reason\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x11\n\tevent_ids\x18\x04 \x03(\t\"\xdf\x01\n\rScoreResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04risk\x18\x02 \x01(\x01\x12#\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x13.seqguard.v1.Action\x12$\n\x07reasons\x18\x04 \x03(\x0b\x32\x13.seqguard.v1.Reason\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12#\n\x06status\x18\x06 \x01(\x0e\x32\x13.seqguard.v1.Status\x12\x15\n\rstatus_detail\x18\x07 \x01(\t\x12\x10\n\x08sequence\x18\x08 \x01(\x03\"C\n\rIngestSummary\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x10\n\x08rejected\x18\x02 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x03 \x03(\t\"#\n\x10UserStateRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"?\n\x0bRecentEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\n\n\x02ts\x18\x03 \x01(\x03\"\xe7\x01\n\tUserState\x12\x10\n\x08user_key\x18\x01 \x01(\t\x12\x10\n\x08n_events\x18\x02 \x01(\x03\x12\x0f\n\x07last_ts\x18\x03 \x01(\x03\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12(\n\x06recent\x18\x05 \x03(\x0b\x32\x18.seqguard.v1.RecentEvent\x12\x34\n\x07\x63ontext\x18\x06 \x03(\x0b\x32#.seqguard.v1.UserState.ContextEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"e\n\x0eOutcomeRequest\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12!\n\x05label\x18\x02 \x01(\x0e\x32\x12.seqguard.v1.Label\x12\x13\n\x06\x66\x61mily\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\t\n\x07_family\"A\n\nOutcomeAck\x12\x0e\n\x06scored\x18\x01 \x01(\x08\x12\x0c\n\x04risk\x18\x02 \x01(\x01\x12\x15\n\rmodel_version\x18\x03 \x01(\t*Q\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\t\n\x05\x41LLOW\x10\x01\x12\n\n\x06REVIEW\x10\x02\x12\r\n\tCHALLENGE\x10\x03\x12\t\n\x05\x42LOCK\x10\x04*6\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x06\n\x02OK\x10\x01\x12\x0c\n\x08\x44\x45GRADED\x10\x02*6\n\x05Label\x12\x15\n\x11LABEL_UNSPECIFIED\x10\x00\x12\x0b\n\x07GENUINE\x10\x01\x12\t\n\x05\x46RAUD\x10\x02\x32\xe6\x02\n\x0bRiskScoring\x12>\n\x05Score\x12\x19.seqguard.v1.ScoreRequest\x1a\x1a.seqguard.v1.ScoreResponse\x12M\n\nScoreBatch\x12\x1e.seqguard.v1.ScoreBatchRequest\x1a\x1f.seqguard.v1.ScoreBatchResponse\x12:\n\x06Ingest\x12\x12.seqguard.v1.Event\x1a\x1a.seqguard.v1.IngestSummary(\x01\x12\x45\n\x0cGetUserState\x12\x1d.seqguard.v1.UserStateRequest\x1a\x16.seqguard.v1.UserState\x12\x45\n\rReportOutcome\x12\x1b.seqguard.v1.OutcomeRequest\x1a\x17.seqguard.v1.OutcomeAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16seqguard/v1/risk.proto\x12\x0bseqguard.v1\"\xb8\x02\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\n\n\x02ts\x18\x03 \x01(\x03\x12\x12\n\nevent_type\x18\x04 \x01(\t\x12\x14\n\x07item_id\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x15\n\x08\x63\x61tegory\x18\x06 \x01(\tH\x01\x88\x01\x01\x12\x13\n\x06\x61mount\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x16\n\tdevice_id\x18\x08 \x01(\tH\x03\x88\x01\x01\x12\x0f\n\x02ip\x18\t \x01(\tH\x04\x88\x01\x01\x12\x14\n\x07\x63ountry\x18\n \x01(\tH\x05\x88\x01\x01\x12\x17\n\nsession_id\x18\x0b \x01(\tH\x06\x88\x01\x01\x42\n\n\x08_item_idB\x0b\n\t_categoryB\t\n\x07_amountB\x0c\n\n_device_idB\x05\n\x03_ipB\n\n\x08_countryB\r\n\x0b_session_id\"1\n\x0cScoreRequest\x12!\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x12.seqguard.v1.Event\"7\n\x11ScoreBatchRequest\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.seqguard.v1.Event\"A\n\x12ScoreBatchResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.seqguard.v1.ScoreResponse\"J\n\x06Reason\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x11\n\tevent_ids\x18\x04 \x03(\t\"\xdf\x01\n\rScoreResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0c\n\x04risk\x18\x02 \x01(\x01\x12#\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x13.seqguard.v1.Action\x12$\n\x07reasons\x18\x04 \x03(\x0b\x32\x13.seqguard.v1.Reason\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12#\n\x06status\x18\x06 \x01(\x0e\x32\x13.seqguard.v1.Status\x12\x15\n\rstatus_detail\x18\x07 \x01(\t\x12\x10\n\x08sequence\x18\x08 \x01(\x03\"C\n\rIngestSummary\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x10\n\x08rejected\x18\x02 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x03 \x03(\t\"#\n\x10UserStateRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"?\n\x0bRecentEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nevent_type\x18\x02 \x01(\t\x12\n\n\x02ts\x18\x03 \x01(\x03\"\x89\x02\n\tUserState\x12\x10\n\x08user_key\x18\x01 \x01(\t\x12\x10\n\x08n_events\x18\x02 \x01(\x03\x12\x0f\n\x07last_ts\x18\x03 \x01(\x03\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12(\n\x06recent\x18\x05 \x03(\x0b\x32\x18.seqguard.v1.RecentEvent\x12\x34\n\x07\x63ontext\x18\x06 \x03(\x0b\x32#.seqguard.v1.UserState.ContextEntry\x12 \n\x05holds\x18\x07 \x03(\x0b\x32\x11.seqguard.v1.Hold\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x87\x01\n\x0eOutcomeRequest\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12!\n\x05label\x18\x02 \x01(\x0e\x32\x12.seqguard.v1.Label\x12\x13\n\x06\x66\x61mily\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x14\n\x07user_id\x18\x04 \x01(\tH\x01\x88\x01\x01\x42\t\n\x07_familyB\n\n\x08_user_id\"A\n\nOutcomeAck\x12\x0e\n\x06scored\x18\x01 \x01(\x08\x12\x0c\n\x04risk\x18\x02 \x01(\x01\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"\x92\x01\n\x0eSetHoldRequest\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.seqguard.v1.HoldKind\x12\n\n\x02id\x18\x02 \x01(\t\x12#\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x13.seqguard.v1.Action\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0b\n\x03who\x18\x05 \x01(\t\x12\r\n\x05ttl_s\x18\x06 \x01(\x03\"\xa2\x01\n\x04Hold\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.seqguard.v1.HoldKind\x12\x0b\n\x03key\x18\x02 \x01(\t\x12#\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x13.seqguard.v1.Action\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0b\n\x03who\x18\x05 \x01(\t\x12\x12\n\ncreated_ms\x18\x06 \x01(\x03\x12\x12\n\nexpires_ms\x18\x07 \x01(\x03\"o\n\x12ReleaseHoldRequest\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.seqguard.v1.HoldKind\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x0b\n\x03who\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\"\n\x0eReleaseHoldAck\x12\x10\n\x08released\x18\x01 \x01(\x08\"F\n\x10ListHoldsRequest\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.seqguard.v1.HoldKind\x12\r\n\x05limit\x18\x02 \x01(\x05\"5\n\x11ListHoldsResponse\x12 \n\x05holds\x18\x01 \x03(\x0b\x32\x11.seqguard.v1.Hold*Q\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\t\n\x05\x41LLOW\x10\x01\x12\n\n\x06REVIEW\x10\x02\x12\r\n\tCHALLENGE\x10\x03\x12\t\n\x05\x42LOCK\x10\x04*6\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x06\n\x02OK\x10\x01\x12\x0c\n\x08\x44\x45GRADED\x10\x02*6\n\x05Label\x12\x15\n\x11LABEL_UNSPECIFIED\x10\x00\x12\x0b\n\x07GENUINE\x10\x01\x12\t\n\x05\x46RAUD\x10\x02*R\n\x08HoldKind\x12\x19\n\x15HOLD_KIND_UNSPECIFIED\x10\x00\x12\r\n\tHOLD_USER\x10\x01\x12\x0f\n\x0bHOLD_DEVICE\x10\x02\x12\x0b\n\x07HOLD_IP\x10\x03\x32\xba\x04\n\x0bRiskScoring\x12>\n\x05Score\x12\x19.seqguard.v1.ScoreRequest\x1a\x1a.seqguard.v1.ScoreResponse\x12M\n\nScoreBatch\x12\x1e.seqguard.v1.ScoreBatchRequest\x1a\x1f.seqguard.v1.ScoreBatchResponse\x12:\n\x06Ingest\x12\x12.seqguard.v1.Event\x1a\x1a.seqguard.v1.IngestSummary(\x01\x12\x45\n\x0cGetUserState\x12\x1d.seqguard.v1.UserStateRequest\x1a\x16.seqguard.v1.UserState\x12\x45\n\rReportOutcome\x12\x1b.seqguard.v1.OutcomeRequest\x1a\x17.seqguard.v1.OutcomeAck\x12\x39\n\x07SetHold\x12\x1b.seqguard.v1.SetHoldRequest\x1a\x11.seqguard.v1.Hold\x12K\n\x0bReleaseHold\x12\x1f.seqguard.v1.ReleaseHoldRequest\x1a\x1b.seqguard.v1.ReleaseHoldAck\x12J\n\tListHolds\x12\x1d.seqguard.v1.ListHoldsRequest\x1a\x1e.seqguard.v1.ListHoldsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -23,12 +23,14 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
   _globals['_USERSTATE_CONTEXTENTRY']._options = None
   _globals['_USERSTATE_CONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_ACTION']._serialized_start=1406
-  _globals['_ACTION']._serialized_end=1487
-  _globals['_STATUS']._serialized_start=1489
-  _globals['_STATUS']._serialized_end=1543
-  _globals['_LABEL']._serialized_start=1545
-  _globals['_LABEL']._serialized_end=1599
+  _globals['_ACTION']._serialized_start=2065
+  _globals['_ACTION']._serialized_end=2146
+  _globals['_STATUS']._serialized_start=2148
+  _globals['_STATUS']._serialized_end=2202
+  _globals['_LABEL']._serialized_start=2204
+  _globals['_LABEL']._serialized_end=2258
+  _globals['_HOLDKIND']._serialized_start=2260
+  _globals['_HOLDKIND']._serialized_end=2342
   _globals['_EVENT']._serialized_start=40
   _globals['_EVENT']._serialized_end=352
   _globals['_SCOREREQUEST']._serialized_start=354
@@ -48,13 +50,25 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_RECENTEVENT']._serialized_start=937
   _globals['_RECENTEVENT']._serialized_end=1000
   _globals['_USERSTATE']._serialized_start=1003
-  _globals['_USERSTATE']._serialized_end=1234
-  _globals['_USERSTATE_CONTEXTENTRY']._serialized_start=1188
-  _globals['_USERSTATE_CONTEXTENTRY']._serialized_end=1234
-  _globals['_OUTCOMEREQUEST']._serialized_start=1236
-  _globals['_OUTCOMEREQUEST']._serialized_end=1337
-  _globals['_OUTCOMEACK']._serialized_start=1339
-  _globals['_OUTCOMEACK']._serialized_end=1404
-  _globals['_RISKSCORING']._serialized_start=1602
-  _globals['_RISKSCORING']._serialized_end=1960
+  _globals['_USERSTATE']._serialized_end=1268
+  _globals['_USERSTATE_CONTEXTENTRY']._serialized_start=1222
+  _globals['_USERSTATE_CONTEXTENTRY']._serialized_end=1268
+  _globals['_OUTCOMEREQUEST']._serialized_start=1271
+  _globals['_OUTCOMEREQUEST']._serialized_end=1406
+  _globals['_OUTCOMEACK']._serialized_start=1408
+  _globals['_OUTCOMEACK']._serialized_end=1473
+  _globals['_SETHOLDREQUEST']._serialized_start=1476
+  _globals['_SETHOLDREQUEST']._serialized_end=1622
+  _globals['_HOLD']._serialized_start=1625
+  _globals['_HOLD']._serialized_end=1787
+  _globals['_RELEASEHOLDREQUEST']._serialized_start=1789
+  _globals['_RELEASEHOLDREQUEST']._serialized_end=1900
+  _globals['_RELEASEHOLDACK']._serialized_start=1902
+  _globals['_RELEASEHOLDACK']._serialized_end=1936
+  _globals['_LISTHOLDSREQUEST']._serialized_start=1938
+  _globals['_LISTHOLDSREQUEST']._serialized_end=2008
+  _globals['_LISTHOLDSRESPONSE']._serialized_start=2010
+  _globals['_LISTHOLDSRESPONSE']._serialized_end=2063
+  _globals['_RISKSCORING']._serialized_start=2345
+  _globals['_RISKSCORING']._serialized_end=2915
 # @@protoc_insertion_point(module_scope)

@@ -25,6 +25,13 @@ class Label(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LABEL_UNSPECIFIED: _ClassVar[Label]
     GENUINE: _ClassVar[Label]
     FRAUD: _ClassVar[Label]
+
+class HoldKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    HOLD_KIND_UNSPECIFIED: _ClassVar[HoldKind]
+    HOLD_USER: _ClassVar[HoldKind]
+    HOLD_DEVICE: _ClassVar[HoldKind]
+    HOLD_IP: _ClassVar[HoldKind]
 ACTION_UNSPECIFIED: Action
 ALLOW: Action
 REVIEW: Action
@@ -36,6 +43,10 @@ DEGRADED: Status
 LABEL_UNSPECIFIED: Label
 GENUINE: Label
 FRAUD: Label
+HOLD_KIND_UNSPECIFIED: HoldKind
+HOLD_USER: HoldKind
+HOLD_DEVICE: HoldKind
+HOLD_IP: HoldKind
 
 class Event(_message.Message):
     __slots__ = ("event_id", "user_id", "ts", "event_type", "item_id", "category", "amount", "device_id", "ip", "country", "session_id")
@@ -140,7 +151,7 @@ class RecentEvent(_message.Message):
     def __init__(self, event_id: _Optional[str] = ..., event_type: _Optional[str] = ..., ts: _Optional[int] = ...) -> None: ...
 
 class UserState(_message.Message):
-    __slots__ = ("user_key", "n_events", "last_ts", "model_version", "recent", "context")
+    __slots__ = ("user_key", "n_events", "last_ts", "model_version", "recent", "context", "holds")
     class ContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -154,23 +165,27 @@ class UserState(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     RECENT_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_FIELD_NUMBER: _ClassVar[int]
     user_key: str
     n_events: int
     last_ts: int
     model_version: str
     recent: _containers.RepeatedCompositeFieldContainer[RecentEvent]
     context: _containers.ScalarMap[str, float]
-    def __init__(self, user_key: _Optional[str] = ..., n_events: _Optional[int] = ..., last_ts: _Optional[int] = ..., model_version: _Optional[str] = ..., recent: _Optional[_Iterable[_Union[RecentEvent, _Mapping]]] = ..., context: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    holds: _containers.RepeatedCompositeFieldContainer[Hold]
+    def __init__(self, user_key: _Optional[str] = ..., n_events: _Optional[int] = ..., last_ts: _Optional[int] = ..., model_version: _Optional[str] = ..., recent: _Optional[_Iterable[_Union[RecentEvent, _Mapping]]] = ..., context: _Optional[_Mapping[str, float]] = ..., holds: _Optional[_Iterable[_Union[Hold, _Mapping]]] = ...) -> None: ...
 
 class OutcomeRequest(_message.Message):
-    __slots__ = ("event_id", "label", "family")
+    __slots__ = ("event_id", "label", "family", "user_id")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     label: Label
     family: str
-    def __init__(self, event_id: _Optional[str] = ..., label: _Optional[_Union[Label, str]] = ..., family: _Optional[str] = ...) -> None: ...
+    user_id: str
+    def __init__(self, event_id: _Optional[str] = ..., label: _Optional[_Union[Label, str]] = ..., family: _Optional[str] = ..., user_id: _Optional[str] = ...) -> None: ...
 
 class OutcomeAck(_message.Message):
     __slots__ = ("scored", "risk", "model_version")
@@ -181,3 +196,71 @@ class OutcomeAck(_message.Message):
     risk: float
     model_version: str
     def __init__(self, scored: bool = ..., risk: _Optional[float] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class SetHoldRequest(_message.Message):
+    __slots__ = ("kind", "id", "action", "reason", "who", "ttl_s")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    WHO_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    kind: HoldKind
+    id: str
+    action: Action
+    reason: str
+    who: str
+    ttl_s: int
+    def __init__(self, kind: _Optional[_Union[HoldKind, str]] = ..., id: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., reason: _Optional[str] = ..., who: _Optional[str] = ..., ttl_s: _Optional[int] = ...) -> None: ...
+
+class Hold(_message.Message):
+    __slots__ = ("kind", "key", "action", "reason", "who", "created_ms", "expires_ms")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    WHO_FIELD_NUMBER: _ClassVar[int]
+    CREATED_MS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_MS_FIELD_NUMBER: _ClassVar[int]
+    kind: HoldKind
+    key: str
+    action: Action
+    reason: str
+    who: str
+    created_ms: int
+    expires_ms: int
+    def __init__(self, kind: _Optional[_Union[HoldKind, str]] = ..., key: _Optional[str] = ..., action: _Optional[_Union[Action, str]] = ..., reason: _Optional[str] = ..., who: _Optional[str] = ..., created_ms: _Optional[int] = ..., expires_ms: _Optional[int] = ...) -> None: ...
+
+class ReleaseHoldRequest(_message.Message):
+    __slots__ = ("kind", "id", "key", "who", "reason")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    WHO_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    kind: HoldKind
+    id: str
+    key: str
+    who: str
+    reason: str
+    def __init__(self, kind: _Optional[_Union[HoldKind, str]] = ..., id: _Optional[str] = ..., key: _Optional[str] = ..., who: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ReleaseHoldAck(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    def __init__(self, released: bool = ...) -> None: ...
+
+class ListHoldsRequest(_message.Message):
+    __slots__ = ("kind", "limit")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    kind: HoldKind
+    limit: int
+    def __init__(self, kind: _Optional[_Union[HoldKind, str]] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListHoldsResponse(_message.Message):
+    __slots__ = ("holds",)
+    HOLDS_FIELD_NUMBER: _ClassVar[int]
+    holds: _containers.RepeatedCompositeFieldContainer[Hold]
+    def __init__(self, holds: _Optional[_Iterable[_Union[Hold, _Mapping]]] = ...) -> None: ...

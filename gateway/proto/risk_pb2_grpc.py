@@ -41,6 +41,21 @@ class RiskScoringStub(object):
                 request_serializer=seqguard_dot_v1_dot_risk__pb2.OutcomeRequest.SerializeToString,
                 response_deserializer=seqguard_dot_v1_dot_risk__pb2.OutcomeAck.FromString,
                 )
+        self.SetHold = channel.unary_unary(
+                '/seqguard.v1.RiskScoring/SetHold',
+                request_serializer=seqguard_dot_v1_dot_risk__pb2.SetHoldRequest.SerializeToString,
+                response_deserializer=seqguard_dot_v1_dot_risk__pb2.Hold.FromString,
+                )
+        self.ReleaseHold = channel.unary_unary(
+                '/seqguard.v1.RiskScoring/ReleaseHold',
+                request_serializer=seqguard_dot_v1_dot_risk__pb2.ReleaseHoldRequest.SerializeToString,
+                response_deserializer=seqguard_dot_v1_dot_risk__pb2.ReleaseHoldAck.FromString,
+                )
+        self.ListHolds = channel.unary_unary(
+                '/seqguard.v1.RiskScoring/ListHolds',
+                request_serializer=seqguard_dot_v1_dot_risk__pb2.ListHoldsRequest.SerializeToString,
+                response_deserializer=seqguard_dot_v1_dot_risk__pb2.ListHoldsResponse.FromString,
+                )
 
 
 class RiskScoringServicer(object):
@@ -85,6 +100,29 @@ class RiskScoringServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetHold(self, request, context):
+        """Put a user, device or IP on hold: until it expires (or is released), every event of it gets
+        at least the hold's action and a HOLD reason. Replaces an existing hold on the same id.
+        Audited (who, what, why) in the <prefix>audit stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseHold(self, request, context):
+        """End a hold now (audited); released = false when there was none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListHolds(self, request, context):
+        """Active holds, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RiskScoringServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +150,21 @@ def add_RiskScoringServicer_to_server(servicer, server):
                     servicer.ReportOutcome,
                     request_deserializer=seqguard_dot_v1_dot_risk__pb2.OutcomeRequest.FromString,
                     response_serializer=seqguard_dot_v1_dot_risk__pb2.OutcomeAck.SerializeToString,
+            ),
+            'SetHold': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetHold,
+                    request_deserializer=seqguard_dot_v1_dot_risk__pb2.SetHoldRequest.FromString,
+                    response_serializer=seqguard_dot_v1_dot_risk__pb2.Hold.SerializeToString,
+            ),
+            'ReleaseHold': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseHold,
+                    request_deserializer=seqguard_dot_v1_dot_risk__pb2.ReleaseHoldRequest.FromString,
+                    response_serializer=seqguard_dot_v1_dot_risk__pb2.ReleaseHoldAck.SerializeToString,
+            ),
+            'ListHolds': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListHolds,
+                    request_deserializer=seqguard_dot_v1_dot_risk__pb2.ListHoldsRequest.FromString,
+                    response_serializer=seqguard_dot_v1_dot_risk__pb2.ListHoldsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -207,5 +260,56 @@ class RiskScoring(object):
         return grpc.experimental.unary_unary(request, target, '/seqguard.v1.RiskScoring/ReportOutcome',
             seqguard_dot_v1_dot_risk__pb2.OutcomeRequest.SerializeToString,
             seqguard_dot_v1_dot_risk__pb2.OutcomeAck.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def SetHold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/seqguard.v1.RiskScoring/SetHold',
+            seqguard_dot_v1_dot_risk__pb2.SetHoldRequest.SerializeToString,
+            seqguard_dot_v1_dot_risk__pb2.Hold.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ReleaseHold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/seqguard.v1.RiskScoring/ReleaseHold',
+            seqguard_dot_v1_dot_risk__pb2.ReleaseHoldRequest.SerializeToString,
+            seqguard_dot_v1_dot_risk__pb2.ReleaseHoldAck.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ListHolds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/seqguard.v1.RiskScoring/ListHolds',
+            seqguard_dot_v1_dot_risk__pb2.ListHoldsRequest.SerializeToString,
+            seqguard_dot_v1_dot_risk__pb2.ListHoldsResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

@@ -1,0 +1,1 @@
+"""Review queue web app for fraud analysts (`seqguard review`); see app.py."""
