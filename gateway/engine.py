@@ -290,7 +290,9 @@ class ScoringEngine:
     def _apply_rules(self, batch: list[Event], feats: np.ndarray, encoded, step_risk, lift, codes):
         """The rules in force on the model-scored rows (seqguard.rules, the function score-file runs):
         per row the final action code (never below the model's) and the names of the rules that fired.
-        The rules object is read once, so a reload lands between batches."""
+        The rules object is read once, so a reload lands between batches. Answers without a model
+        score (DEGRADED fallbacks, a deferred step's later rewrite) carry no rules: offline replay
+        has no counterpart for them, and the fallback setting decides those actions."""
         g = np.asarray(encoded.fresh_step, np.int64)
         rules = self.rules.current
         if rules is None or not len(batch):
