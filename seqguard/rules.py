@@ -91,7 +91,7 @@ FLAGS = frozenset({"is_first_event", "has_amount", "has_device", "new_device", "
 
 
 def _col(F: np.ndarray, name: str) -> np.ndarray:
-    return F[:, FEATURE_INDEX[name]].astype(np.float64)
+    return np.asarray(F[:, FEATURE_INDEX[name]], np.float64)
 
 
 def _failures_1h(F):
@@ -101,8 +101,7 @@ def _failures_1h(F):
 def _minutes_since_change(F):
     # recent_account_change = exp(-dt / 1 h) since the last account change, 0 when there was none
     x = _col(F, "recent_account_change")
-    with np.errstate(divide="ignore"):
-        return np.where(x > 0, -60.0 * np.log(np.where(x > 0, x, 1.0)), np.inf)
+    return np.where(x > 0, -60.0 * np.log(np.where(x > 0, x, 1.0)), np.inf)
 
 
 # Derived signals in analyst units: name -> (function of the feature rows, tolerance of >= / <=).
@@ -240,6 +239,14 @@ class RuleInputs:
     def __len__(self) -> int:
         return len(self.events)
 
+    @property
+    def f64(self) -> np.ndarray:
+        """The feature rows as float64, converted once per batch (every threshold is float64)."""
+        c = self._cache.get("f64")
+        if c is None:
+            c = self._cache["f64"] = np.asarray(self.feats, np.float64)
+        return c
+
     def column(self, name: str) -> np.ndarray:
         """An event field as an array: strings as objects (None when absent), amount as NaN when absent."""
         c = self._cache.get(name)
@@ -277,17 +284,37 @@ class Condition:
     def needs_model(self) -> bool:
         return self.field == "risk" or (self.field == "reasons" and self.value in MODEL_REASON_CODES)
 
+    def column_compare(self) -> tuple[int, str, float, float] | None:
+        """(feature column, op, threshold, tolerance) when the condition compares one stored feature
+        column with a number (signals, counters, flags): RuleSet evaluates all of those at once."""
+        f, op, v = self.field, self.op, self.value
+        if f in COUNTERS:         # compared in the stored log1p space: no expm1 over the column
+            return FEATURE_INDEX[COUNTERS[f]], op, math.log1p(v), _LOG_TOL
+        if f in FLAGS:            # == true / != false: > 0.5; == false / != true: <= 0.5
+            return FEATURE_INDEX[f], (">" if (op == "==") == v else "<="), 0.5, 0.0
+        if f in FEATURE_INDEX:
+            return FEATURE_INDEX[f], op, v, 0.0
+        return None
+
     def mask(self, x: RuleInputs) -> np.ndarray:
+        """Evaluated once per batch: rules sharing a condition (event_type in [payment, ...]) share its mask."""
+        key = ("cond", self.field, self.op, self.value)
+        m = x._cache.get(key)
+        if m is None:
+            m = x._cache[key] = self._mask(x)
+        return m
+
+    def _mask(self, x: RuleInputs) -> np.ndarray:
         f, op, v = self.field, self.op, self.value
         if f == "reasons":
             m = x.reasons(v)
             return m if op == "contains" else ~m
-        if f in EVENT_STRING_FIELDS:
+        if f in EVENT_STRING_FIELDS:     # set membership per event: np.isin on objects costs ~100 us a call
+            vals = frozenset(v) if isinstance(v, tuple) else frozenset([v])
             col = x.column(f)
-            present = np.array([s is not None for s in col], bool) if f != "event_type" else np.ones(len(col), bool)
-            vals = list(v) if isinstance(v, tuple) else [v]
-            hit = np.isin(col, vals)
-            return present & (hit if op in ("==", "in") else ~hit)
+            if op in ("==", "in"):
+                return np.fromiter((s in vals for s in col), bool, len(col))
+            return np.fromiter((s is not None and s not in vals for s in col), bool, len(col))
         if f == "risk":
             if x.risk is None:
                 raise ModelInputsMissing(f"condition {self.text!r} needs the model's risk")
@@ -295,23 +322,16 @@ class Condition:
         if f in EVENT_NUMBER_FIELDS:
             col = x.column(f)
             return np.isfinite(col) & _compare(col, op, float(v), 0.0)
-        if f in COUNTERS:      # compare in the stored log1p space: no expm1 over the whole column
-            return _compare(_col(x.feats, COUNTERS[f]), op, math.log1p(float(v)), _LOG_TOL)
         if f in DERIVED:
             fn, tol = DERIVED[f]
-            key = ("derived", f)
-            if key not in x._cache:
-                x._cache[key] = fn(x.feats)
-            return _compare(x._cache[key], op, float(v), tol)
-        col = _col(x.feats, f)
-        if f in FLAGS:
-            on = col > 0.5
-            return on if (op == "==") == bool(v) else ~on
-        return _compare(col, op, float(v), 0.0)
+            return _compare(fn(x.f64), op, float(v), tol)
+        col, op, v, tol = self.column_compare()
+        return _compare(x.f64[:, col], op, v, tol)
 
 
-def _compare(col: np.ndarray, op: str, v: float, tol: float) -> np.ndarray:
-    """col <op> v, with `tol` absorbing float32 rounding of the stored value toward the threshold."""
+def _compare(col: np.ndarray, op: str, v, tol) -> np.ndarray:
+    """col <op> v, with `tol` absorbing float32 rounding of the stored value toward the threshold
+    (v, tol: scalars, or one per column of a 2-D col)."""
     if op == ">=":
         return col >= v - tol
     if op == ">":
@@ -395,14 +415,14 @@ class Rule:
         return any(c.needs_model for c in (*self.when, *self.any))
 
     def mask(self, x: RuleInputs) -> np.ndarray:
-        m = np.ones(len(x), bool)
+        m = None
         for c in self.when:
-            m &= c.mask(x)
+            m = c.mask(x) if m is None else m & c.mask(x)
         if self.any:
-            a = np.zeros(len(x), bool)
-            for c in self.any:
-                a |= c.mask(x)
-            m &= a
+            a = self.any[0].mask(x)
+            for c in self.any[1:]:
+                a = a | c.mask(x)
+            m = a if m is None else m & a
         return m
 
 
@@ -434,6 +454,27 @@ class RuleSet:
     source: str = "<rules>"
     digest: str = ""                     # sha256 of the file: which rules produced a result
 
+    def __post_init__(self):
+        # every condition that compares a feature column with a number, grouped by operator: one
+        # vectorised comparison per operator per batch instead of one numpy call per condition
+        groups: dict[str, dict] = {}
+        for r in self.rules:
+            for c in (*r.when, *r.any):
+                spec = c.column_compare()
+                if spec is not None:
+                    col, op, v, tol = spec
+                    groups.setdefault(op, {})[("cond", c.field, c.op, c.value)] = (col, v, tol)
+        object.__setattr__(self, "_column_groups", {
+            op: (list(g), np.array([s[0] for s in g.values()], np.int64), np.array([s[1] for s in g.values()]),
+                 np.array([s[2] for s in g.values()])) for op, g in groups.items()})
+
+    def _compare_columns(self, x: RuleInputs) -> None:
+        """Fill the batch's condition cache with every column comparison (see __post_init__)."""
+        for op, (keys, cols, v, tol) in self._column_groups.items():
+            masks = _compare(x.f64[:, cols], op, v, tol)
+            for j, key in enumerate(keys):
+                x._cache[key] = masks[:, j]
+
     @property
     def version_tag(self) -> str:
         return f"{self.name or 'rules'}@{self.digest[:12]}"
@@ -459,20 +500,20 @@ class RuleSet:
     def evaluate(self, x: RuleInputs, model_action=None) -> RuleOutcome:
         """Vectorised over the batch; `model_action` (ACTIONS codes) is the floor of the final action."""
         n = len(x)
-        hits = np.zeros((n, len(self.rules)), bool)
+        self._compare_columns(x)
+        hits = np.empty((n, len(self.rules)), bool)
         score = np.zeros(n, np.float64)
         rule_action = np.zeros(n, np.int8)
         for k, r in enumerate(self.rules):
-            m = r.mask(x)
-            hits[:, k] = m
-            if r.score:
-                score += np.where(m, r.score, 0.0)
+            m = hits[:, k] = r.mask(x)
+            if r.score:            # summed rule by rule, in file order: the same bits whatever the batch
+                score += m * r.score
             if r.action:
-                rule_action = np.where(m, np.maximum(rule_action, r.action), rule_action).astype(np.int8)
+                np.maximum(rule_action, m.astype(np.int8) * np.int8(r.action), out=rule_action)
         for code, cut in sorted(self.score_actions.items()):
-            rule_action = np.where(score >= cut, np.maximum(rule_action, code), rule_action).astype(np.int8)
+            np.maximum(rule_action, (score >= cut).astype(np.int8) * np.int8(code), out=rule_action)
         base = np.zeros(n, np.int8) if model_action is None else np.asarray(model_action, np.int8)
-        return RuleOutcome(self.names, hits, score, rule_action, np.maximum(base, rule_action).astype(np.int8))
+        return RuleOutcome(self.names, hits, score, rule_action, np.maximum(base, rule_action))
 
 
 # --------------------------------------------------------------------------- loading
