@@ -2,7 +2,8 @@
 
     Redis (1 round trip: users + entities) -> shared featuriser, in arrival order
     -> Triton step encoder (1 request per "wave": the k-th event of each user in the batch)
-    -> detector (one vectorised call) -> reasons -> Redis (1 round trip) -> results
+    -> detector (one vectorised call) -> rules (one vectorised call) -> reasons -> Redis (1 round trip)
+    -> results
 
 Features depend only on the featuriser contexts, never on the LSTM state, so the whole batch
 is featurised first in arrival order (two events of one user, or of one shared device, see
@@ -23,11 +24,13 @@ import numpy as np
 from seqguard.artifact import ModelArtifact
 from seqguard.detector import ACTIONS
 from seqguard.explain import Reason, explain
+from seqguard.rules import RuleInputs
 from seqguard.schema import Event
 
 from .aio import cancel_and_wait
 from .alerts import AlertRecord
 from .holds import HOLD_REASON, HoldStore, apply_holds
+from .reload import LiveRules
 from .state import (NO_ANSWER, RedisStateStore, StateConflict, StateUnavailable, alert_fields, ring_entry,
                     unpack_features)
 from .triton_client import EncoderUnavailable, TritonStepClient
@@ -49,17 +52,21 @@ class ScoreResult:
     detail: str = ""
     reasons: list[Reason] = field(default_factory=list)
     sequence: int = 0            # position in the global order events were applied (0: not applied)
+    rules: list[str] = field(default_factory=list)   # names of the rules that fired (settings.rules_path)
 
     def to_json(self) -> str:
         """What the idempotency window remembers ("seq":0 is filled in by the atomic write)."""
-        return json.dumps({"risk": self.risk, "action": self.action, "mv": self.model_version,
-                           "reasons": [[r.code, r.message, r.weight, r.event_ids] for r in self.reasons],
-                           "st": self.status, "seq": 0}, separators=(",", ":"))
+        d = {"risk": self.risk, "action": self.action, "mv": self.model_version,
+             "reasons": [[r.code, r.message, r.weight, r.event_ids] for r in self.reasons],
+             "st": self.status, "seq": 0}
+        if self.rules:
+            d["rules"] = self.rules
+        return json.dumps(d, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, event_id: str, d: dict) -> "ScoreResult":
         return cls(event_id, d["risk"], d["action"], d["mv"], d.get("st", OK), "duplicate event_id: original result",
-                   [Reason(*r) for r in d["reasons"]], d["seq"])
+                   [Reason(*r) for r in d["reasons"]], d["seq"], list(d.get("rules", ())))
 
 
 class ScoringEngine:
@@ -78,8 +85,10 @@ class ScoringEngine:
     shadow = None            # gateway.shadow.ShadowScorer when settings.shadow_model_dir is set
 
     def __init__(self, artifact: ModelArtifact, store: RedisStateStore, encoder: TritonStepClient,
-                 fallback: str = "fail_open", holds: HoldStore | None = None, alerts_include_raw_ids: bool = False):
+                 fallback: str = "fail_open", holds: HoldStore | None = None, alerts_include_raw_ids: bool = False,
+                 rules: LiveRules | None = None):
         self.artifact = artifact
+        self.rules = rules or LiveRules()    # shared with the gateway: a rules reload swaps what it holds
         self.holds = holds                   # read in the batch's one MGET; None: holds not enforced
         self.alerts_include_raw_ids = alerts_include_raw_ids
         self.featurizer = artifact.featurizer
@@ -209,11 +218,12 @@ class ScoringEngine:
     def _alert(self, ev: Event, r: ScoreResult) -> str:
         """The alert of an applied decision ("" for none): REVIEW / CHALLENGE / BLOCK from the model or a
         hold. A fallback answer (DEGRADED, no hold) is not a finding about the event, so it raises none."""
-        if r.action == "ALLOW" or (r.status != OK and not any(x.code == HOLD_REASON for x in r.reasons)):
+        if (r.action == "ALLOW" and not r.rules) or (r.status != OK and not any(x.code == HOLD_REASON
+                                                                                for x in r.reasons)):
             return ""
         p = self.store.p
         record = AlertRecord("0", p("event", ev.event_id), p("user", ev.user_id), r.risk, r.action,
-                             tuple(x.code for x in r.reasons), (), r.model_version, ev.ts, int(time.time() * 1000),
+                             tuple(x.code for x in r.reasons), tuple(r.rules), r.model_version, ev.ts, int(time.time() * 1000),
                              ev.user_id if self.alerts_include_raw_ids else None)
         return alert_fields(record.to_fields())
 
@@ -250,14 +260,15 @@ class ScoringEngine:
             for g, ref in encoded.answered_steps:
                 rewrites[ref] = ScoreResult("", float(step_risk[g]), ACTIONS[codes[g]], self.model_version, OK,
                                             "scored when its deferred model step ran")
+            final, fired = self._apply_rules([events[fresh[j]] for j in rows], feats[rows], encoded, step_risk, lift, codes)
             for k, j in enumerate(rows):
                 ev, g = events[fresh[j]], int(encoded.fresh_step[k])
                 st = users[ev.user_id]
                 reasons = explain(feats[j], encoded.surprise[g], ev.event_id, ev.event_type, st.ring,
                                   self.surprise_cut, session_lift=float(lift[g])) if explain_reasons else []
                 self._apply(st, ev, feats[j])
-                out[fresh[j]] = ScoreResult(ev.event_id, float(step_risk[g]), ACTIONS[codes[g]], self.model_version,
-                                            OK, "", reasons)
+                out[fresh[j]] = ScoreResult(ev.event_id, float(step_risk[g]), ACTIONS[final[k]], self.model_version,
+                                            OK, "", reasons, rules=fired[k])
         encoded_rows = set(rows) if encoded is not None else set()
         for j, i in enumerate(fresh):
             if j in encoded_rows:
@@ -270,6 +281,21 @@ class ScoringEngine:
                       if ev.user_id in behind else "encoder unavailable; event featurised and its model step deferred")
             out[i] = self.degraded([ev], detail)[0]
         return out, rewrites, risk
+
+    def _apply_rules(self, batch: list[Event], feats: np.ndarray, encoded, step_risk, lift, codes):
+        """The rules in force on the model-scored rows (seqguard.rules, the function score-file runs):
+        per row the final action code (never below the model's) and the names of the rules that fired.
+        The rules object is read once, so a reload lands between batches. Answers without a model
+        score (DEGRADED fallbacks, a deferred step's later rewrite) carry no rules: offline replay
+        has no counterpart for them, and the fallback setting decides those actions."""
+        g = np.asarray(encoded.fresh_step, np.int64)
+        rules = self.rules.current
+        if rules is None or not len(batch):
+            return codes[g], [[] for _ in batch]
+        x = RuleInputs(batch, feats, risk=step_risk[g], surprise=encoded.surprise[g], session_lift=lift[g],
+                       surprise_cut=self.surprise_cut)
+        outcome = rules.evaluate(x, codes[g])
+        return outcome.action, outcome.fired_lists()
 
     def _in_request_order(self, events, out, answered, rewrites, first_of) -> list[ScoreResult]:
         results = []
@@ -289,7 +315,8 @@ class ScoringEngine:
             else:                              # repeated inside this batch
                 twin = out[first_of[ref]]
                 results.append(ScoreResult(ev.event_id, twin.risk, twin.action, twin.model_version, twin.status,
-                                           "duplicate event_id: original result", twin.reasons, twin.sequence))
+                                           "duplicate event_id: original result", twin.reasons, twin.sequence,
+                                           twin.rules))
         return results
 
     def _defer(self, st, type_id: int, feats: np.ndarray, ref: str) -> None:

@@ -7,6 +7,9 @@ Triton model version is checked ready and warmed with one real step, and only th
 gateway swap engines. The coalescer reads its engine once per batch, so the switch happens
 between two coalesced batches: a batch runs entirely on the old or entirely on the new model.
 If anything fails the old model keeps serving and the reload is retried on the next poll.
+
+Rules (settings.rules_path) reload the same way, on their own poll (settings.rules_poll_s) or on
+SIGHUP: a file that does not load is rejected with a clear log line and the running rules stay.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import os
 from pathlib import Path
 
 from seqguard.artifact import METADATA
+from seqguard.rules import RuleSet, RulesError, load_rules
 
 from .aio import cancel_and_wait
 
@@ -75,3 +79,79 @@ class ModelReloader:
             if changed:
                 self.reloads += 1
             return changed
+
+
+# --------------------------------------------------------------------------- rules
+
+class LiveRules:
+    """The rules in force (settings.rules_path), shared by the gateway and every engine it builds.
+
+    A reload replaces `current` whole; an engine reads it once per batch, so a batch runs entirely
+    on the old or entirely on the new rules, and a model reload keeps the rules in force.
+    """
+
+    def __init__(self, rules: RuleSet | None = None):
+        self.current = rules
+
+
+def rules_marker(path: str) -> tuple:
+    """What changes when a rules file is edited or its symlink flipped."""
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return (real, None)
+    return (real, st.st_mtime_ns, st.st_size)
+
+
+class RulesReloader:
+    """Polls settings.rules_path (every poll_s; 0 = SIGHUP only) and swaps in a new rules file.
+
+    A file that does not load (bad TOML, an unknown field, a missing file) is rejected with a log
+    line naming the rule and the field; the running rules stay in force and the file is tried
+    again when it changes.
+    """
+
+    def __init__(self, path: str, live: LiveRules, poll_s: float):
+        self.path, self.live, self.poll_s = path, live, poll_s
+        self.marker = rules_marker(path)
+        self._task: asyncio.Task | None = None
+        self.reloads = 0
+        self.rejected = 0
+        self.last_error = ""
+
+    def start(self) -> None:
+        if self.poll_s > 0:
+            self._task = asyncio.get_running_loop().create_task(self._poll(), name="rules-reloader")
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._task)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                self.check()
+            except Exception:   # never let the watcher die; the running rules stay in force
+                log.exception("rules reload check failed")
+
+    def check(self, force: bool = False) -> bool:
+        """Load the file if it changed (or always with force); True if new rules went live."""
+        marker = rules_marker(self.path)
+        if marker == self.marker and not force:
+            return False
+        self.marker = marker              # a rejected file is not retried until it changes again
+        running = self.live.current.version_tag if self.live.current else "none"
+        try:
+            rules = load_rules(self.path)
+        except RulesError as e:
+            self.rejected += 1
+            self.last_error = str(e)
+            log.error("rules file rejected, still enforcing %s: %s", running, e)
+            return False
+        if self.live.current is not None and rules.digest == self.live.current.digest:
+            return False
+        self.live.current = rules
+        self.reloads += 1
+        log.info("rules reloaded: %s -> %s (%d rules)", running, rules.version_tag, len(rules.rules))
+        return True

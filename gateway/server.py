@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from seqguard.artifact import ModelArtifact
 from seqguard.featurizer import TokenHasher
+from seqguard.rules import load_rules
 from seqguard.schema import SchemaError, validate_event
 
 from .engine import Coalescer, Overloaded, ScoreResult, ScoringEngine
@@ -28,7 +29,7 @@ from .holds import MAX_HOLD_TTL_S, Hold, HoldError, HoldStore
 from .metrics import GatewayMetrics, MeteredEngine, TimedEncoder, TimedStore, metered
 from .proto import risk_pb2, risk_pb2_grpc
 from .redisconn import connect_redis, key_prefix
-from .reload import ModelReloader
+from .reload import LiveRules, ModelReloader, RulesReloader
 from .settings import Settings
 from .state import RedisStateStore, StateUnavailable
 from .local_encoder import FailoverEncoder, LocalStepEncoder
@@ -70,7 +71,7 @@ def result_to_proto(r: ScoreResult) -> risk_pb2.ScoreResponse:
         reasons=[risk_pb2.Reason(code=x.code, message=x.message, weight=x.weight, event_ids=x.event_ids)
                  for x in r.reasons],
         model_version=r.model_version, status=risk_pb2.Status.Value(r.status), status_detail=r.detail,
-        sequence=r.sequence)
+        sequence=r.sequence, rules=r.rules)
 
 
 async def _require_id(context, field: str, value: str, max_len: int = 256) -> None:
@@ -354,6 +355,9 @@ class Gateway:
         key = settings.key_bytes()
         self.hasher = TokenHasher(key)
         self.artifact = ModelArtifact.load(settings.model_dir, hasher=self.hasher)
+        # a rules file that does not load stops the start here (RulesError names the rule and field)
+        self.rules = LiveRules(load_rules(settings.rules_path) if settings.rules_path else None)
+        self.rules_reloader: RulesReloader | None = None
         self.metrics = GatewayMetrics()
         self.metrics_port: int | None = None
         self._retired: list[asyncio.Task] = []
@@ -385,6 +389,10 @@ class Gateway:
             log.info("prometheus metrics on %s:%d", s.metrics_host or s.host, self.metrics_port)
         self.reloader = ModelReloader(self, s.model_poll_s)
         self.reloader.start()
+        if s.rules_path:
+            self.rules_reloader = RulesReloader(s.rules_path, self.rules, s.rules_poll_s)
+            self.rules_reloader.start()
+            log.info("rules in force: %s (%d rules)", self.rules.current.version_tag, len(self.rules.current.rules))
         opts = [("grpc.max_receive_message_length", s.max_message_bytes),
                 ("grpc.max_send_message_length", s.max_message_bytes),
                 ("grpc.so_reuseport", 0)]
@@ -445,9 +453,14 @@ class Gateway:
     def _engine_for(self, artifact: ModelArtifact, store, encoder):
         engine = ScoringEngine(artifact, TimedStore(store, self.metrics), encoder, self.s.fallback,
                                holds=HoldStore(store.r, store.p, store.prefix),
-                               alerts_include_raw_ids=self.s.alerts_include_raw_ids)
+                               alerts_include_raw_ids=self.s.alerts_include_raw_ids, rules=self.rules)
         engine.shadow = self.shadow
         return MeteredEngine(engine, self.metrics)
+
+    def _on_sighup(self) -> None:
+        self._retired.append(asyncio.get_running_loop().create_task(self.reloader.check(force=True)))
+        if self.rules_reloader is not None:
+            self.rules_reloader.check(force=True)
 
     async def reload_model(self) -> bool:
         """Load the artifact now at model_dir and make it live between two batches; False if it is already live.
@@ -517,6 +530,8 @@ class Gateway:
         if self.health_server:
             await self.health_server.stop(0)
         await self.reloader.stop()
+        if self.rules_reloader is not None:
+            await self.rules_reloader.stop()
         await self.coalescer.stop()
         if self.shadow is not None:
             await self.shadow.stop()
@@ -535,8 +550,8 @@ class Gateway:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         # SIGHUP: reload the model at model_dir now (kubectl exec ... kill -HUP 1 after flipping `current`)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._retired.append(
-            loop.create_task(self.reloader.check(force=True))))
+        # and the rules file (a bad one is rejected, the running rules stay)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         await stop.wait()
         log.info("shutting down: draining in-flight requests")
         await self.stop()

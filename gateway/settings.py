@@ -73,6 +73,12 @@ class Settings:
     metrics_host: str = ""
     model_poll_s: float = 0.0           # check model_dir (e.g. an artifacts/current symlink) this often; 0 = SIGHUP only
     model_ready_timeout_s: float = 30.0  # a new model's Triton version must answer within this, else keep the old
+    # Rules beside the model (seqguard/rules.py; configs/rules/default.toml is the shipped pack): evaluated
+    # on every model-scored event after the detector, the answer's action never below the model's and the
+    # names that fired in ScoreResponse.rules. "" = no rules. A file that does not load stops the start; a
+    # later bad edit is rejected and the running rules stay (gateway/reload.py RulesReloader)
+    rules_path: str = ""
+    rules_poll_s: float = 0.0           # check rules_path for edits this often; 0 = SIGHUP only
     # freeze the heap once serving (gc.freeze, gateway/server.py freeze_heap): a full garbage collection
     # then skips the model and modules instead of stalling every request in flight; off only where the
     # gateway is embedded in a process that must still collect its own cycles (the test suite)
@@ -162,6 +168,8 @@ class Settings:
             raise ValueError("shadow_stream_max and shadow_queue_events must be > 0")
         if self.model_poll_s < 0 or self.model_ready_timeout_s <= 0:
             raise ValueError("model_poll_s must be >= 0 and model_ready_timeout_s > 0")
+        if self.rules_poll_s < 0:
+            raise ValueError("rules_poll_s must be >= 0 (0 = SIGHUP only)")
 
     def auth_tokens(self) -> list[bytes]:
         """Accepted scoring bearer tokens (one per line in the file); no tokens at all = auth disabled."""

@@ -21,7 +21,8 @@ import numpy as np
 from .artifact import ModelArtifact
 from .detector import ACTIONS
 from .encoding import OrtStep, encode_sequences, lockstep_rows
-from .featurizer import ContextStore, featurize_log
+from .featurizer import ContextStore, Featurizer, TokenHasher, Vocabulary, featurize_log
+from .rules import RuleInputs, RuleOutcome, RuleSet
 from .schema import Event
 
 
@@ -101,23 +102,101 @@ def detector_risk(det, emb: np.ndarray, surprise: np.ndarray, feats: np.ndarray,
     With a session stage, `user_idx` (dense user per row, each user's rows in order) is required:
     every user's session average starts at zero at the log's first event.
     """
+    return detector_risk_and_lift(det, emb, surprise, feats, type_ids, chunk, user_idx, n_users)[0]
+
+
+def detector_risk_and_lift(det, emb: np.ndarray, surprise: np.ndarray, feats: np.ndarray, type_ids: np.ndarray,
+                           chunk: int = 8192, user_idx: np.ndarray | None = None,
+                           n_users: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`detector_risk` and, per row, the session average that set the score (0 where the event
+    itself did): the gateway's `session_lift`, which the RISKY_SESSION reason reads."""
     if not det.has_session:
-        return stage1_scores(det, emb, surprise, feats, type_ids, chunk=chunk)
+        return stage1_scores(det, emb, surprise, feats, type_ids, chunk=chunk), np.zeros(len(type_ids))
     if user_idx is None:
         raise ValueError("this detector has a session stage: detector_risk needs user_idx")
     a = stage1_scores(det, emb, surprise, feats, type_ids, tail=True, chunk=chunk)
     c, _ = det.session_scan(a, user_idx, n_users or (int(np.max(user_idx)) + 1 if len(a) else 0))
-    return det.session_risk(c)
+    # c = max(a, m_prev): where the session average is strictly larger it set the score
+    return det.session_risk(c), np.where(c > a, c, 0.0)
+
+
+def surprise_cut(artifact: ModelArtifact) -> float:
+    """The encoder surprise that counts as an unusual sequence (its training 99.9th percentile)."""
+    return float(artifact.metadata.get("training", {}).get("surprise_p999", 8.0))
+
+
+def _to_input_order(order: np.ndarray, replayed: np.ndarray) -> np.ndarray:
+    out = np.empty_like(replayed)
+    out[order] = replayed
+    return out
+
+
+def model_rule_inputs(artifact: ModelArtifact, events: list[Event], progress: bool = False,
+                      chunk: int = 8192) -> tuple[RuleInputs, np.ndarray]:
+    """The whole log through the model, as rule inputs (INPUT order), and the model's action codes.
+
+    The rules see what the gateway gives them: the featuriser row, the risk, the encoder surprise
+    and the session lift of the same replay; the model's action is the floor of the final action.
+    """
+    det = artifact.detector
+    enc = encode_log(artifact, events, reduce=det.project, progress=progress)
+    risk_r, lift_r = detector_risk_and_lift(det, enc.emb, enc.surprise, enc.feats, enc.type_ids, chunk,
+                                            user_idx=enc.user_idx, n_users=len(enc.users))
+    risk = _to_input_order(enc.order, risk_r)
+    x = RuleInputs(events, _to_input_order(enc.order, enc.feats), risk=risk,
+                   surprise=_to_input_order(enc.order, enc.surprise), session_lift=_to_input_order(enc.order, lift_r),
+                   surprise_cut=surprise_cut(artifact))
+    return x, det.action_codes(risk)
+
+
+def rule_inputs_from_encoded(artifact: ModelArtifact, events: list[Event], enc: EncodedLog, risk: np.ndarray,
+                             rules: RuleSet, chunk: int = 8192) -> RuleInputs:
+    """Rule inputs from a log `score_events` already encoded (`risk` in input order). The session
+    lift costs a second detector pass, so it is computed only when a rule reads RISKY_SESSION."""
+    det = artifact.detector
+    lift = None
+    if "RISKY_SESSION" in rules.reason_codes:
+        _, lift_r = detector_risk_and_lift(det, enc.emb, enc.surprise, enc.feats, enc.type_ids, chunk,
+                                           user_idx=enc.user_idx, n_users=len(enc.users))
+        lift = _to_input_order(enc.order, lift_r)
+    return RuleInputs(events, _to_input_order(enc.order, enc.feats), risk=risk,
+                      surprise=_to_input_order(enc.order, enc.surprise), session_lift=lift,
+                      surprise_cut=surprise_cut(artifact))
+
+
+def score_events_with_rules(artifact: ModelArtifact, events: list[Event], rules: RuleSet, progress: bool = False,
+                            chunk: int = 8192) -> tuple[np.ndarray, np.ndarray, RuleOutcome]:
+    """`score_events` plus the rules on every event, INPUT order: (risk, model action codes, rule outcome)."""
+    x, actions = model_rule_inputs(artifact, events, progress, chunk)
+    return x.risk, actions, rules.evaluate(x, actions)
+
+
+def featurize_for_rules(events: list[Event], progress: bool = False) -> RuleInputs:
+    """Featuriser rows for model-free rules (no artifact needed): the vocabulary is learned from
+    the log itself, which changes type ids only, never a feature value."""
+    featurizer = Featurizer(Vocabulary.learn((e.event_type for e in events), 1), TokenHasher())
+    order, _, feats = featurize_log(featurizer, events, ContextStore(), progress=progress)
+    return RuleInputs(events, _to_input_order(order, feats))
 
 
 def write_scores_csv(path: str, events: list[Event], risk: np.ndarray, actions: np.ndarray,
-                     model_version: str) -> None:
+                     model_version: str, rules: RuleOutcome | None = None, rules_version: str = "") -> None:
+    """One row per event. With `rules`, four columns more: the summed rule score, the rules that
+    fired (";"-joined), the final action (never below `action`, the model's) and the rules version."""
     tmp = f"{path}.tmp"
+    head = ["event_id", "user_id", "risk", "action", "model_version"]
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["event_id", "user_id", "risk", "action", "model_version"])
-        for ev, r, a in zip(events, risk.tolist(), actions.tolist()):
-            w.writerow([ev.event_id, ev.user_id, f"{r:.8f}", ACTIONS[a], model_version])
+        if rules is None:
+            w.writerow(head)
+            for ev, r, a in zip(events, risk.tolist(), actions.tolist()):
+                w.writerow([ev.event_id, ev.user_id, f"{r:.8f}", ACTIONS[a], model_version])
+        else:
+            w.writerow(head + ["rule_score", "rules_fired", "final_action", "rules_version"])
+            for ev, r, a, sc, fired, fa in zip(events, risk.tolist(), actions.tolist(), rules.score.tolist(),
+                                               rules.fired_lists(), rules.action.tolist()):
+                w.writerow([ev.event_id, ev.user_id, f"{r:.8f}", ACTIONS[a], model_version, f"{sc:g}",
+                            ";".join(fired), ACTIONS[fa], rules_version])
     os.replace(tmp, path)
 
 

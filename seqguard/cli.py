@@ -1,4 +1,4 @@
-"""`seqguard` command line: generate, train, score-file, evaluate, export, up, retrain, drift, demo.
+"""`seqguard` command line: generate, train, score-file, evaluate, backtest, export, up, retrain, drift, demo.
 
 Heavy imports (torch, sklearn, grpc) happen inside each subcommand so `--help` is instant and
 the gateway never imports torch.
@@ -90,25 +90,37 @@ def cmd_score_file(args) -> int:
     from .artifact import ModelArtifact
     from .batch import score_events, write_scores_csv
     t0 = time.time()
+    rules = None
+    if args.rules:
+        if args.engine == "ray":
+            raise ValueError("--rules runs with --engine local only (the Ray engine returns risk and actions only)")
+        from .rules import load_rules
+        rules = load_rules(args.rules)  # fail before reading a large log on a bad rules file
     if args.engine == "ray":
         from .ray_engine import import_ray
         import_ray()                    # fail before reading a large log when Ray is not installed
     if args.chunk_events < 1:
         raise ValueError(f"--chunk-events must be >= 1, got {args.chunk_events}")
     model = ModelArtifact.load(args.model)
-    n = _stream_score_file(model, args) if args.engine == "local" else None
+    # streamed in bounded memory when it can be; rules (evaluated over the whole log) and Ray read it whole
+    n = _stream_score_file(model, args) if args.engine == "local" and rules is None else None
     if n is None:
         events = _read(args.input, args)
         t1 = time.time()
+        outcome = None
         if args.engine == "ray":
             from .ray_engine import RayConfig, score_events_ray
             risk, actions = score_events_ray(model, events,
                                              RayConfig(address=args.ray_address, partitions=args.partitions),
                                              log=lambda m: print(m, file=sys.stderr))
+        elif rules is not None:
+            from .batch import score_events_with_rules
+            risk, actions, outcome = score_events_with_rules(model, events, rules, progress=not args.quiet)
         else:
             risk, actions, _ = score_events(model, events, progress=not args.quiet)
         t2 = time.time()
-        write_scores_csv(args.output, events, risk, actions, model.model_version)
+        write_scores_csv(args.output, events, risk, actions, model.model_version, outcome,
+                         rules.version_tag if rules is not None else "")
         n = len(events)
         print(f"  read {t1 - t0:.1f}s, score {t2 - t1:.1f}s ({n / max(t2 - t1, 1e-9):,.0f} events/s), "
               f"write {time.time() - t2:.1f}s", file=sys.stderr)
@@ -142,6 +154,11 @@ def _stream_score_file(model, args) -> int | None:
 def cmd_evaluate(args) -> int:
     from training.evaluate import main_evaluate
     return main_evaluate(args)
+
+
+def cmd_backtest(args) -> int:
+    from training.backtest import main_backtest
+    return main_backtest(args)
 
 
 def cmd_export(args) -> int:
@@ -240,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="artifact directory written by `seqguard train`")
     s.add_argument("--input", required=True)
     s.add_argument("--output", required=True, help="CSV: event_id,user_id,risk,action,model_version")
+    s.add_argument("--rules", default=None, metavar="RULES.toml",
+                   help="also evaluate a rules file (e.g. configs/rules/default.toml) on every event, as the gateway "
+                        "does: adds the columns rule_score, rules_fired (;-joined), final_action (the model's action "
+                        "raised by the rules) and rules_version. Without it the CSV is unchanged")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="local (default): this process; ray: partition by user over a Ray cluster (needs the "
@@ -265,8 +286,31 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--thresholds", default=None,
                    help="TOML/JSON file: target FPR per action; report precision/recall at those cut-offs "
                         "instead of the artifact's")
+    e.add_argument("--rules", default=None, metavar="RULES.toml",
+                   help="also report a rules file: the rules alone, the model alone and their combination (the "
+                        "gateway's final action: the stronger of the two) at each action, and precision / recall "
+                        "per rule")
     _add_input_opts(e)
     e.set_defaults(fn=cmd_evaluate)
+
+    b = sub.add_parser("backtest", help="how a rules file would have behaved on a past log: hits per rule per day, "
+                                        "users hit, overlap with the model, precision/recall with labels",
+                       description="Backtest a rules file (configs/rules/default.toml is the shipped pack) on an event "
+                                   "log: per rule the hits, hits per day, the share of users hit, with --model the "
+                                   "overlap with the model's alerts, with --labels precision and recall; then the pack "
+                                   "as a whole per action, and with --compare a second rules file side by side. Writes "
+                                   "backtest.md and backtest.json. Rules that read only featuriser outputs and event "
+                                   "fields need no model; without --model the ones that read risk or a model reason "
+                                   "are listed as not evaluated.")
+    b.add_argument("--rules", required=True, metavar="RULES.toml", help="the rules file to backtest (A)")
+    b.add_argument("--events", required=True, help="event log (.jsonl, .csv, .parquet; schema v1)")
+    b.add_argument("--labels", default=None, help="optional labels (.jsonl, one per event): precision / recall")
+    b.add_argument("--model", default=None, help="optional artifact directory: risk, reasons and model alerts")
+    b.add_argument("--compare", default=None, metavar="RULES2.toml", help="a second rules file (B), side by side")
+    b.add_argument("--out", required=True, help="directory for backtest.md and backtest.json")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_input_opts(b)
+    b.set_defaults(fn=cmd_backtest)
 
     x = sub.add_parser("export", help="(re-)export a trained encoder into a Triton model repository (ONNX, TensorRT)")
     x.add_argument("--model", required=True)
@@ -351,8 +395,9 @@ def main(argv=None) -> int:
         return 130
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         from .artifact import ArtifactError
+        from .rules import RulesError
         from .schema import SchemaError
-        if isinstance(e, (SchemaError, ArtifactError, FileNotFoundError)) or os.environ.get("SEQGUARD_DEBUG") is None:
+        if isinstance(e, (SchemaError, ArtifactError, RulesError, FileNotFoundError)) or os.environ.get("SEQGUARD_DEBUG") is None:
             print(f"seqguard {args.command}: error: {e}", file=sys.stderr)
             return 2
         raise

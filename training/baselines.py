@@ -1,8 +1,9 @@
 """Two baselines scored on the same events as the model, for `seqguard evaluate`.
 
-* `hand_rules_score`: what a fraud rule engine does. Hand-written rules over the SHARED
-  featuriser's outputs (so the rules see exactly the signals the model sees), each rule hit
-  adding a hand-chosen weight. Nothing is fitted, least of all to labels.
+* `hand_rules_score`: what a fraud rule engine does. The shipped rules pack
+  (configs/rules/default.toml, evaluated by seqguard/rules.py) over the SHARED featuriser's
+  outputs (so the rules see exactly the signals the model sees), each rule hit adding a
+  hand-chosen score. Nothing is fitted, least of all to labels.
 * `user_aggregate_iforest_score`: the classic "aggregate features + IsolationForest" set-up:
   per-user (and per-device / per-IP) aggregates computed cumulatively up to and including
   each event, an IsolationForest fitted unsupervised on the evaluated log itself. Fully
@@ -12,120 +13,43 @@ Both return one float per event, higher = riskier, in INPUT order.
 """
 from __future__ import annotations
 
-import math
+import functools
 from typing import Sequence
 
 import numpy as np
 
 from seqguard.featurizer import ACCOUNT_CHANGES, FEATURE_INDEX, HOUR_MS, ip_prefix
+from seqguard.rules import DEFAULT_RULES_PATH, RuleInputs, RuleSet, load_rules
 from seqguard.schema import Event
 
-PAYMENT_ATTEMPTS = frozenset({"payment", "payment_failed", "checkout"})
+
+@functools.lru_cache(maxsize=1)
+def default_rules() -> RuleSet:
+    """The shipped rules pack (configs/rules/default.toml): today's hand rules, loaded once."""
+    return load_rules(DEFAULT_RULES_PATH)
 
 
-def _lg(x: float) -> float:
-    """The featuriser stores counters as log1p(count): compare against log1p(threshold)."""
-    return math.log1p(x)
-
-
-# (rule name, weight). Weights are hand-chosen severities: a single weak signal (a new device)
-# never outweighs a strong one (a failure burst, a device shared by many accounts), and the
-# classic takeover combination (new device AND new country, account change right before
-# paying) gets its own bonus. NOT fitted to labels.
-RULES: tuple[tuple[str, float], ...] = (
-    ("velocity_1m_ge_10", 2.0),            # >= 10 events in the last minute
-    ("velocity_1m_ge_30", 1.0),            # ... and >= 30 (stacks)
-    ("velocity_1h_ge_120", 1.5),           # >= 120 events in the last hour
-    ("new_device", 1.0),
-    ("new_country", 1.5),
-    ("new_ip_prefix", 0.5),
-    ("new_device_and_new_country", 2.0),   # bonus on top of the two above
-    ("login_failures_1h_ge_3", 2.0),
-    ("login_failures_1h_ge_10", 1.5),
-    ("payment_failures_1h_ge_2", 2.0),
-    ("payment_failures_1h_ge_5", 1.5),
-    ("failure_ratio_1h_ge_0.5", 1.0),      # >= half of last hour's events failed (and >= 2 failures)
-    ("account_change_before_payment", 2.5),  # account change < ~1 h before a payment attempt
-    ("account_change_on_new_device", 1.5),   # account change from a device never seen before
-    ("amount_z_ge_3", 1.5),                # payment amount >= 3 sd above the user's (log) history
-    ("amount_3x_user_max", 1.0),           # payment amount > 3x the user's previous max
-    ("first_payment_high_amount", 1.0),    # first ever payment > 500
-    ("payments_24h_ge_6", 1.0),
-    ("coupons_24h_ge_3", 1.5),
-    ("review_without_purchase", 1.5),
-    ("reviews_far_exceed_purchases", 1.0),
-    ("device_accounts_24h_ge_4", 2.0),     # many accounts on one device
-    ("device_new_accounts_24h_ge_3", 1.5),
-    ("ip_accounts_24h_ge_10", 1.5),        # many accounts on one IP
-    ("prefix_accounts_24h_ge_25", 0.5),    # /24 prefix: carrier NAT makes this weak
-    ("device_login_failures_1h_ge_5", 1.5),
-    ("ip_login_failures_1h_ge_10", 1.5),
-    ("machine_regular_timing", 1.0),       # gap std < 0.15 (log s) after >= 20 events
-)
-RULE_WEIGHTS = dict(RULES)
-
-
-def rule_hits(events: Sequence[Event], feats: np.ndarray) -> dict[str, np.ndarray]:
-    """Boolean hit vector per rule (input order); `feats` are featuriser rows in INPUT order."""
-    F = np.asarray(feats, np.float64)
+def rule_hits(events: Sequence[Event], feats: np.ndarray, rules: RuleSet | None = None) -> dict[str, np.ndarray]:
+    """Boolean hit vector per rule of `rules` (default: the shipped pack), INPUT order;
+    `feats` are featuriser rows in INPUT order."""
+    rules = rules or default_rules()
+    F = np.asarray(feats)
     if F.ndim != 2 or len(F) != len(events):
         raise ValueError(f"feats must be [n_events, n_features], got {F.shape} for {len(events)} events")
-    c = {name: F[:, i] for name, i in FEATURE_INDEX.items()}
-    et = np.array([e.event_type for e in events], dtype=object)
-    pay = np.isin(et, list(PAYMENT_ATTEMPTS))
-    change = np.isin(et, list(ACCOUNT_CHANGES))
-    payment_amt = pay & (c["has_amount"] > 0)
-    fails_1h = np.expm1(c["log_login_failed_1h"]) + np.expm1(c["log_payment_failed_1h"])
-    ev_1h = np.maximum(np.expm1(c["log_events_1h"]), 1.0)
-    n_before = np.expm1(c["log_n_events"])
-    hits = {
-        "velocity_1m_ge_10": c["log_events_1m"] >= _lg(10) - 1e-6,
-        "velocity_1m_ge_30": c["log_events_1m"] >= _lg(30) - 1e-6,
-        "velocity_1h_ge_120": c["log_events_1h"] >= _lg(120) - 1e-6,
-        "new_device": c["new_device"] > 0.5,
-        "new_country": c["new_country"] > 0.5,
-        "new_ip_prefix": c["new_ip_prefix"] > 0.5,
-        "new_device_and_new_country": (c["new_device"] > 0.5) & (c["new_country"] > 0.5),
-        "login_failures_1h_ge_3": c["log_login_failed_1h"] >= _lg(3) - 1e-6,
-        "login_failures_1h_ge_10": c["log_login_failed_1h"] >= _lg(10) - 1e-6,
-        "payment_failures_1h_ge_2": c["log_payment_failed_1h"] >= _lg(2) - 1e-6,
-        "payment_failures_1h_ge_5": c["log_payment_failed_1h"] >= _lg(5) - 1e-6,
-        "failure_ratio_1h_ge_0.5": (fails_1h >= 2.0 - 1e-6) & (fails_1h / ev_1h >= 0.5),
-        # recent_account_change = exp(-dt / 1 h) since the last account change: > 0.37 is < 1 h
-        "account_change_before_payment": pay & (c["recent_account_change"] > math.exp(-1.0)),
-        "account_change_on_new_device": change & (c["new_device"] > 0.5),
-        "amount_z_ge_3": payment_amt & (c["amount_z"] >= 3.0),
-        "amount_3x_user_max": payment_amt & (c["amount_vs_max"] >= math.log(3.0)),
-        "first_payment_high_amount": payment_amt & (c["log_payments_24h"] <= _lg(1) + 1e-6)
-        & (c["amount_z"] == 0.0) & (c["log_amount"] >= _lg(500)),
-        "payments_24h_ge_6": c["log_payments_24h"] >= _lg(6) - 1e-6,
-        "coupons_24h_ge_3": c["log_coupons_24h"] >= _lg(3) - 1e-6,
-        "review_without_purchase": c["review_without_purchase"] > 0.5,
-        "reviews_far_exceed_purchases": (et == "review") & (c["review_vs_purchase"] >= math.log(3.0)),
-        "device_accounts_24h_ge_4": c["log_device_accounts_24h"] >= _lg(4) - 1e-6,
-        "device_new_accounts_24h_ge_3": c["log_device_new_accounts_24h"] >= _lg(3) - 1e-6,
-        "ip_accounts_24h_ge_10": c["log_ip_accounts_24h"] >= _lg(10) - 1e-6,
-        "prefix_accounts_24h_ge_25": c["log_prefix_accounts_24h"] >= _lg(25) - 1e-6,
-        "device_login_failures_1h_ge_5": c["log_device_failed_1h"] >= _lg(5) - 1e-6,
-        "ip_login_failures_1h_ge_10": c["log_ip_failed_1h"] >= _lg(10) - 1e-6,
-        "machine_regular_timing": (n_before >= 20 - 1e-6) & (c["gap_std"] < 0.15),
-    }
-    assert set(hits) == set(RULE_WEIGHTS), "every rule needs a weight"
-    return hits
+    out = rules.evaluate(RuleInputs(events, F))
+    return {name: out.hits[:, k] for k, name in enumerate(out.names)}
 
 
-def hand_rules_score(events: Sequence[Event], feats_in_input_order: np.ndarray) -> np.ndarray:
-    """Weighted sum of rule hits per event (input order), higher = riskier.
+def hand_rules_score(events: Sequence[Event], feats_in_input_order: np.ndarray,
+                     rules: RuleSet | None = None) -> np.ndarray:
+    """Summed rule score per event (input order), higher = riskier; `rules` default: the shipped pack.
 
     A rule engine's score is coarse (many ties); a tiny tie-break (< 0.05 in total, far below
     the smallest rule weight) orders equal rule scores by velocity and failures, as an analyst
     sorting a queue would. It never changes the order between different rule scores.
     """
-    hits = rule_hits(events, feats_in_input_order)
-    score = np.zeros(len(events), np.float64)
-    for name, w in RULES:
-        score += w * hits[name]
     F = np.asarray(feats_in_input_order, np.float64)
+    score = (rules or default_rules()).evaluate(RuleInputs(events, F)).score
     if len(F):
         tb = (F[:, FEATURE_INDEX["log_events_1m"]] + F[:, FEATURE_INDEX["log_login_failed_1h"]]
               + F[:, FEATURE_INDEX["log_payment_failed_1h"]] + F[:, FEATURE_INDEX["log_device_accounts_24h"]])

@@ -38,6 +38,8 @@ SCORER_LABELS = {
     "seqguard_event_only": "seqguard, each event alone (no session stage)",
     "hand_rules": "hand rules",
     "user_agg_iforest": "user aggregates + IForest",
+    "rules": "rules file (--rules): its action, then its score",
+    "seqguard_with_rules": "seqguard + rules (the gateway's final action, then risk)",
 }
 
 
@@ -429,7 +431,8 @@ def _report_md(metrics: dict, summary: str) -> str:
           "including *i*); scores are compared with the per-event labels of the generator / analyst.",
           "- **seqguard**: `seqguard.batch.score_events` (shared featuriser replayed in global time order, the "
           "exported ONNX step encoder, PCA + IsolationForest + calibration, then the session stage: at least the running average of the user's earlier event anomalies) - the same numbers the online gateway serves.",
-          "- **hand rules** (`training.baselines.hand_rules_score`): weighted sum of hand-written rule hits "
+          "- **hand rules** (`training.baselines.hand_rules_score`): the summed score of the shipped rules pack "
+          "(configs/rules/default.toml, `seqguard.rules`): hand-written rule hits "
           "(velocity, new device / country, failure bursts, account change before payment, amount vs the user's "
           "history, many accounts per device / IP, ...) over the shared featuriser's outputs; weights hand-chosen, "
           "not fitted.",
@@ -599,6 +602,10 @@ def main_evaluate(args) -> int:
     t = time.time()
     model = ModelArtifact.load(args.model)
     labels = read_labels(args.labels)                 # first: a malformed label fails fast
+    rules = None
+    if getattr(args, "rules", None):
+        from seqguard.rules import load_rules
+        rules = load_rules(args.rules)                # and so does a malformed rules file
     if getattr(args, "thresholds", None):
         from .thresholds import load_action_fpr
         load_action_fpr(args.thresholds)              # and so does a malformed thresholds file
@@ -625,12 +632,18 @@ def main_evaluate(args) -> int:
         event_only[enc.order] = stage1_scores(model.detector, enc.emb, enc.surprise, enc.feats, enc.type_ids)
 
     t = time.time()
-    rules = hand_rules_score(events, feats_in)
+    hand = hand_rules_score(events, feats_in)
     timings["hand_rules"] = time.time() - t
     t = time.time()
     seed = int(model.metadata.get("training", {}).get("config", {}).get("seed", 0))
     agg = user_aggregate_iforest_score(events, seed=seed)
     timings["user_agg_iforest"] = time.time() - t
+
+    rule_scores, rule_outcome = {}, None
+    if rules is not None:
+        t = time.time()
+        rule_scores, rule_outcome = _rules_scores(model, events, enc, risk, rules)
+        timings["rules"] = time.time() - t
 
     tr = model.metadata.get("training", {})
     info = {"events_file": os.path.abspath(args.events), "labels_file": os.path.abspath(args.labels),
@@ -639,7 +652,7 @@ def main_evaluate(args) -> int:
     t = time.time()
     labels_aligned = list(zip(y.tolist(), family.tolist(), variant.tolist()))
     scores = {MODEL_KEY: risk, **({"seqguard_event_only": event_only} if event_only is not None else {}),
-              "hand_rules": rules, "user_agg_iforest": agg}
+              "hand_rules": hand, "user_agg_iforest": agg, **rule_scores}
     timings_view = {k: round(v, 2) for k, v in timings.items()}
     info["timings_s"] = timings_view
     thresholds = model.detector.thresholds
@@ -652,8 +665,40 @@ def main_evaluate(args) -> int:
         info["thresholds_target_fpr"] = fpr
     metrics = evaluate(events, labels_aligned, scores, thresholds, args.report,
                        model_version=model.model_version, info=info)
+    if rule_outcome is not None:
+        _append_rules_section(metrics, args.report, rules, rule_outcome, events, y, model.detector.action_codes(risk))
     timings_view["evaluate_and_report"] = round(time.time() - t, 2)
     # rewrite metrics.json with the final timing (report.md shows the scoring timings)
     Path(args.report, "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
     print("timings (s): " + ", ".join(f"{k} {v}" for k, v in timings_view.items()), file=sys.stderr)
     return 0
+
+
+# --------------------------------------------------------------------------- --rules
+
+def _rules_scores(model, events, enc, risk, rules) -> tuple[dict, object]:
+    """The rules file as two scorers: the rules alone (their action, ties broken by their score)
+    and the combination the gateway answers (the final action, ties broken by the model's risk)."""
+    from seqguard.batch import rule_inputs_from_encoded
+    outcome = rules.evaluate(rule_inputs_from_encoded(model, events, enc, risk, rules),
+                             model.detector.action_codes(risk))
+    # both tie-breaks stay inside [0, 1): they never move an event across an action level
+    alone = outcome.rule_action + 0.5 + 0.49 * np.tanh(outcome.score / 10.0)
+    combined = outcome.action + 0.999 * np.clip(risk, 0.0, 1.0)
+    return {"rules": alone.astype(np.float64), "seqguard_with_rules": combined.astype(np.float64)}, outcome
+
+
+def _append_rules_section(metrics: dict, report_dir, rules, outcome, events, y, model_action) -> None:
+    """report.md gets the backtest view (per action: model, rules, combination; per rule: hits,
+    precision, recall); metrics.json gets the same numbers under "rules"."""
+    from .backtest import LogView, _pack_table, _rule_table, pack_stats, rule_stats
+    v = LogView.build(events, y, model_action)
+    file = {"source": rules.source, "version": rules.version_tag, "rules": rule_stats(rules, outcome, v),
+            "pack": pack_stats(outcome, v)}
+    metrics["rules"] = file
+    L = ["", f"## Rules: `{rules.source}` ({rules.version_tag})", "",
+         "Per action: the model alone (risk >= its threshold), the rules alone (minimum actions and score "
+         "thresholds) and their combination, the gateway's final action (the stronger of the two).", ""]
+    L += _pack_table([file], True, True) + ["", "### Per rule", ""] + _rule_table(file, True, True) + [""]
+    path = Path(report_dir)
+    (path / "report.md").write_text((path / "report.md").read_text() + "\n".join(L))

@@ -105,7 +105,7 @@ class Reason(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., weight: _Optional[float] = ..., event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("event_id", "risk", "action", "reasons", "model_version", "status", "status_detail", "sequence")
+    __slots__ = ("event_id", "risk", "action", "reasons", "model_version", "status", "status_detail", "sequence", "rules")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     RISK_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,7 @@ class ScoreResponse(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     STATUS_DETAIL_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     risk: float
     action: Action
@@ -122,7 +123,8 @@ class ScoreResponse(_message.Message):
     status: Status
     status_detail: str
     sequence: int
-    def __init__(self, event_id: _Optional[str] = ..., risk: _Optional[float] = ..., action: _Optional[_Union[Action, str]] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., model_version: _Optional[str] = ..., status: _Optional[_Union[Status, str]] = ..., status_detail: _Optional[str] = ..., sequence: _Optional[int] = ...) -> None: ...
+    rules: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, event_id: _Optional[str] = ..., risk: _Optional[float] = ..., action: _Optional[_Union[Action, str]] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., model_version: _Optional[str] = ..., status: _Optional[_Union[Status, str]] = ..., status_detail: _Optional[str] = ..., sequence: _Optional[int] = ..., rules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class IngestSummary(_message.Message):
     __slots__ = ("accepted", "rejected", "errors")
