@@ -19,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .schema import (MAX_STR_LEN, MAX_TS_MS, MIN_TS_MS, OPTIONAL_STR, REQUIRED, Event, ReadReport, SchemaError,
+from .schema import (MAX_AMOUNT, MAX_STR_LEN, MAX_TS_MS, MIN_TS_MS, OPTIONAL_STR, REQUIRED, Event, ReadReport, SchemaError,
                      read_events, validate_event)
 
 BLOCK_LINES = 65536                 # lines per pyarrow call: ~16 MB of a typical log
@@ -93,7 +93,7 @@ def _fast_block(block: bytes, lines: list[bytes], schema, at_start: bool) -> lis
 
 def _valid(t) -> bool:
     """validate_event's rules, per column: required present and non-empty, ids <= MAX_STR_LEN
-    characters, ts in range, amount finite and >= 0 where given."""
+    characters, ts in range, amount finite and in [0, MAX_AMOUNT] where given."""
     import pyarrow.compute as pc
     for name in REQUIRED:
         if t.column(name).null_count:
@@ -112,7 +112,7 @@ def _valid(t) -> bool:
         return False
     amount = t.column("amount").to_numpy(zero_copy_only=False)
     given = amount[~np.isnan(amount)]
-    return bool(np.all(np.isfinite(given)) and np.all(given >= 0))
+    return bool(np.all(np.isfinite(given)) and np.all(given >= 0) and np.all(given <= MAX_AMOUNT))
 
 
 def _exact_rows(lines: list[str], first_line: int, on_bad_row: str, report: ReadReport,

@@ -98,7 +98,7 @@ def test_amount_bits_equal_python_float_parsing(tmp_path):
     """pyarrow's decimal-to-double conversion rounds as Python's float() does (bit for bit)."""
     rng = random.Random(7)
     amounts = ([round(rng.uniform(0, 5000), rng.randint(0, 6)) for _ in range(3000)]
-               + [rng.uniform(0, 1e-300) for _ in range(200)] + [2.0 ** 53 + 1, 1e308, 0.1, 4.35, 2.675])
+               + [rng.uniform(0, 1e-300) for _ in range(200)] + [999_999_999.999_999_9, 1e9, 0.1, 4.35, 2.675])
     path = tmp_path / "a.jsonl"
     path.write_text("".join(_line(i, amount=a) + "\n" for i, a in enumerate(amounts)))
     a, b, _, _ = _both(path, "error", 65536)
@@ -111,3 +111,11 @@ def test_generated_log_identical(small_log, fast_blocks):
     a, b, r1, r2 = _both(small_log[0], "error", 4096)
     assert len(a) > 10_000 and a == b and r2.kept == len(a)
     assert fast_blocks["exact"] == 0 and fast_blocks["fast"] >= 3
+
+
+def test_amount_above_the_bound_is_a_bad_row_in_both_readers(tmp_path):
+    """schema.MAX_AMOUNT: the columnar reader must not let through what the row reader rejects."""
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(_line(i, amount=a) + "\n" for i, a in enumerate([5.0, 1e9 + 1, 7.0])))
+    a, b, r1, r2 = _both(path, "skip", 65536)
+    assert a == b and len(a) == 2 and r1.skipped == r2.skipped == {"amount: must be at most 1e+09": 1}
