@@ -10,11 +10,13 @@ from .config import ReviewConfig
 
 
 def review_tokens(settings, run_dir: Path, log=print) -> list[bytes]:
-    """The gateway's tokens; with none configured, a generated one in run_dir/review.token (mode 600).
+    """The gateway's ADMIN tokens (the app writes labels and holds, the admin RPCs' job); with none
+    configured, a generated one in run_dir/review.token (mode 600).
 
-    Never an open console: alerts and labels are sensitive, so no token means a fresh one, not no auth.
+    A scoring token never opens it (a compromised payment client must not label or release), and
+    there is no open console: no admin token means a fresh one only the operator can read.
     """
-    tokens = settings.auth_tokens()
+    tokens = settings.admin_tokens()
     if tokens:
         return tokens
     path = run_dir / "review.token"
@@ -23,7 +25,7 @@ def review_tokens(settings, run_dir: Path, log=print) -> list[bytes]:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(32) + "\n")
-    log(f"no SEQGUARD_AUTH_TOKEN[_FILE] set: log in with the token in {path}")
+    log(f"no SEQGUARD_ADMIN_TOKEN[_FILE] set: log in with the token in {path}")
     return [path.read_bytes().strip()]
 
 
