@@ -50,26 +50,26 @@ ALERTS = [
 
 
 class ReviewServerThread:
-    def __init__(self, settings):
-        import uvicorn
+    """gateway.review.serve.ReviewServer (what `seqguard review` runs) in its own thread and event loop."""
 
-        from gateway.review.app import create_app
+    def __init__(self, settings):
+        import asyncio
+
         from gateway.review.config import ReviewConfig
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        app = create_app(settings, ReviewConfig(port=port), settings.admin_tokens())
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        from gateway.review.serve import ReviewServer
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        end = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > end or not self.thread.is_alive():
-                raise RuntimeError("review app did not start")
-            time.sleep(0.05)
+        self.review = ReviewServer(settings, ReviewConfig(port=free_port()), settings.admin_tokens())
+        self.url = asyncio.run_coroutine_threadsafe(self.review.start(), self.loop).result(30).rstrip("/")
 
     def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
+        import asyncio
+        try:
+            asyncio.run_coroutine_threadsafe(self.review.stop(), self.loop).result(20)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
 
 
 @pytest.fixture
@@ -288,3 +288,25 @@ def test_review_app_answers_503_when_redis_is_down():
             assert exc.value.code == 503 and "Redis unavailable" in exc.value.read().decode()
     finally:
         srv.stop()
+
+
+def test_seqguard_review_command_prints_its_url_and_stops_on_sigterm(redis_server, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    port = free_port()
+    env = dict(os.environ, SEQGUARD_REDIS_PORT=str(redis_server.port))
+    for k in ("SEQGUARD_CONFIG", "SEQGUARD_ADMIN_TOKEN", "SEQGUARD_ADMIN_TOKEN_FILE"):
+        env.pop(k, None)
+    proc = subprocess.Popen([sys.executable, "-m", "seqguard.cli", "review", "--port", str(port),
+                             "--run-dir", str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        lines = [proc.stdout.readline(), proc.stdout.readline()]
+        assert str(tmp_path / "review.token") in lines[0]               # no admin token: a generated one
+        assert f"review queue: http://127.0.0.1:{port}/" in lines[1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as resp:
+            assert resp.read() == b"ok"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, proc.stderr.read()[-2000:]
