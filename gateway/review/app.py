@@ -51,7 +51,8 @@ def create_app(settings, config: ReviewConfig, tokens: list[bytes]) -> Starlette
     serve.review_tokens)."""
     if not tokens:
         raise ValueError("the review app needs at least one admin token (SEQGUARD_ADMIN_TOKEN[_FILE])")
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined)
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+                             undefined=jinja2.StrictUndefined)
     env.filters["utc"] = lambda ms: time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ms / 1000))
     templates = Jinja2Templates(env=env)
     prefix = key_prefix(settings)
