@@ -3,7 +3,8 @@
 Default: gateway.up.LocalStack (the path `seqguard up`, the demo and the tests run), with
 the Redis AOF off (we measure serving, not disk). With --triton-url the gateway talks to an
 already running Triton (e.g. a GPU one) and only Redis is started here; that Triton's CPU is
-not counted in the server CPU then.
+not counted in the server CPU then. With --set encoder=local no Triton is involved: the gateway
+runs the model on ONNX Runtime in its own process.
 
     python -m bench.gateway_server --model DIR --run-dir DIR [--triton-url H:P --triton-model NAME]
                                    [--set coalesce_max_wait_us=200 ...]
@@ -31,7 +32,8 @@ def _overrides(pairs: list[str]) -> dict:
 async def serve(a) -> None:
     from gateway.up import LocalStack, ensure_key_file
     overrides = _overrides(a.set)
-    if a.triton_url:
+    local_encoder = overrides.get("encoder") == "local"
+    if a.triton_url or local_encoder:       # no Triton of our own: an external one, or none at all
         from pathlib import Path
 
         from gateway.server import Gateway
@@ -46,13 +48,15 @@ async def serve(a) -> None:
         try:
             await asyncio.to_thread(redis.wait_ready, 30)
             settings = Settings.load(model_dir=str(model.path), host="127.0.0.1", port=0, redis_port=redis.port,
-                                     triton_url=a.triton_url, triton_model=a.triton_model or model.triton_model_name,
+                                     triton_url=a.triton_url or "127.0.0.1:1",
+                                     triton_model=a.triton_model or model.triton_model_name,
                                      pseudonym_key_file=ensure_key_file(run_dir), **overrides)
             gw = Gateway(settings)
             port = await gw.start()
-            log(f"gateway on 127.0.0.1:{port} (external triton {a.triton_url})")
+            log(f"gateway on 127.0.0.1:{port} ("
+                f"{'local ONNX Runtime encoder' if local_encoder else 'external triton ' + a.triton_url})")
             announce({"port": port, "system": "gateway", "redis_pid": redis.pid, "redis_port": redis.port,
-                      "triton_pid": None, "triton_url": a.triton_url,
+                      "triton_pid": None, "triton_url": "" if local_encoder else a.triton_url,
                       "triton_model": settings.triton_model, "model_version": model.model_version,
                       "settings": {k: getattr(settings, k) for k in ("deadline_ms", "triton_timeout_ms",
                                    "coalesce_max_events", "coalesce_max_wait_us", "max_in_flight")}})

@@ -7,6 +7,7 @@ For each system (each in its own process, its server CPU metered from /proc):
   * echo     bench/echo_server.py   constant answer, the ceiling of Python gRPC here
   * gateway  bench/gateway_server.py  Redis + Triton + gateway (gateway.up.LocalStack), or the
              gateway + Redis against an external Triton (--triton-url, e.g. a GPU one)
+  * gateway_local  the same gateway + Redis with SEQGUARD_ENCODER=local (ONNX Runtime in-process)
   * naive    bench/naive_service.py   per-request full-window torch + sklearn, no batching
 it sweeps the arrival rates upwards with bench/loadgen.py (client processes, Poisson arrivals,
 latency from the scheduled send time) and stops once a step fails (p99 > --p99-ms, any gRPC
@@ -33,7 +34,7 @@ from .cpu import CpuMeter
 from .loadgen import LoadGenerator, format_step
 from .procs import ROOT, ServerProcess
 
-SYSTEMS = ("echo", "gateway", "naive")
+SYSTEMS = ("echo", "gateway", "gateway_local", "naive")
 DEFAULT_RATES = "25,50,100,200,300,400,500,600,800,1000,1200,1400,1600,2000,2400,3200,4000"
 TARGETS = {"rate_vs_echo": 0.7, "p50_half_rate_ms": 2.0, "rate_vs_naive": 5.0, "kept_pace_vs_naive": 5.0,
            "cpu_vs_echo": 2.0,
@@ -81,6 +82,11 @@ def server_process(system: str, a, out_dir: Path) -> ServerProcess:
     elif system == "naive":
         argv = [py, "-m", "bench.naive_service", "--model", str(a.model), "--port", "0",
                 "--window", str(a.naive_window), "--threads", str(a.naive_threads)]
+    elif system == "gateway_local":         # the same gateway with the model on ONNX Runtime in-process
+        argv = [py, "-m", "bench.gateway_server", "--model", str(a.model), "--run-dir",
+                str(out_dir / "gateway_local_run"), "--set", "encoder=local"]
+        for kv in a.gateway_set:
+            argv += ["--set", kv]
     elif system == "gateway":
         argv = [py, "-m", "bench.gateway_server", "--model", str(a.model), "--run-dir", str(out_dir / "gateway_run")]
         if a.triton_url:
@@ -97,7 +103,7 @@ def server_process(system: str, a, out_dir: Path) -> ServerProcess:
 def cpu_groups(system: str, info: dict) -> dict:
     pid = info["pid"]
     groups = {"server": ([pid], True)}            # the whole tree: gateway + redis + triton (+ stubs)
-    if system == "gateway":
+    if system.startswith("gateway"):
         groups["gateway"] = ([pid], False)        # the gateway process alone (all its threads)
         if info.get("redis_pid"):
             groups["redis"] = ([info["redis_pid"]], True)
@@ -313,7 +319,7 @@ def summarize(results: dict, a) -> dict:
         if redis:
             g["redis_bytes_per_user"] = redis["bytes_per_user"]
             checks["redis_bytes_per_user"] = redis["bytes_per_user"]
-    for name in ("echo", "naive"):
+    for name in ("echo", "naive", "gateway_local"):
         if name in out and e:
             out[name]["rate_vs_echo"] = ratio(out[name]["sustained_rps"], e["sustained_rps"])
             out[name]["cpu_vs_echo"] = ratio(out[name]["cpu_ms_per_req"], e["cpu_ms_per_req"])
@@ -449,7 +455,7 @@ def parse_args(argv=None):
     ap.add_argument("--rates", default=None, help=f"arrival rates, req/s, ascending (default {DEFAULT_RATES})")
     ap.add_argument("--duration", type=float, default=None, help="measured seconds per rate (default 10)")
     ap.add_argument("--warmup", type=float, default=None, help="warm-up seconds per rate, not counted (default 3)")
-    ap.add_argument("--systems", default=",".join(SYSTEMS), help="subset of echo,gateway,naive")
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"subset of {','.join(SYSTEMS)}")
     ap.add_argument("--triton-url", default="", help="gateway uses this Triton (gRPC host:port) instead of its own")
     ap.add_argument("--triton-model", default="", help="model name on --triton-url")
     ap.add_argument("--gateway-set", action="append", default=[], metavar="KEY=VALUE",
