@@ -373,8 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "labels, holds (prints its URL)", description=(
         "Serves the analysts' review queue (gateway/review/): open alerts sorted by risk with filters, a case page "
         "per pseudonymised user (risk over time, reasons and rules per alert, holds), and buttons that store "
-        "labels the way ReportOutcome does and release or confirm holds. Log in with the gateway's bearer token "
-        "(SEQGUARD_AUTH_TOKEN / SEQGUARD_AUTH_TOKEN_FILE). Redis: the gateway's settings (SEQGUARD_REDIS_*)."))
+        "labels the way ReportOutcome does and release or confirm holds. Log in with a gateway admin token "
+        "(SEQGUARD_ADMIN_TOKEN / SEQGUARD_ADMIN_TOKEN_FILE; with none, a generated one in <run-dir>/review.token). "
+        "Redis: the gateway's settings (SEQGUARD_REDIS_*)."))
     from gateway.review.serve import add_review_args
     add_review_args(rv)
     rv.set_defaults(fn=cmd_review)
