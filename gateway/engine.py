@@ -349,7 +349,7 @@ class ScoringEngine:
         st.session = 0.0                                # replayed through the steps below, too
         steps = []
         for e in reversed(st.ring):                     # the newest run of entries that carry features
-            if not e.feat:
+            if not len(e.feat):
                 break
             steps.append((self.featurizer.vocab.id(e.event_type), unpack_features(e.feat, self.n_features), NO_ANSWER))
         st.pending = steps[::-1]

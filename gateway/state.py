@@ -174,7 +174,8 @@ class Pseudonymizer:
 
 
 class RingEntry(NamedTuple):
-    """One recent event. `feat`: its packed feature row (pack_features) or b"" beyond rebuild_steps."""
+    """One recent event. `feat`: its packed feature row (pack_features; a float32 array until the
+    entry is first written) or b"" beyond rebuild_steps."""
     event_id: str
     event_type: str
     ts: int
@@ -245,9 +246,11 @@ def unpack_features(raw: bytes, n_features: int) -> np.ndarray:
 
 
 def ring_entry(event_id: str, event_type: str, ts: int, feats: np.ndarray | None = None) -> RingEntry:
+    """A new ring entry. Its feature row stays an array until a write packs it (pack_ring), and only
+    if it is still among the newest `rebuild_steps` then: most rows are pushed out unpacked."""
     e, t = event_id.encode("utf-8", "surrogatepass"), event_type.encode("utf-8", "surrogatepass")
     head = _varint(len(e)) + e + _varint(len(t)) + t + _varint(ts)
-    return RingEntry(event_id, event_type, ts, pack_features(feats) if feats is not None else b"", head)
+    return RingEntry(event_id, event_type, ts, feats if feats is not None else b"", head)
 
 
 def pack_ring(ring: list, rebuild_steps: int) -> bytes:
@@ -260,6 +263,8 @@ def pack_ring(ring: list, rebuild_steps: int) -> bytes:
     for k, e in enumerate(ring):
         head = e.head or ring_entry(e.event_id, e.event_type, e.ts).head
         f = e.feat if k >= keep_from else b""
+        if isinstance(f, np.ndarray):
+            f = pack_features(f)
         parts += (head, _varint(len(f)), f)
     return b"".join(parts)
 
