@@ -60,7 +60,8 @@ def _read(path: str, args) -> list:
 
 def cmd_generate(args) -> int:
     from training.generate import main_generate
-    main_generate(users=args.users, seed=args.seed, out=args.out, labels=args.labels, days=args.days)
+    main_generate(users=args.users, seed=args.seed, out=args.out, labels=args.labels, days=args.days,
+                  world=args.world)
     return 0
 
 
@@ -182,7 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="write a synthetic labelled event log (normal personas, attacks, hard negatives)")
     g.add_argument("--users", type=int, default=2000)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--days", type=int, default=30)
+    g.add_argument("--days", type=int, default=None,
+                   help="log span in days (default 30, or with --world the world's own span)")
+    g.add_argument("--world", type=int, default=None, metavar="K",
+                   help="draw the generator's configuration from randomised world K (persona mix, look-alikes, "
+                        "attack prevalence and cadence, ring sizes and spread, event-type names, extra types, "
+                        "missing fields, log span; training/world_config.py); printed and written as "
+                        "<out>.world.json. Absent: the fixed configuration. --seed draws the users within it")
     g.add_argument("--out", required=True, help="events file (.jsonl, .csv or .parquet)")
     g.add_argument("--labels", default=None, help="labels file (.jsonl), one line per event")
     g.set_defaults(fn=cmd_generate)
