@@ -31,8 +31,9 @@ def test_summarise_takes_the_worst_world_and_margin():
 @pytest.mark.slow
 def test_harness_end_to_end_one_tiny_world(tmp_path):
     out = tmp_path / "run"
-    rc = main(["--worlds", "1", "--design", "1", "--users", "250", "--test-users", "150", "--out", str(out),
-               "--train-args", "--epochs 1 --trees 20 --hidden 16"])
+    argv = ["--worlds", "1", "--design", "1", "--users", "250", "--test-users", "150", "--out", str(out),
+            "--train-args", "--epochs 1 --trees 20 --hidden 16"]
+    rc = main(argv)
     assert rc == 0
     md = (out / "worlds.md").read_text()
     report = json.loads((out / "worlds.json").read_text())
@@ -47,7 +48,9 @@ def test_harness_end_to_end_one_tiny_world(tmp_path):
     scores = (out / "w1" / "scores.csv").read_text().splitlines()
     assert len(scores) - 1 == res["data"]["test_events"]
     assert (tmp_path / "worlds_data" / "w1" / "test_u150.world.json").exists()
-    # a second run reuses the finished world instead of retraining it
+    # a second run reuses the finished world instead of retraining it; other train args retrain it
     mtime = (out / "w1" / "result.json").stat().st_mtime
-    assert main(["--worlds", "1", "--design", "1", "--users", "250", "--test-users", "150", "--out", str(out)]) == 0
+    assert main(argv) == 0
     assert (out / "w1" / "result.json").stat().st_mtime == mtime
+    assert main(argv[:-1] + ["--epochs 1 --trees 10 --hidden 16"]) == 0
+    assert json.loads((out / "w1" / "result.json").read_text())["train_args"][-3] == "10"
