@@ -37,6 +37,10 @@ def _add_training_opts(p) -> None:
                         "events is a floor under the forests' score: the 7-day count of OTHER accounts with failed "
                         "logins on the device, for logins; the fast timing regularity, for browsing events. They "
                         "catch slow credential-stuffing rings and crawlers; docs/results/tail_forest.md, Session 8)")
+    p.add_argument("--user-cap", type=float, default=0.0, metavar="F",
+                   help="contamination-robust fitting: in every forest sample and calibration table each account "
+                        "keeps at most F x the median account's events (at least 20), so a few heavy accounts "
+                        "(crawler fleets, scripts) cannot define normal (default 0 = off; training/robust_fit.py)")
 
 
 def _add_input_opts(p: argparse.ArgumentParser) -> None:
@@ -80,7 +84,8 @@ def cmd_train(args) -> int:
                       max_train_minutes=args.max_train_minutes, n_estimators=args.trees,
                       action_fpr=_train_action_fpr(args),
                       threads=args.threads, session_alpha=args.session_alpha,
-                      tail_forest=not args.no_tail_forest, signal_floors=not args.no_signal_floors)
+                      tail_forest=not args.no_tail_forest, signal_floors=not args.no_signal_floors,
+                      user_cap=args.user_cap)
     train(args.events, args.out, cfg, labels_path=args.labels, column_map=parse_column_map(args.column_map),
           on_bad_row=args.on_bad_row)
     return 0
@@ -140,7 +145,7 @@ def cmd_retrain(args) -> int:
     cfg = TrainConfig(hidden=args.hidden or live.hidden, epochs=args.epochs, seed=args.seed, n_estimators=args.trees,
                       max_train_minutes=args.max_train_minutes, threads=args.threads,
                       session_alpha=args.session_alpha, tail_forest=not args.no_tail_forest,
-                      signal_floors=not args.no_signal_floors,
+                      signal_floors=not args.no_signal_floors, user_cap=args.user_cap,
                       action_fpr=dict(live.metadata.get("action_fpr") or TrainConfig().action_fpr))
     import json
     report = retrain(args.live, args.events, args.out, cfg, labels_path=args.labels, holdout_frac=args.holdout_frac,
