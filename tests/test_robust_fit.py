@@ -31,3 +31,32 @@ def test_capped_rows_is_seeded_and_random_within_an_account():
     heavy = a[users[a] == 0]
     assert len(heavy) == 20 and heavy.max() > 500           # not simply the first 20 events
     assert len(capped_rows(np.array([], np.int64), 2.0, 20, np.random.default_rng(0))) == 0
+
+
+def test_fit_detector_cap_keeps_a_heavy_account_from_defining_normal():
+    """One account with most of a group's events: per event it IS normal; capped, it is an outlier."""
+    from seqguard.detector import Detector, action_thresholds
+    from seqguard.featurizer import N_FEATURES
+    from training.train import TrainConfig, fit_detector
+
+    rng = np.random.default_rng(0)
+    n_normal_users, per_user, n_heavy = 400, 10, 12_000
+    n = n_normal_users * per_user + n_heavy
+    users = np.r_[np.repeat(np.arange(n_normal_users), per_user), np.full(n_heavy, n_normal_users)]
+    emb = rng.normal(0, 1, (n, 4))
+    emb[users == n_normal_users] = 4.0 + 0.01 * rng.normal(0, 1, (n_heavy, 4))   # a script: one tight spot
+    surprise = rng.normal(0, 1, (n, 2))
+    feats = np.zeros((n, N_FEATURES), np.float32)
+    tokens = ["<unk>", "view_item"]
+    type_ids = np.ones(n, np.int64)
+    heavy = users == n_normal_users
+
+    def heavy_risk(cap):
+        cfg = TrainConfig(n_estimators=50, max_samples=256, tail_forest=False, signal_floors=False, user_cap=cap)
+        f = fit_detector(cfg, emb, surprise, feats, type_ids, tokens, log=lambda m: None, user_idx=users)
+        det = Detector(np.zeros(4), np.eye(4), f.signal_cols, f.forests, f.calibrators, f.groups,
+                       action_thresholds(None))
+        return float(np.median(det.risk(emb[heavy], surprise[heavy], feats[heavy], type_ids[heavy])))
+
+    assert heavy_risk(0.0) < 0.9          # per event, the script is three quarters of "normal"
+    assert heavy_risk(3.0) > 0.99         # capped at 30 events it is rarer than 99% of training traffic

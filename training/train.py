@@ -267,7 +267,7 @@ def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_to
         out.calibrators.append(RiskCalibrator.fit(score[keep]))
         log(f"forest '{TYPE_GROUPS[g][0]}': fitted on {len(fit_rows)} of {len(rows)} events"
             + (f" ({len(keep)} after the per-account cap)" if isinstance(keep, np.ndarray) else "")
-            f"{' (+ its tail-scaled twin)' if cfg.tail_forest else ''}"
+            + f"{' (+ its tail-scaled twin)' if cfg.tail_forest else ''}"
             + "".join(f" (+ the {s[0]} floor)" for s in mine))
     return out
 
