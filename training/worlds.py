@@ -247,7 +247,9 @@ def report_md(results: list, summary: dict, cfg: HarnessConfig, title: str, comm
          f"Command: `{command}`", "",
          f"Model variant: **{cfg.label}** (`seqguard train` args: `{' '.join(cfg.train_args)}`). "
          f"Train log {cfg.users} users (seed {TRAIN_SEED}), test log {cfg.test_users} users (seed {TEST_SEED}) per "
-         f"world, each world's own log span. Total time {seconds / 60:.1f} min on this machine.", "",
+         f"world, each world's own log span. Time: {sum(sum(r['seconds'].values()) for r in results) / 60:.1f} min "
+         f"of generate/train/score/evaluate steps on this machine (2 shared cores; this run {seconds / 60:.1f} min, "
+         "finished worlds are reused from earlier runs).", "",
          f"- Design worlds (used to choose the design): {design or 'none'}",
          f"- Report worlds (drawn after the design was fixed): {report or 'none'}", "",
          "Cells: seqguard / hand rules. Bold: seqguard below the rules.", "",
