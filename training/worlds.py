@@ -305,6 +305,32 @@ def report_md(results: list, summary: dict, cfg: HarnessConfig, title: str, comm
     return "\n".join(L)
 
 
+def compare_md(runs: list, title: str, command: str) -> str:
+    """One table over several runs' worlds.json (same worlds): per variant the mean and the WORST world of
+    every headline metric and family, with the hand rules as the last row."""
+    worlds = runs[0][1]["config"]["worlds"]
+    for label, rep in runs:
+        if rep["config"]["worlds"] != worlds:
+            raise ValueError(f"{label}: worlds {rep['config']['worlds']} differ from {worlds}")
+    keys = [(k, lab) for k, lab in METRICS] + [(f"family:{f}", f) for f in FAMILIES]
+    L = [f"# {title}", "", f"Command: `{command}`", "",
+         f"Worlds: {worlds}; design worlds: {runs[0][1]['config']['design']}. Cells: mean / worst world "
+         "(the world in brackets). Single train/test seed per world: differences < 0.05 are noise.", ""]
+    for part, sel in (("Headline metrics", keys[:len(METRICS)]), ("Recall at 1% FPR per attack family", keys[len(METRICS):])):
+        L += [f"### {part}", "", "| variant | train args | " + " | ".join(lab for _, lab in sel) + " |",
+              "|---|---|" + "---:|" * len(sel)]
+        rows = [(label, " ".join(rep["config"]["train_args"]), rep["summary"], "seqguard") for label, rep in runs]
+        rows.append(("hand rules", "-", runs[0][1]["summary"], "hand_rules"))
+        for label, args, summ, scorer in rows:
+            cells = []
+            for key, _ in sel:
+                v = summ.get(key, {}).get(scorer)
+                cells.append("n/a" if not v else f"{v['mean']:.3f} / {v['worst']:.3f} (w{v['worst_world']})")
+            L.append(f"| {label} | `{args}` | " + " | ".join(cells) + " |")
+        L.append("")
+    return "\n".join(L)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.worlds", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -323,7 +349,21 @@ def main(argv=None) -> int:
     p.add_argument("--report", default=None, help="Markdown report path (default <out>/worlds.md; + .json)")
     p.add_argument("--title", default="seqguard vs hand rules on randomised worlds")
     p.add_argument("--force", action="store_true", help="recompute worlds that already have results")
+    p.add_argument("--compare", nargs="+", default=None, metavar="LABEL=DIR",
+                   help="no runs: write one table comparing finished runs (each DIR holds a worlds.json) to --report")
     args = p.parse_args(argv)
+    command = "python -m training.worlds " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    if args.compare:
+        runs = []
+        for spec in args.compare:
+            label, _, d = spec.rpartition("=")
+            runs.append((label or d, json.loads((Path(d) / "worlds.json").read_text())))
+        md = compare_md(runs, args.title, command)
+        report = Path(args.report or "worlds_compare.md")
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(md)
+        print(md)
+        return 0
     out = Path(args.out)
     cfg = HarnessConfig(worlds=parse_range(args.worlds), design=parse_range(args.design) if args.design else [],
                         users=args.users, test_users=args.test_users, days=args.days,
@@ -335,14 +375,15 @@ def main(argv=None) -> int:
         print(f"=== world {k} ({i + 1}/{len(cfg.worlds)}), {time.time() - t0:.0f}s elapsed", file=sys.stderr, flush=True)
         results.append(run_world(cfg, k))
     summary = summarise(results)
-    command = "python -m training.worlds " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     md = report_md(results, summary, cfg, args.title, command, time.time() - t0)
     report = Path(args.report) if args.report else out / "worlds.md"
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(md)
-    report.with_suffix(".json").write_text(json.dumps({"config": {
+    table = json.dumps({"config": {
         "worlds": cfg.worlds, "design": cfg.design, "users": cfg.users, "test_users": cfg.test_users,
-        "train_args": cfg.train_args, "label": cfg.label}, "results": results, "summary": summary}, indent=2))
+        "train_args": cfg.train_args, "label": cfg.label}, "results": results, "summary": summary}, indent=2)
+    report.with_suffix(".json").write_text(table)
+    (out / "worlds.json").write_text(table)      # what --compare reads, wherever the report went
     print(md)
     print(f"report: {report}", file=sys.stderr)
     return 0
