@@ -41,6 +41,9 @@ def _add_training_opts(p) -> None:
                    help="contamination-robust fitting: in every forest sample and calibration table each account "
                         "keeps at most F x the median account's events (at least 20), so a few heavy accounts "
                         "(crawler fleets, scripts) cannot define normal (default 0 = off; training/robust_fit.py)")
+    p.add_argument("--user-cap-min", type=int, default=20, metavar="N",
+                   help="with --user-cap: no account is cut below N events per table (protects legitimate heavy "
+                        "users, e.g. digital-goods buyers with many small payments; default 20)")
 
 
 def _add_input_opts(p: argparse.ArgumentParser) -> None:
@@ -85,7 +88,7 @@ def cmd_train(args) -> int:
                       action_fpr=_train_action_fpr(args),
                       threads=args.threads, session_alpha=args.session_alpha,
                       tail_forest=not args.no_tail_forest, signal_floors=not args.no_signal_floors,
-                      user_cap=args.user_cap)
+                      user_cap=args.user_cap, user_cap_min=args.user_cap_min)
     train(args.events, args.out, cfg, labels_path=args.labels, column_map=parse_column_map(args.column_map),
           on_bad_row=args.on_bad_row)
     return 0
@@ -146,6 +149,7 @@ def cmd_retrain(args) -> int:
                       max_train_minutes=args.max_train_minutes, threads=args.threads,
                       session_alpha=args.session_alpha, tail_forest=not args.no_tail_forest,
                       signal_floors=not args.no_signal_floors, user_cap=args.user_cap,
+                      user_cap_min=args.user_cap_min,
                       action_fpr=dict(live.metadata.get("action_fpr") or TrainConfig().action_fpr))
     import json
     report = retrain(args.live, args.events, args.out, cfg, labels_path=args.labels, holdout_frac=args.holdout_frac,
