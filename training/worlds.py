@@ -43,6 +43,9 @@ METRICS = (("pay_auc", "payment ROC-AUC"), ("pay_r1", "payment recall @1% FPR"),
            ("pay_r01", "payment recall @0.1% FPR"), ("all_r1", "all-event recall @1% FPR"),
            ("user_auc", "user ROC-AUC (max risk)"))
 SCORERS = ("seqguard", "hand_rules")
+# The same model's stage-1 risk (each event alone): what `--session-alpha 0` serves. Stage 2 is fitted
+# after stage 1 and never changes it, so this is the session-stage ablation without a second training.
+EVENT_ONLY = "seqguard_event_only"
 # Small and short by default: a design decision needs several worlds more than it needs big ones.
 DEFAULT_TRAIN_ARGS = "--epochs 1 --trees 100 --hidden 64"
 
@@ -128,7 +131,7 @@ def evaluate_world(model_dir: Path, test: Path, labels: Path, world_json: Path, 
                    report_dir: Path) -> dict:
     """seqguard's risks (from score-file's CSV) and the hand rules on the same events -> metrics."""
     from seqguard.artifact import ModelArtifact
-    from seqguard.featurizer import ContextStore, featurize_log
+    from seqguard.batch import encode_log, stage1_scores
     from seqguard.schema import read_events
     from training.baselines import hand_rules_score
     from training.evaluate import evaluate, read_labels
@@ -141,21 +144,25 @@ def evaluate_world(model_dir: Path, test: Path, labels: Path, world_json: Path, 
         raise WorldsError(f"{scores_csv}: {len(missing)} events without a score (e.g. {missing[0]})")
     risk = np.array([risk_by_id[e.event_id] for e in events], np.float64)
     model = ModelArtifact.load(str(model_dir))
-    order, _, feats = featurize_log(model.featurizer, events, ContextStore())
-    feats_in = np.empty_like(feats)
-    feats_in[order] = feats
+    det = model.detector
+    enc = encode_log(model, events, reduce=det.project)
+    feats_in = np.empty_like(enc.feats)
+    feats_in[enc.order] = enc.feats
     rules = hand_rules_score(events, feats_in)
+    scores = {"seqguard": risk, "hand_rules": rules}
+    if det.has_session:
+        scores[EVENT_ONLY] = np.empty(len(events), np.float64)
+        scores[EVENT_ONLY][enc.order] = stage1_scores(det, enc.emb, enc.surprise, enc.feats, enc.type_ids)
     world = WorldConfig.from_json(world_json.read_text())
     as_generated = [e._replace(event_type=world.original_type(e.event_type)) for e in events]
-    return evaluate(as_generated, read_labels(str(labels)), {"seqguard": risk, "hand_rules": rules},
-                    model.detector.thresholds, report_dir, model_version=model.model_version,
+    return evaluate(as_generated, read_labels(str(labels)), scores, det.thresholds, report_dir, model_version=model.model_version,
                     plots=False, progress=False, quiet=True)
 
 
 def headline(metrics: dict) -> dict:
     """scorer -> {metric key: value, "families": {family: recall at 1% FPR}} from evaluate()'s output."""
     out = {}
-    for name in SCORERS:
+    for name in SCORERS + ((EVENT_ONLY,) if EVENT_ONLY in metrics["scorers"] else ()):
         m = metrics["scorers"][name]
         pay, all_ = m["payments"], m["all"]
         out[name] = {"pay_auc": pay["roc_auc"], "pay_r1": pay["at_fpr"]["0.01"]["recall"],
@@ -214,10 +221,12 @@ def summarise(results: list) -> dict:
     keys = [k for k, _ in METRICS] + [f"family:{f}" for f in FAMILIES]
     for key in keys:
         row = {}
-        for name in SCORERS:
+        for name in sorted({n for res in results for n in res["scores"]}):
             vals = {}
             for res in results:
-                sc = res["scores"][name]
+                sc = res["scores"].get(name)
+                if sc is None:
+                    continue
                 v = sc["families"].get(key[7:]) if key.startswith("family:") else sc[key]
                 if v is not None:
                     vals[res["world"]] = v
@@ -319,7 +328,12 @@ def compare_md(runs: list, title: str, command: str) -> str:
     for part, sel in (("Headline metrics", keys[:len(METRICS)]), ("Recall at 1% FPR per attack family", keys[len(METRICS):])):
         L += [f"### {part}", "", "| variant | train args | " + " | ".join(lab for _, lab in sel) + " |",
               "|---|---|" + "---:|" * len(sel)]
-        rows = [(label, " ".join(rep["config"]["train_args"]), rep["summary"], "seqguard") for label, rep in runs]
+        rows = []
+        for label, rep in runs:
+            rows.append((label, " ".join(rep["config"]["train_args"]), rep["summary"], "seqguard"))
+            if any(EVENT_ONLY in v for v in rep["summary"].values()):
+                rows.append((f"{label}, session stage off (same model's stage-1 risk)",
+                             " ".join(rep["config"]["train_args"]), rep["summary"], EVENT_ONLY))
         rows.append(("hand rules", "-", runs[0][1]["summary"], "hand_rules"))
         for label, args, summ, scorer in rows:
             cells = []
