@@ -37,10 +37,11 @@ def _add_training_opts(p) -> None:
                         "events is a floor under the forests' score: the 7-day count of OTHER accounts with failed "
                         "logins on the device, for logins; the fast timing regularity, for browsing events. They "
                         "catch slow credential-stuffing rings and crawlers; docs/results/tail_forest.md, Session 8)")
-    p.add_argument("--user-cap", type=float, default=0.0, metavar="F",
+    p.add_argument("--user-cap", type=float, default=10.0, metavar="F",
                    help="contamination-robust fitting: in every forest sample and calibration table each account "
                         "keeps at most F x the median account's events (at least 20), so a few heavy accounts "
-                        "(crawler fleets, scripts) cannot define normal (default 0 = off; training/robust_fit.py)")
+                        "(crawler fleets, scripts) cannot define normal (default 10; 0 = off, every event counts once; "
+                        "training/robust_fit.py, docs/results/worlds_ablation.md)")
     p.add_argument("--user-cap-min", type=int, default=20, metavar="N",
                    help="with --user-cap: no account is cut below N events per table (protects legitimate heavy "
                         "users, e.g. digital-goods buyers with many small payments; default 20)")

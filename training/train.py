@@ -60,7 +60,9 @@ class TrainConfig:
     # Contamination-robust fitting (training/robust_fit.py): in every forest sample and calibration
     # table an account keeps at most user_cap x the median account's events (>= user_cap_min), so a
     # heavy hitter (crawler fleet, script) cannot define normal. 0 = off, every event counts once.
-    user_cap: float = 0.0
+    # 10 was chosen on design worlds 0-3 (docs/results/worlds_ablation.md): worst-world bot recall
+    # 0.05 -> 0.60 and all-event recall 0.12 -> 0.49; 3 cost more elsewhere, a floor of 100 did not help.
+    user_cap: float = 10.0
     user_cap_min: int = 20
     action_fpr: dict = field(default_factory=lambda: dict(DEFAULT_ACTION_FPR))
     seed: int = 0
