@@ -54,3 +54,14 @@ def test_harness_end_to_end_one_tiny_world(tmp_path):
     assert (out / "w1" / "result.json").stat().st_mtime == mtime
     assert main(argv[:-1] + ["--epochs 1 --trees 10 --hidden 16"]) == 0
     assert json.loads((out / "w1" / "result.json").read_text())["train_args"][-3] == "10"
+
+
+def test_a_failing_world_is_reported_not_lost(tmp_path):
+    out = tmp_path / "run"
+    rc = main(["--worlds", "2", "--design", "0", "--users", "60", "--test-users", "40", "--out", str(out),
+               "--train-args=--no-such-flag"])
+    assert rc == 1
+    report = json.loads((out / "worlds.json").read_text())
+    assert report["results"] == [] and [f["world"] for f in report["failed"]] == [2]
+    md = (out / "worlds.md").read_text()
+    assert "Worlds where a step failed" in md and "world 2:" in md

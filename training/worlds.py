@@ -384,23 +384,32 @@ def main(argv=None) -> int:
                         data_dir=Path(args.data) if args.data else out.parent / "worlds_data", out_dir=out,
                         train_args=shlex.split(args.train_args), label=args.label, force=args.force)
     t0 = time.time()
-    results = []
+    results, failed = [], []
     for i, k in enumerate(cfg.worlds):
         print(f"=== world {k} ({i + 1}/{len(cfg.worlds)}), {time.time() - t0:.0f}s elapsed", file=sys.stderr, flush=True)
-        results.append(run_world(cfg, k))
+        try:
+            results.append(run_world(cfg, k))
+        except WorldsError as e:      # a world the CLI cannot get through is a result, not a crash
+            msg = str(e).strip().splitlines()
+            failed.append({"world": k, "error": msg[0], "last_line": msg[-1] if len(msg) > 1 else ""})
+            print(f"[world {k}] FAILED: {msg[-1]}", file=sys.stderr, flush=True)
     summary = summarise(results)
     md = report_md(results, summary, cfg, args.title, command, time.time() - t0)
+    if failed:
+        md += "\n### Worlds where a step failed (no metrics; they count as failures)\n\n" + "\n".join(
+            f"- world {f['world']}: `{f['last_line'] or f['error']}` ({f['error'][:160]})" for f in failed) + "\n"
     report = Path(args.report) if args.report else out / "worlds.md"
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(md)
     table = json.dumps({"config": {
         "worlds": cfg.worlds, "design": cfg.design, "users": cfg.users, "test_users": cfg.test_users,
-        "train_args": cfg.train_args, "label": cfg.label}, "results": results, "summary": summary}, indent=2)
+        "train_args": cfg.train_args, "label": cfg.label}, "results": results, "failed": failed,
+        "summary": summary}, indent=2)
     report.with_suffix(".json").write_text(table)
     (out / "worlds.json").write_text(table)      # what --compare reads, wherever the report went
     print(md)
     print(f"report: {report}", file=sys.stderr)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
