@@ -37,6 +37,10 @@ def _add_training_opts(p) -> None:
                         "events is a floor under the forests' score: the 7-day count of OTHER accounts with failed "
                         "logins on the device, for logins; the fast timing regularity, for browsing events. They "
                         "catch slow credential-stuffing rings and crawlers; docs/results/tail_forest.md, Session 8)")
+    p.add_argument("--no-sequence-view", action="store_true",
+                   help="do not read the encoder's next-event prediction as a view of its own (by default the "
+                        "surprise of each event's type under the user's previous state is calibrated on training "
+                        "events, and an event scores at least that tail, DeepLog-style; docs/results/hdfs.md)")
 
 
 def _add_input_opts(p: argparse.ArgumentParser) -> None:
@@ -79,7 +83,8 @@ def cmd_train(args) -> int:
                       max_train_minutes=args.max_train_minutes, n_estimators=args.trees,
                       action_fpr=_train_action_fpr(args),
                       threads=args.threads, session_alpha=args.session_alpha,
-                      tail_forest=not args.no_tail_forest, signal_floors=not args.no_signal_floors)
+                      tail_forest=not args.no_tail_forest, signal_floors=not args.no_signal_floors,
+                      sequence_view=not args.no_sequence_view)
     train(args.events, args.out, cfg, labels_path=args.labels, column_map=parse_column_map(args.column_map),
           on_bad_row=args.on_bad_row)
     return 0
@@ -139,7 +144,7 @@ def cmd_retrain(args) -> int:
     cfg = TrainConfig(hidden=args.hidden or live.hidden, epochs=args.epochs, seed=args.seed, n_estimators=args.trees,
                       max_train_minutes=args.max_train_minutes, threads=args.threads,
                       session_alpha=args.session_alpha, tail_forest=not args.no_tail_forest,
-                      signal_floors=not args.no_signal_floors,
+                      signal_floors=not args.no_signal_floors, sequence_view=not args.no_sequence_view,
                       action_fpr=dict(live.metadata.get("action_fpr") or TrainConfig().action_fpr))
     import json
     report = retrain(args.live, args.events, args.out, cfg, labels_path=args.labels, holdout_frac=args.holdout_frac,

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from seqguard import artifact as art
 from seqguard.batch import encode_log
 from seqguard.detector import (DEFAULT_ACTION_FPR, DETECTOR_SIGNALS, MIN_GROUP_EVENTS, SESSION_ALPHA, TYPE_GROUPS,
-                               SIGNAL_FLOORS, Detector, SignalFloor, TailView, action_thresholds, fit_pca,
+                               SIGNAL_FLOORS, TYPE_NLL, Detector, SequenceView, SignalFloor, TailView, action_thresholds, fit_pca,
                                signal_indices, type_groups)
 from seqguard.featurizer import (FEATURE_INDEX, N_ENCODER_FEATURES, ContextStore, Featurizer, TokenHasher, Vocabulary,
                                  featurize_log)
@@ -56,6 +56,7 @@ class TrainConfig:
     session_alpha: float = SESSION_ALPHA  # detector stage 2 (seqguard/detector.py); 0 turns it off
     tail_forest: bool = True              # + a forest on each column's tail scale per group (detector.TailView)
     signal_floors: bool = True            # signals read directly in one group (detector.SIGNAL_FLOORS)
+    sequence_view: bool = True            # the encoder's next-type NLL as a calibrated view (detector.SequenceView)
     action_fpr: dict = field(default_factory=lambda: dict(DEFAULT_ACTION_FPR))
     seed: int = 0
     threads: int = 2
@@ -323,6 +324,8 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
     fitted = fit_detector(cfg, enc_log.emb, enc_log.surprise, enc_log.feats, enc_log.type_ids, vocab.tokens, log)
     detector = Detector(pca_mean, pca, fitted.signal_cols, fitted.forests, fitted.calibrators, fitted.groups,
                         action_thresholds(cfg.action_fpr), tail_views=fitted.tail_views, floors=fitted.floors)
+    if cfg.sequence_view:
+        fit_sequence_view(detector, enc_log, log)
     train_risk = fit_session_stage(detector, enc_log, cfg.session_alpha, log)
     np.savez(out / art.DETECTOR_FILE, **detector.to_arrays())
     import joblib
@@ -347,6 +350,7 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
         "detector": {"signals": list(DETECTOR_SIGNALS), "type_groups": [g for g, _ in TYPE_GROUPS], "pca_dim": cfg.pca_dim, "n_estimators": cfg.n_estimators,
                      "session_alpha": detector.session_alpha, "tail_forest": cfg.tail_forest,
                      "signal_floors": [f.feature for f in fitted.floors],
+                     "sequence_view": detector.sequence_view is not None,
                      "max_samples": cfg.max_samples, "sklearn_version": sklearn.__version__},
         "action_fpr": cfg.action_fpr,
         "thresholds": detector.thresholds,
@@ -361,6 +365,17 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
     if labels_path:
         _report_with_labels(out, events, labels_path, log)
     return out
+
+
+def fit_sequence_view(detector: Detector, enc_log, log) -> None:
+    """Calibrate the next-type NLL on the training log and the max of it and the forests' tail per
+    type group (detector.SequenceView); costs one more stage-1 pass over the training log."""
+    from seqguard.batch import stage1_scores
+    t0 = time.time()
+    forest_tail = stage1_scores(detector, enc_log.emb, enc_log.surprise, enc_log.feats, enc_log.type_ids, tail=True)
+    detector.sequence_view = SequenceView.fit(enc_log.surprise[:, TYPE_NLL], forest_tail,
+                                              detector.groups(enc_log.type_ids), len(detector.forests))
+    log(f"sequence view (next-type NLL) calibrated on {len(forest_tail)} training events ({time.time() - t0:.0f}s)")
 
 
 DRIFT_REFERENCE_MAX_EVENTS = 500_000   # deciles of half a million rows are stable; caps the extra scoring time
