@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from .detector import SESSION_ALPHA
+from .detector import SEQUENCE_WEIGHT, SESSION_ALPHA
 
 
 def _add_training_opts(p) -> None:
@@ -37,10 +37,12 @@ def _add_training_opts(p) -> None:
                         "events is a floor under the forests' score: the 7-day count of OTHER accounts with failed "
                         "logins on the device, for logins; the fast timing regularity, for browsing events. They "
                         "catch slow credential-stuffing rings and crawlers; docs/results/tail_forest.md, Session 8)")
-    p.add_argument("--no-sequence-view", action="store_true",
-                   help="do not read the encoder's next-event prediction as a view of its own (by default the "
-                        "surprise of each event's type under the user's previous state is calibrated on training "
-                        "events, and an event scores at least that tail, DeepLog-style; docs/results/hdfs.md)")
+    p.add_argument("--sequence-weight", type=float, default=SEQUENCE_WEIGHT, metavar="W",
+                   help="read the encoder's next-event prediction as a view of its own: the surprise of each "
+                        "event's type under the user's previous state, calibrated on training events, combined "
+                        "with the forests by a weighted min-p that gives it W of the false-positive budget "
+                        f"(default {SEQUENCE_WEIGHT}; 0 = off; docs/results/hdfs.md). Raise it for machine-like "
+                        "logs whose event order is the signal")
 
 
 def _add_input_opts(p: argparse.ArgumentParser) -> None:
@@ -84,7 +86,7 @@ def cmd_train(args) -> int:
                       action_fpr=_train_action_fpr(args),
                       threads=args.threads, session_alpha=args.session_alpha,
                       tail_forest=not args.no_tail_forest, signal_floors=not args.no_signal_floors,
-                      sequence_view=not args.no_sequence_view)
+                      sequence_weight=args.sequence_weight)
     train(args.events, args.out, cfg, labels_path=args.labels, column_map=parse_column_map(args.column_map),
           on_bad_row=args.on_bad_row)
     return 0
@@ -144,7 +146,7 @@ def cmd_retrain(args) -> int:
     cfg = TrainConfig(hidden=args.hidden or live.hidden, epochs=args.epochs, seed=args.seed, n_estimators=args.trees,
                       max_train_minutes=args.max_train_minutes, threads=args.threads,
                       session_alpha=args.session_alpha, tail_forest=not args.no_tail_forest,
-                      signal_floors=not args.no_signal_floors, sequence_view=not args.no_sequence_view,
+                      signal_floors=not args.no_signal_floors, sequence_weight=args.sequence_weight,
                       action_fpr=dict(live.metadata.get("action_fpr") or TrainConfig().action_fpr))
     import json
     report = retrain(args.live, args.events, args.out, cfg, labels_path=args.labels, holdout_frac=args.holdout_frac,

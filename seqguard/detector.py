@@ -148,6 +148,12 @@ class SignalFloor:
 
 
 TYPE_NLL = 0                              # the step model's surprise columns: [type NLL, log-gap NLL]
+# Share of the false-positive budget given to the sequence view in the weighted min-p
+# (SequenceView.combine). Chosen on the design data only (HDFS validation split, generator seeds
+# 4-5; docs/results/hdfs.md): 0.01 keeps HDFS validation recall at 1% FPR at 1.00 and costs
+# nothing beyond noise on seeds 4-5, where a plain max (0.5) cost 0.21-0.42 recall at 1% FPR: next
+# types in shop traffic are unpredictable, so the view's tail is noisy there.
+SEQUENCE_WEIGHT = 0.01
 
 
 @dataclass
@@ -156,27 +162,39 @@ class SequenceView:
 
     The step model's `surprise[:, TYPE_NLL]` is -log p(observed type | the user's state BEFORE the
     event), the previous step's predicted distribution. `calibrator` maps it to its tail among all
-    training events, -log(1 - quantile): a type the history made unlikely scores high whatever the
-    forests think. The event's stage-1 tail is max(forest tail, this tail): the min-p of the two
-    views, so at a given cut-off it flags what either view flags. That max is re-calibrated per
-    type group (`combined`), so a "risk" is again a quantile among training events and the action
+    training events, -log(1 - quantile). The event's stage-1 tail combines it with the forests'
+    tail by a weighted min-p (Bonferroni): the view gets `weight` of the false-positive budget,
+    the forests the rest, so at a cut-off the combination flags what the forests flag at (1 - w)
+    of its FPR and what the view flags at w of it. That combination is re-calibrated per type
+    group (`combined`), so a "risk" is again a quantile among training events and the action
     FPRs hold. Only the type NLL: the log-gap NLL stays a forest input (a constant gap, as in
     machine logs, would make its tail degenerate)."""
     calibrator: RiskCalibrator            # type NLL -> tail, over all training events
-    combined: list                        # RiskCalibrator per type group: of max(forest tail, view tail)
+    combined: list                        # RiskCalibrator per type group: of combine(forest tail, type NLL)
+    weight: float = SEQUENCE_WEIGHT       # the view's share of the false-positive budget, 0 < w < 1
 
     def tail(self, type_nll: np.ndarray) -> np.ndarray:
-        return self.calibrator.tail(type_nll)
+        """The view's tail, weighted: -log(p / w), p its one-sided tail probability in training."""
+        return self.calibrator.tail(type_nll) + np.log(self.weight)
+
+    def combine(self, forest_tail: np.ndarray, type_nll: np.ndarray) -> np.ndarray:
+        """-log of the weighted min-p: max(forest tail + log(1 - w), view tail + log(w))."""
+        return np.maximum(np.asarray(forest_tail, np.float64) + np.log1p(-self.weight), self.tail(type_nll))
 
     @classmethod
-    def fit(cls, type_nll: np.ndarray, forest_tail: np.ndarray, groups: np.ndarray, n_groups: int) -> "SequenceView":
+    def fit(cls, type_nll: np.ndarray, forest_tail: np.ndarray, groups: np.ndarray, n_groups: int,
+            weight: float = SEQUENCE_WEIGHT) -> "SequenceView":
         """type_nll and forest_tail (stage 1 without the view) of every training event, its group."""
-        cal = RiskCalibrator.fit(type_nll)
-        a = np.maximum(np.asarray(forest_tail, np.float64), cal.tail(type_nll))
-        return cls(cal, [RiskCalibrator.fit(a[groups == k] if (groups == k).any() else a) for k in range(n_groups)])
+        if not 0.0 < weight < 1.0:
+            raise ValueError(f"sequence view weight must be in (0, 1), got {weight}")
+        view = cls(RiskCalibrator.fit(type_nll), [], float(weight))
+        a = view.combine(forest_tail, type_nll)
+        view.combined = [RiskCalibrator.fit(a[groups == k] if (groups == k).any() else a) for k in range(n_groups)]
+        return view
 
     def to_arrays(self, prefix: str) -> dict:
-        out = {f"{prefix}cal_levels": self.calibrator.levels, f"{prefix}cal_quantiles": self.calibrator.quantiles}
+        out = {f"{prefix}cal_levels": self.calibrator.levels, f"{prefix}cal_quantiles": self.calibrator.quantiles,
+               f"{prefix}weight": np.array(self.weight, np.float64)}
         for k, c in enumerate(self.combined):
             out[f"{prefix}g{k}_levels"], out[f"{prefix}g{k}_quantiles"] = c.levels, c.quantiles
         return out
@@ -184,7 +202,8 @@ class SequenceView:
     @classmethod
     def from_arrays(cls, a, prefix: str, n_groups: int) -> "SequenceView":
         return cls(RiskCalibrator(a[f"{prefix}cal_levels"], a[f"{prefix}cal_quantiles"]),
-                   [RiskCalibrator(a[f"{prefix}g{k}_levels"], a[f"{prefix}g{k}_quantiles"]) for k in range(n_groups)])
+                   [RiskCalibrator(a[f"{prefix}g{k}_levels"], a[f"{prefix}g{k}_quantiles"]) for k in range(n_groups)],
+                   float(a[f"{prefix}weight"]))
 
 
 @dataclass
@@ -244,12 +263,12 @@ class Detector:
     def _calibrated(self, X: np.ndarray, type_ids: np.ndarray, scale: str) -> np.ndarray:
         """Each row's stage-1 score: `scale` "risk" (quantile among its group's training events) or
         "tail" (-log(1 - quantile)). With a sequence view, the forests' tail and the view's tail are
-        combined by their max, and "risk" is that max's quantile in the group (SequenceView)."""
+        combined (SequenceView.combine), and "risk" is the combination's quantile in the group."""
         seq = self.sequence_view
         if seq is None:
             return self._per_group(type_ids, lambda k, r: getattr(self.calibrators[k], scale)(self.group_score(k, X[r])))
         forest = self._per_group(type_ids, lambda k, r: self.calibrators[k].tail(self.group_score(k, X[r])))
-        a = np.maximum(forest, seq.tail(X[:, self.proj.shape[1] + TYPE_NLL]))
+        a = seq.combine(forest, X[:, self.proj.shape[1] + TYPE_NLL])
         return a if scale == "tail" else self._per_group(type_ids, lambda k, r: seq.combined[k].risk(a[r]))
 
     def risk_from_inputs(self, X: np.ndarray, type_ids: np.ndarray) -> np.ndarray:
