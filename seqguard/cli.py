@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from .detector import SESSION_ALPHA
+from .detector import SEQUENCE_WEIGHT, SESSION_ALPHA
 
 
 def _add_training_opts(p) -> None:
@@ -45,6 +45,12 @@ def _add_training_opts(p) -> None:
     p.add_argument("--user-cap-min", type=int, default=20, metavar="N",
                    help="with --user-cap: no account is cut below N events per table (protects legitimate heavy "
                         "users, e.g. digital-goods buyers with many small payments; default 20)")
+    p.add_argument("--sequence-weight", type=float, default=SEQUENCE_WEIGHT, metavar="W",
+                   help="read the encoder's next-event prediction as a view of its own: the surprise of each "
+                        "event's type under the user's previous state, calibrated on training events, combined "
+                        "with the forests by a weighted min-p that gives it W of the false-positive budget "
+                        f"(default {SEQUENCE_WEIGHT}; 0 = off; docs/results/hdfs.md). Raise it for machine-like "
+                        "logs whose event order is the signal")
 
 
 def _add_input_opts(p: argparse.ArgumentParser) -> None:
@@ -89,7 +95,8 @@ def cmd_train(args) -> int:
                       action_fpr=_train_action_fpr(args),
                       threads=args.threads, session_alpha=args.session_alpha,
                       tail_forest=not args.no_tail_forest, signal_floors=not args.no_signal_floors,
-                      user_cap=args.user_cap, user_cap_min=args.user_cap_min)
+                      user_cap=args.user_cap, user_cap_min=args.user_cap_min,
+                      sequence_weight=args.sequence_weight)
     train(args.events, args.out, cfg, labels_path=args.labels, column_map=parse_column_map(args.column_map),
           on_bad_row=args.on_bad_row)
     return 0
@@ -192,6 +199,7 @@ def cmd_retrain(args) -> int:
                       session_alpha=args.session_alpha, tail_forest=not args.no_tail_forest,
                       signal_floors=not args.no_signal_floors, user_cap=args.user_cap,
                       user_cap_min=args.user_cap_min,
+                      sequence_weight=args.sequence_weight,
                       action_fpr=dict(live.metadata.get("action_fpr") or TrainConfig().action_fpr))
     import json
     report = retrain(args.live, args.events, args.out, cfg, labels_path=args.labels, holdout_frac=args.holdout_frac,

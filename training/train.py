@@ -28,7 +28,7 @@ from tqdm import tqdm
 from seqguard import artifact as art
 from seqguard.batch import encode_log
 from seqguard.detector import (DEFAULT_ACTION_FPR, DETECTOR_SIGNALS, MIN_GROUP_EVENTS, SESSION_ALPHA, TYPE_GROUPS,
-                               SIGNAL_FLOORS, Detector, SignalFloor, TailView, action_thresholds, fit_pca,
+                               SEQUENCE_WEIGHT, SIGNAL_FLOORS, TYPE_NLL, Detector, SequenceView, SignalFloor, TailView, action_thresholds, fit_pca,
                                signal_indices, type_groups)
 from seqguard.featurizer import (FEATURE_INDEX, N_ENCODER_FEATURES, ContextStore, Featurizer, TokenHasher, Vocabulary,
                                  featurize_log)
@@ -64,6 +64,7 @@ class TrainConfig:
     # 0.05 -> 0.60 and all-event recall 0.12 -> 0.49; 3 cost more elsewhere, a floor of 100 did not help.
     user_cap: float = 10.0
     user_cap_min: int = 20
+    sequence_weight: float = SEQUENCE_WEIGHT  # the next-type NLL view's share of the FPR budget (detector.SequenceView); 0: off
     action_fpr: dict = field(default_factory=lambda: dict(DEFAULT_ACTION_FPR))
     seed: int = 0
     threads: int = 2
@@ -277,6 +278,8 @@ def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_to
 def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | None = None,
           column_map: dict | None = None, on_bad_row: str = "error", log=None) -> Path:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if not 0.0 <= cfg.sequence_weight < 1.0:
+        raise ValueError(f"sequence weight must be in [0, 1), got {cfg.sequence_weight}")
     t0 = time.time()
     set_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -341,6 +344,8 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
                           user_idx=enc_log.user_idx)
     detector = Detector(pca_mean, pca, fitted.signal_cols, fitted.forests, fitted.calibrators, fitted.groups,
                         action_thresholds(cfg.action_fpr), tail_views=fitted.tail_views, floors=fitted.floors)
+    if cfg.sequence_weight > 0:
+        fit_sequence_view(detector, enc_log, cfg.sequence_weight, log)
     train_risk = fit_session_stage(detector, enc_log, cfg.session_alpha, log, cfg)
     np.savez(out / art.DETECTOR_FILE, **detector.to_arrays())
     import joblib
@@ -365,6 +370,7 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
         "detector": {"signals": list(DETECTOR_SIGNALS), "type_groups": [g for g, _ in TYPE_GROUPS], "pca_dim": cfg.pca_dim, "n_estimators": cfg.n_estimators,
                      "session_alpha": detector.session_alpha, "tail_forest": cfg.tail_forest,
                      "signal_floors": [f.feature for f in fitted.floors],
+                     "sequence_weight": detector.sequence_view.weight if detector.sequence_view else 0.0,
                      "max_samples": cfg.max_samples, "sklearn_version": sklearn.__version__},
         "action_fpr": cfg.action_fpr,
         "thresholds": detector.thresholds,
@@ -379,6 +385,17 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
     if labels_path:
         _report_with_labels(out, events, labels_path, log)
     return out
+
+
+def fit_sequence_view(detector: Detector, enc_log, weight: float, log) -> None:
+    """Calibrate the next-type NLL on the training log and the max of it and the forests' tail per
+    type group (detector.SequenceView); costs one more stage-1 pass over the training log."""
+    from seqguard.batch import stage1_scores
+    t0 = time.time()
+    forest_tail = stage1_scores(detector, enc_log.emb, enc_log.surprise, enc_log.feats, enc_log.type_ids, tail=True)
+    detector.sequence_view = SequenceView.fit(enc_log.surprise[:, TYPE_NLL], forest_tail,
+                                              detector.groups(enc_log.type_ids), len(detector.forests), weight)
+    log(f"sequence view (next-type NLL, weight {weight}) calibrated on {len(forest_tail)} training events ({time.time() - t0:.0f}s)")
 
 
 DRIFT_REFERENCE_MAX_EVENTS = 500_000   # deciles of half a million rows are stable; caps the extra scoring time
