@@ -281,3 +281,30 @@ class HoldIndex:
                         held.append(hold)
             out.append(held)
         return out
+
+
+async def export_audit(redis, prefix: str, out_path: str, page: int = 10_000) -> int:
+    """Write the audit stream (oldest first) as JSONL, one record per line with the stream's string
+    fields: what `seqguard score-file --holds-audit` replays. Returns the number of records."""
+    stream, start, n = prefix + "audit", "-", 0
+    tmp = f"{out_path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        while True:
+            try:
+                entries = await redis.xrange(stream, min=start, count=page)
+            except (RedisError, OSError, TimeoutError) as e:
+                raise StateUnavailable(f"redis audit read failed: {type(e).__name__}: {e}") from None
+            for entry_id, fields in entries:
+                f.write(json.dumps({k.decode(): v.decode() for k, v in fields.items()}, separators=(",", ":")) + "\n")
+                n += 1
+            if len(entries) < page:
+                break
+            start = "(" + entries[-1][0].decode()
+    import os
+    os.replace(tmp, out_path)
+    return n
+
+
+def read_audit(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -180,23 +180,35 @@ def featurize_for_rules(events: list[Event], progress: bool = False) -> RuleInpu
 
 
 def write_scores_csv(path: str, events: list[Event], risk: np.ndarray, actions: np.ndarray,
-                     model_version: str, rules: RuleOutcome | None = None, rules_version: str = "") -> None:
+                     model_version: str, rules: RuleOutcome | None = None, rules_version: str = "",
+                     holds: tuple[list[str], list[str]] | None = None) -> None:
     """One row per event. With `rules`, four columns more: the summed rule score, the rules that
-    fired (";"-joined), the final action (never below `action`, the model's) and the rules version."""
+    fired (";"-joined), the final action (never below `action`, the model's) and the rules version.
+    With `holds` (per event: the final action after the holds, and the holds' actions ";"-joined),
+    the final action is that one and a `holds` column follows."""
     tmp = f"{path}.tmp"
     head = ["event_id", "user_id", "risk", "action", "model_version"]
+    n = len(events)
+    final = (holds[0] if holds is not None else
+             [ACTIONS[a] for a in rules.action.tolist()] if rules is not None else None)
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        if rules is None:
-            w.writerow(head)
-            for ev, r, a in zip(events, risk.tolist(), actions.tolist()):
-                w.writerow([ev.event_id, ev.user_id, f"{r:.8f}", ACTIONS[a], model_version])
-        else:
-            w.writerow(head + ["rule_score", "rules_fired", "final_action", "rules_version"])
-            for ev, r, a, sc, fired, fa in zip(events, risk.tolist(), actions.tolist(), rules.score.tolist(),
-                                               rules.fired_lists(), rules.action.tolist()):
-                w.writerow([ev.event_id, ev.user_id, f"{r:.8f}", ACTIONS[a], model_version, f"{sc:g}",
-                            ";".join(fired), ACTIONS[fa], rules_version])
+        w.writerow(head + (["rule_score", "rules_fired"] if rules is not None else [])
+                   + (["final_action"] if final is not None else [])
+                   + (["rules_version"] if rules is not None else []) + (["holds"] if holds is not None else []))
+        scores = rules.score.tolist() if rules is not None else [0.0] * n
+        fired = rules.fired_lists() if rules is not None else [()] * n
+        for k, (ev, r, a) in enumerate(zip(events, risk.tolist(), actions.tolist())):
+            row = [ev.event_id, ev.user_id, f"{r:.8f}", ACTIONS[a], model_version]
+            if rules is not None:
+                row += [f"{scores[k]:g}", ";".join(fired[k])]
+            if final is not None:
+                row.append(final[k])
+            if rules is not None:
+                row.append(rules_version)
+            if holds is not None:
+                row.append(holds[1][k])
+            w.writerow(row)
     os.replace(tmp, path)
 
 

@@ -119,8 +119,9 @@ def cmd_score_file(args) -> int:
     if args.chunk_events < 1:
         raise ValueError(f"--chunk-events must be >= 1, got {args.chunk_events}")
     model = ModelArtifact.load(args.model)
-    # streamed in bounded memory when it can be; rules (evaluated over the whole log) and Ray read it whole
-    n = _stream_score_file(model, args) if args.engine == "local" and rules is None else None
+    holds_index = _holds_index(args.holds_audit) if args.holds_audit else None
+    # streamed in bounded memory when it can be; rules and holds (over the whole log) and Ray read it whole
+    n = _stream_score_file(model, args) if args.engine == "local" and rules is None and holds_index is None else None
     if n is None:
         events = _read(args.input, args)
         t1 = time.time()
@@ -136,8 +137,9 @@ def cmd_score_file(args) -> int:
         else:
             risk, actions, _ = score_events(model, events, progress=not args.quiet)
         t2 = time.time()
+        held = _apply_hold_index(holds_index, events, actions, outcome) if holds_index is not None else None
         write_scores_csv(args.output, events, risk, actions, model.model_version, outcome,
-                         rules.version_tag if rules is not None else "")
+                         rules.version_tag if rules is not None else "", held)
         n = len(events)
         print(f"  read {t1 - t0:.1f}s, score {t2 - t1:.1f}s ({n / max(t2 - t1, 1e-9):,.0f} events/s), "
               f"write {time.time() - t2:.1f}s", file=sys.stderr)
@@ -147,6 +149,25 @@ def cmd_score_file(args) -> int:
           f"  total {n / max(t3 - t0, 1e-9):,.0f} events/s ({t3 - t0:.1f}s); peak RSS {peak_mb:,.0f} MB",
           file=sys.stderr)
     return 0
+
+
+def _holds_index(audit_path: str):
+    """Hold windows from an exported audit stream (`seqguard holds-export`), keyed like the gateway's:
+    it needs the deployment's pseudonymisation key (SEQGUARD_PSEUDONYM_KEY[_FILE])."""
+    from gateway.holds import HoldIndex, read_audit
+    from gateway.settings import Settings
+    from gateway.state import Pseudonymizer
+    return HoldIndex.from_audit(read_audit(audit_path), Pseudonymizer(Settings.load().key_bytes()))
+
+
+def _apply_hold_index(index, events, actions, outcome) -> tuple[list[str], list[str]]:
+    """The gateway's rule for holds (gateway.holds.apply_holds) on the model's (or the rules') actions."""
+    from gateway.holds import apply_holds
+    from .detector import ACTIONS
+    codes = outcome.action if outcome is not None else actions
+    per_event = index.for_events(events)
+    final, _ = apply_holds([ACTIONS[a] for a in codes.tolist()], per_event)
+    return final, [";".join(h.action for h in hs) for hs in per_event]
 
 
 def _stream_score_file(model, args) -> int | None:
@@ -228,6 +249,25 @@ def cmd_drift(args) -> int:
     return 0
 
 
+def cmd_holds_export(args) -> int:
+    import asyncio
+
+    from gateway.holds import export_audit
+    from gateway.redisconn import connect_redis, key_prefix
+    from gateway.settings import Settings
+    settings = Settings.load()
+
+    async def run() -> int:
+        r = connect_redis(settings, 5.0)
+        try:
+            return await export_audit(r, key_prefix(settings), args.out)
+        finally:
+            await r.aclose()
+    n = asyncio.run(run())
+    print(f"wrote {n} audit records to {args.out}", file=sys.stderr)
+    return 0
+
+
 def cmd_alerts_sink(args) -> int:
     from gateway.alerts import main_sink
     return main_sink(args)
@@ -286,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also evaluate a rules file (e.g. configs/rules/default.toml) on every event, as the gateway "
                         "does: adds the columns rule_score, rules_fired (;-joined), final_action (the model's action "
                         "raised by the rules) and rules_version. Without it the CSV is unchanged")
+    s.add_argument("--holds-audit", default=None, metavar="AUDIT.jsonl",
+                   help="replay holds as the gateway enforced them: the audit stream exported by "
+                        "`seqguard holds-export`; each event gets at least the action of the holds active at its "
+                        "time (columns final_action and holds). Needs the deployment's SEQGUARD_PSEUDONYM_KEY[_FILE]")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="local (default): this process; ray: partition by user over a Ray cluster (needs the "
@@ -385,6 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--threshold", type=float, default=0.2, help="PSI above this is flagged (default 0.2)")
     _add_input_opts(dr)
     dr.set_defaults(fn=cmd_drift)
+
+    he = sub.add_parser("holds-export", help="write the holds audit stream (who set/released which hold) as JSONL, "
+                                              "for `score-file --holds-audit`; Redis from SEQGUARD_REDIS_*")
+    he.add_argument("--out", required=True, help="JSONL file to write")
+    he.set_defaults(fn=cmd_holds_export)
 
     a = sub.add_parser("alerts-sink", help="deliver the gateway's alerts stream to a webhook (signed, retried, "
                        "dead-lettered; at-least-once)", description=(

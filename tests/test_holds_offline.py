@@ -85,3 +85,49 @@ def test_holds_give_the_same_actions_online_and_in_offline_replay(small_model, r
         assert (order.index(held_action) >= 2) if 4 <= k < 8 else not held_reasons
         assert (ring_action == "BLOCK" and ring_reasons[0].code == "HOLD") if k >= 4 else not ring_reasons
         assert not by[("calm", k)][1]
+
+
+def test_score_file_replays_exported_holds(small_model, redis_server, tmp_path):
+    """The operator's path: `seqguard holds-export` writes the audit stream, `seqguard score-file
+    --holds-audit` gives every event at least the action of the holds active at its time, like the
+    gateway, and nothing outside the hold's window."""
+    import asyncio
+    import csv
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import redis.asyncio as aioredis
+
+    from gateway.holds import HoldStore
+
+    r = redis_server.client()
+    r.delete("sg:audit")
+    now = int(time.time() * 1000)
+
+    async def set_and_release():
+        client = aioredis.Redis(port=redis_server.port)
+        holds = HoldStore(client, Pseudonymizer(KEY.encode()), "sg:")
+        await holds.set("user", raw_id="cli-held", action="BLOCK", reason="chargeback", who="analyst-2", ttl_s=600)
+        await asyncio.sleep(0.05)
+        await holds.release("user", raw_id="cli-held", who="analyst-2", reason="cleared")
+        await client.aclose()
+    asyncio.run(set_and_release())
+    released = max(int(f[b"ts"]) for _, f in r.xrange("sg:audit"))
+    log = tmp_path / "events.jsonl"
+    ts = [now - 60_000, released - 10, released + 60_000]          # before, during, after the hold
+    log.write_text("".join(json.dumps({"event_id": f"cli-{k}", "user_id": u, "ts": t, "event_type": "view_item"}) + "\n"
+                           for k, (u, t) in enumerate([("cli-held", x) for x in ts] + [("cli-other", ts[1])])))
+    env = dict(os.environ, SEQGUARD_REDIS_PORT=str(redis_server.port), SEQGUARD_PSEUDONYM_KEY=KEY)
+    cli = [sys.executable, "-m", "seqguard.cli"]
+    audit = tmp_path / "audit.jsonl"
+    subprocess.run(cli + ["holds-export", "--out", str(audit)], env=env, check=True, capture_output=True, timeout=60)
+    assert [json.loads(x)["op"] for x in audit.read_text().splitlines()] == ["set", "release"]
+    out = tmp_path / "scores.csv"
+    subprocess.run(cli + ["score-file", "--model", str(small_model), "--input", str(log), "--output", str(out),
+                          "--holds-audit", str(audit), "--quiet"], env=env, check=True, capture_output=True, timeout=120)
+    rows = {row["event_id"]: row for row in csv.DictReader(out.open())}
+    assert rows["cli-1"]["final_action"] == "BLOCK" and rows["cli-1"]["holds"] == "BLOCK"
+    for k in ("cli-0", "cli-2", "cli-3"):                          # outside the window, or another user
+        assert rows[k]["holds"] == "" and rows[k]["final_action"] == rows[k]["action"]
