@@ -96,6 +96,14 @@ def new_entity_rows(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 # --------------------------------------------------------------------------- pieces
 
+# A shared entity's clock (its last-seen time) follows its newest event, so one event stamped far in the
+# future would stop the decay of the device's or IP's counters for every user on it until real time caught
+# up. An event more than this far BEHIND the clock therefore resets it: a single outlier then holds the
+# clock until the next ordinary event, not for as long as it lies. Replay in time order never steps
+# back, so offline features are unchanged by this rule; online, a late event reorders time just once.
+ENTITY_CLOCK_RESET_MS = 3_600_000
+
+
 @njit(cache=True)
 def _decay(dt_ms, tau_ms):
     return math.exp(-dt_ms / tau_ms) if dt_ms > 0 else 1.0
@@ -168,7 +176,7 @@ def touch_entity(EI, EF, r, ts, user, user_is_new, failed, buf, out):
     EF[r, G_EVENTS_1H] = EF[r, G_EVENTS_1H] * k1h + 1.0
     EF[r, G_FAILED_1H] = EF[r, G_FAILED_1H] * k1h + (1.0 if failed else 0.0)
     EF[r, G_NEW_ACCOUNTS_24H] = EF[r, G_NEW_ACCOUNTS_24H] * _decay(dt, DAY_MS) + (1.0 if user_is_new else 0.0)
-    if ts > last:
+    if ts > last or last - ts > ENTITY_CLOCK_RESET_MS:
         EI[r, E_LAST_TS] = ts
     n_users = _refresh_pairs(EI, r, E_USERS, E_N_USERS, user, ts, True, ts - DAY_MS, buf)
     n_failed = _refresh_pairs(EI, r, E_FAILED, E_N_FAILED, user, ts, failed, ts - FAILED_ACCOUNTS_WINDOW_MS, buf)

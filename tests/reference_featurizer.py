@@ -16,6 +16,7 @@ from seqguard.featurizer import (ACCOUNT_CHANGES, AMOUNT_STATS_TYPES, DAY_MS, FA
                                  FEATURIZER_VERSION, GAP_EWMA_ALPHA, HOUR_MS, JITTER_ALPHA, JITTER_PRIOR,
                                  MAX_COUNTRIES, MAX_DEVICES, MAX_ENTITY_USERS, MAX_PREFIXES, MINUTE_MS, N_FEATURES,
                                  PAYMENTS, READABLE_CONTEXT_VERSIONS, TokenHasher, Tokens, Vocabulary)
+from seqguard.featurize_kernel import ENTITY_CLOCK_RESET_MS
 from seqguard.schema import Event
 
 # --------------------------------------------------------------------------- contexts
@@ -167,7 +168,7 @@ def touch_entity(e: EntityContext | None, ts: int, user: int, user_is_new: bool,
     e.events_1h = e.events_1h * k1h + 1.0
     e.failed_1h = e.failed_1h * k1h + (1.0 if failed else 0.0)
     e.new_accounts_24h = e.new_accounts_24h * _decay(dt, DAY_MS) + (1.0 if user_is_new else 0.0)
-    if ts > e.last_ts:
+    if ts > e.last_ts or e.last_ts - ts > ENTITY_CLOCK_RESET_MS:
         e.last_ts = ts
     _move_to_front(e.users, user, ts)
     horizon = ts - DAY_MS

@@ -183,3 +183,26 @@ def test_corrupt_context_bytes_are_refused_not_read_past_their_end(log):
     with pytest.raises(ValueError, match="corrupt"):
         fz.featurize_batch([ev], [good], [(broken, None, None)])
     assert good.to_bytes() == u
+
+
+def test_one_event_from_the_future_does_not_freeze_a_shared_ip():
+    """Issue #18 part 5: an event stamped 20 h ahead (inside the gateway's 1-day skew bound) used to pin
+    the IP's clock, so its decaying counters stopped decaying for every user behind it (measured before
+    the fix: log_ip_events_1h 3.71 on the 40th event, i.e. all 41 events counted, vs 1.89 without the
+    outlier). Now the next ordinary event resets the clock and the counters decay as before."""
+    from seqguard.featurizer import FEATURE_INDEX, EntityContext, Featurizer, TokenHasher, UserContext, Vocabulary
+    from seqguard.schema import Event
+    fz = Featurizer(Vocabulary.learn(["view_item"], 1), TokenHasher(b"k" * 16))
+    t0 = 1_767_225_600_000
+
+    def last_ip_events(with_outlier: bool) -> float:
+        ip = EntityContext()
+        evs = ([Event("x", "outlier-user", t0 + 20 * 3_600_000, "view_item", ip="10.0.0.1")] if with_outlier else [])
+        evs += [Event(f"e{k}", f"user{k}", t0 + 600_000 * k, "view_item", ip="10.0.0.1") for k in range(40)]
+        users = {e.user_id: UserContext() for e in evs}
+        _, feats = fz.featurize_batch(evs, [users[e.user_id] for e in evs], [(None, ip, EntityContext()) for e in evs])
+        return float(feats[-1, FEATURE_INDEX["log_ip_events_1h"]])
+
+    clean, outlier = last_ip_events(False), last_ip_events(True)
+    assert clean < 2.5
+    assert abs(outlier - clean) < 0.05, (outlier, clean)
