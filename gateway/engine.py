@@ -240,17 +240,12 @@ class ScoringEngine:
         return fresh, first_of
 
     def _featurise(self, batch: list[Event], ent_keys: list, fresh: list[int], users: dict, entities: dict):
-        fz = self.featurizer
-        feats = np.empty((len(batch), self.n_features), np.float32)
-        type_ids = np.empty(len(batch), np.int64)
-        for j, ev in enumerate(batch):
-            device_key, ip_key, prefix_key = ent_keys[fresh[j]]
-            tokens = fz.tokens(ev)
-            feats[j] = fz.featurize(tokens, users[ev.user_id].ctx, entities.get(device_key) if device_key else None,
-                                    entities.get(ip_key) if ip_key else None,
-                                    entities.get(prefix_key) if prefix_key else None)
-            type_ids[j] = tokens.type_id
-        return type_ids, feats
+        """(type ids, feature rows) of the batch's fresh events in arrival order: one call of the compiled
+        featuriser kernel, which updates the user and entity contexts in place."""
+        if not batch:
+            return np.empty(0, np.int64), np.empty((0, self.n_features), np.float32)
+        ents = [tuple(entities.get(k) if k else None for k in ent_keys[i]) for i in fresh]
+        return self.featurizer.featurize_batch(batch, [users[ev.user_id].ctx for ev in batch], ents)
 
     def _answers(self, events, fresh, users, type_ids, feats, rows, encoded, behind, explain_reasons):
         """Per applied event its answer; per deferred step that just ran, the real score that replaces

@@ -3,18 +3,24 @@
 Events are replayed in global (ts, file position) order through the shared featuriser
 (cross-user entity counters need global order), then every user's history runs through the
 exported step model, all users in lock-step batches, then the detector.
+
+Two ways: `score_events` holds the whole log (any order); `StreamScorer` takes a log that is
+already in time order chunk by chunk and carries only per-user and per-entity state between
+chunks (featuriser contexts, the step model's h and c, the session average), so its memory
+grows with users and entities, not with events. Both give the same bits (test_score_stream.py).
 """
 from __future__ import annotations
 
 import csv
 import os
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from .artifact import ModelArtifact
 from .detector import ACTIONS
-from .encoding import OrtStep, encode_sequences
+from .encoding import OrtStep, encode_sequences, lockstep_rows
 from .featurizer import ContextStore, Featurizer, TokenHasher, Vocabulary, featurize_log
 from .rules import RuleInputs, RuleOutcome, RuleSet
 from .schema import Event
@@ -192,3 +198,182 @@ def write_scores_csv(path: str, events: list[Event], risk: np.ndarray, actions: 
                 w.writerow([ev.event_id, ev.user_id, f"{r:.8f}", ACTIONS[a], model_version, f"{sc:g}",
                             ";".join(fired), ACTIONS[fa], rules_version])
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- streaming
+
+class NotInTimeOrder(ValueError):
+    """A streamed log went back in time: it cannot be replayed chunk by chunk (score it whole)."""
+
+    def __init__(self, position: int, ts: int, previous: int):
+        super().__init__(f"event {position} (ts {ts}) is earlier than an event before it (ts {previous})")
+        self.position = position
+
+
+class StreamScorer:
+    """Scores a time-ordered log chunk by chunk with the bits of `score_events` on the whole log.
+
+    Replay order is (ts, position); a log whose timestamps never decrease is already in it, so
+    each chunk is featurised, encoded and judged as it comes, and only per-user / per-entity
+    state survives between chunks. A decreasing timestamp raises NotInTimeOrder before anything
+    of that chunk is scored (the caller falls back to `score_events`).
+    """
+
+    def __init__(self, artifact: ModelArtifact, threads: int = 0, max_batch: int = 8192):
+        self.det = artifact.detector
+        self.featurizer = artifact.featurizer
+        self.step = OrtStep(str(artifact.onnx_path), threads=threads)
+        self.max_batch = max_batch          # rows per step-model call, as encode_sequences
+        self.contexts = ContextStore()
+        self.user_index: dict[str, int] = {}   # user_id -> row of h, c, m (as dense_user_index: by id)
+        H = self.step.hidden
+        self.h = np.zeros((1024, H), np.float32)
+        self.c = np.zeros((1024, H), np.float32)
+        self.m = np.zeros(1024, np.float64)
+        self.last_ts = -1
+        self.seen = 0
+
+    def score(self, events: list[Event]) -> tuple[np.ndarray, np.ndarray]:
+        """(risk float64, action code int8) right after each event of the next chunk, in its order."""
+        ev = self.featurizer.event_arrays(events)
+        self._check_order(ev.ts)
+        feats = self.contexts.featurize(ev)
+        idx = self._user_rows(events)
+        users, local = np.unique(idx, return_inverse=True)
+        emb, surprise = self._encode(users, local, ev.type_id, feats)
+        det = self.det
+        if det.has_session:
+            a = stage1_scores(det, emb, surprise, feats, ev.type_id, tail=True)
+            c, self.m[users] = det.session_scan(a, local, len(users), m0=self.m[users])
+            risk = det.session_risk(c)
+        else:
+            risk = stage1_scores(det, emb, surprise, feats, ev.type_id)
+        self.seen += len(events)
+        return risk, det.action_codes(risk)
+
+    def _check_order(self, ts: np.ndarray) -> None:
+        if not len(ts):
+            return
+        prev = np.maximum.accumulate(np.concatenate([[self.last_ts], ts]))[:-1]
+        back = np.flatnonzero(ts < prev)
+        if len(back):
+            k = int(back[0])
+            raise NotInTimeOrder(self.seen + k, int(ts[k]), int(prev[k]))
+        self.last_ts = int(ts[-1])
+
+    def _user_rows(self, events: list[Event]) -> np.ndarray:
+        index = self.user_index
+        idx = np.fromiter((index.setdefault(e.user_id, len(index)) for e in events), np.int64, len(events))
+        if len(index) > len(self.m):                       # grow h, c, m (new users start at zero)
+            n = max(2 * len(self.m), len(index))
+            for name in ("h", "c", "m"):
+                old = getattr(self, name)
+                new = np.zeros((n,) + old.shape[1:], old.dtype)
+                new[:len(old)] = old
+                setattr(self, name, new)
+        return idx
+
+    def _encode(self, users: np.ndarray, local: np.ndarray, type_ids: np.ndarray, feats: np.ndarray):
+        """The chunk's events through the step model from each user's carried (h, c), all users in
+        lock-step (per-row bits do not depend on the batch: encoding.py)."""
+        h, c = self.h[users], self.c[users]
+        surprise = np.empty((len(local), 2), np.float32)
+        kept = None
+        for rows_k in lockstep_rows(local, len(users)):
+            for a in range(0, len(rows_k), self.max_batch):
+                rows = rows_k[a:a + self.max_batch]
+                u = local[rows]
+                h[u], c[u], emb, surprise[rows] = self.step(type_ids[rows], feats[rows], h[u], c[u])
+                out = self.det.project(emb)
+                if kept is None:
+                    kept = np.empty((len(local), out.shape[1]), out.dtype)
+                kept[rows] = out
+        self.h[users], self.c[users] = h, c
+        return kept, surprise
+
+
+def chunks_of(events: Iterable[Event], size: int) -> Iterator[list[Event]]:
+    chunk: list[Event] = []
+    for ev in events:
+        chunk.append(ev)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def prefetched(chunks: Iterator[list[Event]], depth: int = 1, poll_s: float = 0.1) -> Iterator[list[Event]]:
+    """`chunks`, read by a background thread at most `depth` chunks ahead: parsing the log (Python,
+    holds the GIL) overlaps the step model and detector (ONNX Runtime, releases it). A reader error
+    is raised here, in order; when the consumer stops early the reader stops too."""
+    import queue
+    import threading
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=poll_s)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for chunk in chunks:
+                if not put(chunk):
+                    return
+            put(done)
+        except BaseException as e:          # noqa: BLE001  (re-raised in the consumer)
+            put(e)
+
+    t = threading.Thread(target=read, name="score-file-reader", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join(timeout=30)
+
+
+def stream_scores_csv(artifact: ModelArtifact, events: Iterable[Event], path: str, chunk_events: int = 65536,
+                      progress: bool = False) -> int:
+    """Score a time-ordered event stream chunk by chunk into the CSV `write_scores_csv` writes (same
+    bytes); memory is bounded by the chunk and the number of users/entities. Returns events scored.
+    Raises NotInTimeOrder (nothing left at `path`) if the stream goes back in time."""
+    scorer = StreamScorer(artifact)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(desc="score", unit="ev", mininterval=1.0, leave=False)
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["event_id", "user_id", "risk", "action", "model_version"])
+            mv = artifact.model_version
+            for chunk in prefetched(chunks_of(events, chunk_events)):
+                risk, actions = scorer.score(chunk)
+                w.writerows([ev.event_id, ev.user_id, f"{r:.8f}", ACTIONS[a], mv]
+                             for ev, r, a in zip(chunk, risk.tolist(), actions.tolist()))
+                if bar is not None:
+                    bar.update(len(chunk))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    os.replace(tmp, path)
+    return scorer.seen

@@ -99,32 +99,56 @@ def cmd_score_file(args) -> int:
     if args.engine == "ray":
         from .ray_engine import import_ray
         import_ray()                    # fail before reading a large log when Ray is not installed
+    if args.chunk_events < 1:
+        raise ValueError(f"--chunk-events must be >= 1, got {args.chunk_events}")
     model = ModelArtifact.load(args.model)
-    events = _read(args.input, args)
-    t1 = time.time()
-    if args.engine == "ray":
-        from .ray_engine import RayConfig, score_events_ray
-        risk, actions = score_events_ray(model, events,
-                                         RayConfig(address=args.ray_address, partitions=args.partitions),
-                                         log=lambda m: print(m, file=sys.stderr))
-    elif rules is not None:
-        from .batch import score_events_with_rules
-        risk, actions, outcome = score_events_with_rules(model, events, rules, progress=not args.quiet)
-    else:
-        risk, actions, _ = score_events(model, events, progress=not args.quiet)
-    t2 = time.time()
-    if rules is not None:
-        write_scores_csv(args.output, events, risk, actions, model.model_version, outcome, rules.version_tag)
-    else:
-        write_scores_csv(args.output, events, risk, actions, model.model_version)
+    # streamed in bounded memory when it can be; rules (evaluated over the whole log) and Ray read it whole
+    n = _stream_score_file(model, args) if args.engine == "local" and rules is None else None
+    if n is None:
+        events = _read(args.input, args)
+        t1 = time.time()
+        outcome = None
+        if args.engine == "ray":
+            from .ray_engine import RayConfig, score_events_ray
+            risk, actions = score_events_ray(model, events,
+                                             RayConfig(address=args.ray_address, partitions=args.partitions),
+                                             log=lambda m: print(m, file=sys.stderr))
+        elif rules is not None:
+            from .batch import score_events_with_rules
+            risk, actions, outcome = score_events_with_rules(model, events, rules, progress=not args.quiet)
+        else:
+            risk, actions, _ = score_events(model, events, progress=not args.quiet)
+        t2 = time.time()
+        write_scores_csv(args.output, events, risk, actions, model.model_version, outcome,
+                         rules.version_tag if rules is not None else "")
+        n = len(events)
+        print(f"  read {t1 - t0:.1f}s, score {t2 - t1:.1f}s ({n / max(t2 - t1, 1e-9):,.0f} events/s), "
+              f"write {time.time() - t2:.1f}s", file=sys.stderr)
     t3 = time.time()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    n = len(events)
     print(f"scored {n} events with model {model.model_version} -> {args.output}\n"
-          f"  read {t1 - t0:.1f}s, score {t2 - t1:.1f}s ({n / max(t2 - t1, 1e-9):,.0f} events/s), "
-          f"write {t3 - t2:.1f}s; total {n / max(t3 - t0, 1e-9):,.0f} events/s; peak RSS {peak_mb:,.0f} MB",
+          f"  total {n / max(t3 - t0, 1e-9):,.0f} events/s ({t3 - t0:.1f}s); peak RSS {peak_mb:,.0f} MB",
           file=sys.stderr)
     return 0
+
+
+def _stream_score_file(model, args) -> int | None:
+    """Score the log chunk by chunk (memory bounded by the chunk and the users/entities) when it is
+    in time order; None when it is not (the caller scores it whole, in memory)."""
+    from .batch import NotInTimeOrder, stream_scores_csv
+    from .fastlog import read_events_fast
+    from .schema import ReadReport, parse_column_map
+    report = ReadReport()
+    events = read_events_fast(args.input, parse_column_map(args.column_map), args.on_bad_row, report)
+    try:
+        n = stream_scores_csv(model, events, args.output, chunk_events=args.chunk_events, progress=not args.quiet)
+    except NotInTimeOrder as e:
+        print(f"score-file: the log is not in time order ({e}); scoring it whole, in memory "
+              "(sort it by ts for bounded memory)", file=sys.stderr)
+        return None
+    if report.skipped:
+        print(report.summary(), file=sys.stderr)
+    return n
 
 
 def cmd_evaluate(args) -> int:
@@ -247,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: start a local Ray on this machine's CPUs")
     s.add_argument("--partitions", type=int, default=0, metavar="N",
                    help="with --engine ray: number of partitions (default: one per CPU in the cluster)")
+    s.add_argument("--chunk-events", type=int, default=65536, metavar="N",
+                   help="with --engine local: a log in time order (timestamps never decrease) is scored N events "
+                        "at a time, carrying only per-user and per-device/IP state, so memory does not grow with "
+                        "the log (~1 GB at the default); a log out of order is scored whole, in memory (same output)")
     _add_input_opts(s)
     s.set_defaults(fn=cmd_score_file)
 

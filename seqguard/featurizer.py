@@ -1,9 +1,10 @@
-"""The ONE featuriser: event + compact contexts -> (event-type id, feature vector), contexts updated.
+"""The ONE featuriser: events + compact contexts -> (event-type ids, feature rows), contexts updated.
 
-Training, batch scoring (`score-file`) and the online gateway all call `Featurizer.featurize`
-with the same contexts, so an offline score and an online score of the same events are
-identical. It is pure Python/numpy (no torch) and keeps all state in small structs that
-serialise to bytes (the gateway keeps them in Redis):
+Training, batch scoring (`score-file`, also on Ray) and the online gateway all run the same
+compiled kernel (`seqguard.featurize_kernel`, numba) over batches of events with the same
+contexts, so an offline score and an online score of the same events are identical. This module
+turns events into the kernel's token arrays (keyed hashes, vocabulary ids, type flags) and keeps
+the contexts, which serialise to the same bytes as before (the gateway keeps them in Redis):
 
 * UserContext   - one per user: previous timestamp, recently seen devices / countries /
                   IP prefixes, decayed activity and failure counters, amount and timing stats.
@@ -23,15 +24,18 @@ O(1) to update and independent of how the stream is chunked.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-import math
 import struct
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
+from . import featurize_kernel as K
+from .featurize_kernel import (DAY_MS, FAILED_ACCOUNTS_WINDOW_MS, GAP_EWMA_ALPHA, HOUR_MS, JITTER_ALPHA,  # noqa: F401
+                               JITTER_PRIOR, MAX_COUNTRIES, MAX_DEVICES, MAX_ENTITY_USERS, MAX_PREFIXES, MINUTE_MS)
 from .schema import COMMON_EVENT_TYPES, SCHEMA_VERSION, Event
 
 FEATURIZER_VERSION = 2             # 2: + accounts with a failed login per device in 7 days, gap jitter
@@ -43,13 +47,6 @@ ACCOUNT_CHANGES = frozenset({"change_password", "change_email", "change_address"
 PAYMENTS = frozenset({"payment", "checkout"})
 AMOUNT_STATS_TYPES = frozenset({"payment"})
 
-MINUTE_MS, HOUR_MS, DAY_MS = 60_000, 3_600_000, 86_400_000
-MAX_DEVICES, MAX_COUNTRIES, MAX_PREFIXES = 8, 4, 8
-MAX_ENTITY_USERS = 32
-FAILED_ACCOUNTS_WINDOW_MS = 7 * DAY_MS    # slow stuffing rings reuse a device for days, not hours
-GAP_EWMA_ALPHA = 0.1
-JITTER_ALPHA = 0.3                 # gap_jitter: about the last 5-6 gaps (gap_std needs ~40 events to settle)
-JITTER_PRIOR = 2.0                 # gap_jitter before a user has two gaps: "irregular" (humans average ~1)
 
 FEATURE_NAMES = (
     "is_first_event", "log_gap_s", "log_account_age_h", "log_n_events",
@@ -71,6 +68,18 @@ FEATURE_NAMES = (
 N_FEATURES = len(FEATURE_NAMES)
 FEATURE_INDEX = {name: i for i, name in enumerate(FEATURE_NAMES)}
 N_ENCODER_FEATURES = FEATURE_INDEX["log_device_failed_accounts_7d"]   # 40: what the LSTM step model reads
+assert N_FEATURES == K.N_FEATURES and FEATURE_INDEX["log_device_accounts_24h"] == K.ENTITY_FEATURES_START
+
+
+def event_flags(event_type: str) -> int:
+    """The kernel's view of an event type: which of the named groups it belongs to."""
+    return ((K.FLAG_LOGIN_FAILED if event_type == "login_failed" else 0)
+            | (K.FLAG_PAYMENT_FAILED if event_type == "payment_failed" else 0)
+            | (K.FLAG_PAYMENT if event_type in AMOUNT_STATS_TYPES else 0)
+            | (K.FLAG_PAYMENTS if event_type in PAYMENTS else 0)
+            | (K.FLAG_REVIEW if event_type == "review" else 0)
+            | (K.FLAG_ACCOUNT_CHANGE if event_type in ACCOUNT_CHANGES else 0)
+            | (K.FLAG_COUPON if event_type == "redeem_coupon" else 0))
 
 
 # --------------------------------------------------------------------------- tokens
@@ -106,21 +115,43 @@ class TokenHasher:
     keeps raw identifiers (an IPv4 is trivially brute-forced from an unkeyed hash) out of Redis.
     """
 
+    MEMO_SIZE = 1_000_000          # identifiers remembered (then forgotten all at once): ~100 MB at most
+
     def __init__(self, key: bytes = b"seqguard-context"):
         self._key = key[:64]
-        self._memo: dict[str, int] = {}
+        self._memo: dict[str | None, int] = {None: 0}
+        self._prefix_memo: dict[str | None, int] = {None: 0}    # ip -> hash of its prefix
+
+    def _hash(self, value: str) -> int:
+        d = hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=4, key=self._key).digest()
+        return int.from_bytes(d, "little") or 1          # 0 means "missing"
 
     def __call__(self, value: str | None) -> int:
-        if value is None:
-            return 0
         h = self._memo.get(value)
         if h is None:
-            d = hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=4, key=self._key).digest()
-            h = int.from_bytes(d, "little") or 1          # 0 means "missing"
-            if len(self._memo) > 1_000_000:
+            if len(self._memo) > self.MEMO_SIZE:
                 self._memo.clear()
-            self._memo[value] = h
+                self._memo[None] = 0
+            h = self._memo[value] = self._hash(value)
         return h
+
+    def many(self, values: Sequence[str | None]) -> np.ndarray:
+        """int64 hashes of a column of identifiers (None -> 0), each distinct value hashed once."""
+        return self._column(self._memo, values, self._hash)
+
+    def many_prefixes(self, ips: Sequence[str | None]) -> np.ndarray:
+        """int64 hashes of the IP prefix of each IP (None -> 0)."""
+        return self._column(self._prefix_memo, ips, lambda ip: self._hash(ip_prefix(ip)))
+
+    def _column(self, memo: dict, values: Sequence[str | None], hash_of) -> np.ndarray:
+        new = set(values).difference(memo)
+        if len(memo) + len(new) > self.MEMO_SIZE:       # forget all at once (a batch alone may exceed it)
+            memo.clear()
+            memo[None] = 0
+            new = set(values).difference(memo)
+        for value in new:
+            memo[value] = hash_of(value)
+        return np.array(list(map(memo.__getitem__, values)), np.int64)
 
 
 def ip_prefix(ip: str | None) -> str | None:
@@ -134,7 +165,7 @@ def ip_prefix(ip: str | None) -> str | None:
 
 
 class Tokens(NamedTuple):
-    """The hashed, vocabulary-mapped view of one event that the featuriser consumes."""
+    """The hashed, vocabulary-mapped view of one event (the gateway's per-event path)."""
     ts: int
     type_id: int
     event_type: str
@@ -147,188 +178,243 @@ class Tokens(NamedTuple):
     session: int
 
 
+class EventArrays(NamedTuple):
+    """A batch of events as the kernel reads them (all int64 except amount: float64, NaN = none)."""
+    ts: np.ndarray
+    type_id: np.ndarray
+    flags: np.ndarray
+    amount: np.ndarray
+    user: np.ndarray
+    device: np.ndarray
+    ip: np.ndarray
+    prefix: np.ndarray
+    country: np.ndarray
+    session: np.ndarray
+
+    def take(self, idx) -> "EventArrays":
+        return EventArrays(*(a[idx] for a in self))
+
+    def __len__(self) -> int:              # (a NamedTuple's len would count its fields)
+        return len(self.ts)
+
+
 # --------------------------------------------------------------------------- contexts
 
-def _decay(dt_ms: int, tau_ms: int) -> float:
-    return math.exp(-dt_ms / tau_ms) if dt_ms > 0 else 1.0
+assert struct.calcsize("<BIqqqIIIIIIII" + "d" * 15) == K.USER_HEAD_SIZE       # the Redis layout
+assert struct.calcsize("<Bqqdddd B") == K.ENTITY_HEAD_SIZE
 
 
-def _lru_touch(items: list, value: int, cap: int) -> bool:
-    """Move value to the front; return True if it was not there (new)."""
-    if value in items:
-        items.remove(value)
-        items.insert(0, value)
-        return False
-    items.insert(0, value)
-    del items[cap:]
-    return True
+def _int_field(col: int):
+    return property(lambda self: int(self.ints[col]), lambda self, v: self.ints.__setitem__(col, v))
 
 
-_USER_HEAD = struct.Struct("<BIqqqIIIIIIII" + "d" * 15)
-_ENTITY_HEAD = struct.Struct("<Bqqdddd B")
+def _float_field(col: int):
+    return property(lambda self: float(self.floats[col]), lambda self, v: self.floats.__setitem__(col, v))
 
 
-class UserContext:
-    """Per-user featuriser state (~300 bytes serialised)."""
-    __slots__ = ("n", "first_ts", "last_ts", "last_change_ts", "last_device", "last_country",
-                 "last_prefix", "last_session", "session_events", "n_payments", "n_reviews", "last_type",
-                 "ev_1m", "ev_1h", "fail_login", "fail_pay", "pay_24h", "amt_24h", "coupon_24h",
-                 "amt_mean", "amt_m2", "amt_max", "gap_mean", "gap_var", "last_log_gap", "gap_jitter", "spare3",
-                 "devices", "countries", "prefixes")
+class _Context:
+    """A featuriser context is held either as its Redis bytes (`from_bytes`, and after
+    `featurize_batch`: decoded and encoded in bulk, so a gateway batch never pays per field) or as
+    kernel rows `ints` / `floats` (views into a ContextStore's tables, or its own), materialised on
+    first field access."""
+    __slots__ = ("_ints", "_floats", "_blob")
+    _decode = _encode = None                 # the bulk codec of the subclass
 
-    def __init__(self):
-        self.n = 0
-        self.first_ts = self.last_ts = self.last_change_ts = 0
-        self.last_device = self.last_country = self.last_prefix = self.last_session = 0
-        self.session_events = self.n_payments = self.n_reviews = self.last_type = 0
-        self.ev_1m = self.ev_1h = self.fail_login = self.fail_pay = 0.0
-        self.pay_24h = self.amt_24h = self.coupon_24h = 0.0
-        self.amt_mean = self.amt_m2 = self.amt_max = 0.0
-        self.gap_mean = self.gap_var = 0.0
-        self.last_log_gap = self.spare3 = 0.0
-        self.gap_jitter = JITTER_PRIOR
-        self.devices: list[int] = []
-        self.countries: list[int] = []
-        self.prefixes: list[int] = []
-
-    def to_bytes(self) -> bytes:
-        head = _USER_HEAD.pack(
-            FEATURIZER_VERSION, self.n, self.first_ts, self.last_ts, self.last_change_ts,
-            self.last_device, self.last_country, self.last_prefix, self.last_session,
-            self.session_events, self.n_payments, self.n_reviews, self.last_type,
-            self.ev_1m, self.ev_1h, self.fail_login, self.fail_pay, self.pay_24h, self.amt_24h,
-            self.coupon_24h, self.amt_mean, self.amt_m2, self.amt_max, self.gap_mean, self.gap_var,
-            self.last_log_gap, self.gap_jitter, self.spare3)
-        lists = bytes([len(self.devices), len(self.countries), len(self.prefixes)])
-        ids = self.devices + self.countries + self.prefixes
-        return head + lists + struct.pack(f"<{len(ids)}I", *ids)
+    def __init__(self, ints: np.ndarray | None = None, floats: np.ndarray | None = None):
+        self._ints, self._floats = ints, floats
+        self._blob = b"" if ints is None else None           # b"": a new context
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "UserContext":
-        u = cls()
-        vals = _USER_HEAD.unpack_from(data, 0)
-        if vals[0] not in READABLE_CONTEXT_VERSIONS:     # (the user layout is the same in 1 and 2)
-            raise ValueError(f"user context version {vals[0]} is not one of {READABLE_CONTEXT_VERSIONS}")
-        (_, u.n, u.first_ts, u.last_ts, u.last_change_ts, u.last_device, u.last_country,
-         u.last_prefix, u.last_session, u.session_events, u.n_payments, u.n_reviews, u.last_type,
-         u.ev_1m, u.ev_1h, u.fail_login, u.fail_pay, u.pay_24h, u.amt_24h, u.coupon_24h,
-         u.amt_mean, u.amt_m2, u.amt_max, u.gap_mean, u.gap_var, u.last_log_gap, u.gap_jitter, u.spare3) = vals
-        if vals[0] == 1:                 # written before gap_jitter: its slots were unused zeros
-            u.last_log_gap, u.gap_jitter = 0.0, JITTER_PRIOR
-        off = _USER_HEAD.size
-        nd, nc, npf = data[off], data[off + 1], data[off + 2]
-        ids = list(struct.unpack_from(f"<{nd + nc + npf}I", data, off + 3))
-        u.devices, u.countries, u.prefixes = ids[:nd], ids[nd:nd + nc], ids[nd + nc:]
-        return u
-
-
-class EntityContext:
-    """Per device / IP / IP-prefix state shared by all users (~300 bytes serialised, up to ~700
-    for a device in a stuffing ring)."""
-    __slots__ = ("first_ts", "last_ts", "events_1h", "failed_1h", "new_accounts_24h", "spare", "users",
-                 "failed_users")
-
-    def __init__(self):
-        self.first_ts = self.last_ts = 0
-        self.events_1h = self.failed_1h = self.new_accounts_24h = self.spare = 0.0
-        self.users: list[list[int]] = []         # [user hash, last ts ms], most recent first (24 h)
-        self.failed_users: list[list[int]] = []  # [user hash, last failed-login ts ms] (7 days)
+    def from_bytes(cls, data: bytes):
+        if not data or data[0] not in READABLE_CONTEXT_VERSIONS:
+            raise ValueError(f"{cls.__name__} version {data[0] if data else None} is not one of "
+                             f"{READABLE_CONTEXT_VERSIONS}")
+        c = cls()
+        c._blob = bytes(data)
+        return c
 
     def to_bytes(self) -> bytes:
-        head = _ENTITY_HEAD.pack(FEATURIZER_VERSION, self.first_ts, self.last_ts, self.events_1h,
-                                 self.failed_1h, self.new_accounts_24h, self.spare, len(self.users))
-        return head + _pack_pairs(self.users) + bytes([len(self.failed_users)]) + _pack_pairs(self.failed_users)
+        if self._blob:
+            return self._blob
+        return type(self)._encode(self.ints[None], self.floats[None])[0]
 
-    @classmethod
-    def from_bytes(cls, data: bytes) -> "EntityContext":
-        """Reads versions 1 (written before the 7-day failed-account list: read as empty) and 2."""
-        e = cls()
-        (ver, e.first_ts, e.last_ts, e.events_1h, e.failed_1h, e.new_accounts_24h, e.spare,
-         n) = _ENTITY_HEAD.unpack_from(data, 0)
-        if ver not in READABLE_CONTEXT_VERSIONS:
-            raise ValueError(f"entity context version {ver} is not one of {READABLE_CONTEXT_VERSIONS}")
-        i = _ENTITY_HEAD.size
-        e.users = _unpack_pairs(data, i, n)
-        if ver >= 2:
-            i += _PAIR.size * n
-            e.failed_users = _unpack_pairs(data, i + 1, data[i])
-        return e
+    def _materialise(self) -> None:
+        i, f = type(self)._decode([self._blob])
+        self._ints, self._floats, self._blob = i[0], f[0], None
 
+    @property
+    def ints(self) -> np.ndarray:
+        if self._ints is None:
+            self._materialise()
+        return self._ints
 
-_PAIR = struct.Struct("<Iq")             # [user hash, ts ms] in an entity's lists
+    @property
+    def floats(self) -> np.ndarray:
+        if self._ints is None:
+            self._materialise()
+        return self._floats
 
 
-def _pack_pairs(pairs: list) -> bytes:
-    return b"".join(_PAIR.pack(u, ts) for u, ts in pairs)
+class UserContext(_Context):
+    """Per-user featuriser state (~300 bytes serialised): one row of the kernel's user tables."""
+    __slots__ = ()
+
+    n, first_ts, last_ts, last_change_ts = (_int_field(c) for c in (K.U_N, K.U_FIRST_TS, K.U_LAST_TS,
+                                                                     K.U_LAST_CHANGE_TS))
+    last_device, last_country, last_prefix, last_session = (_int_field(c) for c in (
+        K.U_LAST_DEVICE, K.U_LAST_COUNTRY, K.U_LAST_PREFIX, K.U_LAST_SESSION))
+    session_events, n_payments, n_reviews, last_type = (_int_field(c) for c in (
+        K.U_SESSION_EVENTS, K.U_N_PAYMENTS, K.U_N_REVIEWS, K.U_LAST_TYPE))
+    (ev_1m, ev_1h, fail_login, fail_pay, pay_24h, amt_24h, coupon_24h, amt_mean, amt_m2, amt_max, gap_mean,
+     gap_var, last_log_gap, gap_jitter, spare3) = (_float_field(c) for c in range(K.N_UF))
+    devices = property(lambda self: self.ints[K.U_DEVICES:K.U_DEVICES + self.ints[K.U_N_DEVICES]].tolist())
+    countries = property(lambda self: self.ints[K.U_COUNTRIES:K.U_COUNTRIES + self.ints[K.U_N_COUNTRIES]].tolist())
+    prefixes = property(lambda self: self.ints[K.U_PREFIXES:K.U_PREFIXES + self.ints[K.U_N_PREFIXES]].tolist())
 
 
-def _unpack_pairs(data: bytes, offset: int, n: int) -> list:
-    return [list(_PAIR.unpack_from(data, offset + _PAIR.size * k)) for k in range(n)]
+def _pairs_field(count_col: int, base: int):
+    def get(self) -> list:
+        n = int(self.ints[count_col])
+        return self.ints[base:base + 2 * n].reshape(n, 2).tolist()
+
+    def put(self, pairs: list) -> None:
+        if len(pairs) > MAX_ENTITY_USERS:
+            raise ValueError(f"an entity keeps at most {MAX_ENTITY_USERS} [user, ts] pairs, got {len(pairs)}")
+        self.ints[count_col] = len(pairs)
+        if pairs:
+            self.ints[base:base + 2 * len(pairs)] = np.asarray(pairs, np.int64).ravel()
+    return property(get, put)
 
 
-def _move_to_front(pairs: list, user: int, ts: int) -> None:
-    """[user, ts] first in `pairs`, replacing the user's earlier entry (most recent first)."""
-    for i, pair in enumerate(pairs):
-        if pair[0] == user:
-            del pairs[i]
-            break
-    pairs.insert(0, [user, ts])
+class EntityContext(_Context):
+    """Per device / IP / IP-prefix state shared by all users: one row of the kernel's entity tables
+    (~300 bytes serialised, up to ~700 for a device in a stuffing ring). `from_bytes` reads versions
+    1 (written before the 7-day failed-account list: read as empty) and 2."""
+    __slots__ = ()
+
+    first_ts, last_ts = _int_field(K.E_FIRST_TS), _int_field(K.E_LAST_TS)
+    events_1h, failed_1h, new_accounts_24h, spare = (_float_field(c) for c in range(K.N_EF))
+    users = _pairs_field(K.E_N_USERS, K.E_USERS)                 # [user hash, last ts ms], most recent first (24 h)
+    failed_users = _pairs_field(K.E_N_FAILED, K.E_FAILED)        # [user hash, last failed-login ts ms] (7 days)
 
 
-# The 9 cross-user features start at ENTITY_FEATURES_START, in entity_features' order. Per entity
-# kind: which of touch_entity's five outputs it contributes (device: accounts, failed, new
-# accounts, failed accounts 7 d; ...) and at which of those 9 columns.
-ENTITY_FEATURES_START = FEATURE_INDEX["log_device_accounts_24h"]
-N_ENTITY_FEATURES = 9
+def _blobs(blobs: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
+    present = [b or b"" for b in blobs]
+    offsets = np.array([0, *itertools.accumulate(map(len, present))], np.int64)
+    return np.frombuffer(b"".join(present), np.uint8), offsets
+
+
+def _split(buf: np.ndarray, offsets: np.ndarray) -> list[bytes]:
+    data = buf.tobytes()
+    o = offsets.tolist()
+    return [data[o[k]:o[k + 1]] for k in range(len(o) - 1)]
+
+
+def decode_user_contexts(blobs: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Many UserContext byte strings (None or b"": a new user) -> kernel rows (UI, UF), one call."""
+    buf, offsets = _blobs(blobs)
+    ui, uf = np.empty((len(blobs), K.N_UI), np.int64), np.empty((len(blobs), K.N_UF))   # (every row is set)
+    bad = K.decode_users(buf, offsets, ui, uf)
+    if bad >= 0:
+        raise ValueError(f"user context {bad} is corrupt: version {blobs[bad][0]} (readable: "
+                         f"{READABLE_CONTEXT_VERSIONS}), {len(blobs[bad])} bytes")
+    return ui, uf
+
+
+def encode_user_contexts(ui: np.ndarray, uf: np.ndarray) -> list[bytes]:
+    return _split(*K.encode_users(ui, uf, FEATURIZER_VERSION))
+
+
+def decode_entity_contexts(blobs: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Many EntityContext byte strings (None or b"": a new entity) -> kernel rows (EI, EF), one call."""
+    buf, offsets = _blobs(blobs)
+    ei, ef = np.empty((len(blobs), K.N_EI), np.int64), np.empty((len(blobs), K.N_EF))   # (every row is set)
+    bad = K.decode_entities(buf, offsets, ei, ef)
+    if bad >= 0:
+        raise ValueError(f"entity context {bad} is corrupt: version {blobs[bad][0]} (readable: "
+                         f"{READABLE_CONTEXT_VERSIONS}), {len(blobs[bad])} bytes")
+    return ei, ef
+
+
+def encode_entity_contexts(ei: np.ndarray, ef: np.ndarray) -> list[bytes]:
+    return _split(*K.encode_entities(ei, ef, FEATURIZER_VERSION))
+
+
+UserContext._decode, UserContext._encode = staticmethod(decode_user_contexts), staticmethod(encode_user_contexts)
+EntityContext._decode, EntityContext._encode = staticmethod(decode_entity_contexts), staticmethod(encode_entity_contexts)
+
+
+# The 9 cross-user features start at ENTITY_FEATURES_START, in the kernel's order. Per entity kind:
+# which of touch_entity's five outputs it contributes (device: accounts, failed, new accounts,
+# failed accounts 7 d; ...) and at which of those 9 columns.
+ENTITY_FEATURES_START = K.ENTITY_FEATURES_START
+N_ENTITY_FEATURES = K.N_ENTITY_FEATURES
 ENTITY_KINDS = (("device", (0, 1, 3, 4), (0, 1, 2, 8)), ("ip", (0, 1, 2), (3, 4, 5)), ("prefix", (0, 1), (6, 7)))
 
 
-def touch_entity(e: EntityContext | None, ts: int, user: int, user_is_new: bool,
-                 failed: bool) -> tuple[float, float, float, float, float]:
-    """Update one entity with an event of `user` at `ts`; return (log accounts 24h, log failed 1h,
-    log events 1h, log new accounts 24h, log OTHER accounts with a failed login in 7 days).
+class ContextStore:
+    """In-memory contexts for offline replay: the kernel's tables, grown as users and entities
+    appear, with a row per user / device / IP / prefix token hash (the gateway keeps the same
+    contexts in Redis, as bytes). Memory grows with users and entities, never with events."""
 
-    The last one is the slow credential-stuffing ring: a device that tries a few accounts a day
-    never reaches the 1-hour counters, but it is the same device across victims. Other accounts
-    only, so a user who mistypes their own password does not count against themselves.
+    def __init__(self, capacity: int = 1024):
+        self.UI, self.UF = K.new_user_rows(capacity)
+        self.EI, self.EF = K.new_entity_rows(capacity)
+        self.user_rows: dict[int, int] = {}
+        self.entity_rows: tuple[dict, dict, dict] = ({}, {}, {})    # device, ip, prefix hash -> row
+        self.n_entities = 0
 
-    Depends only on this entity's own events in replay order (plus the per-user `user_is_new`),
-    which is what lets `seqguard.ray_engine` replay entities apart from users and join back.
-    """
-    if e is None:
-        return 0.0, 0.0, 0.0, 0.0, 0.0
-    if e.first_ts == 0:
-        e.first_ts = ts
-    dt = ts - e.last_ts if e.last_ts else 0
-    k1h = _decay(dt, HOUR_MS)
-    e.events_1h = e.events_1h * k1h + 1.0
-    e.failed_1h = e.failed_1h * k1h + (1.0 if failed else 0.0)
-    e.new_accounts_24h = e.new_accounts_24h * _decay(dt, DAY_MS) + (1.0 if user_is_new else 0.0)
-    if ts > e.last_ts:
-        e.last_ts = ts
-    _move_to_front(e.users, user, ts)
-    horizon = ts - DAY_MS
-    e.users = [p for p in e.users[:MAX_ENTITY_USERS] if p[1] >= horizon]
-    fu = e.failed_users
-    if failed:
-        _move_to_front(fu, user, ts)
-    others = 0
-    if fu:
-        horizon = ts - FAILED_ACCOUNTS_WINDOW_MS
-        e.failed_users = fu = [p for p in fu[:MAX_ENTITY_USERS] if p[1] >= horizon]
-        others = sum(1 for p in fu if p[0] != user)
-    return (math.log1p(len(e.users)), math.log1p(e.failed_1h), math.log1p(e.events_1h),
-            math.log1p(e.new_accounts_24h), math.log1p(others))
+    def user(self, user_hash: int) -> UserContext | None:
+        """The user's context as a view into the table (None if never seen)."""
+        r = self.user_rows.get(user_hash)
+        return None if r is None else UserContext(self.UI[r], self.UF[r])
 
+    def entities(self, kind: int) -> list[EntityContext]:
+        """Views of every entity of one kind (0 device, 1 IP, 2 prefix)."""
+        return [EntityContext(self.EI[r], self.EF[r]) for r in self.entity_rows[kind].values()]
 
-def entity_features(t: Tokens, user_is_new: bool, device: EntityContext | None,
-                    ip: EntityContext | None, prefix: EntityContext | None) -> list[float]:
-    """The 9 cross-user features of event t (FEATURE_NAMES from ENTITY_FEATURES_START); updates the entities."""
-    failed = t.event_type == "login_failed"
-    d_acc, d_fail, _, d_new, d_ring = touch_entity(device, t.ts, t.user, user_is_new, failed)
-    i_acc, i_fail, i_ev, _, _ = touch_entity(ip, t.ts, t.user, user_is_new, failed)
-    p_acc, p_fail, _, _, _ = touch_entity(prefix, t.ts, t.user, user_is_new, failed)
-    return [d_acc, d_fail, d_new, i_acc, i_fail, i_ev, p_acc, p_fail, d_ring]
+    def rows(self, ev: EventArrays) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(user, device, ip, prefix) row per event; new contexts are created fresh, -1 = no entity."""
+        u = self._rows(self.user_rows, ev.user, self._new_users)
+        ents = [self._rows(table, keys, self._new_entities)
+                for table, keys in zip(self.entity_rows, (ev.device, ev.ip, ev.prefix))]
+        return (u, *ents)
+
+    def _rows(self, table: dict, keys: np.ndarray, new) -> np.ndarray:
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        rows = np.fromiter(map(table.get, uniq.tolist(), [-1] * len(uniq)), np.int64, len(uniq))
+        missing = np.flatnonzero((rows < 0) & (uniq != 0))
+        if len(missing):
+            rows[missing] = new(len(missing))
+            table.update(zip(uniq[missing].tolist(), rows[missing].tolist()))
+        return rows[inverse]
+
+    def _new_users(self, n: int) -> np.ndarray:
+        a = len(self.user_rows)
+        if a + n > len(self.UI):
+            ui, uf = K.new_user_rows(max(2 * len(self.UI), a + n))
+            ui[:a], uf[:a] = self.UI[:a], self.UF[:a]
+            self.UI, self.UF = ui, uf
+        return np.arange(a, a + n)
+
+    def _new_entities(self, n: int) -> np.ndarray:
+        a = self.n_entities
+        if a + n > len(self.EI):
+            ei, ef = K.new_entity_rows(max(2 * len(self.EI), a + n))
+            ei[:a], ef[:a] = self.EI[:a], self.EF[:a]
+            self.EI, self.EF = ei, ef
+        self.n_entities += n
+        return np.arange(a, a + n)
+
+    def featurize(self, ev: EventArrays, out: np.ndarray | None = None) -> np.ndarray:
+        """Features of a batch of events in this order (float32 [n, N_FEATURES] unless `out` is given),
+        every context they touch updated: one kernel call."""
+        rows = self.rows(ev)
+        if out is None:
+            out = np.empty((len(ev), N_FEATURES), np.float32)
+        K.featurize_events(ev.ts, ev.type_id, ev.flags, ev.amount, ev.user, ev.device, ev.country, ev.prefix,
+                           ev.session, *rows, self.UI, self.UF, self.EI, self.EF, out)
+        return out
 
 
 # --------------------------------------------------------------------------- featuriser
@@ -338,6 +424,9 @@ class Featurizer:
     """Maps events to model inputs; its spec (vocabulary + version + feature names) is model metadata."""
     vocab: Vocabulary
     hasher: TokenHasher
+
+    def __post_init__(self):
+        self._type_memo: dict[str, tuple[int, int]] = {}      # event type -> (vocabulary id, kernel flags)
 
     @classmethod
     def from_spec(cls, spec: dict, hasher: TokenHasher | None = None) -> "Featurizer":
@@ -360,146 +449,105 @@ class Featurizer:
         return Tokens(ev.ts, self.vocab.id(ev.event_type), ev.event_type, ev.amount, h(ev.user_id),
                       h(ev.device_id), h(ev.ip), h(ip_prefix(ev.ip)), h(ev.country), h(ev.session_id))
 
+    def _type_info(self, event_type: str) -> tuple[int, int]:
+        info = self._type_memo.get(event_type)
+        if info is None:
+            info = self._type_memo[event_type] = (self.vocab.id(event_type), event_flags(event_type))
+        return info
+
+    def event_arrays(self, events: Sequence[Event]) -> EventArrays:
+        """The kernel's token arrays for a batch of events (same hashes and ids as `tokens`)."""
+        n = len(events)
+        if n == 0:
+            z = np.zeros(0, np.int64)
+            return EventArrays(z, z, z, np.zeros(0), z, z, z, z, z, z)
+        etype = [e.event_type for e in events]        # (per-field comprehensions: 20x faster than zip(*events))
+        for t in set(etype).difference(self._type_memo):
+            self._type_info(t)
+        type_info = np.array([self._type_memo[t] for t in etype], np.int64).reshape(n, 2)
+        ip = [e.ip for e in events]
+        h = self.hasher
+        return EventArrays(np.array([e.ts for e in events], np.int64), type_info[:, 0].copy(),
+                           type_info[:, 1].copy(), np.array([e.amount for e in events], np.float64),
+                           h.many([e.user_id for e in events]), h.many([e.device_id for e in events]), h.many(ip),
+                           h.many_prefixes(ip), h.many([e.country for e in events]),
+                           h.many([e.session_id for e in events]))
+
     # -- the step
     def featurize(self, t: Tokens, u: UserContext, device: EntityContext | None = None,
-                  ip: EntityContext | None = None, prefix: EntityContext | None = None) -> list[float]:
-        """Features of event t given the contexts *before* it; updates the contexts in place.
+                  ip: EntityContext | None = None, prefix: EntityContext | None = None) -> np.ndarray:
+        """Features (float64 [N_FEATURES]) of event t given the contexts *before* it; updates the
+        contexts in place. Entity contexts are given when the event carries that entity (device/ip),
+        None when it has none. One event: `featurize_batch` is the same kernel for many."""
+        tid, flags = self._type_info(t.event_type)
+        ev = EventArrays(*(np.array([v], np.int64) for v in (t.ts, tid, flags)),
+                         np.array([np.nan if t.amount is None else t.amount], np.float64),
+                         *(np.array([v], np.int64) for v in (t.user, t.device, t.ip, t.prefix, t.country, t.session)))
+        out = np.empty((1, N_FEATURES), np.float64)
+        _run_on_contexts(ev, [u], [(device, ip, prefix)], out)
+        return out[0]
 
-        Entity contexts must be given when the event carries that entity (device/ip) for the
-        cross-user features; they are None when the event has no such field.
-        """
-        return self.featurize_user(t, u, entity_features(t, u.n == 0, device, ip, prefix))
-
-    def featurize_user(self, t: Tokens, u: UserContext, entity: list[float]) -> list[float]:
-        """`featurize` given the event's 9 cross-user features (`entity_features`), computed
-        here or by a separate pass; updates only the user context."""
-        ts, et, amount = t.ts, t.event_type, t.amount
-        first = u.n == 0
-        if first:
-            u.first_ts = ts
-            gap_ms = 0
-        else:
-            gap_ms = max(0, ts - u.last_ts)
-        log_gap = math.log1p(gap_ms / 1000.0)
-
-        # decayed per-user counters (decay to now, then add this event)
-        k1m, k1h, k24 = _decay(gap_ms, MINUTE_MS), _decay(gap_ms, HOUR_MS), _decay(gap_ms, DAY_MS)
-        u.ev_1m = u.ev_1m * k1m + 1.0
-        u.ev_1h = u.ev_1h * k1h + 1.0
-        u.fail_login = u.fail_login * k1h + (1.0 if et == "login_failed" else 0.0)
-        u.fail_pay = u.fail_pay * k1h + (1.0 if et == "payment_failed" else 0.0)
-        is_payment = et in PAYMENTS
-        has_amount = amount is not None
-        u.pay_24h = u.pay_24h * k24 + (1.0 if et == "payment" else 0.0)
-        u.amt_24h = u.amt_24h * k24 + (amount if (has_amount and et == "payment") else 0.0)
-        u.coupon_24h = u.coupon_24h * k24 + (1.0 if et == "redeem_coupon" else 0.0)
-
-        # amount relative to the user's own payment history (before this event)
-        log_amt = math.log1p(amount) if has_amount else 0.0
-        amount_z = amount_vs_max = 0.0
-        if has_amount and is_payment and u.n_payments > 0:
-            var = u.amt_m2 / u.n_payments
-            amount_z = max(-5.0, min(5.0, (log_amt - u.amt_mean) / math.sqrt(var + 0.25)))
-            amount_vs_max = max(-5.0, min(5.0, log_amt - u.amt_max))
-        if has_amount and et in AMOUNT_STATS_TYPES:
-            n = u.n_payments + 1
-            d = log_amt - u.amt_mean
-            u.amt_mean += d / n
-            u.amt_m2 += d * (log_amt - u.amt_mean)
-            u.amt_max = max(u.amt_max, log_amt)
-        if et == "payment":
-            u.n_payments += 1
-        review_wo_purchase = 1.0 if (et == "review" and u.n_payments == 0) else 0.0
-        if et == "review":
-            u.n_reviews += 1
-
-        # where from: device / country / IP prefix novelty for this user
-        dev, cty, pfx = t.device, t.country, t.prefix
-        new_device = device_changed = new_country = country_changed = new_pfx = pfx_changed = 0.0
-        if dev:
-            new_device = 1.0 if (_lru_touch(u.devices, dev, MAX_DEVICES) and not first) else 0.0
-            device_changed = 1.0 if (u.last_device and dev != u.last_device) else 0.0
-            u.last_device = dev
-        if cty:
-            new_country = 1.0 if (_lru_touch(u.countries, cty, MAX_COUNTRIES) and not first) else 0.0
-            country_changed = 1.0 if (u.last_country and cty != u.last_country) else 0.0
-            u.last_country = cty
-        if pfx:
-            new_pfx = 1.0 if (_lru_touch(u.prefixes, pfx, MAX_PREFIXES) and not first) else 0.0
-            pfx_changed = 1.0 if (u.last_prefix and pfx != u.last_prefix) else 0.0
-            u.last_prefix = pfx
-
-        # account changes shortly before a payment
-        recent_change = 0.0
-        if u.last_change_ts:
-            recent_change = _decay(max(0, ts - u.last_change_ts), HOUR_MS)
-        if et in ACCOUNT_CHANGES:
-            u.last_change_ts = ts
-
-        # timing regularity: EWMA mean/variance of log gaps (bots are machine-regular)
-        if not first:
-            if u.n == 1:
-                u.gap_mean, u.gap_var = log_gap, 1.0
-            else:
-                d = log_gap - u.gap_mean
-                u.gap_mean += GAP_EWMA_ALPHA * d
-                u.gap_var = (1.0 - GAP_EWMA_ALPHA) * (u.gap_var + GAP_EWMA_ALPHA * d * d)
-        gap_std = math.sqrt(u.gap_var) if u.n >= 1 else 1.0
-        # fast timing regularity: EWMA of |log gap - previous log gap| (a script's cadence shows within
-        # a handful of events; a person's consecutive gaps differ by ~1 on this scale)
-        if u.n >= 2:
-            u.gap_jitter += JITTER_ALPHA * (abs(log_gap - u.last_log_gap) - u.gap_jitter)
-        u.last_log_gap = log_gap
-
-        # sessions
-        new_session = 0.0
-        if t.session != u.last_session or first:
-            new_session = 1.0
-            u.session_events = 0
-            u.last_session = t.session
-        u.session_events += 1
-
-        age_h = (ts - u.first_ts) / HOUR_MS if ts > u.first_ts else 0.0
-        u.n += 1
-        if ts > u.last_ts:
-            u.last_ts = ts
-        u.last_type = t.type_id
-
-        return [
-            1.0 if first else 0.0, log_gap, math.log1p(age_h), math.log1p(u.n - 1),
-            1.0 if has_amount else 0.0, log_amt, amount_z, amount_vs_max,
-            1.0 if dev else 0.0, new_device, device_changed, math.log1p(len(u.devices)),
-            1.0 if cty else 0.0, new_country, country_changed,
-            1.0 if pfx else 0.0, new_pfx, pfx_changed,
-            math.log1p(u.ev_1m), math.log1p(u.ev_1h), math.log1p(u.fail_login), math.log1p(u.fail_pay),
-            math.log1p(u.pay_24h), math.log1p(u.amt_24h), math.log1p(u.coupon_24h),
-            recent_change, u.gap_mean, gap_std,
-            review_wo_purchase, math.log1p(u.n_reviews) - math.log1p(u.n_payments),
-            math.log1p(u.session_events), new_session, *entity, u.gap_jitter,
-        ]
+    def featurize_batch(self, events: Sequence[Event], user_contexts: Sequence[UserContext],
+                        entity_contexts: Sequence[tuple]) -> tuple[np.ndarray, np.ndarray]:
+        """(type ids int64 [n], features float32 [n, N_FEATURES]) of events in this order, in one kernel
+        call. `user_contexts[k]` is event k's user context (the same object for the same user),
+        `entity_contexts[k]` its (device, ip, prefix) EntityContext or None each; all updated in place.
+        This is the online gateway's batch: its contexts come from Redis and go back there."""
+        ev = self.event_arrays(events)
+        out = np.empty((len(ev), N_FEATURES), np.float32)
+        _run_on_contexts(ev, user_contexts, entity_contexts, out)
+        return ev.type_id, out
 
 
-class ContextStore:
-    """In-memory contexts for offline replay (the gateway keeps the same structs in Redis)."""
+def _run_on_contexts(ev: EventArrays, user_contexts: Sequence[UserContext], entity_contexts: Sequence[tuple],
+                     out: np.ndarray) -> None:
+    """The kernel over context objects, each once (by identity): those held as bytes are decoded in
+    one call and re-encoded in one call (left as bytes); those held as rows are copied in and back."""
+    index: dict[int, int] = {}
+    users: list = []
+    ents: list = []
 
-    def __init__(self):
-        self.users: dict[int, UserContext] = {}
-        self.devices: dict[int, EntityContext] = {}
-        self.ips: dict[int, EntityContext] = {}
-        self.prefixes: dict[int, EntityContext] = {}
+    def row_of(ctx, objs: list) -> int:
+        if ctx is None:
+            return -1
+        r = index.get(id(ctx))
+        if r is None:
+            r = index[id(ctx)] = len(objs)
+            objs.append(ctx)
+        return r
 
-    @staticmethod
-    def _get(table: dict, key: int, factory):
-        if not key:
-            return None
-        c = table.get(key)
-        if c is None:
-            c = table[key] = factory()
-        return c
+    u_row = np.array([row_of(u, users) for u in user_contexts], np.int64)
+    ent_rows = np.array([[row_of(e, ents) for e in es] for es in entity_contexts], np.int64).reshape(len(ev), 3)
+    UI, UF = _gather(users, decode_user_contexts)
+    EI, EF = _gather(ents, decode_entity_contexts)
+    K.featurize_events(ev.ts, ev.type_id, ev.flags, ev.amount, ev.user, ev.device, ev.country, ev.prefix,
+                       ev.session, u_row, ent_rows[:, 0].copy(), ent_rows[:, 1].copy(), ent_rows[:, 2].copy(),
+                       UI, UF, EI, EF, out)
+    _scatter(users, UI, UF, encode_user_contexts)
+    _scatter(ents, EI, EF, encode_entity_contexts)
 
-    def contexts_for(self, t: Tokens):
-        return (self._get(self.users, t.user, UserContext), self._get(self.devices, t.device, EntityContext),
-                self._get(self.ips, t.ip, EntityContext), self._get(self.prefixes, t.prefix, EntityContext))
+
+def _gather(objs: list, decode) -> tuple[np.ndarray, np.ndarray]:
+    ints, floats = decode([o._blob if o._ints is None else None for o in objs])
+    for r, o in enumerate(objs):
+        if o._ints is not None:
+            ints[r], floats[r] = o._ints, o._floats
+    return ints, floats
+
+
+def _scatter(objs: list, ints: np.ndarray, floats: np.ndarray, encode) -> None:
+    held = [r for r, o in enumerate(objs) if o._ints is None]
+    for r, blob in zip(held, encode(ints[held], floats[held]) if held else ()):
+        objs[r]._blob = blob
+    for r, o in enumerate(objs):
+        if o._ints is not None:
+            o._ints[:], o._floats[:] = ints[r], floats[r]
+
+
+def replay_order(ts: np.ndarray) -> np.ndarray:
+    """Global replay order: by timestamp, ties in input order (what the online gateway sees when a
+    log is sent in time order)."""
+    return np.argsort(np.asarray(ts, np.int64), kind="stable")
 
 
 def featurize_log(featurizer: Featurizer, events: list[Event], store: ContextStore | None = None,
@@ -511,26 +559,19 @@ def featurize_log(featurizer: Featurizer, events: list[Event], store: ContextSto
     order instead (e.g. the order a gateway applied the events, from its sequence numbers).
     """
     store = store or ContextStore()
-    if order is None:
-        order = sorted(range(len(events)), key=lambda i: (events[i].ts, i))
-    order = np.asarray(order, dtype=np.int64)
-    type_ids = np.empty(len(events), dtype=np.int64)
+    ev = featurizer.event_arrays(events)
+    order = replay_order(ev.ts) if order is None else np.asarray(order, dtype=np.int64)
+    ev = ev.take(order)
     feats = np.empty((len(events), N_FEATURES), dtype=np.float32)
-    it = order
+    bar = None
     if progress:
         from tqdm import tqdm
-        it = tqdm(order, desc="featurise", unit="ev", mininterval=1.0, leave=False)
-    rows = []
-    tok = featurizer.tokens
-    fz = featurizer.featurize
-    ctx = store.contexts_for
-    for k, i in enumerate(it):
-        t = tok(events[i])
-        type_ids[k] = t.type_id
-        rows.append(fz(t, *ctx(t)))
-        if len(rows) == 65536:
-            feats[k + 1 - len(rows):k + 1] = rows
-            rows = []
-    if rows:
-        feats[len(events) - len(rows):] = rows
-    return order, type_ids, feats
+        bar = tqdm(total=len(events), desc="featurise", unit="ev", mininterval=1.0, leave=False)
+    step = 1 << 18                       # kernel calls per progress update
+    for a in range(0, len(events), step):
+        store.featurize(ev.take(slice(a, a + step)), feats[a:a + step])
+        if bar is not None:
+            bar.update(min(step, len(events) - a))
+    if bar is not None:
+        bar.close()
+    return order, ev.type_id, feats

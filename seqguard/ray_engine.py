@@ -2,18 +2,19 @@
 
 Why two passes. A user's features need the user's own events in order (partition by user), but
 the cross-user entity counters (accounts / failures per device, IP and IP prefix) need every
-user's events on that entity in global (ts, position) order. `featurizer.touch_entity` depends
+user's events on that entity in global (ts, position) order. The kernel's `touch_entity` depends
 only on the entity's own events plus two per-event flags (is this the user's first event, is it
 a failed login), so:
 
   pass 0  tokenise chunks of the log in parallel (the keyed hashes everything is grouped by)
           and shuffle each chunk's events into user partitions inside Ray's object store;
   pass 1  partition (device | IP | prefix) events by entity hash; each task replays its
-          entities in global order with the SAME `touch_entity` and returns per-event values,
-          which the driver joins back onto the events (a windowed aggregation by key);
-  pass 2  partition events by user hash; each task runs the user half of the featuriser
-          (`Featurizer.featurize_user`) with the joined entity values, the ONNX step model and
-          the detector for its users, and returns the risk per event.
+          entities in global order with the SAME compiled kernel (`featurize_kernel.touch_entities`)
+          and returns per-event values, which the driver joins back onto the events (a windowed
+          aggregation by key);
+  pass 2  partition events by user hash; each task runs the user half of the same kernel
+          (`featurize_kernel.featurize_users`) with the joined entity values, the ONNX step model
+          and the detector for its users, and returns the risk per event.
 
 Every number is produced by the functions the single-machine path calls, so the CSV is
 identical to `--engine local` (tests/test_ray_engine.py checks it byte for byte). Partitions
@@ -37,7 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from .artifact import DETECTOR_FILE, METADATA, ONNX_FILE, ModelArtifact
-from .featurizer import ENTITY_KINDS, N_ENTITY_FEATURES, N_FEATURES, Featurizer, UserContext, touch_entity
+from . import featurize_kernel as K
+from .featurizer import ENTITY_KINDS, N_ENTITY_FEATURES, N_FEATURES, Featurizer
 from .schema import Event
 
 N_ENTITY = N_ENTITY_FEATURES          # 9 cross-user features
@@ -105,57 +107,48 @@ def _scorer(files: dict[str, bytes]):
 # --------------------------------------------------------------------------- task bodies
 
 TOKEN_COLS = ("user", "device", "ip", "prefix", "failed", "ts")     # what pass 0 gives the driver
-_INT_FIELDS = ("ts", "type_id", "user", "device", "ip", "prefix", "country", "session")
+_INT_FIELDS = ("ts", "type_id", "flags", "user", "device", "ip", "prefix", "country", "session")
 
 
 def map_chunk(featurizer: Featurizer, events: list[Event], start: int, parts: int) -> tuple:
     """Pass 0 on one chunk of the log (input positions start..).
 
     Returns ([n, 6] int64 TOKEN_COLS for the driver, then one block per user partition): each
-    block holds its events' `Featurizer.tokens` as columns (numpy, cheap to ship) plus user ids,
-    and goes to pass 2 through Ray's object store, not through the driver (a map/shuffle).
+    block holds its events' `Featurizer.event_arrays` columns (numpy, cheap to ship) plus user
+    ids, and goes to pass 2 through Ray's object store, not through the driver (a map/shuffle).
     """
-    n = len(events)
-    ints = np.empty((n, len(_INT_FIELDS)), np.int64)
-    amount = np.zeros(n, np.float64)
-    has_amount = np.zeros(n, bool)
-    etypes: dict[str, int] = {}
-    ecode = np.empty(n, np.int32)
-    tok = featurizer.tokens
-    for j, ev in enumerate(events):
-        t = tok(ev)
-        ints[j] = (t.ts, t.type_id, t.user, t.device, t.ip, t.prefix, t.country, t.session)
-        if t.amount is not None:
-            amount[j], has_amount[j] = t.amount, True
-        ecode[j] = etypes.setdefault(t.event_type, len(etypes))
-    names = list(etypes)
-    failed = np.array([names[c] == "login_failed" for c in ecode.tolist()], np.int64)
-    out = np.column_stack([ints[:, 2:6], failed, ints[:, 0]]) if n else np.empty((0, len(TOKEN_COLS)), np.int64)
-    upart = ints[:, 2] % parts
+    ev = featurizer.event_arrays(events)
+    ints = np.column_stack([getattr(ev, f) for f in _INT_FIELDS]) if len(events) else \
+        np.empty((0, len(_INT_FIELDS)), np.int64)
+    failed = (ev.flags & K.FLAG_LOGIN_FAILED != 0).astype(np.int64)
+    out = np.column_stack([ev.user, ev.device, ev.ip, ev.prefix, failed, ev.ts]) if len(events) else \
+        np.empty((0, len(TOKEN_COLS)), np.int64)
+    upart = ev.user % parts
     blocks = []
     for p in range(parts):
         j = np.flatnonzero(upart == p)
-        blocks.append({"pos": j + start, "ints": ints[j], "amount": amount[j], "has_amount": has_amount[j],
-                       "ecode": ecode[j], "etypes": names, "user_id": [events[i].user_id for i in j.tolist()]})
+        blocks.append({"pos": j + start, "ints": ints[j], "amount": ev.amount[j],
+                       "user_id": [events[i].user_id for i in j.tolist()]})
     return (out, *blocks)
+
+
+def _local_rows(keys: np.ndarray) -> tuple[np.ndarray, int]:
+    """Dense rows 0..m-1 for the distinct keys (one context each), and m."""
+    uniq, rows = np.unique(keys, return_inverse=True)
+    return rows.astype(np.int64), len(uniq)
 
 
 def replay_entities(kind_inputs: list) -> list[np.ndarray]:
     """Pass 1 body: per entity kind, (keys, ts, users, is_new, failed) in global replay order ->
-    [n, picks] float64 of that kind's features, from the same `touch_entity` as the featuriser."""
-    from .featurizer import EntityContext
+    [n, picks] float64 of that kind's features, from the same kernel as the featuriser."""
     outs = []
     for (_, picks, _), (keys, ts, users, is_new, failed) in zip(_ENTITY_COLS, kind_inputs):
-        table: dict[int, EntityContext] = {}
-        res = np.empty((len(keys), len(picks)), np.float64)
-        for j, (k, t, u, new, f) in enumerate(zip(keys.tolist(), ts.tolist(), users.tolist(),
-                                                   is_new.tolist(), failed.tolist())):
-            e = table.get(k)
-            if e is None:
-                e = table[k] = EntityContext()
-            v = touch_entity(e, t, u, new, f)
-            res[j] = [v[p] for p in picks]
-        outs.append(res)
+        rows, m = _local_rows(keys)
+        EI, EF = K.new_entity_rows(m)
+        five = np.empty((len(keys), 5), np.float64)
+        K.touch_entities(rows, np.asarray(ts, np.int64), np.asarray(users, np.int64), np.asarray(is_new, np.bool_),
+                         np.asarray(failed, np.bool_), EI, EF, five)
+        outs.append(np.ascontiguousarray(five[:, list(picks)]))
     return outs
 
 
@@ -163,37 +156,26 @@ def score_users(featurizer: Featurizer, files: dict[str, bytes], idx: np.ndarray
                 *blocks) -> np.ndarray:
     """Pass 2 on one user partition: `idx` = its events' input positions in replay order, `entity`
     their joined cross-user features, `blocks` its events from every pass-0 chunk. User half of
-    the featuriser + step model + detector, as `batch.score_events` does; returns risk per idx."""
+    the featuriser kernel + step model + detector, as `batch.score_events` does; returns risk per idx."""
     from .batch import detector_risk
     from .encoding import encode_sequences
-    from .featurizer import Tokens
     pos = np.concatenate([b["pos"] for b in blocks])
     s = np.argsort(pos, kind="stable")
     where = s[np.searchsorted(pos[s], idx)] if len(pos) == len(idx) else None
     if where is None or not np.array_equal(pos[where], idx):
         raise RuntimeError("ray engine: partition events do not match the driver's index (bug)")
     ints = np.concatenate([b["ints"] for b in blocks])[where]
-    amount = np.concatenate([b["amount"] for b in blocks])[where].tolist()
-    has_amount = np.concatenate([b["has_amount"] for b in blocks])[where].tolist()
-    etype = [b["etypes"][c] for b in blocks for c in b["ecode"].tolist()]
-    etype = [etype[w] for w in where.tolist()]
+    amount = np.concatenate([b["amount"] for b in blocks])[where]
     user_ids = [u for b in blocks for u in b["user_id"]]
     det, step = _scorer(files)
-    featurize_user = featurizer.featurize_user
     n = len(idx)
-    type_ids = ints[:, 1].copy()
+    col = {f: np.ascontiguousarray(ints[:, k]) for k, f in enumerate(_INT_FIELDS)}
+    rows, m = _local_rows(col["user"])
+    UI, UF = K.new_user_rows(m)
     feats = np.empty((n, N_FEATURES), np.float32)
-    users: dict[int, UserContext] = {}
-    rows = []
-    for (ts, tid, user, dev, ip, pfx, cty, ses), et, amt, has, ent in zip(
-            ints.tolist(), etype, amount, has_amount, entity.tolist()):
-        t = Tokens(ts, tid, et, amt if has else None, user, dev, ip, pfx, cty, ses)
-        u = users.get(user)
-        if u is None:
-            u = users[user] = UserContext()
-        rows.append(featurize_user(t, u, ent))
-    if rows:
-        feats[:] = rows
+    K.featurize_users(col["ts"], col["type_id"], col["flags"], amount, col["device"], col["country"], col["prefix"],
+                      col["session"], rows, np.ascontiguousarray(entity, np.float64), UI, UF, feats)
+    type_ids = col["type_id"]
     dense: dict[str, int] = {}                                # as batch.dense_user_index: by user_id
     user_idx = np.fromiter((dense.setdefault(user_ids[w], len(dense)) for w in where.tolist()), np.int64, n)
     emb, surprise, _, _ = encode_sequences(step, user_idx, type_ids, feats, len(dense), reduce=det.project)

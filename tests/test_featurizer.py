@@ -50,11 +50,13 @@ def test_context_bytes_round_trip_and_size(log):
     fz = Featurizer(Vocabulary.learn(e.event_type for e in log), TokenHasher())
     store = ContextStore()
     featurize_log(fz, log, store)
-    for u in list(store.users.values())[:50]:
-        b = u.to_bytes()
+    for h in list(store.user_rows)[:50]:
+        b = store.user(h).to_bytes()
         assert UserContext.from_bytes(b).to_bytes() == b
         assert len(b) < 400
-    for e in list(store.devices.values())[:50]:
+    devices = store.entities(0)
+    assert any(len(e.users) > 1 for e in devices)
+    for e in devices[:50]:
         b = e.to_bytes()
         assert EntityContext.from_bytes(b).to_bytes() == b
 

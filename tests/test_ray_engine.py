@@ -6,7 +6,8 @@ import pytest
 
 from seqguard.artifact import ModelArtifact
 from seqguard.batch import score_events, write_scores_csv
-from seqguard.featurizer import ENTITY_FEATURES_START, N_ENTITY_FEATURES, ContextStore, entity_features, featurize_log
+import reference_featurizer as ref
+from seqguard.featurizer import ENTITY_FEATURES_START, N_ENTITY_FEATURES, featurize_log
 from seqguard.schema import read_events
 
 ray = pytest.importorskip("ray", reason="the optional `scale` extra (Ray) is not installed")
@@ -32,14 +33,16 @@ def local_ray():
 
 
 def _sequential_entity_features(fz, events):
-    """The single-machine replay's cross-user features, kept as float64 (featurize_log rounds to float32)."""
-    store = ContextStore()
+    """The sequential replay's cross-user features by the per-event Python featuriser (the test
+    oracle the kernel replaced), kept as float64 (featurize_log rounds to float32)."""
+    old = ref.Featurizer(fz.vocab, fz.hasher)
+    store = ref.ContextStore()
     out = []
     for i in sorted(range(len(events)), key=lambda i: (events[i].ts, i)):
-        t = fz.tokens(events[i])
+        t = old.tokens(events[i])
         u, d, ip, p = store.contexts_for(t)
-        ent = entity_features(t, u.n == 0, d, ip, p)
-        fz.featurize_user(t, u, ent)
+        ent = ref.entity_features(t, u.n == 0, d, ip, p)
+        old.featurize_user(t, u, ent)
         out.append(ent)
     return np.array(out, np.float64)
 

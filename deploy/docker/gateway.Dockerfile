@@ -16,5 +16,5 @@ COPY model_repository ./model_repository
 RUN pip install -c constraints.txt -e . \
  && useradd --uid 10001 --user-group --no-create-home seqguard
 USER 10001
-EXPOSE 50051 9090
+EXPOSE 50051 9090 8081
 CMD ["python", "-m", "gateway.server"]
