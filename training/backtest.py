@@ -251,7 +251,8 @@ def to_markdown(report: dict, events_file: str = "", labels_file: str | None = N
 
 def main_backtest(args) -> int:
     from tqdm import tqdm
-    from seqguard.schema import ReadReport, parse_column_map, read_events
+    from seqguard.fastlog import read_events_fast
+    from seqguard.schema import ReadReport, parse_column_map
     rules = load_rules(args.rules)                    # bad files fail before a large log is read
     compare = load_rules(args.compare) if args.compare else None
     labels = None
@@ -260,7 +261,7 @@ def main_backtest(args) -> int:
         labels = read_labels(args.labels)
     report = ReadReport()
     t_read = time.time()
-    events = list(tqdm(read_events(args.events, parse_column_map(args.column_map), args.on_bad_row, report),
+    events = list(tqdm(read_events_fast(args.events, parse_column_map(args.column_map), args.on_bad_row, report),
                        desc=f"read {os.path.basename(args.events)}", unit="ev", mininterval=1.0, leave=False,
                        disable=args.quiet))
     t_read_end = time.time()
