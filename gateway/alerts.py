@@ -314,6 +314,9 @@ class WebhookSink:
         """
         for entry_id, fields in entries:
             await self._slots.acquire()
+            if self._stop.is_set():         # stopping: the rest stay pending for the next start
+                self._slots.release()
+                return
             self._in_hand.add(entry_id)
             task = asyncio.create_task(self._deliver_in_slot(entry_id, fields))
             self._tasks.add(task)

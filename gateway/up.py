@@ -36,7 +36,8 @@ class LocalStack:
     def __init__(self, model_dir: str, run_dir: str, *, host: str = "127.0.0.1", port: int = 50051,
                  redis_port: int | None = None, triton_http_port: int | None = None,
                  triton_grpc_port: int | None = None, triton_metrics_port: int | None = None,
-                 redis_appendonly: bool = True, redis_appendfsync: str = "everysec", **settings_overrides):
+                 redis_appendonly: bool = True, redis_appendfsync: str = "everysec",
+                 review_port: int | None = None, **settings_overrides):
         self.model = ModelArtifact.load(model_dir)           # fail fast on a bad model dir
         self.run_dir = Path(run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -48,6 +49,8 @@ class LocalStack:
                                    metrics_port=triton_metrics_port, run_dir=self.run_dir / "triton")
         self.settings_overrides = settings_overrides
         self.gateway: Gateway | None = None
+        self.review_port = review_port      # None: no review queue; 0: a free port
+        self.review = None                  # gateway.review.serve.ReviewServer once started
 
     async def start(self, log=print) -> Settings:
         try:
@@ -69,12 +72,26 @@ class LocalStack:
             self.port = await self.gateway.start()
             log(f"gateway   ready on {self.host}:{self.port} (seqguard.v1.RiskScoring, health, reflection; "
                 f"model {self.model.model_version})")
+            if self.review_port is not None:
+                await self._start_review(settings, log)
             return settings
         except BaseException:
             await self.stop()
             raise
 
+    async def _start_review(self, settings: Settings, log) -> None:
+        from seqguard.services import free_port
+
+        from .review.config import ReviewConfig
+        from .review.serve import ReviewServer, review_tokens
+        cfg = ReviewConfig(host=self.host, port=self.review_port or free_port())
+        self.review = ReviewServer(settings, cfg, review_tokens(settings, self.run_dir, log=log))
+        log(f"review    queue at {await self.review.start()} (fraud analysts: alerts, cases, holds, labels)")
+
     async def stop(self) -> None:
+        if self.review is not None:
+            await self.review.stop()
+            self.review = None
         if self.gateway is not None:
             await self.gateway.stop()
             self.gateway = None
@@ -94,7 +111,8 @@ def main_up(args) -> int:
     stack = LocalStack(args.model, args.run_dir, host=args.host, port=args.port, redis_port=args.redis_port,
                        triton_http_port=args.triton_http_port, triton_grpc_port=args.triton_grpc_port,
                        triton_metrics_port=args.triton_metrics_port,
-                       redis_appendfsync=getattr(args, "redis_appendfsync", "everysec"))
+                       redis_appendfsync=getattr(args, "redis_appendfsync", "everysec"),
+                       review_port=None if getattr(args, "no_review", False) else args.review_port)
 
     async def run() -> None:
         await stack.start()

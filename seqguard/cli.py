@@ -330,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--triton-metrics-port", type=int, default=int(os.environ.get("SEQGUARD_TRITON_METRICS_PORT", "8002")))
     u.add_argument("--run-dir", default=os.environ.get("SEQGUARD_RUN_DIR", "runs/up"),
                    help="logs, Redis AOF and the pseudonymisation key file live here")
+    u.add_argument("--review-port", type=int, default=int(os.environ.get("SEQGUARD_REVIEW_PORT", "8088")),
+                   help="the analysts' review queue (web) on this port; its URL is printed (0: a free port)")
+    u.add_argument("--no-review", action="store_true", help="do not start the review queue")
     u.add_argument("--redis-appendfsync", choices=("always", "everysec"),
                    default=os.environ.get("SEQGUARD_REDIS_APPENDFSYNC", "everysec"),
                    help="everysec (default): an answered update survives a crash of Redis, up to ~1 s of them "
@@ -373,8 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "labels, holds (prints its URL)", description=(
         "Serves the analysts' review queue (gateway/review/): open alerts sorted by risk with filters, a case page "
         "per pseudonymised user (risk over time, reasons and rules per alert, holds), and buttons that store "
-        "labels the way ReportOutcome does and release or confirm holds. Log in with the gateway's bearer token "
-        "(SEQGUARD_AUTH_TOKEN / SEQGUARD_AUTH_TOKEN_FILE). Redis: the gateway's settings (SEQGUARD_REDIS_*)."))
+        "labels the way ReportOutcome does and release or confirm holds. Log in with a gateway admin token "
+        "(SEQGUARD_ADMIN_TOKEN / SEQGUARD_ADMIN_TOKEN_FILE; with none, a generated one in <run-dir>/review.token). "
+        "Redis: the gateway's settings (SEQGUARD_REDIS_*)."))
     from gateway.review.serve import add_review_args
     add_review_args(rv)
     rv.set_defaults(fn=cmd_review)
@@ -382,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="end to end: generate, train a small model, start services, stream traffic, report")
     d.add_argument("--users", type=int, default=1500)
     d.add_argument("--workdir", default="runs/demo")
+    d.add_argument("--keep-running", action="store_true",
+                   help="leave the stack and the review queue running after the report (Ctrl-C stops it)")
     d.add_argument("--seed", type=int, default=7)
     d.set_defaults(fn=cmd_demo)
     return p

@@ -1,9 +1,10 @@
 """`seqguard demo`: the whole product in one run, on this machine.
 
 generate a training log and a labelled test log with injected attacks -> train a small model
--> start Redis + Triton + gateway (LocalStack) -> stream the test traffic through the gateway
-over gRPC in time order -> print the riskiest events, actions per family, ROC-AUC and latency
--> stop everything.
+-> start Redis + Triton + gateway with the default rules pack, and the review queue (LocalStack)
+-> stream the test traffic through the gateway over gRPC in time order -> print the riskiest
+events with their reasons and rules, actions per family, alerts by action, ROC-AUC and latency
+-> stop everything (or, with --keep-running, leave the stack and the review queue up until Ctrl-C).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
+
+RULES_PACK = Path(__file__).resolve().parent.parent / "configs" / "rules" / "default.toml"
 
 
 def _bar(msg: str) -> None:
@@ -40,53 +43,81 @@ def main_demo(args) -> int:
     cfg = TrainConfig(hidden=64, epochs=1, max_train_minutes=3, n_estimators=150, seed=args.seed)
     train(str(work / "train.jsonl"), str(work / "model"), cfg)
 
-    _bar("3/4 start Redis + Triton + gateway, stream live traffic through gRPC")
-    results = asyncio.run(_stream(work, test_ev))
-
-    _bar("4/4 results")
-    _report(test_ev, test_lab, results)
+    _bar("3/4 start Redis + Triton + gateway (+ rules, review queue), stream live traffic through gRPC")
+    asyncio.run(_stream_and_report(work, test_ev, test_lab, getattr(args, "keep_running", False)))
     print(f"\ndemo finished in {time.time() - t0:.0f}s; artifacts in {work}/")
     return 0
 
 
-async def _stream(work: Path, events: list[dict]) -> dict:
-    import grpc
-    from gateway.proto import risk_pb2, risk_pb2_grpc
+async def _stream_and_report(work: Path, events: list[dict], labels: list[dict], keep_running: bool) -> None:
     from gateway.up import LocalStack
     from seqguard.services import free_port
 
-    stack = LocalStack(str(work / "model"), str(work / "run"), port=free_port(), redis_appendonly=False)
+    stack = LocalStack(str(work / "model"), str(work / "run"), port=free_port(), redis_appendonly=False,
+                       review_port=0, rules_path=str(RULES_PACK))
     await stack.start()
-    out: dict = {}
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.port}") as ch:
-            stub = risk_pb2_grpc.RiskScoringStub(ch)
-            lat = []
-            t = time.time()
-            # time order; per-user order is what matters, so send small batches in order
-            for a in range(0, len(events), 64):
-                chunk = [risk_pb2.Event(**{k: v for k, v in e.items() if v is not None}) for e in events[a:a + 64]]
-                t1 = time.perf_counter()
-                rep = await stub.ScoreBatch(risk_pb2.ScoreBatchRequest(events=chunk), timeout=10)
-                lat.append((time.perf_counter() - t1) * 1000)
-                for r in rep.results:
-                    out[r.event_id] = r
-            dt = time.time() - t
-            # single Score calls: the checkout path's latency
-            single = []
-            for e in events[-200:]:
-                e2 = dict(e, event_id=e["event_id"] + "-replay")
-                t1 = time.perf_counter()
-                await stub.Score(risk_pb2.ScoreRequest(event=risk_pb2.Event(**{k: v for k, v in e2.items()
-                                                                                if v is not None})), timeout=2)
-                single.append((time.perf_counter() - t1) * 1000)
-        statuses = Counter(risk_pb2.Status.Name(r.status) for r in out.values())
-        print(f"streamed {len(out)} events in {dt:.1f}s ({len(out) / dt:,.0f} events/s via ScoreBatch of 64); "
-              f"statuses {dict(statuses)}")
-        print(f"Score (one event) latency: p50 {np.percentile(single, 50):.2f} ms, "
-              f"p99 {np.percentile(single, 99):.2f} ms over {len(single)} calls")
+        results = await _stream(stack, events)
+        _bar("4/4 results")
+        _report(events, labels, results)
+        _alert_counts(stack)
+        if keep_running:
+            print(f"\nthe stack keeps running: gateway 127.0.0.1:{stack.port}, review queue {stack.review.url} "
+                  f"(token in {work / 'run' / 'review.token'}); Ctrl-C stops it", flush=True)
+            await _wait_for_interrupt()
     finally:
         await stack.stop()
+
+
+async def _wait_for_interrupt() -> None:
+    import signal
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def _alert_counts(stack) -> None:
+    """The alerts the gateway wrote with its decisions (sg:alerts), by action."""
+    r = stack.redis.client()
+    by_action = Counter(fields[b"action"].decode() for _, fields in r.xrange("sg:alerts"))
+    print(f"\nalerts written with the decisions (sg:alerts): {sum(by_action.values())} "
+          f"({', '.join(f'{a} {n}' for a, n in sorted(by_action.items())) or 'none'}); "
+          f"review queue: {stack.review.url if stack.review else '-'}")
+
+
+async def _stream(stack, events: list[dict]) -> dict:
+    import grpc
+    from gateway.proto import risk_pb2, risk_pb2_grpc
+
+    out: dict = {}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.port}") as ch:
+        stub = risk_pb2_grpc.RiskScoringStub(ch)
+        lat = []
+        t = time.time()
+        # time order; per-user order is what matters, so send small batches in order
+        for a in range(0, len(events), 64):
+            chunk = [risk_pb2.Event(**{k: v for k, v in e.items() if v is not None}) for e in events[a:a + 64]]
+            t1 = time.perf_counter()
+            rep = await stub.ScoreBatch(risk_pb2.ScoreBatchRequest(events=chunk), timeout=10)
+            lat.append((time.perf_counter() - t1) * 1000)
+            for r in rep.results:
+                out[r.event_id] = r
+        dt = time.time() - t
+        # single Score calls: the checkout path's latency
+        single = []
+        for e in events[-200:]:
+            e2 = dict(e, event_id=e["event_id"] + "-replay")
+            t1 = time.perf_counter()
+            await stub.Score(risk_pb2.ScoreRequest(event=risk_pb2.Event(**{k: v for k, v in e2.items()
+                                                                            if v is not None})), timeout=2)
+            single.append((time.perf_counter() - t1) * 1000)
+    statuses = Counter(risk_pb2.Status.Name(r.status) for r in out.values())
+    print(f"streamed {len(out)} events in {dt:.1f}s ({len(out) / dt:,.0f} events/s via ScoreBatch of 64); "
+          f"statuses {dict(statuses)}")
+    print(f"Score (one event) latency: p50 {np.percentile(single, 50):.2f} ms, "
+          f"p99 {np.percentile(single, 99):.2f} ms over {len(single)} calls")
     return out
 
 
@@ -100,13 +131,18 @@ def _report(events, labels, results) -> None:
     risk = np.array([results[i].risk for i in ids])
     pay = np.array([ev[i]["event_type"] == "payment" for i in ids])
     top = sorted(ids, key=lambda i: -results[i].risk)[:12]
-    print(f"{'event':>14} {'user':>8} {'type':>16} {'risk':>6} {'action':>9}  {'truth':<24} reasons")
+    print(f"{'event':>14} {'user':>8} {'type':>16} {'risk':>6} {'action':>9}  {'truth':<24} "
+          f"{'rules fired':<28} reasons")
     for i in top:
         r = results[i]
         truth = lab[i]["family"] + (f"/{lab[i]['variant']}" if lab[i]["variant"] else "")
         reasons = "; ".join(x.message for x in r.reasons) or "-"
+        fired = ",".join(r.rules) or "-"
         print(f"{i[-14:]:>14} {ev[i]['user_id']:>8} {ev[i]['event_type']:>16} {r.risk:6.3f} "
-              f"{risk_pb2.Action.Name(r.action):>9}  {truth:<24} {reasons[:70]}")
+              f"{risk_pb2.Action.Name(r.action):>9}  {truth:<24} {fired[:28]:<28} {reasons[:60]}")
+    fired_by_rule = Counter(name for i in ids for name in results[i].rules)
+    print(f"\nrules fired (default pack {RULES_PACK.name}): " +
+          (", ".join(f"{name} {n}" for name, n in fired_by_rule.most_common(8)) or "none"))
     by_fam = defaultdict(Counter)
     for i in ids:
         by_fam[lab[i]["family"]][risk_pb2.Action.Name(results[i].action)] += 1

@@ -237,7 +237,8 @@ def test_rejected_and_malformed_alerts_are_dead_lettered_at_once(redis_server):
     assert dead["2"][b"why"] == b"rejected" and dead["2"][b"attempts"] == b"1" and b"HTTP 400" in dead["2"][b"error"]
     assert dead["4"][b"why"] == b"malformed" and b"'risk'" in dead["4"][b"error"]
     assert m.delivered._value.get() == 3 and m.retried._value.get() == 0
-    assert m.dead_lettered.labels("rejected")._value.get() == 1 and m.dead_lettered.labels("malformed")._value.get() == 1
+    assert m.dead_lettered.labels("rejected")._value.get() == 1
+    assert m.dead_lettered.labels("malformed")._value.get() == 1
     assert _group_idle(r)
 
     # after the receiver is fixed: the rejected alert goes back to the stream, the malformed one stays

@@ -41,6 +41,9 @@ class _RecordingEngine:
     def degraded(self, events, detail):
         raise AssertionError(detail)
 
+    async def stop(self):                 # the engine's own background work (none here)
+        pass
+
 
 def _ev(i, user, device=None, ip=None):
     return Event(f"e{i}", user, 1767225600000 + i, "view_item", device_id=device, ip=ip)

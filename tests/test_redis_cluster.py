@@ -90,8 +90,8 @@ def test_gateway_on_redis_cluster_equals_offline(small_model, small_log, redis_c
             online[idx] = [r.risk for r in rep.results]
         again = stub.Score(risk_pb2.ScoreRequest(event=_msg(events[order[0]])), timeout=10)   # idempotent
         assert again.risk == online[order[0]]
-        ack = stub.ReportOutcome(risk_pb2.OutcomeRequest(event_id=events[order[0]].event_id, label=risk_pb2.FRAUD),
-                                 timeout=10)
+        ack = stub.ReportOutcome(risk_pb2.OutcomeRequest(event_id=events[order[0]].event_id, label=risk_pb2.FRAUD,
+                                                         user_id=events[order[0]].user_id), timeout=10)
         assert ack.scored and ack.risk == online[order[0]]
         st = stub.GetUserState(risk_pb2.UserStateRequest(user_id=users[0]), timeout=10)
         assert st.n_events == sum(e.user_id == users[0] for e in events)

@@ -27,7 +27,8 @@ from seqguard.services import free_port
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-TOKEN = "review-test-token-0123456789"
+TOKEN = "review-test-token-0123456789"                # an admin token: the app writes labels and holds
+SCORING_TOKEN = "scoring-test-token-0123456789"      # a payment client's token: must not open the app
 P = Pseudonymizer(b"test-pseudonym-key-0123456789")
 T0 = 1767225600000                    # 2026-01-01 00:00 UTC
 ALICE, BOB, CAROL = P("user", "alice"), P("user", "bob"), P("user", "carol")
@@ -49,26 +50,26 @@ ALERTS = [
 
 
 class ReviewServerThread:
-    def __init__(self, settings):
-        import uvicorn
+    """gateway.review.serve.ReviewServer (what `seqguard review` runs) in its own thread and event loop."""
 
-        from gateway.review.app import create_app
+    def __init__(self, settings):
+        import asyncio
+
         from gateway.review.config import ReviewConfig
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        app = create_app(settings, ReviewConfig(port=port), settings.auth_tokens())
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        from gateway.review.serve import ReviewServer
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        end = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > end or not self.thread.is_alive():
-                raise RuntimeError("review app did not start")
-            time.sleep(0.05)
+        self.review = ReviewServer(settings, ReviewConfig(port=free_port()), settings.admin_tokens())
+        self.url = asyncio.run_coroutine_threadsafe(self.review.start(), self.loop).result(30).rstrip("/")
 
     def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
+        import asyncio
+        try:
+            asyncio.run_coroutine_threadsafe(self.review.stop(), self.loop).result(20)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
 
 
 @pytest.fixture
@@ -95,18 +96,20 @@ def seeded(redis_server):
 @pytest.fixture
 def review_app(redis_server):
     from gateway.settings import Settings
-    srv = ReviewServerThread(Settings.load(redis_port=redis_server.port, auth_token=TOKEN))
+    srv = ReviewServerThread(Settings.load(redis_port=redis_server.port, auth_token=SCORING_TOKEN,
+                                                admin_token=TOKEN))
     yield srv
     srv.stop()
 
 
 @pytest.fixture
 def browser():
-    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
+    exe = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
+    if not exe:
         pytest.skip("chromium not installed: apt-get install chromium (scripts/setup.sh installs it)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install -e '.[dev]')")
     with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
+        b = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS, timeout=60_000)
         try:
             yield b
         finally:
@@ -226,6 +229,7 @@ def test_review_app_refuses_without_auth_and_cross_origin(seeded, review_app):
     good = auth.make_session(TOKEN.encode(), "dana")
     assert _post(url, {"label": "FRAUD"}, {"Cookie": f"{auth.COOKIE}={good}", "Origin": "http://evil.example"}) == 403
     assert r.keys("sg:o:*") == [f"sg:o:{P('event', 'ev-4')}".encode()] and not r.exists("sg:outcomes")
+    assert _post(url, {"label": "FRAUD"}, {"Authorization": f"Bearer {SCORING_TOKEN}"}) == 401
     assert _post(url, {"label": "MAYBE"}, {"Authorization": f"Bearer {TOKEN}"}) == 400
     assert _post(url, {"label": "FRAUD"}, {"Authorization": f"Bearer {TOKEN}"}) == 200   # 303 followed to the case
     assert json.loads(r.get(f"sg:o:{P('event', 'ev-1')}"))["label"] == "FRAUD"
@@ -244,9 +248,38 @@ def test_review_pages_escape_what_alerts_carry(seeded, review_app):
     assert evil not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
 
 
+def test_hold_form_input_is_validated(seeded, review_app):
+    r = seeded
+    url, bearer = f"{review_app.url}/case/{CAROL}/hold", {"Authorization": f"Bearer {TOKEN}"}
+    for form, field in [({"action": "BLOCK", "reason": "x", "days": "400"}, "days"),
+                        ({"action": "BLOCK", "reason": "x", "days": "two"}, "days"),
+                        ({"action": "ALLOW", "reason": "x", "days": "3"}, "action"),
+                        ({"action": "BLOCK", "reason": "", "days": "3"}, "reason")]:
+        req = urllib.request.Request(url, data=urllib.parse.urlencode(form).encode(), headers=bearer)
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(req, timeout=10)
+        assert exc.value.code == 400 and f"field '{field}'" in exc.value.read().decode()
+    assert not r.exists(f"sg:h:user:{CAROL}")
+    assert _post(url, {"action": "BLOCK", "reason": "mule", "days": "3"}, bearer) == 200
+    assert 3 * 86400 - 10 < r.ttl(f"sg:h:user:{CAROL}") <= 3 * 86400
+
+
+def test_review_tokens_are_admin_tokens_or_a_generated_private_one(tmp_path):
+    from gateway.review.serve import review_tokens
+    from gateway.settings import Settings
+    said = []
+    assert review_tokens(Settings(auth_token="s" * 20, admin_token="a" * 20), tmp_path, said.append) == [b"a" * 20]
+    assert not said and not (tmp_path / "review.token").exists()
+    generated = review_tokens(Settings(auth_token="s" * 20), tmp_path, said.append)   # scoring token only
+    path = tmp_path / "review.token"
+    assert generated != [b"s" * 20] and len(generated[0]) >= 32 and str(path) in said[0]
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert review_tokens(Settings(), tmp_path, said.append) == generated               # kept across restarts
+
+
 def test_review_app_answers_503_when_redis_is_down():
     from gateway.settings import Settings
-    srv = ReviewServerThread(Settings.load(redis_port=free_port(), auth_token=TOKEN))
+    srv = ReviewServerThread(Settings.load(redis_port=free_port(), admin_token=TOKEN))
     try:
         for path in ("/", f"/case/{ALICE}"):
             req = urllib.request.Request(srv.url + path, headers={"Authorization": f"Bearer {TOKEN}"})
@@ -255,3 +288,25 @@ def test_review_app_answers_503_when_redis_is_down():
             assert exc.value.code == 503 and "Redis unavailable" in exc.value.read().decode()
     finally:
         srv.stop()
+
+
+def test_seqguard_review_command_prints_its_url_and_stops_on_sigterm(redis_server, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    port = free_port()
+    env = dict(os.environ, SEQGUARD_REDIS_PORT=str(redis_server.port))
+    for k in ("SEQGUARD_CONFIG", "SEQGUARD_ADMIN_TOKEN", "SEQGUARD_ADMIN_TOKEN_FILE"):
+        env.pop(k, None)
+    proc = subprocess.Popen([sys.executable, "-m", "seqguard.cli", "review", "--port", str(port),
+                             "--run-dir", str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        lines = [proc.stdout.readline(), proc.stdout.readline()]
+        assert str(tmp_path / "review.token") in lines[0]               # no admin token: a generated one
+        assert f"review queue: http://127.0.0.1:{port}/" in lines[1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as resp:
+            assert resp.read() == b"ok"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, proc.stderr.read()[-2000:]

@@ -47,10 +47,12 @@ class _NoRawIds:
 
 
 def create_app(settings, config: ReviewConfig, tokens: list[bytes]) -> Starlette:
-    """settings: gateway.settings.Settings (Redis, outcome TTL); tokens: accepted bearer tokens (non-empty)."""
+    """settings: gateway.settings.Settings (Redis, outcome TTL); tokens: accepted admin tokens (non-empty,
+    serve.review_tokens)."""
     if not tokens:
-        raise ValueError("the review app needs at least one bearer token (SEQGUARD_AUTH_TOKEN[_FILE])")
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined)
+        raise ValueError("the review app needs at least one admin token (SEQGUARD_ADMIN_TOKEN[_FILE])")
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+                             undefined=jinja2.StrictUndefined)
     env.filters["utc"] = lambda ms: time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ms / 1000))
     templates = Jinja2Templates(env=env)
     prefix = key_prefix(settings)
@@ -168,15 +170,17 @@ def create_app(settings, config: ReviewConfig, tokens: list[bytes]) -> Starlette
         if user is None:
             return PlainTextResponse("no such case", 404)
         form = await request.form()
+        max_days = MAX_HOLD_TTL_S // 86400
         try:
             days = int(form.get("days", ""))
         except ValueError:
-            return PlainTextResponse("field 'days': must be a whole number", 400)
+            days = 0
+        if not 1 <= days <= max_days:
+            return PlainTextResponse(f"field 'days': a whole number in 1..{max_days}", 400)
         try:
             await request.app.state.holds.set("user", hashed=user, action=str(form.get("action", "")),
                                               reason=str(form.get("reason", "")).strip(),
-                                              who=request.state.analyst, ttl_s=min(days * 86400, MAX_HOLD_TTL_S)
-                                              if days > 0 else 0)
+                                              who=request.state.analyst, ttl_s=days * 86400)
         except HoldError as e:
             return PlainTextResponse(str(e), 400)
         return RedirectResponse(f"/case/{user}?" + urlencode({"done": "hold set"}), 303)

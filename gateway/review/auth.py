@@ -1,4 +1,4 @@
-"""The review app's auth: the gateway's bearer tokens (Settings.auth_tokens), via a login form.
+"""The review app's auth: the gateway's admin bearer tokens (Settings.admin_tokens), via a login form.
 
 The browser never keeps the token: the login form checks it once and sets a session cookie
 "<analyst>.<issued ms>.<hmac(token, analyst.issued)>". Any of the configured tokens may have

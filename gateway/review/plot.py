@@ -43,6 +43,7 @@ def risk_plot(points: list[tuple[int, float, str, str]]) -> RiskPlot | None:
     p.grid = [(xy(t0, level)[1], f"{level:.1f}") for level in (0.0, 0.5, 1.0)]
     coords = [xy(ts, risk) for ts, risk, _, _ in points]
     p.line = " ".join(f"{x},{y}" for x, y in coords)
-    p.dots = [(x, y, ACTION_COLOURS.get(action, "#111827"), f"{_utc(ts)} UTC  risk {risk:.3f}  {action}  {label}".strip())
+    p.dots = [(x, y, ACTION_COLOURS.get(action, "#111827"),
+               f"{_utc(ts)} UTC  risk {risk:.3f}  {action}  {label}".strip())
               for (x, y), (ts, risk, action, label) in zip(coords, points)]
     return p
