@@ -55,9 +55,11 @@ class ScoreResult:
     rules: list[str] = field(default_factory=list)   # names of the rules that fired (settings.rules_path)
 
     def to_json(self) -> str:
-        """What the idempotency window remembers ("seq":0 is filled in by the atomic write)."""
+        """What the idempotency window remembers ("seq":0 is filled in by the atomic write). The
+        reasons' event ids are left out: no raw caller identifier is stored in Redis in the clear
+        (the ring, which names them, is sealed: gateway/state.py RingCipher)."""
         d = {"risk": self.risk, "action": self.action, "mv": self.model_version,
-             "reasons": [[r.code, r.message, r.weight, r.event_ids] for r in self.reasons],
+             "reasons": [[r.code, r.message, r.weight, []] for r in self.reasons],
              "st": self.status, "seq": 0}
         if self.rules:
             d["rules"] = self.rules
@@ -260,7 +262,8 @@ class ScoringEngine:
             for g, ref in encoded.answered_steps:
                 rewrites[ref] = ScoreResult("", float(step_risk[g]), ACTIONS[codes[g]], self.model_version, OK,
                                             "scored when its deferred model step ran")
-            final, fired = self._apply_rules([events[fresh[j]] for j in rows], feats[rows], encoded, step_risk, lift, codes)
+            final, fired = (self._apply_rules([events[fresh[j]] for j in rows], feats[rows], encoded, step_risk,
+                                              lift, codes) if rows else ([], []))
             for k, j in enumerate(rows):
                 ev, g = events[fresh[j]], int(encoded.fresh_step[k])
                 st = users[ev.user_id]
@@ -346,7 +349,7 @@ class ScoringEngine:
         st.session = 0.0                                # replayed through the steps below, too
         steps = []
         for e in reversed(st.ring):                     # the newest run of entries that carry features
-            if not e.feat:
+            if not len(e.feat):
                 break
             steps.append((self.featurizer.vocab.id(e.event_type), unpack_features(e.feat, self.n_features), NO_ANSWER))
         st.pending = steps[::-1]
@@ -450,6 +453,13 @@ class ScoringEngine:
             task.add_done_callback(lambda _t, u=user_id: self._catch_up.pop(u, None))
 
     async def _drain(self, user_id: str, budget_s: float = 30.0) -> None:
+        try:
+            await self._drain_chunks(user_id, budget_s)
+        except Exception:  # noqa: BLE001 - a background task must not die silently
+            log.exception("catch-up of a user's deferred steps failed; the next request that finds the "
+                          "backlog schedules it again")
+
+    async def _drain_chunks(self, user_id: str, budget_s: float) -> None:
         """Run one user's deferred steps in chunks of CATCH_UP_CHUNK, each its own compare-and-set
         write, until at most MAX_INLINE_CATCHUP remain (the next request takes those) or the
         budget is spent (the next request that finds the backlog schedules another drain)."""

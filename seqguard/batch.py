@@ -351,7 +351,10 @@ def stream_scores_csv(artifact: ModelArtifact, events: Iterable[Event], path: st
     """Score a time-ordered event stream chunk by chunk into the CSV `write_scores_csv` writes (same
     bytes); memory is bounded by the chunk and the number of users/entities. Returns events scored.
     Raises NotInTimeOrder (nothing left at `path`) if the stream goes back in time."""
-    scorer = StreamScorer(artifact)
+    # one ONNX Runtime thread for the step model: a chunk's lock-step waves are small (~100 rows), so
+    # intra-op threads mostly spin, and the reader thread and the forest use the other core
+    # (measured on 338k events: 20% less CPU, same bytes; per-row bits do not depend on threads)
+    scorer = StreamScorer(artifact, threads=1)
     bar = None
     if progress:
         from tqdm import tqdm

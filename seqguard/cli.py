@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from .detector import SESSION_ALPHA
+from .detector import SEQUENCE_WEIGHT, SESSION_ALPHA
 
 
 def _add_training_opts(p) -> None:
@@ -37,6 +37,20 @@ def _add_training_opts(p) -> None:
                         "events is a floor under the forests' score: the 7-day count of OTHER accounts with failed "
                         "logins on the device, for logins; the fast timing regularity, for browsing events. They "
                         "catch slow credential-stuffing rings and crawlers; docs/results/tail_forest.md, Session 8)")
+    p.add_argument("--user-cap", type=float, default=10.0, metavar="F",
+                   help="contamination-robust fitting: in every forest sample and calibration table each account "
+                        "keeps at most F x the median account's events (at least 20), so a few heavy accounts "
+                        "(crawler fleets, scripts) cannot define normal (default 10; 0 = off, every event counts once; "
+                        "training/robust_fit.py, docs/results/worlds_ablation.md)")
+    p.add_argument("--user-cap-min", type=int, default=20, metavar="N",
+                   help="with --user-cap: no account is cut below N events per table (protects legitimate heavy "
+                        "users, e.g. digital-goods buyers with many small payments; default 20)")
+    p.add_argument("--sequence-weight", type=float, default=SEQUENCE_WEIGHT, metavar="W",
+                   help="read the encoder's next-event prediction as a view of its own: the surprise of each "
+                        "event's type under the user's previous state, calibrated on training events, combined "
+                        "with the forests by a weighted min-p that gives it W of the false-positive budget "
+                        f"(default {SEQUENCE_WEIGHT}; 0 = off; docs/results/hdfs.md). Raise it for machine-like "
+                        "logs whose event order is the signal")
 
 
 def _add_input_opts(p: argparse.ArgumentParser) -> None:
@@ -60,7 +74,8 @@ def _read(path: str, args) -> list:
 
 def cmd_generate(args) -> int:
     from training.generate import main_generate
-    main_generate(users=args.users, seed=args.seed, out=args.out, labels=args.labels, days=args.days)
+    main_generate(users=args.users, seed=args.seed, out=args.out, labels=args.labels, days=args.days,
+                  world=args.world)
     return 0
 
 
@@ -79,7 +94,9 @@ def cmd_train(args) -> int:
                       max_train_minutes=args.max_train_minutes, n_estimators=args.trees,
                       action_fpr=_train_action_fpr(args),
                       threads=args.threads, session_alpha=args.session_alpha,
-                      tail_forest=not args.no_tail_forest, signal_floors=not args.no_signal_floors)
+                      tail_forest=not args.no_tail_forest, signal_floors=not args.no_signal_floors,
+                      user_cap=args.user_cap, user_cap_min=args.user_cap_min,
+                      sequence_weight=args.sequence_weight)
     train(args.events, args.out, cfg, labels_path=args.labels, column_map=parse_column_map(args.column_map),
           on_bad_row=args.on_bad_row)
     return 0
@@ -180,7 +197,9 @@ def cmd_retrain(args) -> int:
     cfg = TrainConfig(hidden=args.hidden or live.hidden, epochs=args.epochs, seed=args.seed, n_estimators=args.trees,
                       max_train_minutes=args.max_train_minutes, threads=args.threads,
                       session_alpha=args.session_alpha, tail_forest=not args.no_tail_forest,
-                      signal_floors=not args.no_signal_floors,
+                      signal_floors=not args.no_signal_floors, user_cap=args.user_cap,
+                      user_cap_min=args.user_cap_min,
+                      sequence_weight=args.sequence_weight,
                       action_fpr=dict(live.metadata.get("action_fpr") or TrainConfig().action_fpr))
     import json
     report = retrain(args.live, args.events, args.out, cfg, labels_path=args.labels, holdout_frac=args.holdout_frac,
@@ -233,7 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="write a synthetic labelled event log (normal personas, attacks, hard negatives)")
     g.add_argument("--users", type=int, default=2000)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--days", type=int, default=30)
+    g.add_argument("--days", type=int, default=None,
+                   help="log span in days (default 30, or with --world the world's own span)")
+    g.add_argument("--world", type=int, default=None, metavar="K",
+                   help="draw the generator's configuration from randomised world K (persona mix, look-alikes, "
+                        "attack prevalence and cadence, ring sizes and spread, event-type names, extra types, "
+                        "missing fields, log span; training/world_config.py); printed and written as "
+                        "<out>.world.json. Absent: the fixed configuration. --seed draws the users within it")
     g.add_argument("--out", required=True, help="events file (.jsonl, .csv or .parquet)")
     g.add_argument("--labels", default=None, help="labels file (.jsonl), one line per event")
     g.set_defaults(fn=cmd_generate)

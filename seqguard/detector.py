@@ -147,6 +147,65 @@ class SignalFloor:
         return np.where(i < K, self.tail[np.clip(i, 0, K - 1)], 0.0)
 
 
+TYPE_NLL = 0                              # the step model's surprise columns: [type NLL, log-gap NLL]
+# Share of the false-positive budget given to the sequence view in the weighted min-p
+# (SequenceView.combine). Chosen on the design data only (HDFS validation split, generator seeds
+# 4-5; docs/results/hdfs.md): 0.01 keeps HDFS validation recall at 1% FPR at 1.00 and costs
+# nothing beyond noise on seeds 4-5, where a plain max (0.5) cost 0.21-0.42 recall at 1% FPR: next
+# types in shop traffic are unpredictable, so the view's tail is noisy there.
+SEQUENCE_WEIGHT = 0.01
+
+
+@dataclass
+class SequenceView:
+    """The encoder's next-event prediction read directly (DeepLog-style), not as one forest column.
+
+    The step model's `surprise[:, TYPE_NLL]` is -log p(observed type | the user's state BEFORE the
+    event), the previous step's predicted distribution. `calibrator` maps it to its tail among all
+    training events, -log(1 - quantile). The event's stage-1 tail combines it with the forests'
+    tail by a weighted min-p (Bonferroni): the view gets `weight` of the false-positive budget,
+    the forests the rest, so at a cut-off the combination flags what the forests flag at (1 - w)
+    of its FPR and what the view flags at w of it. That combination is re-calibrated per type
+    group (`combined`), so a "risk" is again a quantile among training events and the action
+    FPRs hold. Only the type NLL: the log-gap NLL stays a forest input (a constant gap, as in
+    machine logs, would make its tail degenerate)."""
+    calibrator: RiskCalibrator            # type NLL -> tail, over all training events
+    combined: list                        # RiskCalibrator per type group: of combine(forest tail, type NLL)
+    weight: float = SEQUENCE_WEIGHT       # the view's share of the false-positive budget, 0 < w < 1
+
+    def tail(self, type_nll: np.ndarray) -> np.ndarray:
+        """The view's tail, weighted: -log(p / w), p its one-sided tail probability in training."""
+        return self.calibrator.tail(type_nll) + np.log(self.weight)
+
+    def combine(self, forest_tail: np.ndarray, type_nll: np.ndarray) -> np.ndarray:
+        """-log of the weighted min-p: max(forest tail + log(1 - w), view tail + log(w))."""
+        return np.maximum(np.asarray(forest_tail, np.float64) + np.log1p(-self.weight), self.tail(type_nll))
+
+    @classmethod
+    def fit(cls, type_nll: np.ndarray, forest_tail: np.ndarray, groups: np.ndarray, n_groups: int,
+            weight: float = SEQUENCE_WEIGHT) -> "SequenceView":
+        """type_nll and forest_tail (stage 1 without the view) of every training event, its group."""
+        if not 0.0 < weight < 1.0:
+            raise ValueError(f"sequence view weight must be in (0, 1), got {weight}")
+        view = cls(RiskCalibrator.fit(type_nll), [], float(weight))
+        a = view.combine(forest_tail, type_nll)
+        view.combined = [RiskCalibrator.fit(a[groups == k] if (groups == k).any() else a) for k in range(n_groups)]
+        return view
+
+    def to_arrays(self, prefix: str) -> dict:
+        out = {f"{prefix}cal_levels": self.calibrator.levels, f"{prefix}cal_quantiles": self.calibrator.quantiles,
+               f"{prefix}weight": np.array(self.weight, np.float64)}
+        for k, c in enumerate(self.combined):
+            out[f"{prefix}g{k}_levels"], out[f"{prefix}g{k}_quantiles"] = c.levels, c.quantiles
+        return out
+
+    @classmethod
+    def from_arrays(cls, a, prefix: str, n_groups: int) -> "SequenceView":
+        return cls(RiskCalibrator(a[f"{prefix}cal_levels"], a[f"{prefix}cal_quantiles"]),
+                   [RiskCalibrator(a[f"{prefix}g{k}_levels"], a[f"{prefix}g{k}_quantiles"]) for k in range(n_groups)],
+                   float(a[f"{prefix}weight"]))
+
+
 @dataclass
 class Detector:
     proj_mean: np.ndarray                 # [H] float64
@@ -160,6 +219,7 @@ class Detector:
     session_calibrator: RiskCalibrator | None = None   # quantiles of c over the training log
     tail_views: list | None = None        # TailView per type group (None: the raw forest alone, older artifacts)
     floors: list = field(default_factory=list)   # SignalFloor, each reading one of the LAST input columns
+    sequence_view: "SequenceView | None" = None  # the encoder's next-type surprise as its own view (None: older artifacts)
 
     @property
     def has_session(self) -> bool:
@@ -188,17 +248,28 @@ class Detector:
             raw = v.combine(raw, -v.forest.score_samples(v.tails.transform(X)))
         return apply_floors(self.floors, k, raw, cols)
 
-    def _calibrated(self, X: np.ndarray, type_ids: np.ndarray, scale: str) -> np.ndarray:
-        """Each row's forest anomaly through its group's calibrator: `scale` "risk" (quantile) or "tail"."""
+    def _per_group(self, type_ids: np.ndarray, fn) -> np.ndarray:
+        """fn(group k, its rows) per type group, assembled row by row. One group (always at batch 1
+        online) passes slice(None): no row selection, no copy."""
         g = self.groups(type_ids)
-        if len(g) and (g == g[0]).all():      # one group (always at batch 1 online): no row selection
-            k = int(g[0])
-            return getattr(self.calibrators[k], scale)(self.group_score(k, X))
-        out = np.empty(len(X), np.float64)
+        if len(g) and (g == g[0]).all():
+            return fn(int(g[0]), slice(None))
+        out = np.empty(len(g), np.float64)
         for k in np.unique(g):
             rows = np.flatnonzero(g == k)
-            out[rows] = getattr(self.calibrators[k], scale)(self.group_score(int(k), X[rows]))
+            out[rows] = fn(int(k), rows)
         return out
+
+    def _calibrated(self, X: np.ndarray, type_ids: np.ndarray, scale: str) -> np.ndarray:
+        """Each row's stage-1 score: `scale` "risk" (quantile among its group's training events) or
+        "tail" (-log(1 - quantile)). With a sequence view, the forests' tail and the view's tail are
+        combined (SequenceView.combine), and "risk" is the combination's quantile in the group."""
+        seq = self.sequence_view
+        if seq is None:
+            return self._per_group(type_ids, lambda k, r: getattr(self.calibrators[k], scale)(self.group_score(k, X[r])))
+        forest = self._per_group(type_ids, lambda k, r: self.calibrators[k].tail(self.group_score(k, X[r])))
+        a = seq.combine(forest, X[:, self.proj.shape[1] + TYPE_NLL])
+        return a if scale == "tail" else self._per_group(type_ids, lambda k, r: seq.combined[k].risk(a[r]))
 
     def risk_from_inputs(self, X: np.ndarray, type_ids: np.ndarray) -> np.ndarray:
         """Risk = the event's anomaly score as a quantile among training events of its group."""
@@ -249,6 +320,8 @@ class Detector:
             out[f"floor{i}_group"] = np.array(f.group, np.int64)
             out[f"floor{i}_side"] = np.array(f.side)
             out[f"floor{i}_grid"], out[f"floor{i}_tail"] = f.grid, f.tail
+        if self.sequence_view is not None:
+            out.update(self.sequence_view.to_arrays("seq_"))
         if self.has_session:
             out["session_alpha"] = np.array(self.session_alpha, np.float64)
             out["session_cal_levels"] = self.session_calibrator.levels
@@ -271,10 +344,11 @@ class Detector:
             floors.append(SignalFloor(str(a[f"floor{i}_feature"]), int(a[f"floor{i}_group"]), str(a[f"floor{i}_side"]),
                                       np.asarray(a[f"floor{i}_grid"], np.float64),
                                       np.asarray(a[f"floor{i}_tail"], np.float64)))
+        seq = SequenceView.from_arrays(a, "seq_", G) if "seq_cal_levels" in keys else None   # absent before the view
         return cls(np.asarray(a["proj_mean"]), np.asarray(a["proj"]), np.asarray(a["signal_idx"]),
                    [FlatIsolationForest.from_arrays(a, prefix=f"g{k}_forest_") for k in range(G)],
                    [RiskCalibrator(a[f"g{k}_cal_levels"], a[f"g{k}_cal_quantiles"]) for k in range(G)],
-                   np.asarray(a["type_group"]), thresholds or action_thresholds(), alpha, scal, views, floors)
+                   np.asarray(a["type_group"]), thresholds or action_thresholds(), alpha, scal, views, floors, seq)
 
 
 def tail_view_score(a_raw: np.ndarray, a_twin: np.ndarray) -> np.ndarray:

@@ -571,3 +571,27 @@ def encode_entities(EI, EF, version):
             _store(buf, p + 4, 8, EI[k, E_FAILED + 2 * i + 1])
             p += PAIR_SIZE
     return buf, offsets
+
+
+@njit(cache=True)
+def featurize_blobs(ts, type_id, flags, amount, user, device, country, prefix, session, u_row, d_row, i_row, p_row,
+                    ubuf, uoff, ebuf, eoff, version, out):
+    """decode_users + decode_entities + featurize_events + encode_users + encode_entities in one call
+    (a gateway batch's contexts straight from and back to their Redis bytes). Returns (-1 or the
+    index of a corrupt user blob, -1 or of a corrupt entity blob, user bytes, user offsets, entity
+    bytes, entity offsets); nothing is featurised when a blob is corrupt."""
+    UI = np.empty((len(uoff) - 1, N_UI), np.int64)
+    UF = np.empty((len(uoff) - 1, N_UF), np.float64)
+    EI = np.empty((len(eoff) - 1, N_EI), np.int64)
+    EF = np.empty((len(eoff) - 1, N_EF), np.float64)
+    bad_u = decode_users(ubuf, uoff, UI, UF)
+    bad_e = decode_entities(ebuf, eoff, EI, EF)
+    if bad_u >= 0 or bad_e >= 0:
+        z = np.empty(0, np.uint8)
+        zo = np.zeros(1, np.int64)
+        return bad_u, bad_e, z, zo, z, zo
+    featurize_events(ts, type_id, flags, amount, user, device, country, prefix, session, u_row, d_row, i_row, p_row,
+                     UI, UF, EI, EF, out)
+    ub, uo = encode_users(UI, UF, version)
+    eb, eo = encode_entities(EI, EF, version)
+    return -1, -1, ub, uo, eb, eo

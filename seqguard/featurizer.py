@@ -518,6 +518,20 @@ def _run_on_contexts(ev: EventArrays, user_contexts: Sequence[UserContext], enti
 
     u_row = np.array([row_of(u, users) for u in user_contexts], np.int64)
     ent_rows = np.array([[row_of(e, ents) for e in es] for es in entity_contexts], np.int64).reshape(len(ev), 3)
+    if all(o._ints is None for o in itertools.chain(users, ents)):      # all held as bytes: one call
+        ubuf, uoff = _blobs([o._blob for o in users])
+        ebuf, eoff = _blobs([o._blob for o in ents])
+        bad_u, bad_e, ub, uo, eb, eo = K.featurize_blobs(
+            ev.ts, ev.type_id, ev.flags, ev.amount, ev.user, ev.device, ev.country, ev.prefix, ev.session, u_row,
+            ent_rows[:, 0].copy(), ent_rows[:, 1].copy(), ent_rows[:, 2].copy(), ubuf, uoff, ebuf, eoff,
+            FEATURIZER_VERSION, out)
+        if bad_u >= 0:
+            decode_user_contexts([users[bad_u]._blob])            # raises the ValueError naming it
+        if bad_e >= 0:
+            decode_entity_contexts([ents[bad_e]._blob])
+        for o, blob in itertools.chain(zip(users, _split(ub, uo)), zip(ents, _split(eb, eo))):
+            o._blob = blob
+        return
     UI, UF = _gather(users, decode_user_contexts)
     EI, EF = _gather(ents, decode_entity_contexts)
     K.featurize_events(ev.ts, ev.type_id, ev.flags, ev.amount, ev.user, ev.device, ev.country, ev.prefix,

@@ -19,8 +19,8 @@ def start_gateway_process(model, redis_port, triton_url, log_path, pseudonym_key
     env = dict(os.environ, SEQGUARD_MODEL_DIR=str(model), SEQGUARD_PORT=str(port),
                SEQGUARD_REDIS_PORT=str(redis_port), SEQGUARD_TRITON_URL=triton_url,
                SEQGUARD_PSEUDONYM_KEY=pseudonym_key, SEQGUARD_DEADLINE_MS="5000",
-               SEQGUARD_TRITON_TIMEOUT_MS="5000", SEQGUARD_REDIS_TIMEOUT_MS="1000",
-               **{f"SEQGUARD_{k.upper()}": str(v) for k, v in settings.items()})
+               SEQGUARD_TRITON_TIMEOUT_MS="5000", SEQGUARD_REDIS_TIMEOUT_MS="1000")
+    env.update({f"SEQGUARD_{k.upper()}": str(v) for k, v in settings.items()})     # the caller's win
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "gateway.server"], cwd=ROOT, env=env, stdout=log, stderr=log)
     log.close()   # the child holds its own descriptor

@@ -106,7 +106,7 @@ def test_single_event_featurize_equals_reference_float64(log):
     """`Featurizer.featurize` (one event, float64 row, the gateway's old per-event call) keeps the
     un-rounded values of the Python featuriser."""
     fz, old = _featurizers(log)
-    store, old_store = ContextStore(), ref.ContextStore()
+    old_store = ref.ContextStore()
     objs: dict = {}
     for ev in sorted(log[:800], key=lambda e: e.ts):
         t = fz.tokens(ev)
@@ -116,7 +116,6 @@ def test_single_event_featurize_equals_reference_float64(log):
                 for kind, key in (("d", t.device), ("i", t.ip), ("p", t.prefix))]
         row = fz.featurize(t, u, *ents)
         assert row.dtype == np.float64 and row.tolist() == old.featurize(t, u_old, *e_old)
-    del store
 
 
 @pytest.mark.slow
@@ -179,3 +178,8 @@ def test_corrupt_context_bytes_are_refused_not_read_past_their_end(log):
                 _ = cls.from_bytes(bad).ints
     with pytest.raises(ValueError, match="version"):
         UserContext.from_bytes(bytes([9]) + u[1:])
+    ev = log[0]                                          # in a batch (one compiled call): refused, nothing kept
+    good, broken = UserContext.from_bytes(u), EntityContext.from_bytes(ring[:-1])
+    with pytest.raises(ValueError, match="corrupt"):
+        fz.featurize_batch([ev], [good], [(broken, None, None)])
+    assert good.to_bytes() == u

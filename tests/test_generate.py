@@ -5,6 +5,7 @@ Kept fast (a few hundred users, generated once per module) so they run in the de
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 from collections import defaultdict
@@ -12,8 +13,9 @@ from collections import defaultdict
 import pytest
 
 from training.generate import (ATTACK_FAMILIES, CUSTOM_EVENT_TYPES, EVENT_FIELDS, EVENT_TYPES,
-                               HARD_NEGATIVES, LABEL_FIELDS, VARIANTS, generate, main_generate,
-                               write_events, write_labels)
+                               HARD_NEGATIVES, LABEL_FIELDS, VARIANTS, WORLD_HARD_NEGATIVES, generate,
+                               main_generate, write_events, write_labels)
+from training.world_config import WorldConfig
 
 N_USERS, SEED = 400, 11
 START = 1_767_225_600_000
@@ -214,3 +216,98 @@ def test_write_labels_and_main_generate(tmp_path, capsys):
     p = tmp_path / "labels.jsonl"
     write_labels(l, p)
     assert [json.loads(x) for x in p.read_text().splitlines()] == l
+
+
+# ---------------------------------------------------------------------------- randomised worlds
+# World 1 renames types, adds one extra type and leaves up to 25% of optional fields empty: it
+# exercises every surface change. 300 users over 10 days keep these tests to a few seconds.
+
+W_USERS, W_SEED, W_DAYS = 300, 5, 10
+
+
+@pytest.fixture(scope="module")
+def world1():
+    cfg = WorldConfig.draw(1)
+    assert cfg.rename and cfg.extra_types and max(cfg.missing.values()) > 0.1
+    return cfg, generate(W_USERS, W_SEED, days=W_DAYS, world=cfg)
+
+
+def test_world_is_deterministic_per_k(world1):
+    cfg, (events, labels) = world1
+    assert WorldConfig.draw(1) == cfg
+    assert WorldConfig.from_json(cfg.to_json()) == cfg
+    again = generate(W_USERS, W_SEED, days=W_DAYS, world=WorldConfig.draw(1))
+    assert again == (events, labels)
+
+
+def test_different_worlds_differ(world1):
+    cfg, (events, _) = world1
+    others = [WorldConfig.draw(k) for k in (0, 2, 3)]
+    assert all(o != cfg for o in others)
+    assert len({o.bot_event_share for o in others} | {cfg.bot_event_share}) == 4
+    e0, _ = generate(W_USERS, W_SEED, days=W_DAYS, world=others[0])
+    assert [e["event_type"] for e in e0[:500]] != [e["event_type"] for e in events[:500]]
+    # a world is not the fixed generator either
+    assert generate(W_USERS, W_SEED, days=W_DAYS)[0] != events
+
+
+def test_world_renames_types_consistently(world1):
+    cfg, (events, labels) = world1
+    plain_cfg = dataclasses.replace(cfg, rename={})
+    plain, plain_labels = generate(W_USERS, W_SEED, days=W_DAYS, world=plain_cfg)
+    assert plain_labels == labels
+    assert len(plain) == len(events)
+    for a, b in zip(plain, events):
+        assert b["event_type"] == cfg.rename.get(a["event_type"], a["event_type"])
+        assert cfg.original_type(b["event_type"]) == a["event_type"]
+        assert {k: v for k, v in a.items() if k != "event_type"} == {k: v for k, v in b.items() if k != "event_type"}
+    types = {e["event_type"] for e in events}
+    assert not types & set(cfg.rename), "an original name survived renaming"
+    assert set(cfg.rename.values()) <= types
+    assert set(cfg.extra_types) <= types
+    allowed = set(EVENT_TYPES) | set(CUSTOM_EVENT_TYPES) | set(cfg.extra_types)
+    assert {cfg.original_type(t) for t in types} <= allowed
+
+
+def test_world_labels_align(world1):
+    cfg, (events, labels) = world1
+    assert [e["event_id"] for e in events] == [l["event_id"] for l in labels]
+    assert [e["user_id"] for e in events] == [l["user_id"] for l in labels]
+    keys = [(e["ts"], e["event_id"]) for e in events]
+    assert keys == sorted(keys) and len(set(e["event_id"] for e in events)) == len(events)
+    assert all(START <= e["ts"] < START + W_DAYS * 86_400_000 for e in events)
+    fams = {l["family"] for l in labels if l["label"] == 1}
+    assert fams <= set(ATTACK_FAMILIES) and len(fams) >= 5
+    assert {l["family"] for l in labels if l["label"] == 0} <= set(HARD_NEGATIVES) | set(WORLD_HARD_NEGATIVES) | {"normal"}
+    # the crawler fleet's share of ALL events is the world's (up to events cut at the log's end)
+    bot = sum(l["family"] == "bot_scraping" for l in labels) / len(labels)
+    assert 0.5 * cfg.bot_event_share <= bot <= 1.5 * cfg.bot_event_share
+    # optional fields go missing at about the world's rate; required ones never
+    n = len(events)
+    assert all(e["event_id"] and e["user_id"] and e["event_type"] and e["ts"] for e in events)
+    plain, _ = generate(W_USERS, W_SEED, days=W_DAYS, world=dataclasses.replace(cfg, missing={}))
+    for f, p in cfg.missing.items():
+        had = sum(e[f] is not None for e in plain)
+        kept = sum(e[f] is not None for e in events)
+        if had > 2000:
+            assert abs((1 - kept / had) - p) < 0.03, (f, p, kept, had)
+
+
+def test_world_schema_accepted(world1):
+    _, (events, _) = world1
+    from seqguard.schema import events_from_dicts
+    assert len(events_from_dicts(events)) == len(events)
+
+
+def test_main_generate_world_writes_config(tmp_path, capsys):
+    out = tmp_path / "w.jsonl"
+    main_generate(users=80, seed=2, out=str(out), labels=None, days=None, world=3)
+    cfg = WorldConfig.from_json((tmp_path / "w.world.json").read_text())
+    assert cfg == WorldConfig.draw(3)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    span = max(r["ts"] for r in rows) - START
+    assert (cfg.days - 1) * 86_400_000 < span < cfg.days * 86_400_000
+    assert "world 3:" in capsys.readouterr().err
+    # without --world nothing extra is written
+    main_generate(users=30, seed=2, out=str(tmp_path / "p.jsonl"), labels=None, days=None)
+    assert not (tmp_path / "p.world.json").exists()

@@ -97,3 +97,24 @@ def test_sigterm_drains_and_exits_zero(small_model, small_log, redis_server, tri
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_first_request_after_a_cold_start_is_scored(small_model, redis_server, tmp_path, monkeypatch):
+    """A fresh node has no compiled featuriser kernel cached: the gateway compiles it while starting,
+    so its very first Score meets the default 250 ms deadline instead of answering DEGRADED."""
+    import grpc
+
+    from gateway.proto import risk_pb2, risk_pb2_grpc
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "empty-numba-cache"))
+    proc, port = start_gateway_process(small_model, redis_server.port, "127.0.0.1:1", tmp_path / "gw.log",
+                                       encoder="local", deadline_ms=250)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            r = risk_pb2_grpc.RiskScoringStub(ch).Score(risk_pb2.ScoreRequest(event=risk_pb2.Event(
+                event_id="cold-1", user_id="cold-user", ts=1767225600000, event_type="login", device_id="d",
+                ip="10.0.0.2", country="DE")), timeout=5)
+        assert r.status == risk_pb2.OK, r.status_detail
+        assert any((tmp_path / "empty-numba-cache").rglob("*.nbi"))       # the cache was filled at start
+    finally:
+        proc.terminate()
+        proc.wait(15)

@@ -88,3 +88,35 @@ def test_compare_and_set_refuses_stale_writes_and_writes_nothing(redis_server):
         assert (await store.get_user("zero-u")).n == 1
         await r.aclose()
     asyncio.run(run())
+
+
+def test_no_raw_event_id_in_redis_and_the_ring_reads_back(redis_server):
+    """Issue #18 part 6: event ids are caller identifiers: their keys are keyed hashes and the ring that
+    names them (for reasons and GetUserState) is sealed with the pseudonymisation key. The same ring
+    sealed twice looks different (fresh nonce); another key cannot read it."""
+    from gateway.state import RingCipher, pack_user, unpack_user
+
+    async def run():
+        r = aioredis.Redis(port=redis_server.port)
+        await r.flushall()
+        store = RedisStateStore(r, Pseudonymizer(b"k" * 32), hidden=4, ttl_s=60, ring_size=4, rebuild_steps=2)
+        st = (await store.load(["raw-user@example.com"], [])).users["raw-user@example.com"]
+        for k in range(3):
+            st.ring.append(ring_entry(f"order-4711-{k}", "payment", 1767225600000 + k, np.ones(40, np.float32)))
+        st.n, st.dirty = 3, True
+        await store.save([st], {}, {}, [(("raw-user@example.com", "order-4711-2"), '{"seq":0}')])
+        dump = b""
+        for k in await r.keys("*"):
+            dump += k + ((await r.get(k) or b"") if await r.type(k) == b"string" else b"")
+        assert b"order-4711" not in dump and b"raw-user" not in dump and b"payment" not in dump
+        back = await store.get_user("raw-user@example.com")
+        assert [e.event_id for e in back.ring] == [f"order-4711-{k}" for k in range(3)]
+        one = pack_user(back, 4, 2, store.ring_cipher)
+        assert one != pack_user(back, 4, 2, store.ring_cipher)            # a fresh nonce per write
+        try:                                     # another key reads noise (or fails to parse it)
+            other = [e.event_id for e in unpack_user(back.key, one, RingCipher(b"another-key" * 3)).ring]
+        except (ValueError, IndexError, UnicodeDecodeError):
+            other = None
+        assert other != [e.event_id for e in back.ring]
+        await r.aclose()
+    asyncio.run(run())

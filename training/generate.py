@@ -38,6 +38,8 @@ from collections import Counter, defaultdict
 
 from seqguard.schema import COMMON_EVENT_TYPES, FIELDS
 
+from .world_config import WorldConfig
+
 EVENT_FIELDS = FIELDS
 LABEL_FIELDS = ("event_id", "user_id", "label", "family", "variant")
 EVENT_TYPES = COMMON_EVENT_TYPES
@@ -46,6 +48,7 @@ ATTACK_FAMILIES = ("account_takeover", "card_testing", "credential_stuffing", "b
                    "brushing", "promo_abuse", "fake_reviews")
 HARD_NEGATIVES = ("traveller", "big_purchase", "decline_then_success", "shared_household",
                   "public_device", "carrier_nat", "digital_goods", "legit_account_change")
+WORLD_HARD_NEGATIVES = ("prolific_reviewer", "decline_storm")   # look-alikes only worlds draw
 VARIANTS = ("fast", "slow")
 
 SEC_MS, MIN_MS, HOUR_MS, DAY_MS = 1_000, 60_000, 3_600_000, 86_400_000
@@ -134,11 +137,14 @@ class _User:
 class _World:
     """Everything shared between users: IP space, catalogue, role plan; builds the event log."""
 
-    def __init__(self, n_users: int, seed: int, start_ms: int, days: int):
+    def __init__(self, n_users: int, seed: int, start_ms: int, days: int, cfg: WorldConfig | None = None):
         self.n, self.seed, self.start, self.days = n_users, seed, start_ms, days
+        self.cfg = cfg
+        # RNG stream names: without a world exactly the fixed generator's, so its output is unchanged
+        self.rkey = str(seed) if cfg is None else f"w{cfg.world}/{seed}"
         self.end = start_ms + days * DAY_MS
         self.epoch_day = start_ms // DAY_MS
-        r = self.r = random.Random(f"seqguard/world/{seed}")
+        r = self.r = random.Random(f"seqguard/world/{self.rkey}")
         self._build_ip_space(r)
         self._build_catalogue(r)
         self.cc_list = list(_COUNTRIES)
@@ -146,10 +152,21 @@ class _World:
         self.att_cc = list(_ATTACKER_CC)
         self.att_cum = _cum(_ATTACKER_CC.values())
         self.persona_names = list(_PERSONAS)
-        self.persona_cum = _cum(p[0] for p in _PERSONAS.values())
+        if cfg is None:
+            self.persona_cum = _cum(p[0] for p in _PERSONAS.values())
+        else:
+            self.persona_cum = _cum(cfg.persona_share[p] for p in self.persona_names)
         self.cat_names = list(_CATEGORIES)
         self.cat_pop_cum = _cum(_CATEGORIES[c][0] for c in self.cat_names)
+        # decline storms: a payment processor failing for everyone for a few hours (label 0)
+        W = self.end - self.start
+        self.storms = [] if cfg is None else [
+            (start_ms + int(W * f), start_ms + int(W * f) + int(hours * HOUR_MS), p)
+            for f, hours, p in cfg.decline_storms]
         self._plan(r)
+
+    def _storm_p(self, t: int) -> float:
+        return max((p for a, b, p in self.storms if a <= t < b), default=0.0)
 
     # ------------------------------------------------------------------ world building
     def _build_ip_space(self, r):
@@ -224,7 +241,10 @@ class _World:
         reserve = int(n * 0.6)   # never hand more than 40% of accounts to attack roles
         taken = [0]
 
-        def cnt(frac):
+        scale = self.cfg.attack_scale if self.cfg else {}
+
+        def cnt(frac, fam=None):
+            frac *= scale.get(fam, 1.0)
             return max(mn, int(round(frac * n))) if mn else int(frac * n)
 
         def take():
@@ -246,7 +266,10 @@ class _World:
         cap = max(3, n // 60)
         for fam, frac, lo, hi in (("brushing", 1 / 800, 4, 10), ("promo_abuse", 1 / 700, 4, 12),
                                   ("fake_reviews", 1 / 900, 3, 8), ("bot_scraping", 1 / 800, 1, 1)):
-            for _ in range(cnt(frac)):
+            if self.cfg and fam != "bot_scraping":
+                lo, hi = self.cfg.ring_size
+                cap = max(3, n // 30)
+            for _ in range(cnt(frac, fam)):
                 size = min(cap, r.randint(lo, hi))
                 members = [m for m in (take() for _ in range(size)) if m is not None]
                 if not members:
@@ -255,7 +278,7 @@ class _World:
                     self.owned[m] = fam
                 self.groups.append((fam, variant(fam), members))
         self.card_testers = []   # (idx, variant, fresh)
-        for _ in range(cnt(0.005)):
+        for _ in range(cnt(0.005, "card_testing")):
             fresh = r.random() < 0.7 or not variants["card_testing"]
             m = take()
             if m is None:
@@ -267,11 +290,11 @@ class _World:
         self.ato = {}            # victim idx -> variant
         hijacked = {m for m, _, f in self.card_testers if not f}
         cand = [i for i in normal if i not in hijacked]
-        for i in r.sample(cand, min(len(cand), cnt(0.012))):
+        for i in r.sample(cand, min(len(cand), cnt(0.012, "account_takeover"))):
             self.ato[i] = variant("account_takeover")
         self.card_hijack = {m: v for m, v, f in self.card_testers if not f}
         self.stuffing = []       # (variant, [victim idx...])
-        for _ in range(cnt(1 / 1500)):
+        for _ in range(cnt(1 / 1500, "credential_stuffing")):
             k = min(len(normal), max(5, min(n // 8, r.randint(30, 160))))
             if k <= 0:
                 break
@@ -280,14 +303,18 @@ class _World:
         # ---- hard negatives among normal users (a user may carry several)
         hn_n = lambda frac: max(3 if mn else 0, int(round(frac * n))) if mn else int(frac * n)
         self.hn = {i: set() for i in normal}
-        for kind, frac in (("traveller", 0.03), ("big_purchase", 0.02), ("decline_then_success", 0.02),
-                           ("legit_account_change", 0.02), ("digital_goods", 0.02), ("carrier_nat", 0.10)):
-            for i in r.sample(normal, min(len(normal), hn_n(frac))):
+        look = self.cfg.lookalike_frac if self.cfg else {}
+        kinds = (("traveller", 0.03), ("big_purchase", 0.02), ("decline_then_success", 0.02),
+                 ("legit_account_change", 0.02), ("digital_goods", 0.02), ("carrier_nat", 0.10))
+        if self.cfg:
+            kinds += (("prolific_reviewer", 0.0),)
+        for kind, frac in kinds:
+            for i in r.sample(normal, min(len(normal), hn_n(look.get(kind, frac)))):
                 self.hn[i].add(kind)
         self.household = {}      # idx -> (shared device, home ip)
         free = [i for i in normal if not self.hn[i]]
         r.shuffle(free)
-        want = hn_n(0.03)
+        want = hn_n(look.get("shared_household", 0.03))
         while want > 0 and len(free) >= 2:
             size = min(len(free), r.randint(2, 4))
             members = [free.pop() for _ in range(size)]
@@ -299,7 +326,7 @@ class _World:
                 self.household[m] = (dev, home)
             want -= size
         self.public = {}         # idx -> (public device, ip, country, tz)
-        users = r.sample(normal, min(len(normal), hn_n(0.02)))
+        users = r.sample(normal, min(len(normal), hn_n(look.get("public_device", 0.02))))
         by_cc = defaultdict(list)
         for i in users:
             by_cc[self.user_cc[i]].append(i)
@@ -350,11 +377,20 @@ class _World:
             u.p_mobile = 0.6 + 0.35 * rnd()
             if u.devices[0][1] != "phone":
                 u.devices[0] = (u.devices[0][0], "phone")
+        cfg = self.cfg
         if persona == "digital":
             share, rate_med, browse, p_cart, p_buy, p_coupon, p_review = 0, 0.45, 2.0, 0.7, 0.9, 0.02, 0.03
+            if cfg:
+                rate_med = cfg.digital_rate
+        elif cfg and "prolific_reviewer" in hn:
+            # reviews (nearly) everything bought, buys often: many reviews per week, all legitimate
+            persona = u.persona = "reviewer"
+            share, rate_med, browse, p_cart, p_buy, p_coupon, p_review = 0, cfg.reviewer_rate, 4.0, 0.35, 0.8, 0.05, 0.5
         else:
             share, rate_med, browse, p_cart, p_buy, p_coupon, p_review = _PERSONAS[persona]
         u.rate = rate_med * math.exp(0.6 * r.gauss(0, 1))
+        if cfg:
+            u.rate *= cfg.rate_scale
         u.first_day = int(self.days * rnd() * 0.8) if rnd() < 0.06 else 0   # some accounts are new
         u.p_login = 0.25 + 0.7 * rnd()
         u.p_typo = 0.01 + 0.08 * rnd() ** 2
@@ -389,6 +425,11 @@ class _World:
         u.p_nodev = 0.3 if rnd() < 0.01 else 0.004
         u.multi_buy = 0.45 if persona == "digital" else 0.03
         u.base_tag = "digital_goods" if persona == "digital" else "normal"
+        if cfg and persona == "digital":
+            u.multi_buy = cfg.digital_multi_buy
+        if persona == "reviewer":
+            u.p_review = 0.8 + 0.2 * rnd()
+            u.base_tag = "prolific_reviewer"
         return u
 
     def _schedule(self, r, u) -> list:
@@ -416,7 +457,7 @@ class _World:
         return out
 
     def _normal_user(self, idx, out, lockout_at=None):
-        r = random.Random(f"{self.seed}/u/{idx}")
+        r = random.Random(f"{self.rkey}/u/{idx}")
         rnd = r.random
         u = self._profile(r, idx)
         hn = self.hn.get(idx, set())
@@ -553,7 +594,9 @@ class _World:
                 app((t, len(out), uid, et, None, None, None, dev, ip, cc, sid, 0, tag, ""))
             t += gap()
         # ---- reviews of earlier purchases
-        if pending and pending[0][0] <= t and rnd() < 0.75:
+        n_reviews = 1 if u.persona != "reviewer" else 1 + int(3 * rnd())
+        while n_reviews and pending and pending[0][0] <= t and rnd() < 0.75:
+            n_reviews -= 1
             _, it = pending.pop(0)
             iid, cat = self.item_id[it], self.item_cat[it]
             if rnd() < 0.7:
@@ -633,6 +676,11 @@ class _World:
             fails = (1 + int(rnd() * 2.5)) if kind == "decline" else (1 if big and rnd() < 0.25 else 0)
             while fails == 0 and rnd() < u.p_fail and rounds < 5:
                 fails = 1
+            if self.storms and fails == 0:
+                p_storm = self._storm_p(t)
+                if p_storm and rnd() < p_storm:
+                    fails = 1 + int(rnd() * 2)
+                    tag = "decline_storm"
             paid = True
             for f in range(fails):
                 app((t, len(out), uid, "payment_failed", miid, mcat, total, dev, ip, cc, sid, 0, tag, ""))
@@ -846,7 +894,7 @@ class _World:
                         E(t, "checkout", self.item_id[it], self.item_cat[it], a, sid)
                         t += int(period * 0.3 * (0.5 + r.random()))
                     E(t, "payment_failed" if r.random() < p_fail else "payment", None, "digital", a, sid)
-                    t += int(period * math.exp(0.35 * r.gauss(0, 1)))
+                    t += int(period * math.exp(self._jitter(0.35) * r.gauss(0, 1)))
         else:
             t = self._fit(t0, 8 * DAY_MS)
             tz = _COUNTRIES.get(cc, (0, (0,)))[1][0]
@@ -896,7 +944,7 @@ class _World:
                     sid = _sid(r) if ok else None
                     out.append((t, len(out), uid, "login" if ok else "login_failed", None, None, None,
                                 dev, ip, cc, sid, 1, fam, variant))
-                    t += 50 + int(med * math.exp(0.6 * r.gauss(0, 1)))
+                    t += 50 + int(med * math.exp(self._jitter(0.6) * r.gauss(0, 1)))
                     if ok:
                         if r.random() < 0.5:
                             out.append((t, len(out), uid, "logout", None, None, None, dev, ip, cc, sid, 1, fam, variant))
@@ -929,8 +977,11 @@ class _World:
                     if ok:
                         break
 
-    def _bot_scraping(self, r, uid, variant, out):
-        """Crawler: view_item/search at machine-regular intervals, catalogue in id order."""
+    def _bot_scraping(self, r, uid, variant, out, n_events=None):
+        """Crawler: view_item/search at machine-regular intervals, catalogue in id order.
+
+        `n_events` (world mode): how many events this crawler emits; its cadence jitter is the world's.
+        """
         fam = "bot_scraping"
         W = self.end - self.start
         pos = int(r.random() * _N_ITEMS)
@@ -949,10 +1000,15 @@ class _World:
                     pos = (pos + stride) % _N_ITEMS
                     out.append((t, len(out), uid, "view_item", self.item_id[pos], self.item_cat[pos], None,
                                 dev, ip, cc, sid, 1, fam, variant))
-                t += max(50, int(period * (1 + jitter * r.gauss(0, 1))))
+                if self.cfg is None:
+                    t += max(50, int(period * (1 + jitter * r.gauss(0, 1))))
+                else:   # multiplicative, so human-like jitter (0.5+) never collapses to the 50 ms floor
+                    t += max(50, int(period * math.exp(jitter * r.gauss(0, 1))))
             return t
 
-        if variant == "fast":
+        if n_events is not None:
+            self._bot_fleet_member(r, variant, n_events, crawl)
+        elif variant == "fast":
             period = 600 + 2_400 * r.random()
             n = 400 + int(r.random() * 1100)
             t = self._fit(self.start + int(W * r.random()), int(n * period * 1.2))
@@ -977,6 +1033,52 @@ class _World:
                     dev = _dev(r)
                 t = crawl(t, per, period, jitter, dev, _host(r, pfx), cc, _sid(r) if r.random() < 0.7 else None)
                 t += int(HOUR_MS * (2 + 8 * r.random()))
+
+    def _bot_fleet(self, bots, out) -> None:
+        """World mode: the crawler fleet emits `bot_event_share` of ALL events, split unevenly."""
+        others = sum(1 for e in out if self.start <= e[0] < self.end)
+        share = self.cfg.bot_event_share
+        total = int(round(share / (1.0 - share) * others))
+        rf = random.Random(f"{self.rkey}/botfleet")
+        weights = [rf.paretovariate(1.5) for _ in bots]
+        for (rg, m), w in zip(bots, weights):
+            variant = "fast" if rf.random() < self.cfg.bot_fast_frac else "slow"
+            n_events = max(20, int(total * w / sum(weights)))
+            self._bot_scraping(rg, f"u{m:06d}", variant, out, n_events=n_events)
+
+    def _bot_fleet_member(self, r, variant, n_events, crawl):
+        """World mode: a crawler of a fleet with a fixed event budget, spread over crawl sessions."""
+        W = self.end - self.start
+        jitter = self.cfg.attacker_jitter * math.exp(0.3 * r.gauss(0, 1))
+        if variant == "fast":
+            period, per = 300 + 2_700 * r.random(), 300 + int(r.random() * 3000)
+        else:
+            period, per = 15_000 + 75_000 * r.random(), 30 + int(r.random() * 120)
+        n_sess = max(1, math.ceil(n_events / per))
+        per = math.ceil(n_events / n_sess)
+        # sessions spread evenly over the log; each starts from a fresh exit node, sometimes a new device
+        slot = W / n_sess
+        dev = None if r.random() < 0.3 else _dev(r)
+        for k in range(n_sess):
+            pfx, cc = r.choice(self.dc16) if r.random() < 0.5 else self._attacker_origin(r)
+            if r.random() < 0.3:
+                dev = _dev(r)
+            t = self.start + int(slot * (k + 0.8 * r.random()))
+            crawl(t, min(per, n_events), period, jitter, dev, _host(r, pfx), cc, _sid(r) if r.random() < 0.7 else None)
+            n_events -= per
+            if n_events <= 0:
+                break
+
+    def _jitter(self, default: float) -> float:
+        """Log-sd of a fast attacker's gaps: the fixed generator's, or the world's cadence."""
+        return default if self.cfg is None else self.cfg.attacker_jitter
+
+    def _ring_span(self, r, default_ms: float) -> float:
+        """A slow ring's spread in time: the fixed generator's, or drawn from the world's range."""
+        if self.cfg is None:
+            return default_ms
+        lo, hi = self.cfg.ring_span_hours
+        return math.exp(r.uniform(math.log(lo), math.log(hi))) * HOUR_MS
 
     def _ring_setup(self, r, variant):
         """Shared infrastructure of a fraud ring: a few devices and IPs in one country."""
@@ -1004,7 +1106,7 @@ class _World:
         cat = r.choice(("beauty", "fashion", "home", "toys", "health", "electronics"))
         targets = r.sample(self.cheap[cat], min(len(self.cheap[cat]), 1 + int(r.random() * 3)))
         W = self.end - self.start
-        span = (1 + 12 * r.random()) * DAY_MS if variant == "slow" else 4 * HOUR_MS
+        span = self._ring_span(r, (1 + 12 * r.random()) * DAY_MS) if variant == "slow" else 4 * HOUR_MS
         t0 = self._fit(self.start + int(W * (0.05 + 0.8 * r.random())), int(span) + 4 * DAY_MS)
         t = t0
         k = 0
@@ -1013,7 +1115,7 @@ class _World:
             rounds = 1 + int(r.random() * (2 if variant == "fast" else 3.5))
             for _ in range(rounds):
                 if variant == "fast":
-                    gap = lambda med=8.0: 300 + int(med * 1000 * math.exp(0.5 * r.gauss(0, 1)))
+                    gap = lambda med=8.0: 300 + int(med * 1000 * math.exp(self._jitter(0.5) * r.gauss(0, 1)))
                     ts = t
                 else:
                     gap = lambda med=25.0: self._human_gap(r, med)
@@ -1065,13 +1167,13 @@ class _World:
         coupon = float(r.choice((5, 10, 10, 15, 20, 25)))
         min_order = coupon * (2 + 2 * r.random())
         W = self.end - self.start
-        span = (2 + 10 * r.random()) * DAY_MS if variant == "slow" else 3 * HOUR_MS
+        span = self._ring_span(r, (2 + 10 * r.random()) * DAY_MS) if variant == "slow" else 3 * HOUR_MS
         t0 = self._fit(self.start + int(W * (0.05 + 0.8 * r.random())), int(span))
         t = t0
         for k, m in enumerate(members):
             uid = f"u{m:06d}"
             if variant == "fast":
-                gap = lambda: 500 + int(6_000 * math.exp(0.5 * r.gauss(0, 1)))
+                gap = lambda: 500 + int(6_000 * math.exp(self._jitter(0.5) * r.gauss(0, 1)))
                 ts = t
             else:
                 gap = lambda: self._human_gap(r, 20)
@@ -1115,7 +1217,7 @@ class _World:
             c = r.choice(self.cat_names)
             pool.append(self._item(r, c))
         W = self.end - self.start
-        span = (3 + 15 * r.random()) * DAY_MS if variant == "slow" else 3 * HOUR_MS
+        span = self._ring_span(r, (3 + 15 * r.random()) * DAY_MS) if variant == "slow" else 3 * HOUR_MS
         t0 = self._fit(self.start + int(W * (0.05 + 0.8 * r.random())), int(span))
         t = t0
         for k, m in enumerate(members):
@@ -1160,7 +1262,7 @@ class _World:
         if progress:
             from tqdm import tqdm
             users = tqdm(users, desc="users", unit="user", file=sys.stderr, mininterval=0.5)
-        seed = self.seed
+        seed = self.rkey
         for idx in users:
             if idx in self.owned:
                 continue
@@ -1180,15 +1282,21 @@ class _World:
         for m, v, fresh in self.card_testers:
             if fresh:
                 self._card_testing(random.Random(f"{seed}/card/{m}"), f"u{m:06d}", v, out)
+        bots = []
         for k, (fam, v, members) in enumerate(self.groups):
             rg = random.Random(f"{seed}/{fam}/{k}")
             if fam == "bot_scraping":
                 for m in members:
-                    self._bot_scraping(rg, f"u{m:06d}", v, out)
+                    if self.cfg is None:
+                        self._bot_scraping(rg, f"u{m:06d}", v, out)
+                    else:
+                        bots.append((rg, m))
             else:
                 getattr(self, "_" + fam)(rg, members, v, out)
         for k, (v, victims) in enumerate(self.stuffing):
             self._credential_stuffing(random.Random(f"{seed}/stuffing/{k}"), victims, v, out)
+        if bots:
+            self._bot_fleet(bots, out)
         lo, hi = self.start, self.end
         out = [e for e in out if lo <= e[0] < hi]
         out.sort()
@@ -1196,18 +1304,22 @@ class _World:
 
 
 def generate(n_users: int, seed: int, start_ms: int = 1_767_225_600_000, days: int = 30,
-             *, progress: bool = False) -> tuple[list[dict], list[dict]]:
+             *, progress: bool = False, world: WorldConfig | None = None) -> tuple[list[dict], list[dict]]:
     """Return (events, labels). events: list of schema-v1 dicts, sorted by (ts, event_id); labels: one dict per event.
 
-    Deterministic in (n_users, seed, start_ms, days). `progress` shows a tqdm bar over users.
+    Deterministic in (n_users, seed, start_ms, days, world). `progress` shows a tqdm bar over users.
+    `world` (training/world_config.py) draws the generator's configuration; None is the fixed one.
+    With a world, `days` is the caller's choice too (pass `world.days` for the world's own span).
     """
     if n_users < 0 or days < 1:
         raise ValueError("n_users must be >= 0 and days >= 1")
-    world = _World(int(n_users), int(seed), int(start_ms), int(days))
-    rows = world.build(progress)
+    w = _World(int(n_users), int(seed), int(start_ms), int(days), world)
+    rows = w.build(progress)
+    if world is not None:
+        rows = _apply_world_surface(rows, world, w.rkey, w.end)
     events, labels = [], []
     ev_app, lab_app = events.append, labels.append
-    prefix = f"e{seed}-"
+    prefix = f"e{seed}-" if world is None else f"w{world.world}-{seed}-"
     for i, row in enumerate(rows):
         rows[i] = None   # free the tuple as soon as its dicts exist
         ts, _, uid, et, item, cat, amt, dev, ip, cc, sid, lab, fam, var = row
@@ -1217,6 +1329,41 @@ def generate(n_users: int, seed: int, start_ms: int = 1_767_225_600_000, days: i
                 "session_id": sid})
         lab_app({"event_id": eid, "user_id": uid, "label": lab, "family": fam, "variant": var})
     return events, labels
+
+
+_OPTIONAL_COLUMNS = {"item_id": 4, "category": 5, "amount": 6, "device_id": 7, "ip": 8, "country": 9,
+                     "session_id": 10}
+
+
+def _apply_world_surface(rows: list, world: WorldConfig, rkey: str, end_ms: int) -> list:
+    """What a team's logging does to the same behaviour: extra event types following some events,
+    team-specific names for ours, optional fields left empty. Labels ride along unchanged (an extra
+    event copies the label of the event it follows: it is the same actor's activity)."""
+    r = random.Random(f"{rkey}/surface")
+    extra = sorted(world.extra_types.items())
+    if extra:
+        grown = []
+        for row in rows:
+            grown.append(row)
+            for name, p in extra:
+                if r.random() < p:
+                    t = row[0] + 200 + int(r.random() * 20_000)
+                    if t < end_ms:
+                        grown.append((t, row[1], row[2], name, None, None, None) + row[7:])
+        rows = sorted(grown, key=lambda x: (x[0], x[1]))
+    rename = world.rename
+    missing = [(_OPTIONAL_COLUMNS[f], p) for f, p in sorted(world.missing.items()) if p > 0]
+    out = []
+    for row in rows:
+        if row[3] in rename or missing:
+            row = list(row)
+            row[3] = rename.get(row[3], row[3])
+            for col, p in missing:
+                if row[col] is not None and r.random() < p:
+                    row[col] = None
+            row = tuple(row)
+        out.append(row)
+    return out
 
 
 # ---------------------------------------------------------------------------- writers
@@ -1280,15 +1427,37 @@ def summarize(events, labels) -> str:
         f, s = att.get((fam, "fast"), 0), att.get((fam, "slow"), 0)
         lines.append(f"  {fam:<22} {f + s:>8}  (fast {f}, slow {s})")
     lines.append("hard-negative events (label 0):")
-    for kind in HARD_NEGATIVES:
+    for kind in HARD_NEGATIVES + tuple(k for k in WORLD_HARD_NEGATIVES if k in hn):
         lines.append(f"  {kind:<22} {hn.get(kind, 0):>8}")
     return "\n".join(lines)
 
 
-def main_generate(users: int, seed: int, out: str, labels: str | None, days: int = 30) -> None:
-    """CLI entry (`seqguard generate`): generate, write events (and labels), summarise on stderr."""
-    events, labs = generate(users, seed, days=days, progress=True)
+def world_config_path(events_path) -> str:
+    """Where `--world` writes the drawn configuration: next to the events file."""
+    stem, _ = os.path.splitext(os.fspath(events_path))
+    return stem + ".world.json"
+
+
+def main_generate(users: int, seed: int, out: str, labels: str | None, days: int | None = 30,
+                  world: int | None = None) -> None:
+    """CLI entry (`seqguard generate`): generate, write events (and labels), summarise on stderr.
+
+    `world` K: draw the generator's configuration from world K (printed, and written as JSON next to
+    `out`); `days` None then means the world's own log span."""
+    cfg = None
+    if world is not None:
+        cfg = WorldConfig.draw(world)
+        days = cfg.days if days is None else days
+        print("\n".join(cfg.notes), file=sys.stderr)
+    elif days is None:
+        days = 30
+    events, labs = generate(users, seed, days=days, progress=True, world=cfg)
     write_events(events, out)
+    if cfg is not None:
+        path = world_config_path(out)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(cfg.to_json() + "\n")
+        print(f"world config: {path}", file=sys.stderr)
     if labels:
         write_labels(labs, labels)
     print(f"wrote {out}" + (f" and {labels}" if labels else ""), file=sys.stderr)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from seqguard import artifact as art
 from seqguard.batch import encode_log
 from seqguard.detector import (DEFAULT_ACTION_FPR, DETECTOR_SIGNALS, MIN_GROUP_EVENTS, SESSION_ALPHA, TYPE_GROUPS,
-                               SIGNAL_FLOORS, Detector, SignalFloor, TailView, action_thresholds, fit_pca,
+                               SEQUENCE_WEIGHT, SIGNAL_FLOORS, TYPE_NLL, Detector, SequenceView, SignalFloor, TailView, action_thresholds, fit_pca,
                                signal_indices, type_groups)
 from seqguard.featurizer import (FEATURE_INDEX, N_ENCODER_FEATURES, ContextStore, Featurizer, TokenHasher, Vocabulary,
                                  featurize_log)
@@ -36,6 +36,7 @@ from seqguard.forest import FlatIsolationForest, MarginalTails, RiskCalibrator, 
 from seqguard.schema import ReadReport, read_events
 
 from .model import EncoderConfig, SequenceEncoder, export_onnx
+from .robust_fit import capped_rows
 
 
 @dataclass
@@ -56,6 +57,14 @@ class TrainConfig:
     session_alpha: float = SESSION_ALPHA  # detector stage 2 (seqguard/detector.py); 0 turns it off
     tail_forest: bool = True              # + a forest on each column's tail scale per group (detector.TailView)
     signal_floors: bool = True            # signals read directly in one group (detector.SIGNAL_FLOORS)
+    # Contamination-robust fitting (training/robust_fit.py): in every forest sample and calibration
+    # table an account keeps at most user_cap x the median account's events (>= user_cap_min), so a
+    # heavy hitter (crawler fleet, script) cannot define normal. 0 = off, every event counts once.
+    # 10 was chosen on design worlds 0-3 (docs/results/worlds_ablation.md): worst-world bot recall
+    # 0.05 -> 0.60 and all-event recall 0.12 -> 0.49; 3 cost more elsewhere, a floor of 100 did not help.
+    user_cap: float = 10.0
+    user_cap_min: int = 20
+    sequence_weight: float = SEQUENCE_WEIGHT  # the next-type NLL view's share of the FPR budget (detector.SequenceView); 0: off
     action_fpr: dict = field(default_factory=lambda: dict(DEFAULT_ACTION_FPR))
     seed: int = 0
     threads: int = 2
@@ -190,7 +199,8 @@ class FittedDetector:
     floors: list = field(default_factory=list)   # SignalFloor (detector.SIGNAL_FLOORS whose group exists)
 
 
-def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_tokens, log=print) -> FittedDetector:
+def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_tokens, log=print,
+                 user_idx=None) -> FittedDetector:
     """One IsolationForest per event-type group, each calibrated on its own group's training scores.
 
     With cfg.tail_forest each group gets a second forest on the same rows with every input column
@@ -203,6 +213,8 @@ def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_to
     on tail-scaled inputs -- and lowered payment and brushing/promo recall both times: not kept.
     Refitting on all but the top 2% of first-pass scores (strict end down) and smaller fitting
     samples (128, 256: payment recall down) did not help bots or credential stuffing: not kept.)
+    With cfg.user_cap > 0 (and `user_idx`, the account of each row), each group's forest sample,
+    tail scales, floors and calibrator see at most K events per account (training/robust_fit.py).
     """
     from sklearn.ensemble import IsolationForest
     sig = signal_indices(DETECTOR_SIGNALS)
@@ -233,26 +245,32 @@ def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_to
         if len(rows) == 0:                            # keep indices aligned; never used for scoring
             rows = np.arange(len(X))
         Xg = X[rows]
-        fit_rows = rng.choice(len(rows), size=min(cfg.forest_fit_events, len(rows)), replace=False)
+        if cfg.user_cap > 0 and user_idx is not None:
+            keep = capped_rows(user_idx[rows], cfg.user_cap, cfg.user_cap_min, rng)
+            fit_rows = rng.choice(keep, size=min(cfg.forest_fit_events, len(keep)), replace=False)
+        else:
+            keep = slice(None)
+            fit_rows = rng.choice(len(rows), size=min(cfg.forest_fit_events, len(rows)), replace=False)
         sk, flat, score = forest_on(Xg, fit_rows)
         out.sklearn_forests.append(sk)
         out.forests.append(flat)
         if cfg.tail_forest:
-            tails = MarginalTails.fit(Xg)
+            tails = MarginalTails.fit(Xg[keep])
             sk_t, flat_t, anomaly_t = forest_on(by_row_blocks(tails.transform, Xg), fit_rows)
-            view = TailView(tails, flat_t, RiskCalibrator.fit(anomaly_t), RiskCalibrator.fit(score))
+            view = TailView(tails, flat_t, RiskCalibrator.fit(anomaly_t[keep]), RiskCalibrator.fit(score[keep]))
             out.sklearn_tail_forests.append(sk_t)
             out.tail_views.append(view)
             score = view.combine(score, anomaly_t)
         mine = [s for s in floor_specs if s[1] == g]
         for name, _, side, grid in mine:
             col = np.asarray(feats[rows, FEATURE_INDEX[name]], np.float64)
-            floor = SignalFloor.fit(name, g, side, grid, col)
+            floor = SignalFloor.fit(name, g, side, grid, col[keep])
             out.floors.append(floor)
             score = np.maximum(score, floor(col))
-        out.calibrators.append(RiskCalibrator.fit(score))
+        out.calibrators.append(RiskCalibrator.fit(score[keep]))
         log(f"forest '{TYPE_GROUPS[g][0]}': fitted on {len(fit_rows)} of {len(rows)} events"
-            f"{' (+ its tail-scaled twin)' if cfg.tail_forest else ''}"
+            + (f" ({len(keep)} after the per-account cap)" if isinstance(keep, np.ndarray) else "")
+            + f"{' (+ its tail-scaled twin)' if cfg.tail_forest else ''}"
             + "".join(f" (+ the {s[0]} floor)" for s in mine))
     return out
 
@@ -260,6 +278,8 @@ def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_to
 def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | None = None,
           column_map: dict | None = None, on_bad_row: str = "error", log=None) -> Path:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if not 0.0 <= cfg.sequence_weight < 1.0:
+        raise ValueError(f"sequence weight must be in [0, 1), got {cfg.sequence_weight}")
     t0 = time.time()
     set_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -320,10 +340,13 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
     project = lambda e: (np.asarray(e, np.float64) - pca_mean) @ pca  # noqa: E731  (same as Detector.project)
     enc_log = encode_log(featurizer, events, onnx_path=onnx_path, reduce=project, progress=True,
                          threads=cfg.threads)
-    fitted = fit_detector(cfg, enc_log.emb, enc_log.surprise, enc_log.feats, enc_log.type_ids, vocab.tokens, log)
+    fitted = fit_detector(cfg, enc_log.emb, enc_log.surprise, enc_log.feats, enc_log.type_ids, vocab.tokens, log,
+                          user_idx=enc_log.user_idx)
     detector = Detector(pca_mean, pca, fitted.signal_cols, fitted.forests, fitted.calibrators, fitted.groups,
                         action_thresholds(cfg.action_fpr), tail_views=fitted.tail_views, floors=fitted.floors)
-    train_risk = fit_session_stage(detector, enc_log, cfg.session_alpha, log)
+    if cfg.sequence_weight > 0:
+        fit_sequence_view(detector, enc_log, cfg.sequence_weight, log)
+    train_risk = fit_session_stage(detector, enc_log, cfg.session_alpha, log, cfg)
     np.savez(out / art.DETECTOR_FILE, **detector.to_arrays())
     import joblib
     joblib.dump(fitted.sklearn_forests, out / "isolation_forest.joblib")   # list: one per type group
@@ -347,6 +370,7 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
         "detector": {"signals": list(DETECTOR_SIGNALS), "type_groups": [g for g, _ in TYPE_GROUPS], "pca_dim": cfg.pca_dim, "n_estimators": cfg.n_estimators,
                      "session_alpha": detector.session_alpha, "tail_forest": cfg.tail_forest,
                      "signal_floors": [f.feature for f in fitted.floors],
+                     "sequence_weight": detector.sequence_view.weight if detector.sequence_view else 0.0,
                      "max_samples": cfg.max_samples, "sklearn_version": sklearn.__version__},
         "action_fpr": cfg.action_fpr,
         "thresholds": detector.thresholds,
@@ -363,10 +387,21 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
     return out
 
 
+def fit_sequence_view(detector: Detector, enc_log, weight: float, log) -> None:
+    """Calibrate the next-type NLL on the training log and the max of it and the forests' tail per
+    type group (detector.SequenceView); costs one more stage-1 pass over the training log."""
+    from seqguard.batch import stage1_scores
+    t0 = time.time()
+    forest_tail = stage1_scores(detector, enc_log.emb, enc_log.surprise, enc_log.feats, enc_log.type_ids, tail=True)
+    detector.sequence_view = SequenceView.fit(enc_log.surprise[:, TYPE_NLL], forest_tail,
+                                              detector.groups(enc_log.type_ids), len(detector.forests), weight)
+    log(f"sequence view (next-type NLL, weight {weight}) calibrated on {len(forest_tail)} training events ({time.time() - t0:.0f}s)")
+
+
 DRIFT_REFERENCE_MAX_EVENTS = 500_000   # deciles of half a million rows are stable; caps the extra scoring time
 
 
-def fit_session_stage(detector: Detector, enc_log, alpha: float, log) -> np.ndarray:
+def fit_session_stage(detector: Detector, enc_log, alpha: float, log, cfg: TrainConfig | None = None) -> np.ndarray:
     """Stage 2 of the detector (see seqguard/detector.py): fit the calibrator of the session
     score c over the whole training log, replayed per user. Returns the served risk of every
     training event (replay order), exactly as score-file computes it. alpha 0 leaves stage 1 alone."""
@@ -376,7 +411,11 @@ def fit_session_stage(detector: Detector, enc_log, alpha: float, log) -> np.ndar
         detector.session_alpha = float(alpha)
         a = stage1_scores(detector, enc_log.emb, enc_log.surprise, enc_log.feats, enc_log.type_ids, tail=True)
         c, _ = detector.session_scan(a, enc_log.user_idx, len(enc_log.users))
-        detector.session_calibrator = RiskCalibrator.fit(c)
+        if cfg is not None and cfg.user_cap > 0:     # the same per-account cap as the group tables
+            keep = capped_rows(enc_log.user_idx, cfg.user_cap, cfg.user_cap_min, np.random.default_rng(cfg.seed + 1))
+            detector.session_calibrator = RiskCalibrator.fit(c[keep])
+        else:
+            detector.session_calibrator = RiskCalibrator.fit(c)
         log(f"session stage (alpha {alpha}) calibrated on {len(c)} training events ({time.time() - t0:.0f}s)")
         return detector.session_risk(c)
     return detector_risk(detector, enc_log.emb, enc_log.surprise, enc_log.feats, enc_log.type_ids)
