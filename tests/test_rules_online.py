@@ -52,10 +52,8 @@ def test_rules_online_equal_offline(small_model, small_log, redis_server, triton
     pack.write_text(DEFAULT_RULES_PATH.read_text() + MODEL_RULES)
     rules = load_rules(pack)
     redis_server.client().flushall()
-    # deadline 30 s: with a cold numba cache the gateway's first batch compiles the featuriser kernel
-    # (seconds on these cores), which a 3 s deadline turns into DEGRADED answers; this test is about parity
     gw = gateway_factory(model_dir=str(small_model), redis_port=redis_server.port, triton_url=triton.grpc_url,
-                         deadline_ms=30000, triton_timeout_ms=3000, rules_path=str(pack))
+                         deadline_ms=3000, triton_timeout_ms=3000, rules_path=str(pack))
     events = list(read_events(str(small_log[0])))
     _, _, want = score_events_with_rules(ModelArtifact.load(small_model), events, rules)
     order = sorted(range(len(events)), key=lambda i: (events[i].ts, i))
@@ -89,7 +87,7 @@ def test_rules_hot_reload_rejects_a_bad_file(small_model, redis_server, triton, 
                     'when = ["event_type == login"]\naction = "REVIEW"\n')
     redis_server.client().flushall()
     gw = gateway_factory(model_dir=str(small_model), redis_port=redis_server.port, triton_url=triton.grpc_url,
-                         deadline_ms=30000, triton_timeout_ms=3000, rules_path=str(pack), rules_poll_s=0.05)
+                         deadline_ms=3000, triton_timeout_ms=3000, rules_path=str(pack), rules_poll_s=0.05)
     reloader = gw.gateway.rules_reloader
     t0 = 1_767_225_600_000
 
