@@ -110,6 +110,9 @@ def test_compare_main_on_small_model_writes_all_sections(small_log, small_model,
     for g in np.unique(enc.group):
         r = enc.group == g
         a[r] = det.calibrators[g].tail(det.group_score(g, enc.X[r]))
+    if det.sequence_view is not None:                 # the next-type NLL view, combined as in Detector._calibrated
+        from seqguard.detector import TYPE_NLL
+        a = det.sequence_view.combine(a, enc.surprise[:, TYPE_NLL])
     assert det.has_session
     _, uidx = np.unique(enc.users[enc.order], return_inverse=True)     # session stage in replay order
     c_replay, _ = det.session_scan(a[enc.order], uidx, int(uidx.max()) + 1)
