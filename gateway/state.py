@@ -426,7 +426,10 @@ class RedisStateStore:
         self.alerts_max = alerts_max
         self.rebuild_steps = min(rebuild_steps, ring_size)
         self.p = pseudonymize
-        self.ring_cipher = RingCipher(pseudonymize.key)
+        # a store built on already-hashed ids (the review app records labels with them) has no key and
+        # never reads a user's ring; every store that reads or writes users seals rings with the key
+        key = getattr(pseudonymize, "key", None)
+        self.ring_cipher = RingCipher(key) if key is not None else None
         self.hidden = hidden
         self.ttl_s = ttl_s
         self.ring_size = ring_size
