@@ -144,4 +144,4 @@ def test_signal_floors_are_fitted_and_flag_a_crawler_early(small_model, small_lo
     # (with the per-account cap on, the default, the crawler's first events already score ~0.9 here: the
     # point is the rise once its cadence is established)
     assert np.median(risk[16:30]) > 0.95 and np.median(risk[16:30]) > np.median(risk[:12]) + 0.05, risk[:60]
-    assert np.min(risk[16:60]) > np.max(risk[60:]) + 0.1, (risk[16:60], risk[60:])
+    assert np.min(risk[16:60]) > np.max(risk[60:]) + 0.05, (risk[16:60], risk[60:])   # 0.1 before the cap
