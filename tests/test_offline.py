@@ -139,9 +139,9 @@ def test_signal_floors_are_fitted_and_flag_a_crawler_early(small_model, small_lo
     bot, human = views("crawler", 2000 * (1 + 0.02 * rng.standard_normal(59))), views(
         "reader", rng.lognormal(np.log(30_000), 1.0, 59))
     risk, _, _ = score_events(art, events_from_dicts(bot + human))
-    # (this 400-user log is ~20% crawler traffic, so its floor is weaker than on real traffic; on the
-    # 20k-user training log the crawler clears the CHALLENGE cut-off: docs/results/tail_forest.md)
-    # (with the per-account cap on, the default, the crawler's first events already score ~0.9 here: the
-    # point is the rise once its cadence is established)
-    assert np.median(risk[16:30]) > 0.95 and np.median(risk[16:30]) > np.median(risk[:12]) + 0.05, risk[:60]
-    assert np.min(risk[16:60]) > np.max(risk[60:]) + 0.05, (risk[16:60], risk[60:])   # 0.1 before the cap
+    # (this 400-user log is ~20% crawler traffic; before the per-account cap (--user-cap, on by default)
+    # that traffic made the floor weak until ~15 events; capped, the crawler is already high earlier)
+    assert np.median(risk[16:30]) > 0.95 and np.median(risk[:4]) < np.median(risk[16:30]) - 0.2, risk[:60]
+    # margin 0.05: capped tables also weigh this log's heavier human readers less, which lifts the
+    # human-pace views (max 0.92 with the cap, lower without); the crawler stays above all of them
+    assert np.min(risk[16:60]) > np.max(risk[60:]) + 0.05, (risk[16:60], risk[60:])

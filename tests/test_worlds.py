@@ -39,7 +39,7 @@ def test_harness_end_to_end_one_tiny_world(tmp_path):
     report = json.loads((out / "worlds.json").read_text())
     (res,) = report["results"]
     assert res["world"] == 1 and res["design"] is True
-    assert "Design worlds (used to choose the design): [1]" in md
+    assert "Design worlds (used to choose the design): [1]; in this table: [1]" in md
     for name in ("seqguard", "hand_rules"):
         s = res["scores"][name]
         assert 0.0 <= s["pay_auc"] <= 1.0 and 0.0 <= s["user_auc"] <= 1.0

@@ -251,7 +251,7 @@ def summarise(results: list) -> dict:
 def report_md(results: list, summary: dict, cfg: HarnessConfig, title: str, command: str, seconds: float) -> str:
     worlds = [r["world"] for r in results]
     design = [w for w in worlds if w in cfg.design]
-    report = [w for w in worlds if w not in cfg.design]
+    report = [w for w in worlds if w not in cfg.design]   # worlds with metrics; failed ones are listed below
     L = [f"# {title}", "",
          f"Command: `{command}`", "",
          f"Model variant: **{cfg.label}** (`seqguard train` args: `{' '.join(cfg.train_args)}`). "
@@ -259,8 +259,8 @@ def report_md(results: list, summary: dict, cfg: HarnessConfig, title: str, comm
          f"world, each world's own log span. Time: {sum(sum(r['seconds'].values()) for r in results) / 60:.1f} min "
          f"of generate/train/score/evaluate steps on this machine (2 shared cores; this run {seconds / 60:.1f} min, "
          "finished worlds are reused from earlier runs).", "",
-         f"- Design worlds (used to choose the design): {design or 'none'}",
-         f"- Report worlds (drawn after the design was fixed): {report or 'none'}", "",
+         f"- Design worlds (used to choose the design): {cfg.design or 'none'}; in this table: {design or 'none'}",
+         f"- Report worlds in this table (not used for any design choice): {report or 'none'}", "",
          "Cells: seqguard / hand rules. Bold: seqguard below the rules.", "",
          "| world | test events | attack ev. | " + " | ".join(lab for _, lab in METRICS) + " |",
          "|---|---:|---:|" + "---:|" * len(METRICS)]
