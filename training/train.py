@@ -168,8 +168,15 @@ def train_encoder(cfg: TrainConfig, n_types: int, type_ids: np.ndarray, feats: n
     return enc.cpu(), losses
 
 
+def parity_error(onnx_out: np.ndarray, torch_out: np.ndarray) -> float:
+    """Max |a - b| / max(1, |b|): absolute where values are small (h, in [-1, 1]), relative where they
+    are large (the surprise is a negative log-likelihood, often 10-30, where float32 rounding alone
+    differs by more than 1e-4 after a few hundred steps: worlds 100, 104 and 106 failed training so)."""
+    return float((np.abs(onnx_out - torch_out) / np.maximum(1.0, np.abs(torch_out))).max())
+
+
 def check_step_parity(enc: SequenceEncoder, onnx_path: str, type_ids, feats, seqs, n_users: int = 32) -> float:
-    """Max |torch full-sequence - ONNX step| over the first events of a few users (h and surprise)."""
+    """parity_error of the ONNX step vs torch over the first events of a few users (h and surprise)."""
     from seqguard.encoding import OrtStep
     step = OrtStep(onnx_path, threads=1)
     worst = 0.0
@@ -181,8 +188,7 @@ def check_step_parity(enc: SequenceEncoder, onnx_path: str, type_ids, feats, seq
         c = np.zeros_like(h)
         for k, i in enumerate(s):
             h, c, emb, su = step(type_ids[i:i + 1], feats[i:i + 1], h, c)
-            worst = max(worst, float(np.abs(emb[0] - h_seq[0, k].numpy()).max()),
-                        float(np.abs(su[0] - sur[0, k].numpy()).max()))
+            worst = max(worst, parity_error(emb[0], h_seq[0, k].numpy()), parity_error(su[0], sur[0, k].numpy()))
     return worst
 
 
@@ -323,7 +329,7 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
     onnx_path = out / art.ONNX_FILE
     export_onnx(enc, str(onnx_path))
     parity = check_step_parity(enc, str(onnx_path), type_ids, enc_feats, seqs)
-    log(f"ONNX step vs torch sequence: max abs diff {parity:.2e}")
+    log(f"ONNX step vs torch sequence: max error {parity:.2e} (absolute below 1, relative above)")
     if parity > 1e-4:
         raise RuntimeError(f"exported step model disagrees with torch by {parity:.2e}")
     torch.save({"config": enc.cfg.to_dict(), "state_dict": enc.state_dict()}, out / "encoder.pt")
