@@ -59,7 +59,7 @@ def test_quick_run_reports_every_system(bench_model, tmp_path):
         res = results["systems"][system]
         assert len(res["steps"]) == 1           # --quick: one rate per system
         step = res["steps"][0]
-        assert step["ok"] > 0, step
+        assert step["ok"] > 0, (system, step)
         assert step["requests"] > 0
         for k in ("p50", "p99", "p999", "max"):
             assert _finite(step["latency_ms"][k]) and step["latency_ms"][k] > 0, (system, k, step["latency_ms"])
