@@ -148,6 +148,7 @@ class NaiveService(risk_pb2_grpc.RiskScoringServicer):
 
 async def serve(model_dir: str, host: str, port: int, window: int, threads: int) -> None:
     scorer = NaiveScorer(model_dir, window, threads)
+    scorer.artifact.featurizer.warm_up()     # compile (or load) the featuriser before the first request
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     risk_pb2_grpc.add_RiskScoringServicer_to_server(NaiveService(scorer), server)
     bound = server.add_insecure_port(f"{host}:{port}")

@@ -332,19 +332,6 @@ def _deny_stream(deny):
     return handler
 
 
-def warm_featurizer(featurizer) -> None:
-    """One featurised batch with throw-away contexts: every kernel the live path calls is compiled or
-    loaded from numba's cache now."""
-    from seqguard.featurizer import EntityContext, UserContext
-    from seqguard.schema import Event
-    events = [Event("warm-1", "warm-user", 1_767_225_600_000, "login", None, None, None, "warm-device", "10.0.0.1",
-                    "DE", None),
-              Event("warm-2", "warm-user", 1_767_225_601_000, "payment", "i", "c", 9.5, None, None, None, "s")]
-    user = UserContext()
-    featurizer.featurize_batch(events, [user, user],
-                               [(EntityContext(), EntityContext(), EntityContext()), (None, None, None)])
-
-
 def freeze_heap() -> None:
     """Collect once, then move every object alive now (modules, clients, the loaded model) out of
     the garbage collector's view (gc.freeze).
@@ -390,7 +377,7 @@ class Gateway:
             self.shadow.start()
         # the compiled featuriser kernel loads (or, with a cold cache, compiles: seconds) before the first
         # request, not inside it, where it would blow the deadline and answer DEGRADED
-        await asyncio.to_thread(warm_featurizer, self.artifact.featurizer)
+        await asyncio.to_thread(self.artifact.featurizer.warm_up)
         self.store = RedisStateStore.from_settings(s, self.artifact.hidden)
         self.encoder = self._encoder_for(self.artifact)
         self.engine = self._engine_for(self.artifact, self.store, self.encoder)

@@ -474,6 +474,19 @@ class Featurizer:
                            h.many([e.session_id for e in events]))
 
     # -- the step
+    def warm_up(self) -> None:
+        """Featurise a few synthetic events with throw-away contexts, through the batch (float32) and the
+        single-event (float64) entry points: every kernel specialisation a server calls is compiled, or
+        loaded from numba's cache, now instead of inside its first request (seconds on a cold cache)."""
+        from .schema import Event
+        events = [Event("warm-1", "warm-user", 1_767_225_600_000, "login", device_id="warm-device", ip="10.0.0.1",
+                        country="DE"),
+                  Event("warm-2", "warm-user", 1_767_225_601_000, "payment", "i", "c", 9.5, session_id="s")]
+        user = UserContext()
+        self.featurize_batch(events, [user, user], [(EntityContext(), EntityContext(), EntityContext()),
+                                                    (None, None, None)])
+        self.featurize(self.tokens(events[0]), UserContext(), EntityContext(), EntityContext(), EntityContext())
+
     def featurize(self, t: Tokens, u: UserContext, device: EntityContext | None = None,
                   ip: EntityContext | None = None, prefix: EntityContext | None = None) -> np.ndarray:
         """Features (float64 [N_FEATURES]) of event t given the contexts *before* it; updates the
