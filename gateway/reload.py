@@ -36,6 +36,24 @@ def artifact_marker(model_dir: str) -> tuple:
     return (real, st.st_mtime_ns, st.st_size)
 
 
+def start_polling(poll_s: float, check, name: str, failure: str) -> asyncio.Task | None:
+    """Call `check` (sync or async) every poll_s seconds in a task (None when poll_s <= 0). A failing
+    check is logged and the watcher goes on: what is live stays live."""
+    if poll_s <= 0:
+        return None
+
+    async def poll() -> None:
+        while True:
+            await asyncio.sleep(poll_s)
+            try:
+                result = check()
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:   # never let the watcher die
+                log.exception(failure)
+    return asyncio.get_running_loop().create_task(poll(), name=name)
+
+
 class ModelReloader:
     def __init__(self, gateway, poll_s: float):
         self.gw = gateway
@@ -47,19 +65,11 @@ class ModelReloader:
         self.last_error = ""
 
     def start(self) -> None:
-        if self.poll_s > 0:
-            self._task = asyncio.get_running_loop().create_task(self._poll(), name="model-reloader")
+        self._task = start_polling(self.poll_s, self.check, "model-reloader",
+                                   "model reload check failed")   # the old model keeps serving
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
-
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_s)
-            try:
-                await self.check()
-            except Exception:   # never let the watcher die; the old model keeps serving
-                log.exception("model reload check failed")
 
     async def check(self, force: bool = False) -> bool:
         """Reload if the artifact changed (or always with force, e.g. on SIGHUP). True if a new model went live."""
@@ -121,19 +131,11 @@ class RulesReloader:
         self.last_error = ""
 
     def start(self) -> None:
-        if self.poll_s > 0:
-            self._task = asyncio.get_running_loop().create_task(self._poll(), name="rules-reloader")
+        self._task = start_polling(self.poll_s, self.check, "rules-reloader",
+                                   "rules reload check failed")   # the running rules stay in force
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
-
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_s)
-            try:
-                self.check()
-            except Exception:   # never let the watcher die; the running rules stay in force
-                log.exception("rules reload check failed")
 
     def check(self, force: bool = False) -> bool:
         """Load the file if it changed (or always with force); True if new rules went live."""
