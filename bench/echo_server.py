@@ -14,7 +14,7 @@ import sys
 
 import grpc
 
-from gateway.proto import risk_pb2, risk_pb2_grpc
+from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
 
 from .procs import announce, log, wait_for_signal
 

@@ -10,14 +10,22 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-
-from seqguard.featurizer import (EntityContext, Featurizer, TokenHasher, UserContext, Vocabulary,  # noqa: E402
+from seqguard.featurizer import (EntityContext, Featurizer, TokenHasher, UserContext, Vocabulary,
                                  featurize_log, ip_prefix)
-from seqguard.schema import read_events  # noqa: E402
+from seqguard.schema import read_events
+
+
+def _load_reference():
+    """tests/reference_featurizer.py (the per-event Python oracle), loaded by file path: it is a
+    test helper, not part of the installed package."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "tests", "reference_featurizer.py")
+    spec = importlib.util.spec_from_file_location("reference_featurizer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def cpu(fn) -> float:
@@ -65,7 +73,7 @@ def main() -> None:
         rows.append((f"kernel, featurize_batch of {b} (+ context bytes)",
                      cpu(lambda: gateway_batches(fz, events[:k], b)) * n / k))
     if a.reference:
-        import reference_featurizer as ref
+        ref = _load_reference()
         rows.append(("Python reference, featurize_log", cpu(lambda: ref.featurize_log(ref.Featurizer(vocab, TokenHasher()),
                                                                                       events))))
         for b in (1, 64):

@@ -30,14 +30,14 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 async def serve(a) -> None:
-    from gateway.up import LocalStack, ensure_key_file
+    from seqguard.gateway.up import LocalStack, ensure_key_file
     overrides = _overrides(a.set)
     local_encoder = overrides.get("encoder") == "local"
     if a.triton_url or local_encoder:       # no Triton of our own: an external one, or none at all
         from pathlib import Path
 
-        from gateway.server import Gateway
-        from gateway.settings import Settings
+        from seqguard.gateway.server import Gateway
+        from seqguard.gateway.settings import Settings
         from seqguard.artifact import ModelArtifact
         from seqguard.services import RedisServer
 

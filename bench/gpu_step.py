@@ -26,8 +26,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 OUTPUTS = ["h_out", "c_out", "embedding", "surprise"]
 
@@ -35,7 +33,7 @@ OUTPUTS = ["h_out", "c_out", "embedding", "surprise"]
 def load_encoder(model_dir: str | None, n_types: int, n_features: int, hidden: int, tmp: Path):
     """(SequenceEncoder, onnx path): a trained artifact's, or random weights of the given size."""
     import torch
-    from training.model import EncoderConfig, SequenceEncoder, export_onnx
+    from seqguard.training.model import EncoderConfig, SequenceEncoder, export_onnx
     if model_dir:
         ckpt = torch.load(Path(model_dir) / "encoder.pt", map_location="cpu", weights_only=False)
         enc = SequenceEncoder(EncoderConfig(**ckpt["config"]))
@@ -147,7 +145,7 @@ def main(argv=None) -> int:
         print("no GPU: skipped (torch.cuda.is_available() is False; torch "
               f"{torch.__version__}). Run with --cpu for the CPU comparison table.")
         return 0
-    from training.model import StepModel
+    from seqguard.training.model import StepModel
 
     rows: list = []
     notes: list[str] = []

@@ -57,7 +57,7 @@ def detector_rows(model_dir: str, n: int) -> list[str]:
 async def triton_rows(model_dir: str, n: int) -> list[str]:
     import tritonclient.grpc.aio as grpcclient
 
-    from gateway.triton_client import TritonStepClient
+    from seqguard.gateway.triton_client import TritonStepClient
     from seqguard.artifact import ModelArtifact
     from seqguard.services import TritonServer
     art = ModelArtifact.load(model_dir)

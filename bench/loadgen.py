@@ -94,7 +94,7 @@ class UserStreams:
         return cls(users, period, tag or secrets.token_hex(3))
 
     def next_payload(self) -> bytes:
-        from gateway.proto import risk_pb2
+        from seqguard.gateway.proto import risk_pb2
         i = self.rr
         self.rr = (i + 1) % len(self.users)
         _, evs = self.users[i]
@@ -146,7 +146,7 @@ class _Client:
     async def connect(cls, target: str, n_channels: int, part: int) -> "_Client":
         import grpc
 
-        from gateway.proto import risk_pb2
+        from seqguard.gateway.proto import risk_pb2
         channels, calls = [], []
         for j in range(n_channels):
             # a local subchannel pool + a distinct arg: one TCP connection per channel
@@ -166,7 +166,7 @@ class _Client:
                        warmup: float, duration: float, arrival: str, seed: int, timeout_s: float) -> dict:
         import grpc
 
-        from gateway.proto import risk_pb2
+        from seqguard.gateway.proto import risk_pb2
         DEGRADED = risk_pb2.DEGRADED
         total = warmup + duration
         off = schedule_offsets(rate / parts, total, arrival, part, parts, seed)

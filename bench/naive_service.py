@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from gateway.proto import risk_pb2, risk_pb2_grpc
+from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
 from seqguard.artifact import ModelArtifact
 from seqguard.detector import ACTIONS, apply_floors, split_floor_inputs
 from seqguard.explain import explain
@@ -43,7 +43,7 @@ class NaiveScorer:
         import joblib
         import torch
 
-        from training.model import EncoderConfig, SequenceEncoder
+        from seqguard.training.model import EncoderConfig, SequenceEncoder
 
         torch.set_num_threads(threads)
         self.torch = torch

@@ -28,9 +28,9 @@ def _families(r) -> dict:
 
 
 async def _replay(args, redis_port: int, triton_url: str) -> dict:
-    from gateway.engine import ScoringEngine
-    from gateway.state import Pseudonymizer, RedisStateStore
-    from gateway.triton_client import TritonStepClient
+    from seqguard.gateway.engine import ScoringEngine
+    from seqguard.gateway.state import Pseudonymizer, RedisStateStore
+    from seqguard.gateway.triton_client import TritonStepClient
     import redis.asyncio as aioredis
     from seqguard.artifact import ModelArtifact
     from seqguard.featurizer import TokenHasher
@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--dedupe-ttl", type=int, default=600)
     ap.add_argument("--json", help="write the numbers here too")
     args = ap.parse_args()
-    from gateway.settings import Settings
+    from seqguard.gateway.settings import Settings
     from seqguard.services import RedisServer, TritonServer, find_tritonserver, prepare_backend_dir
     if args.ring is None:
         args.ring = Settings().recent_events
@@ -94,7 +94,7 @@ def main() -> None:
                 if r.type(k) == b"hash":       # format 1 (before this change): one field per part
                     sizes.append({f.decode(): len(v) for f, v in r.hgetall(k).items()})
                 else:                          # format 2: one string; split it to report its parts
-                    from gateway.state import pack_ring, unpack_user
+                    from seqguard.gateway.state import pack_ring, unpack_user
                     raw = r.get(k)
                     st = unpack_user(k.decode(), raw)
                     ring = len(pack_ring(st.ring, len(st.ring)))

@@ -3,7 +3,7 @@
     python -m bench.scenarios --model runs/m20k_p64 [--quick] [--only full,redis,triton]
 
 Every scenario: one redis-server (AOF, appendfsync everysec, a data dir), one tritonserver, two
-`python -m gateway.server` processes sharing them, N concurrent asyncio clients taking events
+`python -m seqguard.gateway.server` processes sharing them, N concurrent asyncio clients taking events
 from one time-ordered queue (a user's events race each other across clients and gateways).
 
 * full:   no faults.
@@ -38,7 +38,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from gateway.proto import risk_pb2, risk_pb2_grpc
+from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
 from seqguard.artifact import ModelArtifact
 from seqguard.batch import score_events
 from seqguard.schema import read_events
@@ -81,7 +81,7 @@ class Stack:
                        SEQGUARD_DEADLINE_MS="1000", SEQGUARD_TRITON_TIMEOUT_MS="500",
                        SEQGUARD_REDIS_TIMEOUT_MS="200")
             log = open(self.run_dir / f"gw{k}.log", "w")
-            proc = subprocess.Popen([sys.executable, "-m", "gateway.server"], cwd=ROOT, env=env,
+            proc = subprocess.Popen([sys.executable, "-m", "seqguard.gateway.server"], cwd=ROOT, env=env,
                                     stdout=log, stderr=log)
             self.gws.append((proc, port))
         for proc, port in self.gws:

@@ -63,10 +63,10 @@ class _Acc:
 
 
 def instrument() -> None:
-    import gateway.engine as eng
-    from gateway.server import RiskScoringService
-    from gateway.state import RedisStateStore
-    from gateway.triton_client import TritonStepClient
+    import seqguard.gateway.engine as eng
+    from seqguard.gateway.server import RiskScoringService
+    from seqguard.gateway.state import RedisStateStore
+    from seqguard.gateway.triton_client import TritonStepClient
     from seqguard.detector import Detector
     from seqguard.featurizer import Featurizer
 
@@ -140,7 +140,7 @@ def table(res: dict) -> str:
 
 async def run(a) -> dict:
     from bench.loadgen import LoadGenerator
-    from gateway.up import LocalStack
+    from seqguard.gateway.up import LocalStack
 
     instrument()
     overrides = dict(p.split("=", 1) for p in a.set)

@@ -566,7 +566,7 @@ async def _maybe_await(x):
 
 
 def main(argv=None) -> int:
-    """`python -m gateway.server`: run the gateway alone (Redis and Triton already running)."""
+    """`python -m seqguard.gateway.server`: run the gateway alone (Redis and Triton already running)."""
     import argparse
     p = argparse.ArgumentParser(description="seqguard gRPC gateway (settings from SEQGUARD_* env vars / SEQGUARD_CONFIG)")
     p.add_argument("--model", dest="model_dir")

@@ -7,7 +7,7 @@
 #
 # protoc writes risk_pb2_grpc.py with `from seqguard.v1 import risk_pb2`, the package path of
 # the .proto file; it is rewritten to `from . import risk_pb2` so that the code imports as
-# `from gateway.proto import risk_pb2, risk_pb2_grpc`. The descriptor keeps the name
+# `from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc`. The descriptor keeps the name
 # seqguard/v1/risk.proto (what gRPC server reflection reports).
 # tests/test_proto.py runs this script into a temporary directory and compares the output
 # with the committed files.

@@ -73,7 +73,7 @@ def _read(path: str, args) -> list:
 
 
 def cmd_generate(args) -> int:
-    from training.generate import main_generate
+    from seqguard.training.generate import main_generate
     main_generate(users=args.users, seed=args.seed, out=args.out, labels=args.labels, days=args.days,
                   world=args.world)
     return 0
@@ -82,13 +82,13 @@ def cmd_generate(args) -> int:
 def _train_action_fpr(args) -> dict:
     """--thresholds FILE (TOML/JSON target FPR per action) wins over the per-action flags."""
     if getattr(args, "thresholds", None):
-        from training.thresholds import load_action_fpr
+        from seqguard.training.thresholds import load_action_fpr
         return load_action_fpr(args.thresholds)
     return {"REVIEW": args.review_fpr, "CHALLENGE": args.target_fpr, "BLOCK": args.block_fpr}
 
 
 def cmd_train(args) -> int:
-    from training.train import TrainConfig, train
+    from seqguard.training.train import TrainConfig, train
     from .schema import parse_column_map
     cfg = TrainConfig(hidden=args.hidden, epochs=args.epochs, seed=args.seed, min_type_count=args.min_type_count,
                       max_train_minutes=args.max_train_minutes, n_estimators=args.trees,
@@ -154,15 +154,15 @@ def cmd_score_file(args) -> int:
 def _holds_index(audit_path: str):
     """Hold windows from an exported audit stream (`seqguard holds-export`), keyed like the gateway's:
     it needs the deployment's pseudonymisation key (SEQGUARD_PSEUDONYM_KEY[_FILE])."""
-    from gateway.holds import HoldIndex, read_audit
-    from gateway.settings import Settings
-    from gateway.state import Pseudonymizer
+    from seqguard.gateway.holds import HoldIndex, read_audit
+    from seqguard.gateway.settings import Settings
+    from seqguard.gateway.state import Pseudonymizer
     return HoldIndex.from_audit(read_audit(audit_path), Pseudonymizer(Settings.load().key_bytes()))
 
 
 def _apply_hold_index(index, events, actions, outcome) -> tuple[list[str], list[str]]:
     """The gateway's rule for holds (gateway.holds.apply_holds) on the model's (or the rules') actions."""
-    from gateway.holds import apply_holds
+    from seqguard.gateway.holds import apply_holds
     from .detector import ACTIONS
     codes = outcome.action if outcome is not None else actions
     per_event = index.for_events(events)
@@ -190,28 +190,28 @@ def _stream_score_file(model, args) -> int | None:
 
 
 def cmd_evaluate(args) -> int:
-    from training.evaluate import main_evaluate
+    from seqguard.training.evaluate import main_evaluate
     return main_evaluate(args)
 
 
 def cmd_backtest(args) -> int:
-    from training.backtest import main_backtest
+    from seqguard.training.backtest import main_backtest
     return main_backtest(args)
 
 
 def cmd_export(args) -> int:
-    from training.export import main_export
+    from seqguard.training.export import main_export
     return main_export(args)
 
 
 def cmd_up(args) -> int:
-    from gateway.up import main_up
+    from seqguard.gateway.up import main_up
     return main_up(args)
 
 
 def cmd_retrain(args) -> int:
-    from training.retrain import retrain
-    from training.train import TrainConfig
+    from seqguard.training.retrain import retrain
+    from seqguard.training.train import TrainConfig
     from .artifact import ModelArtifact
     from .schema import parse_column_map
     live = ModelArtifact.load(args.live)
@@ -232,7 +232,7 @@ def cmd_retrain(args) -> int:
 def cmd_drift(args) -> int:
     """PSI of score and feature distributions vs training; exit 0 either way (the report says DRIFT)."""
     import json
-    from training.drift import drift
+    from seqguard.training.drift import drift
     report = drift(args.model, _read(args.events, args), _read(args.reference, args) if args.reference else None,
                    threshold=args.threshold, log=lambda m: print(m, file=sys.stderr))
     from .artifact import ModelArtifact
@@ -252,9 +252,9 @@ def cmd_drift(args) -> int:
 def cmd_holds_export(args) -> int:
     import asyncio
 
-    from gateway.holds import export_audit
-    from gateway.redisconn import connect_redis, key_prefix
-    from gateway.settings import Settings
+    from seqguard.gateway.holds import export_audit
+    from seqguard.gateway.redisconn import connect_redis, key_prefix
+    from seqguard.gateway.settings import Settings
     settings = Settings.load()
 
     async def run() -> int:
@@ -269,12 +269,12 @@ def cmd_holds_export(args) -> int:
 
 
 def cmd_alerts_sink(args) -> int:
-    from gateway.alerts import main_sink
+    from seqguard.gateway.alerts import main_sink
     return main_sink(args)
 
 
 def cmd_review(args) -> int:
-    from gateway.review.serve import main_review
+    from seqguard.gateway.review.serve import main_review
     return main_review(args)
 
 
@@ -442,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a 2xx answer; failures are retried with exponential backoff, and after --max-attempts (or at once on a "
         "4xx other than 408/429) the alert moves to <prefix>alerts:dead. Redis connection: the gateway's "
         "settings (SEQGUARD_REDIS_HOST, SEQGUARD_REDIS_PORT, ... or SEQGUARD_CONFIG). Stops on SIGINT/SIGTERM."))
-    from gateway.alerts import add_sink_args
+    from seqguard.gateway.alerts import add_sink_args
     add_sink_args(a)
     a.set_defaults(fn=cmd_alerts_sink)
 
@@ -453,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
         "labels the way ReportOutcome does and release or confirm holds. Log in with a gateway admin token "
         "(SEQGUARD_ADMIN_TOKEN / SEQGUARD_ADMIN_TOKEN_FILE; with none, a generated one in <run-dir>/review.token). "
         "Redis: the gateway's settings (SEQGUARD_REDIS_*)."))
-    from gateway.review.serve import add_review_args
+    from seqguard.gateway.review.serve import add_review_args
     add_review_args(rv)
     rv.set_defaults(fn=cmd_review)
 

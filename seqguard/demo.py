@@ -24,8 +24,8 @@ def _bar(msg: str) -> None:
 
 
 def main_demo(args) -> int:
-    from training.generate import generate, write_events, write_labels
-    from training.train import TrainConfig, train
+    from seqguard.training.generate import generate, write_events, write_labels
+    from seqguard.training.train import TrainConfig, train
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -50,7 +50,7 @@ def main_demo(args) -> int:
 
 
 async def _stream_and_report(work: Path, events: list[dict], labels: list[dict], keep_running: bool) -> None:
-    from gateway.up import LocalStack
+    from seqguard.gateway.up import LocalStack
     from seqguard.services import free_port
 
     stack = LocalStack(str(work / "model"), str(work / "run"), port=free_port(), redis_appendonly=False,
@@ -89,7 +89,7 @@ def _alert_counts(stack) -> None:
 
 async def _stream(stack, events: list[dict]) -> dict:
     import grpc
-    from gateway.proto import risk_pb2, risk_pb2_grpc
+    from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
 
     out: dict = {}
     async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.port}") as ch:
@@ -123,7 +123,7 @@ async def _stream(stack, events: list[dict]) -> dict:
 
 def _report(events, labels, results) -> None:
     from sklearn.metrics import roc_auc_score
-    from gateway.proto import risk_pb2
+    from seqguard.gateway.proto import risk_pb2
     lab = {r["event_id"]: r for r in labels}
     ev = {e["event_id"]: e for e in events}
     ids = [e["event_id"] for e in events]

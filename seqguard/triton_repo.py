@@ -14,6 +14,7 @@ its defaults (a test checks this), so the template lives in one place only.
 """
 from __future__ import annotations
 
+import importlib.resources
 import os
 import re
 import shutil
@@ -21,9 +22,9 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-COMMITTED_MODEL_DIR = PROJECT_ROOT / "model_repository" / "seqguard_encoder"
-COMMITTED_MODEL_PY = COMMITTED_MODEL_DIR / "1" / "model.py"
+# The committed Python-backend model, shipped as package data (seqguard/triton_backend/model.py
+# links to model_repository/seqguard_encoder/1/model.py), so an installed gateway finds it.
+COMMITTED_MODEL_PY = Path(str(importlib.resources.files("seqguard") / "triton_backend" / "model.py"))
 
 DEFAULT_MODEL_NAME = "seqguard_encoder"
 INPUTS = ("event_type", "features", "h_in", "c_in")

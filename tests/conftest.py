@@ -12,15 +12,12 @@ Tests that need a missing program are skipped with the install command as the re
 """
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from seqguard.services import (  # noqa: E402
     RedisServer, ServiceNotInstalled, TritonServer, find_tritonserver, prepare_backend_dir,
@@ -133,7 +130,7 @@ def triton_server_factory(triton_install, triton_backend_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_log(tmp_path_factory):
     """A generated labelled log (400 users, 10 days) written as JSONL: (events path, labels path, events)."""
-    from training.generate import generate, write_events, write_labels
+    from seqguard.training.generate import generate, write_events, write_labels
     d = tmp_path_factory.mktemp("log")
     events, labels = generate(400, seed=11, days=10)
     write_events(events, d / "events.jsonl")
@@ -144,7 +141,7 @@ def small_log(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_model(small_log, tmp_path_factory) -> Path:
     """A model trained on small_log in seconds (tiny encoder, few trees); same code path as `seqguard train`."""
-    from training.train import TrainConfig, train
+    from seqguard.training.train import TrainConfig, train
     out = tmp_path_factory.mktemp("model")
     cfg = TrainConfig(hidden=32, epochs=1, n_estimators=60, max_samples=256, seed=3, threads=2)
     train(str(small_log[0]), str(out), cfg, log=lambda m: None)
@@ -158,7 +155,7 @@ class GatewayThread:
     def __init__(self, settings):
         import asyncio
         import threading
-        from gateway.server import Gateway
+        from seqguard.gateway.server import Gateway
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -183,7 +180,7 @@ class GatewayThread:
 @pytest.fixture(scope="session")
 def gateway_factory():
     """start(**settings) -> GatewayThread on a free port; all stopped at the end."""
-    from gateway.settings import Settings
+    from seqguard.gateway.settings import Settings
     from seqguard.services import free_port
     started = []
 

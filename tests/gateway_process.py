@@ -1,4 +1,4 @@
-"""Start `python -m gateway.server` as a real OS process (for tests that need signals or two gateways)."""
+"""Start `python -m seqguard.gateway.server` as a real OS process (for tests that need signals or two gateways)."""
 import os
 import subprocess
 import sys
@@ -22,7 +22,7 @@ def start_gateway_process(model, redis_port, triton_url, log_path, pseudonym_key
                SEQGUARD_TRITON_TIMEOUT_MS="5000", SEQGUARD_REDIS_TIMEOUT_MS="1000")
     env.update({f"SEQGUARD_{k.upper()}": str(v) for k, v in settings.items()})     # the caller's win
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.server"], cwd=ROOT, env=env, stdout=log, stderr=log)
+    proc = subprocess.Popen([sys.executable, "-m", "seqguard.gateway.server"], cwd=ROOT, env=env, stdout=log, stderr=log)
     log.close()   # the child holds its own descriptor
     deadline = time.time() + 60
     while time.time() < deadline:

@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from gateway.alerts import (ALERT_ID_HEADER, SIGNATURE_HEADER, AlertFormatError, AlertRecord, SinkConfig,
+from seqguard.gateway.alerts import (ALERT_ID_HEADER, SIGNATURE_HEADER, AlertFormatError, AlertRecord, SinkConfig,
                             WebhookSink, sign, verify_signature)
 from seqguard.services import free_port
 

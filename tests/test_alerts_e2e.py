@@ -13,7 +13,7 @@ import time
 import grpc
 import pytest
 
-from gateway.proto import risk_pb2, risk_pb2_grpc
+from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
 from gateway_process import start_gateway_process
 from seqguard.services import free_port
 from test_alerts import DEAD, STREAM, Receiver, _group_idle, _start_sink, _wait

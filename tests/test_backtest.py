@@ -121,7 +121,7 @@ def test_backtest_with_labels_model_and_compare(gen300, small_model, tmp_path):
     assert rep["days"] == 10 and rep["users"] == 300 and rep["model_alerts"] > 0
     # recompute a few numbers from scratch
     events = list(read_events(str(ev)))
-    from training.evaluate import align_labels, read_labels
+    from seqguard.training.evaluate import align_labels, read_labels
     y = align_labels(events, read_labels(str(lab)))[0]
     rules = load_rules(DEFAULT_RULES_PATH)
     hits = rules.evaluate(featurize_for_rules(events)).hits

@@ -27,8 +27,8 @@ def bench_model(tmp_path_factory):
     except ServiceNotInstalled as exc:
         pytest.skip(str(exc))
     pytest.importorskip("torch", reason="the naive baseline and training need torch")
-    from training.generate import generate, write_events
-    from training.train import TrainConfig, train
+    from seqguard.training.generate import generate, write_events
+    from seqguard.training.train import TrainConfig, train
     d = tmp_path_factory.mktemp("bench")
     events, _ = generate(200, seed=5, days=5)
     write_events(events, d / "events.jsonl")

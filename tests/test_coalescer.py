@@ -7,7 +7,7 @@ in tests/test_concurrency.py).
 """
 import asyncio
 
-from gateway.engine import Coalescer, ScoreResult
+from seqguard.gateway.engine import Coalescer, ScoreResult
 from seqguard.schema import Event
 
 

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from training.compare import GroupDetector, _FlatIF, detector_factories, encode_cached, load_labels_aligned, main
-from training.feedback import FeedbackRanker, risk_tail, sample_user_labels
+from seqguard.training.compare import GroupDetector, _FlatIF, detector_factories, encode_cached, load_labels_aligned, main
+from seqguard.training.feedback import FeedbackRanker, risk_tail, sample_user_labels
 
 
 def _blobs(n=3000, d=6, seed=0):

@@ -7,7 +7,7 @@ import grpc
 import numpy as np
 import pytest
 
-from gateway.proto import risk_pb2, risk_pb2_grpc
+from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
 from seqguard.artifact import ModelArtifact
 from seqguard.batch import score_events
 from seqguard.schema import read_events

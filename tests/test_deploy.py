@@ -166,7 +166,7 @@ def test_references_resolve():
 def test_gateway_settings_keys_exist():
     """Every SEQGUARD_* the manifests set -- any ConfigMap key, any container's env, in any workload --
     is a real gateway setting (a typo would be ignored, e.g. auth silently off)."""
-    from gateway.settings import Settings
+    from seqguard.gateway.settings import Settings
     known = {f"SEQGUARD_{f.name.upper()}" for f in fields(Settings)}
     names = {k for d in docs_of("ConfigMap") for k in d.get("data", {}) if k.startswith("SEQGUARD_")}
     assert set(by_name("ConfigMap")["seqguard-gateway"]["data"]) <= names | {"SEQGUARD_CONFIG"}
@@ -336,7 +336,7 @@ def test_gateway_auth_and_tls_on_with_secrets_as_files():
     for name, key in set(GATEWAY_SECRET_FILES.values()) | {("seqguard-redis", "password")}:
         assert name in secrets and key in example, (name, key)
     # and the settings really turn auth, roles and TLS on: load them as the gateway would
-    from gateway.settings import Settings
+    from seqguard.gateway.settings import Settings
     assert Settings.load(**{k[len("SEQGUARD_"):].lower(): v for k, v in env.items()
                             if not k.endswith("_FILE")}).health_port > 0
 
@@ -431,7 +431,7 @@ def test_manifest_settings_serve_tls_tokens_and_a_plaintext_health_port(small_mo
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from gateway.proto import risk_pb2, risk_pb2_grpc
+    from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
     from seqguard.services import RedisServer, ServiceNotInstalled, free_port
 
     gw_doc = by_name("Deployment")["seqguard-gateway"]
@@ -504,7 +504,7 @@ def test_manifest_settings_serve_tls_tokens_and_a_plaintext_health_port(small_mo
 
 def test_settings_the_manifests_rely_on(tmp_path):
     """redis_password_file (the Redis password as a mounted file) and health_port, validated."""
-    from gateway.settings import Settings
+    from seqguard.gateway.settings import Settings
     f = tmp_path / "password"
     f.write_text("from-a-file\n")
     assert Settings.load(redis_password_file=str(f)).redis_password == "from-a-file"

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.distributed import rank_schedule
+from seqguard.training.distributed import rank_schedule
 
 pytestmark = pytest.mark.slow
 

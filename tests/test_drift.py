@@ -6,8 +6,8 @@ import pytest
 
 from seqguard.cli import main as cli_main
 from seqguard.schema import read_events
-from training.drift import REFERENCE_FILE, drift, psi
-from training.generate import generate, write_events
+from seqguard.training.drift import REFERENCE_FILE, drift, psi
+from seqguard.training.generate import generate, write_events
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_training_writes_drift_reference(small_model, small_log, tmp_path, capsy
     """`seqguard train` leaves drift_reference.json in the artifact: equal to the reference `seqguard drift
     --reference TRAINING_LOG` would build, so the drift job needs no --reference."""
     from seqguard.artifact import ModelArtifact
-    from training.drift import build_reference, load_reference, score_log
+    from seqguard.training.drift import build_reference, load_reference, score_log
     stored = load_reference(small_model)
     assert stored is not None, "train did not write drift_reference.json"
     events = list(read_events(str(small_log[0])))

@@ -12,9 +12,9 @@ import pytest
 from seqguard.featurizer import (ContextStore, Featurizer, TokenHasher, Vocabulary, featurize_log,
                                  ip_prefix)
 from seqguard.schema import Event
-from training.baselines import (AGGREGATE_NAMES, default_rules, hand_rules_score, rule_hits,
+from seqguard.training.baselines import (AGGREGATE_NAMES, default_rules, hand_rules_score, rule_hits,
                                 user_aggregate_iforest_score, user_aggregates)
-from training.evaluate import (LabelError, align_labels, evaluate, main_evaluate, read_labels,
+from seqguard.training.evaluate import (LabelError, align_labels, evaluate, main_evaluate, read_labels,
                                threshold_at_fpr)
 
 T0 = 1_767_225_600_000
@@ -204,8 +204,8 @@ def test_user_aggregates_match_brute_force():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from training.generate import generate, write_events, write_labels
-    from training.train import TrainConfig, train
+    from seqguard.training.generate import generate, write_events, write_labels
+    from seqguard.training.train import TrainConfig, train
     d = tmp_path_factory.mktemp("evaluate")
     train_ev, _ = generate(250, 101)
     write_events(train_ev, d / "train.jsonl")
@@ -275,7 +275,7 @@ def test_baselines_one_finite_score_per_event(tiny):
 
 def test_thresholds_file_toml_json_and_errors(tmp_path):
     from pathlib import Path
-    from training.thresholds import ThresholdConfigError, load_action_fpr, load_thresholds
+    from seqguard.training.thresholds import ThresholdConfigError, load_action_fpr, load_thresholds
     shipped = Path(__file__).resolve().parents[1] / "configs" / "thresholds.toml"
     assert load_action_fpr(str(shipped)) == {"REVIEW": 0.05, "CHALLENGE": 0.01, "BLOCK": 0.001}
     t = tmp_path / "t.toml"

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from seqguard.triton_repo import render_config
-from training.export import (TRT_MODEL_NAME, calibration_batches, export_onnx_repository,
+from seqguard.training.export import (TRT_MODEL_NAME, calibration_batches, export_onnx_repository,
                              main_export, onnx_dims, render_tensorrt_config, set_version_policy,
                              write_tensorrt_repository)
 
@@ -132,7 +132,7 @@ def test_tensorrt_requested_without_tensorrt_fails_cleanly(model_copy, capsys):
 
 @pytest.mark.skipif(GPU_SKIP is None, reason="a fake plan would fail the real parity check on this GPU")
 def test_prebuilt_plan_is_published_with_the_onnx_version(model_copy, tmp_path, capsys):
-    """The trtexec path: `python -m training.export --model DIR --plan model.plan`."""
+    """The trtexec path: `python -m seqguard.training.export --model DIR --plan model.plan`."""
     plan = tmp_path / "trtexec.plan"
     plan.write_bytes(b"engine-bytes")
     repo = tmp_path / "repo"
@@ -232,8 +232,8 @@ def test_calibration_batches_carry_state_forward(tiny_step_onnx):
 @pytest.mark.skipif(GPU_SKIP is not None, reason=str(GPU_SKIP))
 def test_tensorrt_fp16_engine_matches_onnxruntime(tmp_path):
     import torch
-    from training.export import build_tensorrt_engine, check_tensorrt_parity, time_tensorrt
-    from training.model import EncoderConfig, SequenceEncoder, export_onnx
+    from seqguard.training.export import build_tensorrt_engine, check_tensorrt_parity, time_tensorrt
+    from seqguard.training.model import EncoderConfig, SequenceEncoder, export_onnx
 
     torch.manual_seed(0)
     enc = SequenceEncoder(EncoderConfig(n_types=12, n_features=40, hidden=32)).eval()

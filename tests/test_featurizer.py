@@ -5,7 +5,7 @@ import pytest
 from seqguard.featurizer import (FEATURE_INDEX, N_FEATURES, ContextStore, EntityContext, Featurizer, TokenHasher,
                                  UserContext, Vocabulary, featurize_log)
 from seqguard.schema import events_from_dicts
-from training.generate import generate
+from seqguard.training.generate import generate
 
 
 @pytest.fixture(scope="module")

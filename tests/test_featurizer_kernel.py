@@ -12,7 +12,7 @@ import reference_featurizer as ref
 from seqguard.featurizer import (ACCOUNT_CHANGES, ContextStore, EntityContext, Featurizer, TokenHasher, UserContext, Vocabulary,
                                  featurize_log)
 from seqguard.schema import events_from_dicts
-from training.generate import generate
+from seqguard.training.generate import generate
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from gateway.proto import risk_pb2, risk_pb2_grpc
+from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
 from seqguard.artifact import ModelArtifact
 from seqguard.batch import score_events
 from seqguard.schema import read_events
@@ -287,7 +287,7 @@ def test_bearer_token_auth(small_model, redis_server, triton, gateway_factory):
 
 def test_user_state_blob_roundtrip_is_exact():
     """The compact user record (binary ring with packed feature rows) decodes bit-identically."""
-    from gateway.state import UserState, pack_features, pack_user, ring_entry, unpack_features, unpack_user
+    from seqguard.gateway.state import UserState, pack_features, pack_user, ring_entry, unpack_features, unpack_user
     from seqguard.featurizer import N_FEATURES, UserContext
     rng = np.random.default_rng(0)
     rows = rng.standard_normal((10, N_FEATURES)).astype(np.float32)

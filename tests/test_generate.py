@@ -12,10 +12,10 @@ from collections import defaultdict
 
 import pytest
 
-from training.generate import (ATTACK_FAMILIES, CUSTOM_EVENT_TYPES, EVENT_FIELDS, EVENT_TYPES,
+from seqguard.training.generate import (ATTACK_FAMILIES, CUSTOM_EVENT_TYPES, EVENT_FIELDS, EVENT_TYPES,
                                HARD_NEGATIVES, LABEL_FIELDS, VARIANTS, WORLD_HARD_NEGATIVES, generate,
                                main_generate, write_events, write_labels)
-from training.world_config import WorldConfig
+from seqguard.training.world_config import WorldConfig
 
 N_USERS, SEED = 400, 11
 START = 1_767_225_600_000

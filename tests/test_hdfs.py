@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from seqguard.schema import ReadReport, read_events
-from training import hdfs
+from seqguard.training import hdfs
 
 pytestmark = pytest.mark.slow
 

@@ -8,9 +8,9 @@ import json
 import grpc
 import pytest
 
-from gateway.holds import HOLD_REASON, Hold, HoldIndex, HoldStore, apply_holds
-from gateway.proto import risk_pb2, risk_pb2_grpc
-from gateway.state import Pseudonymizer
+from seqguard.gateway.holds import HOLD_REASON, Hold, HoldIndex, HoldStore, apply_holds
+from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
+from seqguard.gateway.state import Pseudonymizer
 from seqguard.schema import Event
 from seqguard.services import free_port
 

@@ -9,9 +9,9 @@ import time
 import grpc
 import pytest
 
-from gateway.holds import HoldIndex, apply_holds
-from gateway.proto import risk_pb2, risk_pb2_grpc
-from gateway.state import Pseudonymizer
+from seqguard.gateway.holds import HoldIndex, apply_holds
+from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
+from seqguard.gateway.state import Pseudonymizer
 from seqguard.artifact import ModelArtifact
 from seqguard.batch import score_events
 from seqguard.detector import ACTIONS
@@ -100,7 +100,7 @@ def test_score_file_replays_exported_holds(small_model, redis_server, tmp_path):
 
     import redis.asyncio as aioredis
 
-    from gateway.holds import HoldStore
+    from seqguard.gateway.holds import HoldStore
 
     r = redis_server.client()
     r.delete("sg:audit")

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.proto import risk_pb2, risk_pb2_grpc
+from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
 from seqguard.services import free_port
 
 pytestmark = pytest.mark.slow

@@ -13,8 +13,8 @@ from seqguard.batch import encode_log, score_events
 from seqguard.encoding import OrtStep
 from seqguard.featurizer import N_ENCODER_FEATURES
 from seqguard.schema import read_events
-from training.model import EncoderConfig, SequenceEncoder, export_onnx
-from training.train import TrainConfig, train
+from seqguard.training.model import EncoderConfig, SequenceEncoder, export_onnx
+from seqguard.training.train import TrainConfig, train
 
 SEQGUARD = [sys.executable, "-m", "seqguard.cli"]
 
@@ -150,6 +150,6 @@ def test_signal_floors_are_fitted_and_flag_a_crawler_early(small_model, small_lo
 def test_step_parity_error_is_relative_for_large_values():
     """A surprise of 25 nats that float32 rounding moves by 3e-4 is a match (it failed `seqguard train` on
     three randomised worlds); the same 3e-4 on a hidden state in [-1, 1] is not."""
-    from training.train import parity_error
+    from seqguard.training.train import parity_error
     assert parity_error(np.array([25.0003], np.float32), np.array([25.0], np.float32)) < 1e-4
     assert parity_error(np.array([0.5003], np.float32), np.array([0.5], np.float32)) > 1e-4

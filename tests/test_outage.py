@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from gateway.proto import risk_pb2, risk_pb2_grpc
+from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
 from seqguard.artifact import ModelArtifact
 from seqguard.batch import detector_risk, score_events
 from seqguard.encoding import OrtStep, encode_sequences

@@ -6,8 +6,8 @@ import json
 import grpc
 import pytest
 
-from gateway.proto import risk_pb2, risk_pb2_grpc
-from gateway.state import Pseudonymizer
+from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
+from seqguard.gateway.state import Pseudonymizer
 from seqguard.services import free_port
 
 KEY = "test-pseudonym-key-0123456789"

@@ -29,7 +29,7 @@ def test_generated_code_matches_proto(tmp_path):
 
 
 def test_generated_code_imports_and_round_trips():
-    from gateway.proto import risk_pb2, risk_pb2_grpc
+    from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
 
     assert risk_pb2.DESCRIPTOR.package == "seqguard.v1"
     service = risk_pb2.DESCRIPTOR.services_by_name["RiskScoring"]

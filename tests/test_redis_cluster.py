@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import redis
 
-from gateway.proto import risk_pb2, risk_pb2_grpc
+from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
 from seqguard.artifact import ModelArtifact
 from seqguard.batch import score_events
 from seqguard.schema import read_events

@@ -8,7 +8,7 @@ import time
 import grpc
 import pytest
 
-from gateway.proto import risk_pb2, risk_pb2_grpc
+from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
 from seqguard.services import RedisServer
 
 pytestmark = pytest.mark.slow

@@ -1,7 +1,7 @@
 """Overload and graceful shutdown on real servers.
 
 * a flood beyond max_in_flight gets RESOURCE_EXHAUSTED at once, nobody waits past the deadline;
-* SIGTERM to `python -m gateway.server`: health flips to NOT_SERVING, an in-flight streaming
+* SIGTERM to `python -m seqguard.gateway.server`: health flips to NOT_SERVING, an in-flight streaming
   Ingest still completes with every event applied, and the process exits 0 within its grace.
 """
 import asyncio
@@ -13,7 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.proto import risk_pb2, risk_pb2_grpc
+from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
 from seqguard.schema import read_events
 from gateway_process import start_gateway_process
 
@@ -104,7 +104,7 @@ def test_first_request_after_a_cold_start_is_scored(small_model, redis_server, t
     so its very first Score meets the default 250 ms deadline instead of answering DEGRADED."""
     import grpc
 
-    from gateway.proto import risk_pb2, risk_pb2_grpc
+    from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "empty-numba-cache"))
     proc, port = start_gateway_process(small_model, redis_server.port, "127.0.0.1:1", tmp_path / "gw.log",
                                        encoder="local", deadline_ms=250)

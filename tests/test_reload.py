@@ -16,7 +16,7 @@ import urllib.request
 import grpc
 import pytest
 
-from gateway.proto import risk_pb2, risk_pb2_grpc
+from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
 from seqguard.services import free_port
 from seqguard.triton_repo import prune_versions, publish_version, versions
 

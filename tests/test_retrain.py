@@ -9,7 +9,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_retrain_compares_candidate_with_live(small_model, tmp_path):
-    from training.generate import generate, write_events, write_labels
+    from seqguard.training.generate import generate, write_events, write_labels
     events, labels = generate(200, seed=23, days=10)
     write_events(events, tmp_path / "new.jsonl")
     write_labels(labels, tmp_path / "new_labels.jsonl")
@@ -35,7 +35,7 @@ def test_retrain_compares_candidate_with_live(small_model, tmp_path):
 
 
 def test_retrain_rejects_a_log_too_short_to_split(small_model, tmp_path):
-    from training.retrain import split_by_time
+    from seqguard.training.retrain import split_by_time
     from seqguard.schema import Event
     with pytest.raises(ValueError, match="too short"):
         split_by_time([Event("e1", "u1", 1_700_000_000_000, "login")], 0.2)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.alerts import AlertRecord
-from gateway.holds import HoldStore
-from gateway.state import Pseudonymizer
+from seqguard.gateway.alerts import AlertRecord
+from seqguard.gateway.holds import HoldStore
+from seqguard.gateway.state import Pseudonymizer
 from seqguard.services import free_port
 
 CHROMIUM = "/usr/bin/chromium"
@@ -55,8 +55,8 @@ class ReviewServerThread:
     def __init__(self, settings):
         import asyncio
 
-        from gateway.review.config import ReviewConfig
-        from gateway.review.serve import ReviewServer
+        from seqguard.gateway.review.config import ReviewConfig
+        from seqguard.gateway.review.serve import ReviewServer
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -95,7 +95,7 @@ def seeded(redis_server):
 
 @pytest.fixture
 def review_app(redis_server):
-    from gateway.settings import Settings
+    from seqguard.gateway.settings import Settings
     srv = ReviewServerThread(Settings.load(redis_port=redis_server.port, auth_token=SCORING_TOKEN,
                                                 admin_token=TOKEN))
     yield srv
@@ -218,7 +218,7 @@ def _post(url, data: dict, headers: dict | None = None) -> int:
 
 
 def test_review_app_refuses_without_auth_and_cross_origin(seeded, review_app):
-    from gateway.review import auth
+    from seqguard.gateway.review import auth
     r = seeded
     url = f"{review_app.url}/case/{ALICE}/label"
     assert _post(url, {"label": "FRAUD"}) == 401
@@ -265,8 +265,8 @@ def test_hold_form_input_is_validated(seeded, review_app):
 
 
 def test_review_tokens_are_admin_tokens_or_a_generated_private_one(tmp_path):
-    from gateway.review.serve import review_tokens
-    from gateway.settings import Settings
+    from seqguard.gateway.review.serve import review_tokens
+    from seqguard.gateway.settings import Settings
     said = []
     assert review_tokens(Settings(auth_token="s" * 20, admin_token="a" * 20), tmp_path, said.append) == [b"a" * 20]
     assert not said and not (tmp_path / "review.token").exists()
@@ -278,7 +278,7 @@ def test_review_tokens_are_admin_tokens_or_a_generated_private_one(tmp_path):
 
 
 def test_review_app_answers_503_when_redis_is_down():
-    from gateway.settings import Settings
+    from seqguard.gateway.settings import Settings
     srv = ReviewServerThread(Settings.load(redis_port=free_port(), admin_token=TOKEN))
     try:
         for path in ("/", f"/case/{ALICE}"):

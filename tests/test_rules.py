@@ -12,7 +12,7 @@ from seqguard.featurizer import (ACCOUNT_CHANGES, FEATURE_INDEX, N_FEATURES, Con
 from seqguard.rules import (DEFAULT_RULES_PATH, REASON_CODES, ModelInputsMissing, RuleInputs, RulesError,
                             load_rules, loads_rules, reason_flags)
 from seqguard.schema import Event
-from training.baselines import hand_rules_score
+from seqguard.training.baselines import hand_rules_score
 
 T0 = 1_767_225_600_000
 
@@ -20,7 +20,7 @@ T0 = 1_767_225_600_000
 @pytest.fixture(scope="module")
 def gen_log():
     """A generated 300-user log (8 days), featurised: (events, feature rows in input order)."""
-    from training.generate import generate
+    from seqguard.training.generate import generate
     raw, _ = generate(300, seed=21, days=8)
     events = [Event(**{k: d.get(k) for k in Event._fields}) for d in raw]
     fz = Featurizer(Vocabulary.learn((e.event_type for e in events), 1), TokenHasher())

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from gateway.proto import risk_pb2, risk_pb2_grpc
+from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from seqguard.services import RedisServer
 

@@ -23,7 +23,7 @@ def _cycle_user(user: str, types: list[str], start_ms: int) -> list[dict]:
 def cycle_model(tmp_path_factory):
     """A tiny model trained on users who all walk the same fixed cycle of six event types."""
     import json
-    from training.train import TrainConfig, train
+    from seqguard.training.train import TrainConfig, train
     d = tmp_path_factory.mktemp("cycle")
     rng = np.random.default_rng(0)
     rows = []

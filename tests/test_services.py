@@ -21,10 +21,11 @@ from seqguard.services import (
     ManagedService, RedisServer, ServiceError, ServiceNotInstalled, free_port,
 )
 from seqguard.triton_repo import (
-    COMMITTED_MODEL_DIR, next_version, render_config, write_model_repository,
+    next_version, render_config, write_model_repository,
 )
 
 MODEL = "seqguard_encoder"
+COMMITTED_MODEL_DIR = Path(__file__).resolve().parent.parent / "model_repository" / "seqguard_encoder"
 OUTPUTS = ("h_out", "c_out", "embedding", "surprise")
 ATOL = 1e-6
 
@@ -91,7 +92,7 @@ def test_committed_config_is_the_rendered_default():
 def test_committed_gpu_config_is_the_rendered_default():
     """The GPU variant (TensorRT plan, KIND_GPU) sits next to the CPU one so an SRE sees both; its
     config is what `seqguard export --tensorrt` renders (the plan is built by export on the GPU host)."""
-    from training.export import render_tensorrt_config
+    from seqguard.training.export import render_tensorrt_config
     committed = (COMMITTED_MODEL_DIR.parent / "seqguard_encoder_trt" / "config.pbtxt").read_text()
     assert committed == render_tensorrt_config(), (
         "model_repository/seqguard_encoder_trt/config.pbtxt differs from render_tensorrt_config(): "

@@ -76,7 +76,7 @@ def test_tail_scale_is_monotone_in_risk():
 
 
 def test_user_state_keeps_the_session_average_and_reads_format_2():
-    from gateway.state import UserState, pack_user, unpack_user
+    from seqguard.gateway.state import UserState, pack_user, unpack_user
     from seqguard.featurizer import UserContext
     rng = np.random.default_rng(4)
     st = UserState("k", rng.standard_normal(128).astype(np.float32), rng.standard_normal(128).astype(np.float32),
@@ -106,7 +106,7 @@ def test_risky_session_reason():
 def test_user_state_format_3_feature_rows_are_padded_to_the_new_featuriser():
     """A gateway upgraded to featuriser 2 reads users written with 40-wide rows (format 3): their ring and
     deferred steps come back at the new width, the new detector-only column 0 (no evidence)."""
-    from gateway.state import (LEGACY_FEATURE_WIDTH, UserState, pack_user, ring_entry, unpack_features,
+    from seqguard.gateway.state import (LEGACY_FEATURE_WIDTH, UserState, pack_user, ring_entry, unpack_features,
                                unpack_user)
     from seqguard.featurizer import UserContext
     rng = np.random.default_rng(5)

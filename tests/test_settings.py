@@ -1,8 +1,8 @@
 """Gateway settings: the ring-size knobs come from the environment, are validated, and reach the store."""
 import pytest
 
-from gateway.settings import Settings
-from gateway.state import RedisStateStore
+from seqguard.gateway.settings import Settings
+from seqguard.gateway.state import RedisStateStore
 
 
 def test_ring_knobs_from_environment_reach_the_store(monkeypatch):

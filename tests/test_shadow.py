@@ -12,13 +12,13 @@ import grpc
 import numpy as np
 import pytest
 
-from gateway.proto import risk_pb2, risk_pb2_grpc
-from gateway.state import Pseudonymizer
+from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
+from seqguard.gateway.state import Pseudonymizer
 from seqguard.artifact import ModelArtifact
 from seqguard.batch import score_events
 from seqguard.schema import read_events
 from seqguard.triton_repo import COMMITTED_MODEL_PY, publish_version
-from training.generate import generate, write_events
+from seqguard.training.generate import generate, write_events
 
 pytestmark = pytest.mark.slow
 KEY = "test-pseudonym-key-0123456789"     # gateway_factory's default pseudonym key
@@ -172,7 +172,7 @@ def test_incompatible_candidate_is_refused(setup, tmp_path, redis_server, gatewa
 
 
 def test_shadow_settings_from_environment(monkeypatch):
-    from gateway.settings import Settings
+    from seqguard.gateway.settings import Settings
     monkeypatch.setenv("SEQGUARD_SHADOW_MODEL_DIR", "/models/artifacts/candidate")
     monkeypatch.setenv("SEQGUARD_SHADOW_STREAM_MAX", "5000")
     s = Settings.load(pseudonym_key=KEY)
@@ -186,8 +186,8 @@ def test_full_shadow_queue_drops_and_counts_without_touching_the_caller(small_mo
     """Over shadow_queue_events waiting, a batch is dropped and counted; submit never raises or waits."""
     from types import SimpleNamespace
 
-    from gateway.metrics import GatewayMetrics
-    from gateway.shadow import ShadowScorer
+    from seqguard.gateway.metrics import GatewayMetrics
+    from seqguard.gateway.shadow import ShadowScorer
     art = ModelArtifact.load(small_model)
     metrics = GatewayMetrics()
     sh = ShadowScorer(art, lambda: (None, None), metrics, stream_max=100, queue_events=10, ttl_s=60, timeout_s=1)

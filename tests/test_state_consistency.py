@@ -10,7 +10,7 @@ e1 under B is B's own event and gets its own score (README, "The gRPC API").
 import grpc
 import pytest
 
-from gateway.proto import risk_pb2, risk_pb2_grpc
+from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
 
 pytestmark = pytest.mark.slow
 

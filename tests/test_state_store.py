@@ -5,7 +5,7 @@ import asyncio
 import numpy as np
 import redis.asyncio as aioredis
 
-from gateway.state import Pseudonymizer, RedisStateStore, ring_entry
+from seqguard.gateway.state import Pseudonymizer, RedisStateStore, ring_entry
 from seqguard.featurizer import EntityContext
 from seqguard.schema import Event
 
@@ -44,7 +44,7 @@ def test_compare_and_set_refuses_stale_writes_and_writes_nothing(redis_server):
     """The refused-write branch: a user or entity changed since it was read -> StateConflict, no key
     touched, no sequence number used; a key read as absent must still be absent; and a user stored
     with n = 0 (written by a build that saved unchanged users) is an existing version, not "absent"."""
-    from gateway.state import StateConflict, UserState, pack_user
+    from seqguard.gateway.state import StateConflict, UserState, pack_user
     from seqguard.featurizer import UserContext
 
     async def run():
@@ -94,7 +94,7 @@ def test_no_raw_event_id_in_redis_and_the_ring_reads_back(redis_server):
     """Issue #18 part 6: event ids are caller identifiers: their keys are keyed hashes and the ring that
     names them (for reasons and GetUserState) is sealed with the pseudonymisation key. The same ring
     sealed twice looks different (fresh nonce); another key cannot read it."""
-    from gateway.state import RingCipher, pack_user, unpack_user
+    from seqguard.gateway.state import RingCipher, pack_user, unpack_user
 
     async def run():
         r = aioredis.Redis(port=redis_server.port)

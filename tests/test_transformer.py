@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.transformer import (TransformerConfig, TransformerTrainConfig, WindowEncoder, WindowStep,
+from seqguard.training.transformer import (TransformerConfig, TransformerTrainConfig, WindowEncoder, WindowStep,
                                   encode_windows, train_transformer, user_sequences)
 
 N = 8
@@ -17,7 +17,7 @@ def tiny():
     from seqguard.batch import dense_user_index
     from seqguard.featurizer import ContextStore, Featurizer, TokenHasher, Vocabulary, featurize_log
     from seqguard.schema import events_from_dicts
-    from training.generate import generate
+    from seqguard.training.generate import generate
     events = events_from_dicts(generate(120, seed=7, days=4)[0])
     vocab = Vocabulary.learn((e.event_type for e in events), 5)
     order, type_ids, feats = featurize_log(Featurizer(vocab, TokenHasher()), events, ContextStore())
@@ -93,8 +93,8 @@ def test_log_encoding_equals_online_window_step(trained, tiny):
 
 
 def test_parameter_count_is_comparable_to_the_lstm():
-    from training.model import EncoderConfig, SequenceEncoder
-    from training.transformer import n_params
+    from seqguard.training.model import EncoderConfig, SequenceEncoder
+    from seqguard.training.transformer import n_params
     lstm = n_params(SequenceEncoder(EncoderConfig(n_types=20)))
     tf = n_params(WindowEncoder(TransformerConfig(n_types=20)))
     assert 0.8 * lstm < tf < 1.25 * lstm
@@ -104,7 +104,7 @@ def test_onnx_window_step_matches_torch(trained, tiny, tmp_path):
     """The graph the latency numbers are measured on computes what the torch model computes."""
     import onnxruntime as ort
 
-    from training.transformer import export_window_onnx
+    from seqguard.training.transformer import export_window_onnx
     enc, _, _ = trained
     n_types, type_ids, feats, _, _ = tiny
     export_window_onnx(enc, str(tmp_path / "w.onnx"))
@@ -123,11 +123,11 @@ def test_onnx_window_step_matches_torch(trained, tiny, tmp_path):
 
 
 def test_compare_encoders_section_on_small_model(small_log, small_model, tmp_path):
-    """`python -m training.compare --sections encoders`: same detector on both encoders, table + latency + verdict."""
+    """`python -m seqguard.training.compare --sections encoders`: same detector on both encoders, table + latency + verdict."""
     import json
 
-    from training.compare import main
-    from training.transformer import train_on_log
+    from seqguard.training.compare import main
+    from seqguard.training.transformer import train_on_log
     ev, lab, _ = small_log
     tf_dir = tmp_path / "tf"
     train_on_log(str(ev), str(small_model), str(tf_dir),

@@ -11,8 +11,8 @@ import json
 import grpc
 import pytest
 
-from gateway.alerts import AlertRecord
-from gateway.proto import risk_pb2, risk_pb2_grpc
+from seqguard.gateway.alerts import AlertRecord
+from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
 
 pytestmark = pytest.mark.slow
 T0 = 1767225600000

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from training.worlds import FAMILIES, METRICS, main, parse_range, summarise
+from seqguard.training.worlds import FAMILIES, METRICS, main, parse_range, summarise
 
 
 def test_parse_range():

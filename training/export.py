@@ -663,7 +663,7 @@ def _export_tensorrt(art, repository: Path, version: int, instances: int, int8: 
 def main_export(args) -> int:
     """`seqguard export --model DIR [--repository PATH] [--instances N] [--tensorrt [--int8]]`.
 
-    Optional attributes (``python -m training.export`` has them as flags): ``plan`` (publish a
+    Optional attributes (``python -m seqguard.training.export`` has them as flags): ``plan`` (publish a
     prebuilt plan, e.g. from trtexec, instead of building one), ``max_batch`` (the plan's
     profile max, default 4096), ``calib_features`` (.npy of [N, F] features for --int8).
     """

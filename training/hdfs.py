@@ -1,7 +1,7 @@
 """HDFS public benchmark: DeepLog's HDFS log-key sessions through seqguard, end to end with the CLI.
 
-    python -m training.hdfs --out runs/hdfs                       # validation split (design choices)
-    python -m training.hdfs --out runs/hdfs --split test --report docs/results/hdfs   # reported numbers
+    python -m seqguard.training.hdfs --out runs/hdfs                       # validation split (design choices)
+    python -m seqguard.training.hdfs --out runs/hdfs --split test --report docs/results/hdfs   # reported numbers
 
 Each session (one HDFS block) becomes one user; each log key k becomes the event type `hdfs_k<k>`,
 with only the required fields of event schema v1 and timestamps 1 s apart. A seeded shuffle
@@ -223,7 +223,7 @@ def report_md(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.hdfs", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m seqguard.training.hdfs", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="work directory (JSONL splits, model, scores)")
     p.add_argument("--split", choices=["validation", "test"], default="validation",
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = evaluate_split(out, args.split, paths, model_dir, log)
     result = {"split": args.split, "split_config": asdict(cfg), "end_event": args.end_event, "sizes": sizes, "metrics": metrics,
               "published": PUBLISHED, "train_args": args.train_args,
-              "command": "python -m training.hdfs " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+              "command": "python -m seqguard.training.hdfs " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seconds": time.time() - t0}
     md = report_md(result)
     print(md)

@@ -9,7 +9,7 @@ causal self-attention stack over at most N events.
 Why it is offline only: online, the LSTM carries (h, c) per user and does O(1) work per event,
 while this encoder must keep the last N-1 featurised events per user and recompute attention
 over the whole window for every new event (O(N) tokens per event, O(N^2) attention).
-`measure_latency` puts a number on that; `python -m training.compare --encoders lstm,transformer`
+`measure_latency` puts a number on that; `python -m seqguard.training.compare --encoders lstm,transformer`
 runs the quality comparison on the same data and detector.
 
 Windows are right-padded: positions 0..m-1 hold the m (<= N) newest events and the read-out is

@@ -1,6 +1,6 @@
 """Worlds harness: train and score seqguard end to end on randomised worlds, next to the hand rules.
 
-    python -m training.worlds --worlds 0-7 --design 0-3 --users 1500 --out runs/worlds
+    python -m seqguard.training.worlds --worlds 0-7 --design 0-3 --users 1500 --out runs/worlds
 
 Per world K: `seqguard generate --world K` writes a train log (seed TRAIN_SEED) and a test log
 (seed TEST_SEED: other people, same world); `seqguard train` fits a model on the train log
@@ -133,9 +133,9 @@ def evaluate_world(model_dir: Path, test: Path, labels: Path, world_json: Path, 
     from seqguard.artifact import ModelArtifact
     from seqguard.batch import encode_log, stage1_scores
     from seqguard.schema import read_events
-    from training.baselines import hand_rules_score
-    from training.evaluate import evaluate, read_labels
-    from training.world_config import WorldConfig
+    from seqguard.training.baselines import hand_rules_score
+    from seqguard.training.evaluate import evaluate, read_labels
+    from seqguard.training.world_config import WorldConfig
 
     events = list(read_events(str(test)))
     risk_by_id = _read_scores(scores_csv)
@@ -190,7 +190,7 @@ def run_world(cfg: HarnessConfig, k: int) -> dict:
     t_score = _run(_seqguard() + ["score-file", "--model", model, "--input", paths["test"], "--output", scores,
                                   "--quiet"], k, cfg.step_timeout_s)
     t = time.time()
-    from training.generate import world_config_path
+    from seqguard.training.generate import world_config_path
     metrics = evaluate_world(model, paths["test"], paths["test_labels"], Path(world_config_path(paths["test"])),
                              scores, out / "report")
     res = {"world": k, "design": k in cfg.design, "scores": headline(metrics),
@@ -346,7 +346,7 @@ def compare_md(runs: list, title: str, command: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.worlds", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m seqguard.training.worlds", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worlds", default="0-7", help="worlds to run, e.g. 0-3 or 100-107 (default 0-7)")
     p.add_argument("--design", default="0-3",
@@ -366,7 +366,7 @@ def main(argv=None) -> int:
     p.add_argument("--compare", nargs="+", default=None, metavar="LABEL=DIR",
                    help="no runs: write one table comparing finished runs (each DIR holds a worlds.json) to --report")
     args = p.parse_args(argv)
-    command = "python -m training.worlds " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m seqguard.training.worlds " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     if args.compare:
         runs = []
         for spec in args.compare:

@@ -1,4 +1,4 @@
-# seqguard gateway image (also runs the CPU-side publish step: python -m training.export).
+# seqguard gateway image (also runs the CPU-side publish step: python -m seqguard.training.export).
 # Build from the repository root:
 #   docker build -f deploy/docker/gateway.Dockerfile -t registry.example.com/seqguard/gateway:0.1.0 .
 # No torch (the gateway never imports it), no Triton server: only the pinned runtime dependencies.
@@ -11,10 +11,9 @@ COPY training ./training
 COPY gateway ./gateway
 COPY proto ./proto
 COPY model_repository ./model_repository
-# editable: seqguard.triton_repo finds model_repository/seqguard_encoder/1/model.py beside the
-# source tree, which the publish step copies into every version it writes
-RUN pip install -c constraints.txt -e . \
+# not editable: the Triton model.py travels as package data (seqguard/triton_backend/model.py)
+RUN pip install -c constraints.txt . \
  && useradd --uid 10001 --user-group --no-create-home seqguard
 USER 10001
 EXPOSE 50051 9090 8081
-CMD ["python", "-m", "gateway.server"]
+CMD ["python", "-m", "seqguard.gateway.server"]

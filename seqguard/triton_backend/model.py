@@ -1,0 +1,1 @@
+../../model_repository/seqguard_encoder/1/model.py
