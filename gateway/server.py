@@ -24,12 +24,14 @@ from seqguard.featurizer import TokenHasher
 from seqguard.rules import load_rules
 from seqguard.schema import SchemaError, validate_event
 
-from .engine import Coalescer, Overloaded, ScoreResult, ScoringEngine
+from .coalescer import Coalescer, Overloaded
+from .engine import ScoringEngine
 from .holds import MAX_HOLD_TTL_S, Hold, HoldError, HoldStore
 from .metrics import GatewayMetrics, MeteredEngine, TimedEncoder, TimedStore, metered
 from .proto import risk_pb2, risk_pb2_grpc
 from .redisconn import connect_redis, key_prefix
 from .reload import LiveRules, ModelReloader, RulesReloader
+from .result import ScoreResult
 from .settings import Settings
 from .state import RedisStateStore, StateUnavailable
 from .local_encoder import FailoverEncoder, LocalStepEncoder

@@ -7,7 +7,8 @@ in tests/test_concurrency.py).
 """
 import asyncio
 
-from seqguard.gateway.engine import Coalescer, ScoreResult
+from seqguard.gateway.coalescer import Coalescer
+from seqguard.gateway.result import ScoreResult
 from seqguard.schema import Event
 
 
