@@ -27,6 +27,7 @@ import numpy as np
 
 from seqguard.artifact import ModelArtifact
 from seqguard.detector import ACTIONS
+from seqguard.encoding import lockstep_rows
 from seqguard.explain import explain
 from seqguard.rules import RuleInputs
 from seqguard.schema import Event
@@ -36,6 +37,7 @@ from .alerts import AlertRecord
 from .holds import HOLD_REASON, HoldStore, apply_holds
 from .reload import LiveRules
 from .result import DEGRADED, MAX_REASONS, OK, ScoreResult
+from .stepping import step_in_waves
 from .state import (NO_ANSWER, BatchRead, RedisStateStore, StateConflict, StateUnavailable, alert_fields,
                     ring_entry, unpack_features)
 from .triton_client import EncoderUnavailable, TritonStepClient
@@ -77,7 +79,6 @@ class Decisions:
 
 
 class ScoringEngine:
-    MAX_ROWS = 1024          # Triton's max_batch_size for the step model
     MAX_ATTEMPTS = 64        # compare-and-set retries when another gateway wrote the same state
     # Deferred LSTM steps (encoder unavailable). Up to MAX_INLINE_CATCHUP of a user's deferred steps
     # run inside the next batch that touches the user (one encoder call per step, in waves); a deeper
@@ -249,14 +250,33 @@ class ScoringEngine:
         seqs: dict[str, list] = {u: list(st.pending) for u, st in users.items() if st.pending}
         for u, j in zip(row_users, rows):
             seqs.setdefault(u, []).append(j)
+        steps = self._lay_out(seqs, rows, type_ids, feats)
+        h = np.stack([users[u].h for u in steps.users]) if steps.users else np.empty((0, self.hidden), np.float32)
+        c = np.stack([users[u].c for u in steps.users]) if steps.users else np.empty((0, self.hidden), np.float32)
+        try:
+            await step_in_waves(self.encoder, steps.waves, steps.user_idx, steps.type_ids,
+                                steps.feats[:, :self.encoder_features], h, c, steps.emb, steps.surprise, remaining)
+        except EncoderUnavailable as e:
+            log.warning("degraded: %s", e)     # h, c stay as read: every step stays deferred
+            return None
+        for k, u in enumerate(steps.users):
+            st = users[u]
+            st.h, st.c = h[k], c[k]
+            if st.pending:
+                st.pending = []
+                st.dirty = True                    # its deferred steps ran: h, c moved on
+        return steps
+
+    def _lay_out(self, seqs: dict[str, list], rows: list[int], type_ids, feats) -> "_Steps":
+        """Every user's steps one after the other (deferred ones as (type id, features, answer key),
+        fresh ones as their row position in the batch), with the waves that run them."""
         total = sum(len(v) for v in seqs.values())
         steps = _Steps(np.empty(total, np.int64), np.empty((total, self.n_features), np.float32),
-                       np.empty((total, self.hidden), np.float32), np.empty((total, 2), np.float32))
+                       np.empty((total, self.hidden), np.float32), np.empty((total, 2), np.float32),
+                       list(seqs), np.repeat(np.arange(len(seqs)), [len(v) for v in seqs.values()]))
         fresh_step = {}
-        index: dict[str, list] = {}            # per user: its step indices in order
         g = 0
-        for u, seq in seqs.items():
-            index[u] = []
+        for seq in seqs.values():
             for s in seq:
                 if isinstance(s, int):
                     steps.type_ids[g], steps.feats[g] = type_ids[s], feats[s]
@@ -266,41 +286,10 @@ class ScoringEngine:
                     if s[2]:
                         steps.answered_steps.append((g, s[2]))
                     steps.caught_up += 1
-                index[u].append(g)
                 g += 1
-        steps.waves = [[(u, ix[w]) for u, ix in index.items() if w < len(ix)]
-                       for w in range(max((len(v) for v in index.values()), default=0))]
+        steps.waves = list(lockstep_rows(steps.user_idx, len(seqs)))
         steps.fresh_step = np.fromiter((fresh_step[j] for j in rows), np.int64, len(rows))
-        read_state = {u: (users[u].h, users[u].c) for u in seqs}
-        try:
-            for wave in steps.waves:
-                await self._step_wave(wave, steps, users, remaining)
-        except EncoderUnavailable as e:
-            log.warning("degraded: %s", e)
-            for u, (h, c) in read_state.items():   # undo steps of earlier waves: all of them stay deferred
-                users[u].h, users[u].c = h, c
-            return None
-        for u in seqs:
-            st = users[u]
-            if st.pending:
-                st.pending = []
-                st.dirty = True                    # its deferred steps ran: h, c moved on
         return steps
-
-    async def _step_wave(self, wave: list, steps: "_Steps", users: dict, remaining) -> None:
-        for a in range(0, len(wave), self.MAX_ROWS):
-            chunk = wave[a:a + self.MAX_ROWS]
-            rows = np.fromiter((s for _, s in chunk), np.int64, len(chunk))
-            sts = [users[u] for u, _ in chunk]
-            left = remaining()
-            if left is not None and left <= 0:
-                raise EncoderUnavailable("deadline exceeded before the encoder call")
-            h2, c2, e2, s2 = await self.encoder.step(steps.type_ids[rows], steps.feats[rows, :self.encoder_features],
-                                                     np.stack([s.h for s in sts]), np.stack([s.c for s in sts]),
-                                                     timeout_s=left)
-            for k, st in enumerate(sts):
-                st.h, st.c = h2[k], c2[k]
-            steps.emb[rows], steps.surprise[rows] = e2, s2
 
     # ------------------------------------------------------------------ stage 4: detect
     def detect(self, batch: Batch, explain_reasons: bool = True) -> Decisions:
@@ -382,15 +371,14 @@ class ScoringEngine:
         a = det.event_tail(enc.emb, enc.surprise, enc.feats, enc.type_ids)
         c = np.empty(len(a), np.float64)
         lift = np.zeros(len(a), np.float64)
-        for wave in enc.waves:                 # [(user, step index), ...]
-            g = np.fromiter((s for _, s in wave), np.int64, len(wave))
-            sts = [users[u] for u, _ in wave]
-            m_prev = np.fromiter((st.session for st in sts), np.float64, len(wave))
-            cw, m_new = det.session_step(a[g], m_prev)
-            c[g] = cw
+        session = np.fromiter((users[u].session for u in enc.users), np.float64, len(enc.users))
+        for g in enc.waves:                    # step indices, one per user
+            u = enc.user_idx[g]
+            m_prev = session[u]
+            c[g], session[u] = det.session_step(a[g], m_prev)
             lift[g] = np.where(m_prev > a[g], m_prev, 0.0)
-            for k, st in enumerate(sts):
-                st.session = float(m_new[k])
+        for k, u in enumerate(enc.users):
+            users[u].session = float(session[k])
         return det.session_risk(c), lift
 
     def _apply_rules(self, batch: list[Event], feats: np.ndarray, encoded, step_risk, lift, codes):
@@ -563,12 +551,14 @@ def _time_left(deadline: float | None) -> Callable[[], float | None]:
 
 @dataclass
 class _Steps:
-    """Every LSTM step of one batch (deferred and fresh), in the order they were indexed."""
+    """Every LSTM step of one batch (deferred and fresh), each user's steps one after the other."""
     type_ids: np.ndarray
     feats: np.ndarray
     emb: np.ndarray
     surprise: np.ndarray
-    waves: list = field(default_factory=list)           # [[(user, step index), ...], ...]
+    users: list[str]                                    # the users stepped, in layout order
+    user_idx: np.ndarray                                # per step, its user's position in `users`
+    waves: list = field(default_factory=list)           # [step indices of the k-th step of each user, ...]
     fresh_step: np.ndarray = None                       # per encoded fresh row, its step index
     answered_steps: list = field(default_factory=list)  # [(step index, answer key)] of deferred events
     caught_up: int = 0                                  # deferred steps among them

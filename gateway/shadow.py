@@ -41,9 +41,11 @@ import numpy as np
 
 from seqguard.artifact import ModelArtifact
 from seqguard.detector import ACTIONS
+from seqguard.encoding import lockstep_rows
 from seqguard.schema import Event
 
 from .aio import cancel_and_wait
+from .stepping import step_in_waves
 
 log = logging.getLogger("seqguard.gateway")
 
@@ -98,8 +100,6 @@ class _Batch:
 
 
 class ShadowScorer:
-    MAX_ROWS = 1024
-
     def __init__(self, candidate: ModelArtifact, make_clients, metrics, *, stream_max: int, queue_events: int,
                  ttl_s: int, timeout_s: float):
         """`make_clients()` -> (a RedisStateStore of its own, a TritonStepClient for the candidate's Triton
@@ -300,23 +300,17 @@ class ShadowScorer:
         """The candidate's LSTM steps: each user's events in order, one Triton request per wave."""
         hidden = self.candidate.hidden
         states = await self._read_states(ukeys, hidden)
-        rows: dict[str, list[int]] = {}
-        for j, k in enumerate(ukeys):
-            rows.setdefault(k, []).append(j)
+        users = list(states)                   # in first-appearance order, like ukeys
+        position = {k: i for i, k in enumerate(users)}
+        user_idx = np.fromiter((position[k] for k in ukeys), np.int64, len(ukeys))
+        h = np.stack([states[k][0] for k in users])
+        c = np.stack([states[k][1] for k in users])
         n = len(b.events)
         emb = np.empty((n, hidden), np.float32)
         surprise = np.empty((n, 2), np.float32)
-        depth = max(len(v) for v in rows.values())
-        for w in range(depth):
-            active = [(k, js[w]) for k, js in rows.items() if w < len(js)]
-            for a in range(0, len(active), self.MAX_ROWS):
-                chunk = active[a:a + self.MAX_ROWS]
-                idx = [j for _, j in chunk]
-                h2, c2, e2, s2 = await self.encoder.step(
-                    b.type_ids[idx], b.feats[idx, :self.candidate.encoder_features],
-                    np.stack([states[k][0] for k, _ in chunk]),
-                    np.stack([states[k][1] for k, _ in chunk]), timeout_s=self.timeout_s)
-                for r, (k, j) in enumerate(chunk):
-                    states[k][0], states[k][1] = h2[r], c2[r]
-                    emb[j], surprise[j] = e2[r], s2[r]
+        await step_in_waves(self.encoder, list(lockstep_rows(user_idx, len(users))), user_idx, b.type_ids,
+                            b.feats[:, :self.candidate.encoder_features], h, c, emb, surprise,
+                            lambda: self.timeout_s)
+        for k, key in enumerate(users):
+            states[key][0], states[key][1] = h[k], c[k]
         return emb, surprise, states

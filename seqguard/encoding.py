@@ -37,9 +37,10 @@ class OrtStep:
 
 
 def lockstep_rows(user_idx: np.ndarray, n_users: int):
-    """Rows of a replayed log (each user's rows in their order) grouped by position within the
-    user: first every user's 1st event, then every 2nd, ... Each group has one row per user, so
-    per-user state can be advanced for the whole group at once."""
+    """Rows (each user's rows in their order) grouped by position within the user: first every
+    user's 1st row, then every 2nd, ... Each group ("wave") has one row per user, in row order, so
+    per-user state can be advanced for the whole group at once. The one wave schedule: the offline
+    replay, the gateway's engine and its shadow mode all step users this way."""
     user_idx = np.asarray(user_idx, np.int64)
     n = len(user_idx)
     if n == 0:
