@@ -94,7 +94,7 @@ def main() -> None:
                 if r.type(k) == b"hash":       # format 1 (before this change): one field per part
                     sizes.append({f.decode(): len(v) for f, v in r.hgetall(k).items()})
                 else:                          # format 2: one string; split it to report its parts
-                    from seqguard.gateway.state import pack_ring, unpack_user
+                    from seqguard.gateway.codec import pack_ring, unpack_user
                     raw = r.get(k)
                     st = unpack_user(k.decode(), raw)
                     ring = len(pack_ring(st.ring, len(st.ring)))

@@ -38,8 +38,8 @@ from .holds import HOLD_REASON, HoldStore, apply_holds
 from .reload import LiveRules
 from .result import DEGRADED, MAX_REASONS, OK, ScoreResult
 from .stepping import step_in_waves
-from .state import (NO_ANSWER, BatchRead, RedisStateStore, StateConflict, StateUnavailable, alert_fields,
-                    ring_entry, unpack_features)
+from .codec import NO_ANSWER, ring_entry, unpack_features
+from .state import BatchRead, RedisStateStore, StateConflict, StateUnavailable, alert_fields
 from .triton_client import EncoderUnavailable, TritonStepClient
 
 log = logging.getLogger("seqguard.gateway")
@@ -463,8 +463,8 @@ class ScoringEngine:
         if (r.action == "ALLOW" and not r.rules) or (r.status != OK and not any(x.code == HOLD_REASON
                                                                                 for x in r.reasons)):
             return ""
-        p = self.store.p
-        record = AlertRecord("0", p("event", ev.event_id), p("user", ev.user_id), r.risk, r.action,
+        store = self.store
+        record = AlertRecord("0", store.event_pseudonym(ev.event_id), store.user_pseudonym(ev.user_id), r.risk, r.action,
                              tuple(x.code for x in r.reasons), tuple(r.rules), r.model_version, ev.ts, int(time.time() * 1000),
                              ev.user_id if self.alerts_include_raw_ids else None)
         return alert_fields(record.to_fields())

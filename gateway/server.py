@@ -200,7 +200,7 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
                "countries_seen": float(len(u.countries)), "ip_prefixes_seen": float(len(u.prefixes)),
                # the detector's session average, -log(1 - quantile) scale: 2.3 = a 1-in-10 event, 4.6 = 1 in 100
                "session_anomaly": st.session}
-        return risk_pb2.UserState(user_key=st.key.split(":")[-1], n_events=st.n, last_ts=u.last_ts,
+        return risk_pb2.UserState(user_key=self.engine.store.user_pseudonym(request.user_id), n_events=st.n, last_ts=u.last_ts,
                                   model_version=st.model_version, context=ctx,
                                   recent=[risk_pb2.RecentEvent(event_id=e[0], event_type=e[1], ts=e[2])
                                           for e in st.ring],
@@ -408,7 +408,7 @@ class Gateway:
         self.server = grpc.aio.server(options=opts, interceptors=[BearerAuth(tokens, admin_tokens)]
                                       if tokens or admin_tokens else [])
         # holds get their own client: the state store's is replaced (and closed) by a model reload
-        self.holds = HoldStore(connect_redis(s, s.redis_timeout_ms / 1000), self.store.p, key_prefix(s))
+        self.holds = HoldStore(connect_redis(s, s.redis_timeout_ms / 1000), self.store.pseudonymize, key_prefix(s))
         risk_pb2_grpc.add_RiskScoringServicer_to_server(
             RiskScoringService(s, self.coalescer, self.metrics, self.holds), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -457,7 +457,7 @@ class Gateway:
 
     def _engine_for(self, artifact: ModelArtifact, store, encoder):
         engine = ScoringEngine(artifact, TimedStore(store, self.metrics), encoder, self.s.fallback,
-                               holds=HoldStore(store.r, store.p, store.prefix),
+                               holds=HoldStore(store.client, store.pseudonymize, store.prefix),
                                alerts_include_raw_ids=self.s.alerts_include_raw_ids, rules=self.rules)
         engine.shadow = self.shadow
         return MeteredEngine(engine, self.metrics)

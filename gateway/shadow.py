@@ -49,10 +49,6 @@ from .stepping import step_in_waves
 
 log = logging.getLogger("seqguard.gateway")
 
-STREAM = "shadow"             # key names after the store's prefix: sg:shadow, sg:sh:<hmac(user)>
-STATE_PREFIX = "sh:"
-
-
 class ShadowIncompatible(ValueError):
     """The candidate does not featurise like the live model, so 'same inputs' would not hold."""
 
@@ -254,8 +250,8 @@ class ShadowScorer:
 
     async def _score(self, b: _Batch) -> None:
         cand = self.candidate
-        state_prefix = self.store.prefix + STATE_PREFIX
-        ukeys = [state_prefix + self.store.user_key(e.user_id).split(":")[-1] for e in b.events]
+        store = self.store
+        ukeys = [store.shadow_state_key(e.user_id) for e in b.events]
         det = cand.detector
         states = {}
         if b.same_encoder:
@@ -275,16 +271,12 @@ class ShadowScorer:
         else:
             risk = det.risk(emb, surprise, b.feats, b.type_ids)
         codes = det.action_codes(risk)
-        async with self.store.r.pipeline(transaction=False) as pipe:
-            for k, (h, c_, m) in states.items():
-                pipe.set(k, pack_state(self.version, h, c_, m), ex=self.ttl_s)
-            for j, e in enumerate(b.events):
-                pipe.xadd(self.store.prefix + STREAM, {"user": ukeys[j][len(state_prefix):], "event": self.store.p("event", e.event_id),
-                                   "live": repr(float(b.live_risk[j])), "shadow": repr(float(risk[j])),
-                                   "live_action": ACTIONS[b.live_codes[j]], "shadow_action": ACTIONS[codes[j]],
-                                   "live_mv": b.live_version, "shadow_mv": self.version},
-                          maxlen=self.stream_max, approximate=True)
-            await asyncio.wait_for(pipe.execute(), self.timeout_s + 1.0)
+        entries = [{"user": store.user_pseudonym(e.user_id), "event": store.event_pseudonym(e.event_id),
+                    "live": repr(float(b.live_risk[j])), "shadow": repr(float(risk[j])),
+                    "live_action": ACTIONS[b.live_codes[j]], "shadow_action": ACTIONS[codes[j]],
+                    "live_mv": b.live_version, "shadow_mv": self.version} for j, e in enumerate(b.events)]
+        states = {k: pack_state(self.version, h, c_, m) for k, (h, c_, m) in states.items()}
+        await asyncio.wait_for(store.write_shadow(states, self.ttl_s, entries, self.stream_max), self.timeout_s + 1.0)
         for d in (risk - b.live_risk).tolist():
             self.metrics.shadow_diff.observe(d)
         with self._lock:
@@ -293,7 +285,7 @@ class ShadowScorer:
 
     async def _read_states(self, ukeys: list[str], hidden: int) -> dict:
         uniq = list(dict.fromkeys(ukeys))
-        raws = await asyncio.wait_for(self.store.r.mget(uniq), self.timeout_s + 1.0)
+        raws = await asyncio.wait_for(self.store.read_values(uniq), self.timeout_s + 1.0)
         return {k: unpack_state(raw, self.version, hidden) for k, raw in zip(uniq, raws)}
 
     async def _encode(self, b: _Batch, ukeys: list[str]):

@@ -12,7 +12,8 @@ from seqguard.batch import score_events
 from seqguard.featurizer import EntityContext, UserContext
 from seqguard.gateway.engine import ScoringEngine
 from seqguard.gateway.local_encoder import LocalStepEncoder
-from seqguard.gateway.state import BatchRead, Pseudonymizer, RedisStateStore, StateConflict, UserState
+from seqguard.gateway.codec import UserState
+from seqguard.gateway.state import BatchRead, Pseudonymizer, RedisStateStore, StateConflict
 
 KEY = b"stage-test-key-0123456789abcdef"
 

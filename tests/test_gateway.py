@@ -287,7 +287,7 @@ def test_bearer_token_auth(small_model, redis_server, triton, gateway_factory):
 
 def test_user_state_blob_roundtrip_is_exact():
     """The compact user record (binary ring with packed feature rows) decodes bit-identically."""
-    from seqguard.gateway.state import UserState, pack_features, pack_user, ring_entry, unpack_features, unpack_user
+    from seqguard.gateway.codec import UserState, pack_features, pack_user, ring_entry, unpack_features, unpack_user
     from seqguard.featurizer import N_FEATURES, UserContext
     rng = np.random.default_rng(0)
     rows = rng.standard_normal((10, N_FEATURES)).astype(np.float32)

@@ -75,24 +75,6 @@ def test_tail_scale_is_monotone_in_risk():
     assert t[-1] == pytest.approx(-np.log(1e-6))
 
 
-def test_user_state_keeps_the_session_average_and_reads_format_2():
-    from seqguard.gateway.state import UserState, pack_user, unpack_user
-    from seqguard.featurizer import UserContext
-    rng = np.random.default_rng(4)
-    st = UserState("k", rng.standard_normal(128).astype(np.float32), rng.standard_normal(128).astype(np.float32),
-                   UserContext(), [], [], "v-1", 7, 7, True, session=4.123456789012345)
-    raw = pack_user(st, ring_size=8, rebuild_steps=3)
-    back = unpack_user("k", raw)
-    assert back.session == st.session and back.h.tobytes() == st.h.tobytes()
-    # the format-2 layout (before the session average): same bytes without the 8 after h and c
-    at = 8 + 1 + 1 + len("v-1") + 2 + 8 * 128
-    v2 = raw[:8] + bytes([2]) + raw[9:at] + raw[at + 8:]
-    old = unpack_user("k", v2)
-    assert old.session == 0.0 and old.n == 7 and old.c.tobytes() == st.c.tobytes()
-    with pytest.raises(ValueError, match="format"):
-        unpack_user("k", raw[:8] + bytes([9]) + raw[9:])
-
-
 def test_risky_session_reason():
     row = np.zeros(N_FEATURES, np.float32)
     recent = [(f"e{k}", "login_failed", k) for k in range(5)]
@@ -101,30 +83,6 @@ def test_risky_session_reason():
     assert r and r[0].event_ids == ["e2", "e3", "e4", "now"]
     assert not [x for x in explain(row, np.zeros(2), "now", "payment", recent, session_lift=1.0)
                 if x.code == "RISKY_SESSION"]
-
-
-def test_user_state_format_3_feature_rows_are_padded_to_the_new_featuriser():
-    """A gateway upgraded to featuriser 2 reads users written with 40-wide rows (format 3): their ring and
-    deferred steps come back at the new width, the new detector-only column 0 (no evidence)."""
-    from seqguard.gateway.state import (LEGACY_FEATURE_WIDTH, UserState, pack_user, ring_entry, unpack_features,
-                               unpack_user)
-    from seqguard.featurizer import UserContext
-    rng = np.random.default_rng(5)
-    old_rows = rng.standard_normal((2, LEGACY_FEATURE_WIDTH)).astype(np.float32)
-    st = UserState("k", np.zeros(16, np.float32), np.zeros(16, np.float32), UserContext(),
-                   [ring_entry("e1", "login", 1, old_rows[0]), ring_entry("e2", "view_item", 2, old_rows[1])],
-                   [(3, old_rows[1], "")], "v-1", 2, 2, True)
-    raw = pack_user(st, ring_size=8, rebuild_steps=3)
-    v3 = raw[:8] + bytes([3]) + raw[9:]
-    back = unpack_user("k", v3)
-    for e, row in zip(back.ring, old_rows):
-        got = unpack_features(e.feat, N_FEATURES)
-        assert got[:LEGACY_FEATURE_WIDTH].tobytes() == row.tobytes() and np.all(got[LEGACY_FEATURE_WIDTH:] == 0)
-    pend = back.pending[0][1]
-    assert pend.shape == (N_FEATURES,) and pend[:LEGACY_FEATURE_WIDTH].tobytes() == old_rows[1].tobytes()
-    again = unpack_user("k", pack_user(back, ring_size=8, rebuild_steps=3))     # written back as the current format
-    last = unpack_features(back.ring[-1].feat, N_FEATURES)
-    assert unpack_features(again.ring[-1].feat, N_FEATURES).tobytes() == last.tobytes()
 
 
 def test_ring_reason_names_the_other_accounts():

@@ -1,22 +1,22 @@
 """RedisStateStore against a real Redis: the one-MGET read maps users, entities and answered events back
-correctly, a legacy (hash) user key reads as a fresh user and is replaced by the compare-and-set write."""
+correctly, and the compare-and-set write refuses stale batches."""
 import asyncio
 
 import numpy as np
 import redis.asyncio as aioredis
 
-from seqguard.gateway.state import Pseudonymizer, RedisStateStore, ring_entry
+from seqguard.gateway.codec import ring_entry
+from seqguard.gateway.state import Pseudonymizer, RedisStateStore
 from seqguard.featurizer import EntityContext
 from seqguard.schema import Event
 
 
-def test_load_save_roundtrip_and_legacy_hash_key(redis_server):
+def test_load_save_roundtrip(redis_server):
     async def run():
         r = aioredis.Redis(port=redis_server.port)
         store = RedisStateStore(r, Pseudonymizer(b"t" * 32), hidden=4, ttl_s=60, ring_size=4, rebuild_steps=2)
         ev = Event(event_id="ss-e1", user_id="ss-u1", event_type="login", ts=1, device_id="ss-d", ip="10.1.2.3")
-        legacy = store.user_key("ss-u2")
-        await r.hset(legacy, mapping={"n": "7", "mv": "old"})          # format-1 state of another user
+        await r.flushall()
         ents = [k for k in store.entity_keys(ev) if k]
         users, entities, raw, answered, _ = await store.load(["ss-u1", "ss-u2"], ents, [("ss-u1", "ss-e1")])
         assert not users["ss-u1"].existed and not users["ss-u2"].existed and answered == {}
@@ -31,7 +31,7 @@ def test_load_save_roundtrip_and_legacy_hash_key(redis_server):
         users2, entities2, raw2, answered2, _ = await store.load(["ss-u2", "ss-u1"], ents[::-1],
                                                                   [("ss-u1", "nope"), ("ss-u2", "ss-e1"), ("ss-u1", "ss-e1")])
         assert list(users2) == ["ss-u2", "ss-u1"] and all(u.existed and u.n == 1 for u in users2.values())
-        assert users2["ss-u2"].key == legacy and await r.type(legacy) == b"string"   # the hash was replaced
+        assert users2["ss-u2"].key == store.user_key("ss-u2")
         np.testing.assert_array_equal(users2["ss-u1"].h, np.arange(4, dtype=np.float32))
         assert users2["ss-u1"].ring[0].event_id == "ss-e1"
         assert raw2 == {k: entities[k].to_bytes() for k in ents}
@@ -43,8 +43,9 @@ def test_load_save_roundtrip_and_legacy_hash_key(redis_server):
 def test_compare_and_set_refuses_stale_writes_and_writes_nothing(redis_server):
     """The refused-write branch: a user or entity changed since it was read -> StateConflict, no key
     touched, no sequence number used; a key read as absent must still be absent; and a user stored
-    with n = 0 (written by a build that saved unchanged users) is an existing version, not "absent"."""
-    from seqguard.gateway.state import StateConflict, UserState, pack_user
+    with n = 0 is an existing version, not "absent"."""
+    from seqguard.gateway.codec import UserState, pack_user
+    from seqguard.gateway.state import StateConflict
     from seqguard.featurizer import UserContext
 
     async def run():
@@ -94,7 +95,7 @@ def test_no_raw_event_id_in_redis_and_the_ring_reads_back(redis_server):
     """Issue #18 part 6: event ids are caller identifiers: their keys are keyed hashes and the ring that
     names them (for reasons and GetUserState) is sealed with the pseudonymisation key. The same ring
     sealed twice looks different (fresh nonce); another key cannot read it."""
-    from seqguard.gateway.state import RingCipher, pack_user, unpack_user
+    from seqguard.gateway.codec import RingCipher, pack_user, unpack_user
 
     async def run():
         r = aioredis.Redis(port=redis_server.port)
