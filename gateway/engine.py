@@ -35,6 +35,7 @@ from seqguard.schema import Event
 from .aio import cancel_and_wait
 from .alerts import AlertRecord
 from .holds import HOLD_REASON, HoldStore, apply_holds
+from .observer import PipelineObserver
 from .reload import LiveRules
 from .result import DEGRADED, MAX_REASONS, OK, ScoreResult
 from .stepping import step_in_waves
@@ -94,8 +95,9 @@ class ScoringEngine:
 
     def __init__(self, artifact: ModelArtifact, store: RedisStateStore, encoder: TritonStepClient,
                  fallback: str = "fail_open", holds: HoldStore | None = None, alerts_include_raw_ids: bool = False,
-                 rules: LiveRules | None = None):
+                 rules: LiveRules | None = None, observer: PipelineObserver | None = None):
         self.artifact = artifact
+        self.observer = observer             # metrics hooks (gateway/observer.py); None: not observed
         self.rules = rules or LiveRules()    # shared with the gateway: a rules reload swaps what it holds
         self.holds = holds                   # read in the batch's one MGET; None: holds not enforced
         self.alerts_include_raw_ids = alerts_include_raw_ids
@@ -119,6 +121,13 @@ class ScoringEngine:
         self._catch_up: dict[str, asyncio.Task] = {}
 
     def degraded(self, events: list[Event], detail: str) -> list[ScoreResult]:
+        """Fallback answers for events that were not scored (a caller's deadline, an internal error)."""
+        results = self._fallback(events, detail)
+        if self.observer is not None:
+            self.observer.fallback_answers(len(results))
+        return results
+
+    def _fallback(self, events: list[Event], detail: str) -> list[ScoreResult]:
         risk, action = FALLBACKS[self.fallback]
         return [ScoreResult(e.event_id, risk, action, self.model_version, DEGRADED, detail) for e in events]
 
@@ -134,6 +143,12 @@ class ScoringEngine:
         Retries from a fresh read when another writer changed the same users/entities
         (compare-and-set), so concurrent gateways never lose or double an update.
         """
+        results = await self._score(events, deadline, explain_reasons)
+        if self.observer is not None:
+            self.observer.batch_scored(len(events), results)
+        return results
+
+    async def _score(self, events: list[Event], deadline: float | None, explain_reasons: bool) -> list[ScoreResult]:
         loop = asyncio.get_running_loop()
         for attempt in range(self.MAX_ATTEMPTS):
             try:
@@ -144,14 +159,14 @@ class ScoringEngine:
                     break
                 await asyncio.sleep(random.uniform(0, 0.0005 * 2 ** min(attempt, 6)))  # jittered backoff
         self.refused_writes += 1
-        return self.degraded(events, f"state kept changing under {self.MAX_ATTEMPTS} attempts; not applied")
+        return self._fallback(events, f"state kept changing under {self.MAX_ATTEMPTS} attempts; not applied")
 
     async def _attempt(self, events: list[Event], deadline: float | None, explain_reasons: bool) -> list[ScoreResult]:
         try:
             batch = await self.load(events)
         except StateUnavailable as e:
             log.warning("degraded: %s", e)
-            return self.degraded(events, f"state store unavailable: {e}")
+            return self._fallback(events, f"state store unavailable: {e}")
         self.featurise(batch)
         await self.encode(batch, _time_left(deadline))
         decided = self.detect(batch, explain_reasons)
@@ -255,7 +270,8 @@ class ScoringEngine:
         c = np.stack([users[u].c for u in steps.users]) if steps.users else np.empty((0, self.hidden), np.float32)
         try:
             await step_in_waves(self.encoder, steps.waves, steps.user_idx, steps.type_ids,
-                                steps.feats[:, :self.encoder_features], h, c, steps.emb, steps.surprise, remaining)
+                                steps.feats[:, :self.encoder_features], h, c, steps.emb, steps.surprise, remaining,
+                                self.observer.encoder_request if self.observer is not None else None)
         except EncoderUnavailable as e:
             log.warning("degraded: %s", e)     # h, c stay as read: every step stays deferred
             return None
@@ -357,7 +373,7 @@ class ScoringEngine:
             detail = (f"catching up on {len(st.pending)} deferred model steps; event featurised and its step deferred"
                       if ev.user_id in batch.behind else
                       "encoder unavailable; event featurised and its model step deferred")
-            out[i] = self.degraded([ev], detail)[0]
+            out[i] = self._fallback([ev], detail)[0]
         return out
 
     def _step_risk(self, users, enc: "_Steps") -> tuple[np.ndarray, np.ndarray]:

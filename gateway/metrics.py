@@ -2,8 +2,9 @@
 
 Each Gateway owns its own CollectorRegistry (several gateways can live in one test process) and
 serves it on settings.metrics_port (0 = off). Redis and Triton latencies, coalesced batch sizes
-and the score distribution are measured by thin proxies around the state store, the encoder
-client and the engine, so the scoring pipeline itself carries no metrics code.
+and the score distribution arrive through the pipeline's named hooks (GatewayMetrics is the
+engine's and the store's PipelineObserver, gateway/observer.py), so the scoring pipeline itself
+carries no metrics library code.
 """
 from __future__ import annotations
 
@@ -71,6 +72,27 @@ class GatewayMetrics:
         self.model.clear()
         self.model.labels(model_version, triton_version or "latest").set(1)
 
+    # ------------------------------------------------------------------ PipelineObserver (gateway/observer.py)
+    def redis_round_trip(self, op: str, seconds: float) -> None:
+        self.redis_seconds.labels(op).observe(seconds)
+
+    def encoder_request(self, seconds: float) -> None:
+        self.triton_seconds.observe(seconds)
+
+    def batch_scored(self, n_events: int, results) -> None:
+        self.batch_events.observe(n_events)
+        bad = 0
+        for r in results:
+            if r.status == "OK":
+                self.risk.observe(r.risk)
+            else:
+                bad += 1
+        if bad:
+            self.degraded.inc(bad)
+
+    def fallback_answers(self, n: int) -> None:
+        self.degraded.inc(n)
+
 
 def metered(method: str):
     """Decorator for an async servicer method (whose object has .metrics): count by status and time it."""
@@ -104,59 +126,6 @@ def _status_of(resp) -> str:
     return "DEGRADED" if any(r.status == degraded for r in results or ()) else "OK"
 
 
-class _Proxy:
-    def __init__(self, inner, metrics: GatewayMetrics):
-        self._inner, self._m = inner, metrics
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-
-class TimedStore(_Proxy):
-    """RedisStateStore with load/save round trips timed."""
-
-    async def load(self, *a, **kw):
-        with self._m.redis_seconds.labels("load").time():
-            return await self._inner.load(*a, **kw)
-
-    async def save(self, *a, **kw):
-        with self._m.redis_seconds.labels("save").time():
-            return await self._inner.save(*a, **kw)
-
-
-class TimedEncoder(_Proxy):
-    """TritonStepClient with each step request timed."""
-
-    async def step(self, *a, **kw):
-        with self._m.triton_seconds.time():
-            return await self._inner.step(*a, **kw)
-
-
-class MeteredEngine(_Proxy):
-    """ScoringEngine whose batches feed the batch-size, risk and degraded metrics."""
-
-    async def score(self, events, *a, **kw):
-        self._m.batch_events.observe(len(events))
-        results = await self._inner.score(events, *a, **kw)
-        self._observe(results)
-        return results
-
-    def degraded(self, events, detail):
-        results = self._inner.degraded(events, detail)
-        self._m.degraded.inc(len(results))
-        return results
-
-    def _observe(self, results) -> None:
-        bad = 0
-        for r in results:
-            if r.status == "OK":
-                self._m.risk.observe(r.risk)
-            else:
-                bad += 1
-        if bad:
-            self._m.degraded.inc(bad)
-
-
 class _EngineCollector:
     """Counters kept by the ScoringEngine (plain ints on the hot path), turned into metrics on scrape.
     A reload starts a new engine, so they count from the model's start, like a process restart."""
@@ -178,12 +147,10 @@ class _EngineCollector:
 
     def collect(self):
         engine = self._engine()
-        engine = getattr(engine, "_inner", engine)
         for attr, name, doc in self.COUNTERS:
             yield CounterMetricFamily(name, doc, value=getattr(engine, attr))
         yield GaugeMetricFamily("seqguard_backlog_users", "users whose deferred steps are being drained now",
                                 value=engine.backlog_users)
         yield CounterMetricFamily("seqguard_local_encoder_steps", "model steps the local standby encoder computed "
                                   "while Triton was unavailable",
-                                  value=getattr(getattr(engine.encoder, "_inner", engine.encoder),
-                                                "failover_steps", 0))
+                                  value=getattr(engine.encoder, "failover_steps", 0))

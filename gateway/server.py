@@ -14,6 +14,7 @@ import math
 import signal
 import sys
 import time
+from typing import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,7 +28,7 @@ from seqguard.schema import SchemaError, validate_event
 from .coalescer import Coalescer, Overloaded
 from .engine import ScoringEngine
 from .holds import MAX_HOLD_TTL_S, Hold, HoldError, HoldStore
-from .metrics import GatewayMetrics, MeteredEngine, TimedEncoder, TimedStore, metered
+from .metrics import GatewayMetrics, metered
 from .proto import risk_pb2, risk_pb2_grpc
 from .redisconn import connect_redis, key_prefix
 from .reload import LiveRules, ModelReloader, RulesReloader
@@ -38,6 +39,7 @@ from .local_encoder import FailoverEncoder, LocalStepEncoder
 from .triton_client import TritonStepClient
 
 log = logging.getLogger("seqguard.gateway")
+Context = grpc.aio.ServicerContext
 SERVICE_NAME = risk_pb2.DESCRIPTOR.services_by_name["RiskScoring"].full_name
 _OPTIONAL = ("item_id", "category", "amount", "device_id", "ip", "country", "session_id")
 
@@ -133,7 +135,7 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
         return ev
 
     @metered("Score")
-    async def Score(self, request, context):
+    async def Score(self, request: risk_pb2.ScoreRequest, context: Context) -> risk_pb2.ScoreResponse:
         try:
             ev = self._live_event(request.event, "event")
         except SchemaError as e:
@@ -142,7 +144,7 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
         return result_to_proto(results[0])
 
     @metered("ScoreBatch")
-    async def ScoreBatch(self, request, context):
+    async def ScoreBatch(self, request: risk_pb2.ScoreBatchRequest, context: Context) -> risk_pb2.ScoreBatchResponse:
         if len(request.events) > self.s.max_batch_events:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"field 'events': {len(request.events)} events; at most {self.s.max_batch_events} per batch")
@@ -156,7 +158,8 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
         return risk_pb2.ScoreBatchResponse(results=[result_to_proto(r) for r in results])
 
     @metered("Ingest")
-    async def Ingest(self, request_iterator, context):
+    async def Ingest(self, request_iterator: AsyncIterator[risk_pb2.Event], context: Context
+                     ) -> risk_pb2.IngestSummary:
         accepted = rejected = 0
         errors: list[str] = []
         chunk = []
@@ -185,7 +188,7 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
         return len(results) - len(bad)
 
     @metered("GetUserState")
-    async def GetUserState(self, request, context):
+    async def GetUserState(self, request: risk_pb2.UserStateRequest, context: Context) -> risk_pb2.UserState:
         await _require_id(context, "user_id", request.user_id)
         try:
             st = await asyncio.wait_for(self.engine.store.get_user(request.user_id), self.s.deadline_ms / 1000)
@@ -207,7 +210,7 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
                                   holds=[hold_to_proto(h) for h in holds])
 
     @metered("ReportOutcome")
-    async def ReportOutcome(self, request, context):
+    async def ReportOutcome(self, request: risk_pb2.OutcomeRequest, context: Context) -> risk_pb2.OutcomeAck:
         await _require_id(context, "event_id", request.event_id)
         if request.label not in (risk_pb2.GENUINE, risk_pb2.FRAUD):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -237,7 +240,7 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"state store unavailable: {e}")
 
     @metered("SetHold")
-    async def SetHold(self, request, context):
+    async def SetHold(self, request: risk_pb2.SetHoldRequest, context: Context) -> risk_pb2.Hold:
         if request.kind not in _HOLD_KINDS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "field 'kind': must be HOLD_USER, HOLD_DEVICE or HOLD_IP")
         await _require_id(context, "id", request.id)
@@ -251,7 +254,7 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
         return hold_to_proto(hold)
 
     @metered("ReleaseHold")
-    async def ReleaseHold(self, request, context):
+    async def ReleaseHold(self, request: risk_pb2.ReleaseHoldRequest, context: Context) -> risk_pb2.ReleaseHoldAck:
         if request.kind not in _HOLD_KINDS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "field 'kind': must be HOLD_USER, HOLD_DEVICE or HOLD_IP")
         if bool(request.id) == bool(request.key):
@@ -265,7 +268,7 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
         return risk_pb2.ReleaseHoldAck(released=released is not None)
 
     @metered("ListHolds")
-    async def ListHolds(self, request, context):
+    async def ListHolds(self, request: risk_pb2.ListHoldsRequest, context: Context) -> risk_pb2.ListHoldsResponse:
         if request.kind and request.kind not in _HOLD_KINDS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "field 'kind': must be a HoldKind")
         if not 0 <= request.limit <= 1000:
@@ -380,7 +383,7 @@ class Gateway:
         # the compiled featuriser kernel loads (or, with a cold cache, compiles: seconds) before the first
         # request, not inside it, where it would blow the deadline and answer DEGRADED
         await asyncio.to_thread(self.artifact.featurizer.warm_up)
-        self.store = RedisStateStore.from_settings(s, self.artifact.hidden)
+        self.store = RedisStateStore.from_settings(s, self.artifact.hidden, self.metrics)
         self.encoder = self._encoder_for(self.artifact)
         self.engine = self._engine_for(self.artifact, self.store, self.encoder)
         self.coalescer = Coalescer(self.engine, s.coalesce_max_events, s.coalesce_max_wait_us, s.max_in_flight,
@@ -447,20 +450,21 @@ class Gateway:
     def _encoder_for(self, artifact: ModelArtifact):
         s = self.s
         if s.encoder == "local":
-            return TimedEncoder(LocalStepEncoder(str(artifact.onnx_path)), self.metrics)
+            return LocalStepEncoder(str(artifact.onnx_path))
         version = s.triton_model_version or artifact.triton_model_version
         encoder = TritonStepClient(s.triton_url, s.triton_model, version, s.triton_timeout_ms)
         if s.local_encoder_fallback:
             encoder = FailoverEncoder(encoder, LocalStepEncoder(str(artifact.onnx_path)),
                                       s.local_encoder_retry_ms / 1000)
-        return TimedEncoder(encoder, self.metrics)
+        return encoder
 
     def _engine_for(self, artifact: ModelArtifact, store, encoder):
-        engine = ScoringEngine(artifact, TimedStore(store, self.metrics), encoder, self.s.fallback,
+        engine = ScoringEngine(artifact, store, encoder, self.s.fallback,
                                holds=HoldStore(store.client, store.pseudonymize, store.prefix),
-                               alerts_include_raw_ids=self.s.alerts_include_raw_ids, rules=self.rules)
+                               alerts_include_raw_ids=self.s.alerts_include_raw_ids, rules=self.rules,
+                               observer=self.metrics)
         engine.shadow = self.shadow
-        return MeteredEngine(engine, self.metrics)
+        return engine
 
     def _on_sighup(self) -> None:
         self._retired.append(asyncio.get_running_loop().create_task(self.reloader.check(force=True)))
@@ -484,7 +488,8 @@ class Gateway:
             await encoder.close()
             raise
         old_store, old_encoder = self.store, self.encoder
-        store = old_store if art.hidden == self.artifact.hidden else RedisStateStore.from_settings(self.s, art.hidden)
+        store = (old_store if art.hidden == self.artifact.hidden
+                 else RedisStateStore.from_settings(self.s, art.hidden, self.metrics))
         engine = self._engine_for(art, store, encoder)
         # the swap: one attribute, read by the coalescer once per batch (a running batch finishes on the old model)
         self.coalescer.engine = engine

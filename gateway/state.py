@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import time
 from typing import NamedTuple
 
 import numpy as np
@@ -44,6 +45,7 @@ from seqguard.featurizer import EntityContext, UserContext, ip_prefix
 from seqguard.schema import Event
 
 from .codec import RingCipher, UserState, pack_user, unpack_user, version_head
+from .observer import PipelineObserver
 
 KEY_PREFIX = "sg:"               # every key starts with it; "{sg}:" on Redis Cluster (see RedisStateStore)
 
@@ -166,8 +168,9 @@ class Pseudonymizer:
 class RedisStateStore:
     def __init__(self, client: aioredis.Redis, pseudonymize: Pseudonymizer, hidden: int, ttl_s: int,
                  ring_size: int = 8, dedupe_ttl_s: int = 600, rebuild_steps: int = 3,
-                 key_prefix: str = KEY_PREFIX, alerts_max: int = 1_000_000):
+                 key_prefix: str = KEY_PREFIX, alerts_max: int = 1_000_000, observer: PipelineObserver | None = None):
         self.client = client
+        self.observer = observer            # timing hooks (gateway/observer.py); None: not observed
         self.prefix = key_prefix
         self.seq_key = key_prefix + "seq"
         self.outcome_stream = key_prefix + "outcomes"
@@ -184,10 +187,10 @@ class RedisStateStore:
         self.ttl_s = ttl_s
         self.ring_size = ring_size
         self.dedupe_ttl_s = dedupe_ttl_s
-        self._save = client.register_script(_SAVE_LUA)
+        self._save_script = client.register_script(_SAVE_LUA)
 
     @classmethod
-    def from_settings(cls, s, hidden: int) -> "RedisStateStore":
+    def from_settings(cls, s, hidden: int, observer: PipelineObserver | None = None) -> "RedisStateStore":
         t = s.redis_timeout_ms / 1000
         auth = dict(username=s.redis_username or None, password=s.redis_password or None)
         if s.redis_cluster:
@@ -201,7 +204,7 @@ class RedisStateStore:
                                     retry=Retry(NoBackoff(), 0), health_check_interval=0)  # fail fast: we degrade
             prefix = KEY_PREFIX
         return cls(client, Pseudonymizer(s.key_bytes()), hidden, s.state_ttl_s, s.recent_events, s.dedupe_ttl_s,
-                   s.rebuild_steps, key_prefix=prefix, alerts_max=s.alerts_stream_max)
+                   s.rebuild_steps, key_prefix=prefix, alerts_max=s.alerts_stream_max, observer=observer)
 
     def user_pseudonym(self, user_id: str) -> str:
         """hmac(user id): the suffix of its keys, and how alerts, outcomes and streams name the user."""
@@ -236,6 +239,14 @@ class RedisStateStore:
                    extra_keys: list[str] = ()) -> BatchRead:
         """Users (by id), entities (by key), already-answered events (by (user id, event id)) and the
         raw values of `extra_keys` (e.g. holds) in one round trip."""
+        t0 = time.perf_counter()
+        try:
+            return await self._load(user_ids, entity_keys, event_refs, extra_keys)
+        finally:
+            if self.observer is not None:
+                self.observer.redis_round_trip("load", time.perf_counter() - t0)
+
+    async def _load(self, user_ids, entity_keys, event_refs=(), extra_keys=()) -> BatchRead:
         # one MGET for every key (all of them are strings): one round trip, and less client work
         # than a pipeline of GETs
         ukeys = [self.user_key(u) for u in user_ids]
@@ -274,6 +285,14 @@ class RedisStateStore:
         none. Raises StateConflict if another writer got there first (nothing written),
         StateUnavailable if Redis fails.
         """
+        t0 = time.perf_counter()
+        try:
+            return await self._save(users, entities, expected_entities, responses, rewrites, alerts)
+        finally:
+            if self.observer is not None:
+                self.observer.redis_round_trip("save", time.perf_counter() - t0)
+
+    async def _save(self, users, entities, expected_entities, responses, rewrites=(), alerts=()) -> int:
         keys = [self.seq_key] + [u.key for u in users] + list(entities) + [
             self.event_key(*ref) for ref, _ in responses] + [self.prefix + "e:" + ref for ref, _ in rewrites] + [
             self.alerts_stream]
@@ -289,7 +308,7 @@ class RedisStateStore:
         argv += [resp for _, resp in rewrites]
         argv += list(alerts) if alerts else [""] * len(responses)
         try:
-            seq = await self._save(keys=keys, args=argv)
+            seq = await self._save_script(keys=keys, args=argv)
         except (RedisError, OSError, TimeoutError) as e:
             raise StateUnavailable(f"redis write failed: {type(e).__name__}: {e}") from None
         if seq == -1:
@@ -310,7 +329,8 @@ class RedisStateStore:
             await pipe.execute()
 
     async def get_user(self, user_id: str) -> UserState:
-        return (await self.load([user_id], [])).users[user_id]
+        """One user's state, for GetUserState: not a batch round trip, so not observed."""
+        return (await self._load([user_id], [])).users[user_id]
 
     async def ping(self) -> bool:
         try:

@@ -6,6 +6,7 @@ updated. The engine (live state) and shadow mode (a candidate's state) both step
 """
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import numpy as np
@@ -17,14 +18,15 @@ MAX_ROWS = 1024          # the step model's max_batch_size in Triton (model_repo
 
 async def step_in_waves(encoder, waves: list[np.ndarray], user_idx: np.ndarray, type_ids: np.ndarray,
                         feats: np.ndarray, h: np.ndarray, c: np.ndarray, emb: np.ndarray, surprise: np.ndarray,
-                        remaining: Callable[[], float | None]) -> None:
+                        remaining: Callable[[], float | None],
+                        on_request: Callable[[float], None] | None = None) -> None:
     """Run every step through `encoder`, wave by wave, at most MAX_ROWS rows per request.
 
     Step g belongs to user user_idx[g]; h, c [n_users, H] hold each user's state and move on in
     place; emb[g] and surprise[g] receive the step's outputs. `feats` is already cut to the
     encoder's width. `remaining()` is the time left for a request (None: no limit); at or below 0
     raises EncoderUnavailable before the call. On EncoderUnavailable h and c are partly stepped:
-    the caller keeps its own copy to fall back on."""
+    the caller keeps its own copy to fall back on. `on_request(seconds)` hears how long each request took."""
     for wave in waves:
         for a in range(0, len(wave), MAX_ROWS):
             rows = wave[a:a + MAX_ROWS]
@@ -32,6 +34,11 @@ async def step_in_waves(encoder, waves: list[np.ndarray], user_idx: np.ndarray, 
             left = remaining()
             if left is not None and left <= 0:
                 raise EncoderUnavailable("deadline exceeded before the encoder call")
-            h2, c2, e2, s2 = await encoder.step(type_ids[rows], feats[rows], h[users], c[users], timeout_s=left)
+            t0 = time.perf_counter()
+            try:
+                h2, c2, e2, s2 = await encoder.step(type_ids[rows], feats[rows], h[users], c[users], timeout_s=left)
+            finally:
+                if on_request is not None:
+                    on_request(time.perf_counter() - t0)
             h[users], c[users] = h2, c2
             emb[rows], surprise[rows] = e2, s2

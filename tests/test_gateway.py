@@ -322,7 +322,6 @@ def test_state_rebuilt_from_ring_on_model_upgrade(small_model, small_log, redis_
     mine = sorted([e for e in events if e.user_id == user], key=lambda e: e.ts)[:24]
     mine = [e._replace(event_id=f"up-{e.event_id}", user_id=f"up-{user}", device_id=None, ip=None) for e in mine]
     engine = gw.gateway.coalescer.engine
-    engine = getattr(engine, "_inner", engine)            # the ScoringEngine behind the metrics proxy
     K = engine.store.rebuild_steps
     assert K == 4                                          # the setting reached the store
 

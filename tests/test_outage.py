@@ -28,8 +28,7 @@ def to_proto(ev) -> risk_pb2.Event:
 
 
 def _engine(gw):
-    engine = gw.gateway.coalescer.engine
-    return getattr(engine, "_inner", engine)
+    return gw.gateway.coalescer.engine
 
 
 def _user_history(small_log, n, tag):
