@@ -215,7 +215,7 @@ class _Permanent(Exception):
 class WebhookSink:
     def __init__(self, redis, prefix: str, config: SinkConfig, metrics: SinkMetrics | None = None):
         config.validate()
-        self.r = redis
+        self.redis = redis
         self.cfg = config
         self.stream = alerts_stream(prefix)
         self.dead = dead_letter_stream(prefix)
@@ -249,7 +249,7 @@ class WebhookSink:
                         await self._claim_abandoned()
                         await self._update_gauges()
                         next_claim = loop.time() + self.cfg.claim_every_s
-                    got = await self.r.xreadgroup(self.cfg.group, self.consumer, {self.stream: ">"},
+                    got = await self.redis.xreadgroup(self.cfg.group, self.consumer, {self.stream: ">"},
                                                   count=self.cfg.batch, block=self.cfg.block_ms)
                     for _stream, entries in got or ():
                         await self._deliver_all(entries)
@@ -264,7 +264,7 @@ class WebhookSink:
     async def _ensure_group(self) -> None:
         try:
             # id 0: a new group starts at the beginning, so alerts written before the first sink are delivered
-            await self.r.xgroup_create(self.stream, self.cfg.group, id="0", mkstream=True)
+            await self.redis.xgroup_create(self.stream, self.cfg.group, id="0", mkstream=True)
         except ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
@@ -273,7 +273,7 @@ class WebhookSink:
         """Entries this consumer name read but never acknowledged (a previous life killed mid-delivery)."""
         start = "0"
         while not self._stop.is_set():
-            got = await self.r.xreadgroup(self.cfg.group, self.consumer, {self.stream: start}, count=self.cfg.batch)
+            got = await self.redis.xreadgroup(self.cfg.group, self.consumer, {self.stream: start}, count=self.cfg.batch)
             entries = got[0][1] if got else []
             if not entries:
                 return
@@ -283,7 +283,7 @@ class WebhookSink:
     async def _claim_abandoned(self) -> None:
         start = "0-0"
         while not self._stop.is_set():
-            res = await self.r.xautoclaim(self.stream, self.cfg.group, self.consumer, self.cfg.claim_idle_ms,
+            res = await self.redis.xautoclaim(self.stream, self.cfg.group, self.consumer, self.cfg.claim_idle_ms,
                                           start_id=start, count=self.cfg.batch)
             start, entries = res[0], [e for e in res[1] if e[0] not in self._in_hand]
             # XAUTOCLAIM reports (and drops) deleted entries whatever their idle time; one this sink
@@ -302,7 +302,7 @@ class WebhookSink:
                 return
 
     async def _update_gauges(self) -> None:
-        for g in await self.r.xinfo_groups(self.stream):
+        for g in await self.redis.xinfo_groups(self.stream):
             if _text(g.get("name", b"")) == self.cfg.group:
                 self.metrics.pending.set(g.get("pending") or 0)
                 self.metrics.lag.set(g.get("lag") or 0)
@@ -333,7 +333,7 @@ class WebhookSink:
 
     async def _deliver(self, entry_id, fields) -> None:
         if not fields:          # read back from the pending list after the stream was trimmed past it
-            await self.r.xack(self.stream, self.cfg.group, entry_id)
+            await self.redis.xack(self.stream, self.cfg.group, entry_id)
             self.metrics.missing.inc()
             log.error("alert sink: pending alert %s was trimmed from %s before delivery", _text(entry_id), self.stream)
             return
@@ -362,9 +362,9 @@ class WebhookSink:
                 if await self._sleep(delay * random.uniform(0.5, 1.0)):
                     return      # stopping: the entry stays pending and is delivered after a restart
                 # reset its idle time, so no other sink takes it over while this one is still trying
-                await self.r.xclaim(self.stream, self.cfg.group, self.consumer, 0, [entry_id], justid=True)
+                await self.redis.xclaim(self.stream, self.cfg.group, self.consumer, 0, [entry_id], justid=True)
                 continue
-            await self.r.xack(self.stream, self.cfg.group, entry_id)
+            await self.redis.xack(self.stream, self.cfg.group, entry_id)
             self.metrics.delivered.inc()
             return
 
@@ -382,7 +382,7 @@ class WebhookSink:
         rec = {_text(k): _text(v) for k, v in fields.items()}
         rec.update(source_id=_text(entry_id), group=self.cfg.group, attempts=str(attempts), error=error[:500],
                    why=why, failed_ms=str(int(time.time() * 1000)))
-        async with self.r.pipeline(transaction=True) as pipe:
+        async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xadd(self.dead, rec)
             pipe.xack(self.stream, self.cfg.group, entry_id)
             await pipe.execute()

@@ -29,8 +29,9 @@ class Coalescer:
     back every later one), so a user's events, an entity's updates and a retried event id are
     applied in arrival order, never from state an earlier batch is still writing. (Two gateway
     processes are kept apart by the compare-and-set write instead.) Overlapping batches lets one
-    batch's Redis and Triton waits overlap another's Python work; with both on the same 2 cores it
-    measured worse (smaller batches, more CPU per request), hence the default of 1.
+    batch's Redis and Triton waits overlap another's Python work; where the gateway shares its cores
+    with them, it only splits the queue into smaller batches that cost more CPU per request, hence
+    the default of 1 (settings.coalesce_max_concurrent).
     """
 
     def __init__(self, engine: ScoringEngine, max_events: int = 256, max_wait_us: int = 0,

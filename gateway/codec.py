@@ -198,7 +198,7 @@ class RingCipher:
     event ids name the events behind a reason). Its bytes are XORed with SHAKE-256(ring key ||
     user key || nonce), a keyed extendable-output stream, with a fresh random nonce per write, so
     equal rings never look equal and nothing is readable without the deployment's pseudonymisation
-    key. About 1.5 us per user and write here: one hash call, not one per entry. Integrity is not
+    key. One hash call per user and write, not one per entry. Integrity is not
     its job: whoever can write Redis can already write any state.
     """
 

@@ -87,7 +87,7 @@ class ScoringEngine:
     # CATCH_UP_CHUNK steps while the user's new events are deferred behind it. Beyond MAX_PENDING the
     # loss rule applies: h, c and the session average restart from zero with the newest MAX_PENDING
     # steps, exactly as a rebuild does (an offline replay of those steps from zero gives the same
-    # scores), which bounds a user's record (~190 B per step).
+    # scores), which bounds a user's record (a deferred step is 8 + 4 x features + 16 bytes).
     MAX_INLINE_CATCHUP = 32
     CATCH_UP_CHUNK = 256
     MAX_PENDING = 256

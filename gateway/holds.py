@@ -109,8 +109,8 @@ def event_hold_ids(ev) -> list[tuple[str, str]]:
 
 class HoldStore:
     def __init__(self, redis, pseudonymize: Pseudonymizer, prefix: str, audit_max: int = AUDIT_STREAM_MAX):
-        self.r = redis
-        self.p = pseudonymize
+        self.redis = redis
+        self.pseudonymize = pseudonymize
         self.prefix = prefix
         self.audit_stream = prefix + "audit"
         self.audit_max = audit_max
@@ -120,7 +120,7 @@ class HoldStore:
         return f"{self.prefix}h:{kind}:{hashed}"
 
     def hashed(self, kind: str, raw_id: str) -> str:
-        return self.p(kind, raw_id)
+        return self.pseudonymize(kind, raw_id)
 
     async def set(self, kind: str, *, raw_id: str = "", hashed: str = "", action: str, reason: str, who: str,
                   ttl_s: int, now_ms: int | None = None) -> Hold:
@@ -130,7 +130,7 @@ class HoldStore:
         now = int(time.time() * 1000) if now_ms is None else now_ms
         hold = Hold(kind, h, action, reason, who, now, now + ttl_s * 1000)
         try:
-            async with self.r.pipeline(transaction=True) as pipe:
+            async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.set(self.key(kind, h), hold.to_json(), ex=ttl_s)
                 pipe.xadd(self.audit_stream, {"op": "set", "kind": kind, "key": h, "action": action, "reason": reason,
                                               "who": who, "ts": str(now), "expires_ms": str(hold.expires_ms)},
@@ -159,7 +159,7 @@ class HoldStore:
     async def audit(self, op: str, hold: Hold, who: str, reason: str = "") -> None:
         """An audit record about an existing hold without changing it (e.g. op "confirm" by a reviewer)."""
         try:
-            await self.r.xadd(self.audit_stream, {"op": op, "kind": hold.kind, "key": hold.key, "action": hold.action,
+            await self.redis.xadd(self.audit_stream, {"op": op, "kind": hold.kind, "key": hold.key, "action": hold.action,
                                                   "reason": reason, "who": who, "ts": str(int(time.time() * 1000)),
                                                   "expires_ms": str(hold.expires_ms)},
                               maxlen=self.audit_max, approximate=True)
@@ -172,7 +172,7 @@ class HoldStore:
         if not pairs:
             return []
         try:
-            raws = await self.r.mget([self.key(k, h) for k, h in pairs])
+            raws = await self.redis.mget([self.key(k, h) for k, h in pairs])
         except (RedisError, OSError, TimeoutError) as e:
             raise StateUnavailable(f"redis hold read failed: {type(e).__name__}: {e}") from None
         return [Hold.from_json(k, h, raw) for (k, h), raw in zip(pairs, raws) if raw]
@@ -201,7 +201,7 @@ class HoldStore:
         pattern = self.key(kind, "*") if kind else f"{self.prefix}h:*"
         pairs = []
         try:
-            async for k in self.r.scan_iter(match=pattern, count=1000):
+            async for k in self.redis.scan_iter(match=pattern, count=1000):
                 _, knd, h = k.decode().rsplit(":", 2)
                 pairs.append((knd, h))
         except (RedisError, OSError, TimeoutError) as e:
@@ -212,7 +212,7 @@ class HoldStore:
     async def history(self, count: int = 1000) -> list[dict]:
         """The newest audit records, newest first (str fields + the stream id)."""
         try:
-            entries = await self.r.xrevrange(self.audit_stream, count=count)
+            entries = await self.redis.xrevrange(self.audit_stream, count=count)
         except (RedisError, OSError, TimeoutError) as e:
             raise StateUnavailable(f"redis audit read failed: {type(e).__name__}: {e}") from None
         return [{"id": i.decode(), **{k.decode(): v.decode() for k, v in f.items()}} for i, f in entries]
@@ -248,7 +248,7 @@ class HoldIndex:
     """
 
     def __init__(self, pseudonymize: Pseudonymizer):
-        self.p = pseudonymize
+        self.pseudonymize = pseudonymize
         self._windows: dict[tuple[str, str], list[list]] = {}   # (kind, key) -> [[start, end, Hold], ...]
 
     @classmethod
@@ -276,7 +276,7 @@ class HoldIndex:
         for ev in events:
             held = []
             for kind, raw in event_hold_ids(ev):
-                for start, end, hold in self._windows.get((kind, self.p(kind, raw)), ()):
+                for start, end, hold in self._windows.get((kind, self.pseudonymize(kind, raw)), ()):
                     if start <= ev.ts < end:
                         held.append(hold)
             out.append(held)

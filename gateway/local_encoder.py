@@ -29,8 +29,8 @@ class LocalStepEncoder:
     model_version = "local"
 
     def __init__(self, onnx_path: str, threads: int = 1):
-        # one thread: the gateway's event loop shares the node's cores with it, and the step is
-        # small (a batch of 1 is ~0.3 ms; environment notes)
+        # one thread: the gateway's event loop shares the node's cores with it, and one step is
+        # too small to gain from more
         self.model = OrtStep(onnx_path, threads=threads)
 
     async def step(self, type_ids: np.ndarray, feats: np.ndarray, h: np.ndarray, c: np.ndarray,

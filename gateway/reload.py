@@ -56,9 +56,9 @@ def start_polling(poll_s: float, check, name: str, failure: str) -> asyncio.Task
 
 class ModelReloader:
     def __init__(self, gateway, poll_s: float):
-        self.gw = gateway
+        self.gateway = gateway
         self.poll_s = poll_s
-        self.marker = artifact_marker(gateway.s.model_dir)
+        self.marker = artifact_marker(gateway.settings.model_dir)
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
         self.reloads = 0
@@ -74,16 +74,16 @@ class ModelReloader:
     async def check(self, force: bool = False) -> bool:
         """Reload if the artifact changed (or always with force, e.g. on SIGHUP). True if a new model went live."""
         async with self._lock:
-            marker = artifact_marker(self.gw.s.model_dir)
+            marker = artifact_marker(self.gateway.settings.model_dir)
             if marker == self.marker and not force:
                 return False
             try:
-                changed = await self.gw.reload_model()
+                changed = await self.gateway.reload_model()
             except Exception as e:  # noqa: BLE001 - reported, retried on the next poll
                 self.last_error = f"{type(e).__name__}: {e}"
-                log.warning("model reload failed, still serving %s: %s", self.gw.artifact.model_version,
+                log.warning("model reload failed, still serving %s: %s", self.gateway.artifact.model_version,
                             self.last_error)
-                self.gw.metrics.reloads.labels("failed").inc()
+                self.gateway.metrics.reloads.labels("failed").inc()
                 return False
             self.marker = marker
             if changed:

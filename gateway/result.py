@@ -26,14 +26,15 @@ class ScoreResult:
         """What the idempotency window remembers ("seq":0 is filled in by the atomic write). The
         reasons' event ids are left out: no raw caller identifier is stored in Redis in the clear
         (the ring, which names them, is sealed: gateway/codec.py RingCipher)."""
-        d = {"risk": self.risk, "action": self.action, "mv": self.model_version,
+        d = {"risk": self.risk, "action": self.action, "model_version": self.model_version,
              "reasons": [[r.code, r.message, r.weight, []] for r in self.reasons],
-             "st": self.status, "seq": 0}
+             "status": self.status, "seq": 0}
         if self.rules:
             d["rules"] = self.rules
         return json.dumps(d, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, event_id: str, d: dict) -> "ScoreResult":
-        return cls(event_id, d["risk"], d["action"], d["mv"], d.get("st", OK), "duplicate event_id: original result",
-                   [Reason(*r) for r in d["reasons"]], d["seq"], list(d.get("rules", ())))
+        return cls(event_id, d["risk"], d["action"], d["model_version"], d["status"],
+                   "duplicate event_id: original result", [Reason(*r) for r in d["reasons"]], d["seq"],
+                   list(d.get("rules", ())))

@@ -98,7 +98,7 @@ def hold_to_proto(h: Hold) -> risk_pb2.Hold:
 class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
     def __init__(self, settings: Settings, coalescer: Coalescer, metrics: GatewayMetrics,
                  holds: HoldStore | None = None):
-        self.s = settings
+        self.settings = settings
         self.coalescer = coalescer
         self.metrics = metrics
         self.holds = holds
@@ -110,7 +110,7 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
 
     def _deadline(self, context) -> tuple[float, float]:
         """(loop-time deadline for the pipeline, seconds we may wait) from the client's and our budget."""
-        budget = self.s.deadline_ms / 1000
+        budget = self.settings.deadline_ms / 1000
         left = context.time_remaining()
         if left is not None:
             budget = min(budget, max(0.0, left - 0.002))
@@ -131,7 +131,7 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
 
     def _live_event(self, msg: risk_pb2.Event, where: str):
         ev = event_from_proto(msg, where)
-        check_clock_skew(ev, where, int(time.time() * 1000), self.s.max_future_skew_ms, self.s.max_past_skew_ms)
+        check_clock_skew(ev, where, int(time.time() * 1000), self.settings.max_future_skew_ms, self.settings.max_past_skew_ms)
         return ev
 
     @metered("Score")
@@ -145,9 +145,9 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
 
     @metered("ScoreBatch")
     async def ScoreBatch(self, request: risk_pb2.ScoreBatchRequest, context: Context) -> risk_pb2.ScoreBatchResponse:
-        if len(request.events) > self.s.max_batch_events:
+        if len(request.events) > self.settings.max_batch_events:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"field 'events': {len(request.events)} events; at most {self.s.max_batch_events} per batch")
+                                f"field 'events': {len(request.events)} events; at most {self.settings.max_batch_events} per batch")
         try:
             events = [self._live_event(m, f"events[{i}]") for i, m in enumerate(request.events)]
         except SchemaError as e:
@@ -166,7 +166,7 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
         async for i, msg in _aenumerate(request_iterator):
             try:
                 ev = event_from_proto(msg, f"event[{i}]")
-                check_clock_skew(ev, f"event[{i}]", int(time.time() * 1000), self.s.max_future_skew_ms, 0)
+                check_clock_skew(ev, f"event[{i}]", int(time.time() * 1000), self.settings.max_future_skew_ms, 0)
                 chunk.append(ev)
             except SchemaError as e:
                 rejected += 1
@@ -191,7 +191,7 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
     async def GetUserState(self, request: risk_pb2.UserStateRequest, context: Context) -> risk_pb2.UserState:
         await _require_id(context, "user_id", request.user_id)
         try:
-            st = await asyncio.wait_for(self.engine.store.get_user(request.user_id), self.s.deadline_ms / 1000)
+            st = await asyncio.wait_for(self.engine.store.get_user(request.user_id), self.settings.deadline_ms / 1000)
         except (StateUnavailable, asyncio.TimeoutError) as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"state store unavailable: {e}")
         holds = await self._holds_call(context, self.holds.get([("user", self.holds.hashed("user", request.user_id))]))
@@ -222,18 +222,18 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
         try:
             prev = await asyncio.wait_for(self.engine.store.record_outcome(
                 request.event_id, risk_pb2.Label.Name(request.label), family, int(time.time() * 1000),
-                self.s.outcome_ttl_s, self.s.outcome_stream_max,
-                user_id=request.user_id if request.HasField("user_id") else ""), self.s.deadline_ms / 1000)
+                self.settings.outcome_ttl_s, self.settings.outcome_stream_max,
+                user_id=request.user_id if request.HasField("user_id") else ""), self.settings.deadline_ms / 1000)
         except (StateUnavailable, asyncio.TimeoutError) as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"state store unavailable: {e}")
         if prev is None:
             return risk_pb2.OutcomeAck(scored=False)
-        return risk_pb2.OutcomeAck(scored=True, risk=prev["risk"], model_version=prev["mv"])
+        return risk_pb2.OutcomeAck(scored=True, risk=prev["risk"], model_version=prev["model_version"])
 
     async def _holds_call(self, context, coro):
         """Run a HoldStore call under the deadline: HoldError -> INVALID_ARGUMENT, Redis trouble -> UNAVAILABLE."""
         try:
-            return await asyncio.wait_for(coro, self.s.deadline_ms / 1000)
+            return await asyncio.wait_for(coro, self.settings.deadline_ms / 1000)
         except HoldError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except (StateUnavailable, asyncio.TimeoutError) as e:
@@ -342,9 +342,9 @@ def freeze_heap() -> None:
     the garbage collector's view (gc.freeze).
 
     A full collection walks every tracked object while no request moves. With a model loaded
-    that is ~58k objects and ~27 ms on our 2 cores, a latency spike for whatever is in flight;
-    in `seqguard demo`, where the gateway shares a process with training's leftovers, it was
-    ~380k objects and ~200 ms, enough to push a ScoreBatch past its deadline. Frozen objects are
+    that is tens of thousands of objects, a latency spike for whatever is in flight; in
+    `seqguard demo`, where the gateway shares a process with training's leftovers, several times
+    more, enough to push a ScoreBatch past its deadline. Frozen objects are
     still freed by reference counting; only reference cycles among them wait for the next
     freeze_heap (after a model reload's grace period).
     """
@@ -356,7 +356,7 @@ class Gateway:
     """Owns the server and its clients; start()/stop() for tests, serve() for the CLI."""
 
     def __init__(self, settings: Settings):
-        self.s = settings
+        self.settings = settings
         key = settings.key_bytes()
         self.hasher = TokenHasher(key)
         self.artifact = ModelArtifact.load(settings.model_dir, hasher=self.hasher)
@@ -375,93 +375,111 @@ class Gateway:
         self.port = None
 
     async def start(self) -> int:
-        s = self.s
-        if s.shadow_model_dir:        # first: an unusable candidate fails the start before anything is opened
+        settings = self.settings
+        if settings.shadow_model_dir:   # first: an unusable candidate fails the start before anything is opened
             from .shadow import ShadowScorer
-            self.shadow = ShadowScorer.from_settings(s, self.artifact, self.hasher, self.metrics)
+            self.shadow = ShadowScorer.from_settings(settings, self.artifact, self.hasher, self.metrics)
             self.shadow.start()
         # the compiled featuriser kernel loads (or, with a cold cache, compiles: seconds) before the first
         # request, not inside it, where it would blow the deadline and answer DEGRADED
         await asyncio.to_thread(self.artifact.featurizer.warm_up)
-        self.store = RedisStateStore.from_settings(s, self.artifact.hidden, self.metrics)
-        self.encoder = self._encoder_for(self.artifact)
-        self.engine = self._engine_for(self.artifact, self.store, self.encoder)
-        self.coalescer = Coalescer(self.engine, s.coalesce_max_events, s.coalesce_max_wait_us, s.max_in_flight,
-                                   s.coalesce_max_concurrent)
-        self.coalescer.start()
-        self.metrics.in_flight.set_function(lambda: self.coalescer.in_flight)
-        self.metrics.watch_engine(lambda: self.coalescer.engine)
-        self.metrics.set_model(self.artifact.model_version, self.encoder.model_version)
-        if s.metrics_port:
-            self.metrics_port = self.metrics.serve(s.metrics_host or s.host, s.metrics_port)
-            log.info("prometheus metrics on %s:%d", s.metrics_host or s.host, self.metrics_port)
-        self.reloader = ModelReloader(self, s.model_poll_s)
+        self._start_pipeline()
+        self.reloader = ModelReloader(self, settings.model_poll_s)
         self.reloader.start()
-        if s.rules_path:
-            self.rules_reloader = RulesReloader(s.rules_path, self.rules, s.rules_poll_s)
+        if settings.rules_path:
+            self.rules_reloader = RulesReloader(settings.rules_path, self.rules, settings.rules_poll_s)
             self.rules_reloader.start()
             log.info("rules in force: %s (%d rules)", self.rules.current.version_tag, len(self.rules.current.rules))
-        opts = [("grpc.max_receive_message_length", s.max_message_bytes),
-                ("grpc.max_send_message_length", s.max_message_bytes),
-                ("grpc.so_reuseport", 0)]
-        tokens = s.auth_tokens()
-        if not tokens:
-            log.warning("bearer-token auth is OFF (set SEQGUARD_AUTH_TOKEN or SEQGUARD_AUTH_TOKEN_FILE)")
-        admin_tokens = s.admin_tokens()
-        self.server = grpc.aio.server(options=opts, interceptors=[BearerAuth(tokens, admin_tokens)]
-                                      if tokens or admin_tokens else [])
-        # holds get their own client: the state store's is replaced (and closed) by a model reload
-        self.holds = HoldStore(connect_redis(s, s.redis_timeout_ms / 1000), self.store.pseudonymize, key_prefix(s))
-        risk_pb2_grpc.add_RiskScoringServicer_to_server(
-            RiskScoringService(s, self.coalescer, self.metrics, self.holds), self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server)
-        if s.tls_cert_file:
-            read = lambda p: open(p, "rb").read()  # noqa: E731
-            creds = grpc.ssl_server_credentials(
-                [(read(s.tls_key_file), read(s.tls_cert_file))],
-                root_certificates=read(s.tls_client_ca_file) if s.tls_client_ca_file else None,
-                require_client_auth=bool(s.tls_client_ca_file))
-            self.port = self.server.add_secure_port(f"{s.host}:{s.port}", creds)
-        else:
-            self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
-        if not self.port:
-            raise RuntimeError(f"cannot bind {s.host}:{s.port}")
-        await self.server.start()
-        if s.health_port:
-            # kubelet gRPC probes cannot speak TLS: the same health servicer (so NOT_SERVING on stop shows
-            # here too), plaintext, and nothing else on this port: no scoring RPC, no reflection
-            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
-            self.health_port = self.health_server.add_insecure_port(f"{s.host}:{s.health_port}")
-            if not self.health_port:
-                raise RuntimeError(f"cannot bind health port {s.host}:{s.health_port}")
-            await self.health_server.start()
-        if s.gc_freeze:
+        await self._start_grpc()
+        if settings.health_port:
+            await self._start_health_port()
+        if settings.gc_freeze:
             freeze_heap()
         for name in ("", SERVICE_NAME):
             await _maybe_await(self.health.set(name, health_pb2.HealthCheckResponse.SERVING))
         log.info("gateway serving model %s on %s:%d (redis %s:%d, triton %s)", self.artifact.model_version,
-                 s.host, self.port, s.redis_host, s.redis_port, s.triton_url)
+                 settings.host, self.port, settings.redis_host, settings.redis_port, settings.triton_url)
         return self.port
 
+    def _start_pipeline(self) -> None:
+        """The state store, encoder, engine and coalescer, and the metrics that watch them."""
+        settings = self.settings
+        self.store = RedisStateStore.from_settings(settings, self.artifact.hidden, self.metrics)
+        self.encoder = self._encoder_for(self.artifact)
+        self.engine = self._engine_for(self.artifact, self.store, self.encoder)
+        self.coalescer = Coalescer(self.engine, settings.coalesce_max_events, settings.coalesce_max_wait_us,
+                                   settings.max_in_flight, settings.coalesce_max_concurrent)
+        self.coalescer.start()
+        self.metrics.in_flight.set_function(lambda: self.coalescer.in_flight)
+        self.metrics.watch_engine(lambda: self.coalescer.engine)
+        self.metrics.set_model(self.artifact.model_version, self.encoder.model_version)
+        if settings.metrics_port:
+            host = settings.metrics_host or settings.host
+            self.metrics_port = self.metrics.serve(host, settings.metrics_port)
+            log.info("prometheus metrics on %s:%d", host, self.metrics_port)
+
+    async def _start_grpc(self) -> None:
+        """The gRPC server: RiskScoring, health and reflection, behind bearer-token auth and TLS when set."""
+        settings = self.settings
+        opts = [("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                ("grpc.so_reuseport", 0)]
+        tokens = settings.auth_tokens()
+        if not tokens:
+            log.warning("bearer-token auth is OFF (set SEQGUARD_AUTH_TOKEN or SEQGUARD_AUTH_TOKEN_FILE)")
+        admin_tokens = settings.admin_tokens()
+        self.server = grpc.aio.server(options=opts, interceptors=[BearerAuth(tokens, admin_tokens)]
+                                      if tokens or admin_tokens else [])
+        # holds get their own client: the state store's is replaced (and closed) by a model reload
+        self.holds = HoldStore(connect_redis(settings, settings.redis_timeout_ms / 1000), self.store.pseudonymize,
+                               key_prefix(settings))
+        risk_pb2_grpc.add_RiskScoringServicer_to_server(
+            RiskScoringService(settings, self.coalescer, self.metrics, self.holds), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        address = f"{settings.host}:{settings.port}"
+        if settings.tls_cert_file:
+            read = lambda p: open(p, "rb").read()  # noqa: E731
+            creds = grpc.ssl_server_credentials(
+                [(read(settings.tls_key_file), read(settings.tls_cert_file))],
+                root_certificates=read(settings.tls_client_ca_file) if settings.tls_client_ca_file else None,
+                require_client_auth=bool(settings.tls_client_ca_file))
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if not self.port:
+            raise RuntimeError(f"cannot bind {address}")
+        await self.server.start()
+
+    async def _start_health_port(self) -> None:
+        """kubelet gRPC probes cannot speak TLS: the same health servicer (so NOT_SERVING on stop shows
+        here too), plaintext, and nothing else on this port: no scoring RPC, no reflection."""
+        settings = self.settings
+        self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+        self.health_port = self.health_server.add_insecure_port(f"{settings.host}:{settings.health_port}")
+        if not self.health_port:
+            raise RuntimeError(f"cannot bind health port {settings.host}:{settings.health_port}")
+        await self.health_server.start()
+
     def _encoder_for(self, artifact: ModelArtifact):
-        s = self.s
-        if s.encoder == "local":
+        settings = self.settings
+        if settings.encoder == "local":
             return LocalStepEncoder(str(artifact.onnx_path))
-        version = s.triton_model_version or artifact.triton_model_version
-        encoder = TritonStepClient(s.triton_url, s.triton_model, version, s.triton_timeout_ms)
-        if s.local_encoder_fallback:
+        version = settings.triton_model_version or artifact.triton_model_version
+        encoder = TritonStepClient(settings.triton_url, settings.triton_model, version,
+                                   settings.triton_timeout_ms)
+        if settings.local_encoder_fallback:
             encoder = FailoverEncoder(encoder, LocalStepEncoder(str(artifact.onnx_path)),
-                                      s.local_encoder_retry_ms / 1000)
+                                      settings.local_encoder_retry_ms / 1000)
         return encoder
 
     def _engine_for(self, artifact: ModelArtifact, store, encoder):
-        engine = ScoringEngine(artifact, store, encoder, self.s.fallback,
+        engine = ScoringEngine(artifact, store, encoder, self.settings.fallback,
                                holds=HoldStore(store.client, store.pseudonymize, store.prefix),
-                               alerts_include_raw_ids=self.s.alerts_include_raw_ids, rules=self.rules,
+                               alerts_include_raw_ids=self.settings.alerts_include_raw_ids, rules=self.rules,
                                observer=self.metrics)
         engine.shadow = self.shadow
         return engine
@@ -478,7 +496,7 @@ class Gateway:
         is not ready / fails a warm-up step within settings.model_ready_timeout_s.
         """
         loop = asyncio.get_running_loop()
-        art = await loop.run_in_executor(None, lambda: ModelArtifact.load(self.s.model_dir, hasher=self.hasher))
+        art = await loop.run_in_executor(None, lambda: ModelArtifact.load(self.settings.model_dir, hasher=self.hasher))
         if art.model_version == self.artifact.model_version:
             return False
         encoder = self._encoder_for(art)
@@ -489,7 +507,7 @@ class Gateway:
             raise
         old_store, old_encoder = self.store, self.encoder
         store = (old_store if art.hidden == self.artifact.hidden
-                 else RedisStateStore.from_settings(self.s, art.hidden, self.metrics))
+                 else RedisStateStore.from_settings(self.settings, art.hidden, self.metrics))
         engine = self._engine_for(art, store, encoder)
         # the swap: one attribute, read by the coalescer once per batch (a running batch finishes on the old model)
         self.coalescer.engine = engine
@@ -497,12 +515,12 @@ class Gateway:
         self.artifact, self.engine, self.encoder, self.store = art, engine, encoder, store
         self.metrics.set_model(art.model_version, encoder.model_version)
         self.metrics.reloads.labels("ok").inc()
-        if self.s.gc_freeze:
+        if self.settings.gc_freeze:
             gc.freeze()                 # the new model joins the frozen heap (see freeze_heap)
         log.info("model reloaded: %s -> %s (triton %s version %s)", old_version, art.model_version,
-                 self.s.triton_model, encoder.model_version or "latest")
+                 self.settings.triton_model, encoder.model_version or "latest")
         # close the old clients once no batch can still be using them
-        grace = max(self.s.deadline_ms, self.s.triton_timeout_ms) / 1000 + 5.0
+        grace = max(self.settings.deadline_ms, self.settings.triton_timeout_ms) / 1000 + 5.0
         self._retired.append(loop.create_task(self._close_later(
             old_encoder, old_store if store is not old_store else None, grace)))
         return True
@@ -511,23 +529,23 @@ class Gateway:
         """Wait until Triton serves the artifact's version, then run one real step through it."""
         import numpy as np
         loop = asyncio.get_running_loop()
-        end = loop.time() + self.s.model_ready_timeout_s
+        end = loop.time() + self.settings.model_ready_timeout_s
         while not await encoder.ready():
             if loop.time() >= end:
-                raise TimeoutError(f"triton model {self.s.triton_model} version {encoder.model_version or 'latest'} "
-                                   f"not ready after {self.s.model_ready_timeout_s:.0f} s")
+                raise TimeoutError(f"triton model {self.settings.triton_model} version {encoder.model_version or 'latest'} "
+                                   f"not ready after {self.settings.model_ready_timeout_s:.0f} s")
             await asyncio.sleep(0.2)
         n_feat = art.encoder_features
         h = np.zeros((1, art.hidden), np.float32)
         await encoder.step(np.zeros(1, np.int64), np.zeros((1, n_feat), np.float32), h, h,
-                           timeout_s=max(1.0, self.s.triton_timeout_ms / 1000))
+                           timeout_s=max(1.0, self.settings.triton_timeout_ms / 1000))
 
     async def _close_later(self, encoder, store, delay: float) -> None:
         await asyncio.sleep(delay)
         await encoder.close()
         if store is not None:
             await store.close()
-        if self.s.gc_freeze:
+        if self.settings.gc_freeze:
             gc.unfreeze()               # collect the retired model's cycles once, then freeze again
             freeze_heap()
 
@@ -550,7 +568,7 @@ class Gateway:
         await self.encoder.close()
         await self.store.close()
         if self.holds is not None:
-            await self.holds.r.aclose()
+            await self.holds.redis.aclose()
         self.metrics.close()
 
     async def serve(self) -> None:

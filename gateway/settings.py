@@ -64,9 +64,10 @@ class Settings:
     # Coalescing: concurrent calls share one Redis round trip and one Triton request
     coalesce_max_events: int = 256
     coalesce_max_wait_us: int = 0       # 0 = adaptive: take whatever queued while the last batch ran
-    # batches in flight at once (only ones sharing no user/entity/event id). 1 here: on 2 shared cores a
-    # second batch halves batch sizes and costs more CPU per request (measured, BENCHMARKS.md); raise it
-    # where Redis and Triton are on other hosts and the gateway mostly waits on them
+    # batches in flight at once (only ones sharing no user/entity/event id). 1 here: where the gateway
+    # shares its cores with Redis and Triton a second batch splits the queue into smaller batches that
+    # cost more CPU per request (BENCHMARKS.md); raise it where Redis and Triton are on other hosts and
+    # the gateway mostly waits on them
     coalesce_max_concurrent: int = 1
     # Operations: Prometheus /metrics (0 = off; host "" = same as `host`) and hot model reload
     metrics_port: int = 0

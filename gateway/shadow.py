@@ -4,8 +4,8 @@ The engine hands each applied batch (events, the live featuriser's rows, the liv
 outputs and risks) to `ShadowScorer.submit`, which only queues it; one worker scores the batches
 in order on its own thread and event loop with its own Redis and Triton clients, so the live path
 pays a queue append and nothing else: no extra Redis round trip, no Triton wait, no exception, and
-no shadow coroutine step ever holds up the live event loop (measured: with the worker on the live
-loop, a 50 ms Redis read timed out under test load). A shadow failure is counted
+no shadow coroutine step ever holds up the live event loop (on the live loop, the worker's steps
+delayed live Redis reads past their timeout). A shadow failure is counted
 (seqguard_shadow_events{result="failed"}), a full queue drops the batch (result="dropped").
 
 The candidate must featurise the same way (same schema, featuriser version and feature names;

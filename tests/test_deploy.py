@@ -461,7 +461,7 @@ def test_manifest_settings_serve_tls_tokens_and_a_plaintext_health_port(small_mo
                              metrics_port=0, redis_host=redis.host, redis_port=redis.port,
                              redis_username="",              # the test Redis has no ACL user (test_security.py has)
                              triton_url="127.0.0.1:1", pseudonym_key="")
-        s = gw.gateway.s
+        s = gw.gateway.settings
         assert s.tls_cert_file and len(s.auth_tokens()) == 2 and len(s.admin_tokens()) == 1
         assert s.redis_password == "redis-gateway-pass" and s.key_bytes() == b"ab" * 32
 

@@ -89,13 +89,13 @@ class AlertPage:
 
 class CaseReader:
     def __init__(self, redis, prefix: str, scan_alerts: int):
-        self.r = redis
+        self.redis = redis
         self.prefix = prefix
         self.stream = alerts_stream(prefix)
         self.scan_alerts = scan_alerts
 
     async def _recent(self) -> tuple[list[AlertRecord], int, int]:
-        entries = await self.r.xrevrange(self.stream, count=self.scan_alerts)
+        entries = await self.redis.xrevrange(self.stream, count=self.scan_alerts)
         out, bad = [], 0
         for _, fields in entries:
             try:
@@ -107,7 +107,7 @@ class CaseReader:
     async def _labels(self, alerts: list[AlertRecord]) -> list[str]:
         if not alerts:
             return []
-        raws = await self.r.mget([self.prefix + "o:" + a.event for a in alerts])
+        raws = await self.redis.mget([self.prefix + "o:" + a.event for a in alerts])
         return [json.loads(raw)["label"] if raw else "" for raw in raws]
 
     async def queue(self, flt: AlertFilter, limit: int) -> AlertPage:
