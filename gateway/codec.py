@@ -2,7 +2,8 @@
 turns a UserState into bytes and back).
 
     n (uint64: events applied, the optimistic-concurrency version; first, so the write script
-    compares it with GETRANGE 0 7), format (uint8), model version, h, c (float32 LSTM state),
+    compares it with GETRANGE 0 7), format (uint8), model version, h, c (float16 LSTM state:
+    every step's state is rounded so, offline too, seqguard.encoding.carried_state),
     session (float64 session average of the detector, seqguard/detector.py), ctx (UserContext
     bytes), pending (featurised events whose LSTM step is deferred), ring (recent events, sealed:
     RingCipher; the newest `rebuild_steps` carry their feature row so a new model version can
@@ -28,9 +29,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from seqguard.encoding import STATE_DTYPE
 from seqguard.featurizer import N_FEATURES, UserContext
 
-USER_FORMAT = 1                 # the layout above; bumped when it changes
+USER_FORMAT = 2                 # the layout above; bumped when it changes
 
 
 class RingEntry(NamedTuple):
@@ -231,15 +233,15 @@ def pack_user(st: UserState, ring_size: int, rebuild_steps: int, cipher: RingCip
     """The user's record. With `cipher` (always, in the gateway) the ring section is sealed; the
     same cipher must open it (unpack_user)."""
     mv = st.model_version.encode()
-    h = np.asarray(st.h, np.float32).tobytes()
-    c = np.asarray(st.c, np.float32).tobytes()
+    h = np.asarray(st.h, STATE_DTYPE).tobytes()
+    c = np.asarray(st.c, STATE_DTYPE).tobytes()
     ctx = st.ctx.to_bytes()
     pend = _pack_pending(st.pending)
     ring = pack_ring(st.ring[-ring_size:], rebuild_steps)
     if cipher is not None:
         ring = cipher.seal(st.key, ring)
     return b"".join((_BLOB_HEAD.pack(st.n, USER_FORMAT), bytes([len(mv)]), mv,
-                     struct.pack("<H", len(h) // 4), h, c, struct.pack("<d", st.session),
+                     struct.pack("<H", len(st.h)), h, c, struct.pack("<d", st.session),
                      struct.pack("<H", len(ctx)), ctx,
                      struct.pack("<I", len(pend)), pend, ring))
 
@@ -254,9 +256,9 @@ def unpack_user(key: str, raw: bytes, cipher: RingCipher | None = None) -> UserS
     i += 1 + m
     (H,) = struct.unpack_from("<H", raw, i)
     i += 2
-    h = np.frombuffer(raw, np.float32, H, i).copy()
-    c = np.frombuffer(raw, np.float32, H, i + 4 * H).copy()
-    i += 8 * H
+    h = np.frombuffer(raw, STATE_DTYPE, H, i).astype(np.float32)
+    c = np.frombuffer(raw, STATE_DTYPE, H, i + 2 * H).astype(np.float32)
+    i += 4 * H
     (session,) = struct.unpack_from("<d", raw, i)
     i += 8
     (lc,) = struct.unpack_from("<H", raw, i)

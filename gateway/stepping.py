@@ -11,6 +11,8 @@ from typing import Callable
 
 import numpy as np
 
+from seqguard.encoding import carried_state
+
 from .triton_client import EncoderUnavailable
 
 MAX_ROWS = 1024          # the step model's max_batch_size in Triton (model_repository/*/config.pbtxt)
@@ -40,5 +42,5 @@ async def step_in_waves(encoder, waves: list[np.ndarray], user_idx: np.ndarray, 
             finally:
                 if on_request is not None:
                     on_request(time.perf_counter() - t0)
-            h[users], c[users] = h2, c2
+            h[users], c[users] = carried_state(h2), carried_state(c2)
             emb[rows], surprise[rows] = e2, s2

@@ -20,7 +20,7 @@ import numpy as np
 
 from .artifact import ModelArtifact
 from .detector import ACTIONS
-from .encoding import OrtStep, encode_sequences, lockstep_rows
+from .encoding import OrtStep, carried_state, encode_sequences, lockstep_rows
 from .featurizer import ContextStore, Featurizer, TokenHasher, Vocabulary, featurize_log
 from .rules import RuleInputs, RuleOutcome, RuleSet
 from .schema import Event
@@ -295,7 +295,8 @@ class StreamScorer:
             for a in range(0, len(rows_k), self.max_batch):
                 rows = rows_k[a:a + self.max_batch]
                 u = local[rows]
-                h[u], c[u], emb, surprise[rows] = self.step(type_ids[rows], feats[rows], h[u], c[u])
+                h_next, c_next, emb, surprise[rows] = self.step(type_ids[rows], feats[rows], h[u], c[u])
+                h[u], c[u] = carried_state(h_next), carried_state(c_next)
                 out = self.det.project(emb)
                 if kept is None:
                     kept = np.empty((len(local), out.shape[1]), out.dtype)

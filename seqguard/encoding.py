@@ -11,6 +11,19 @@ import numpy as np
 STEP_INPUTS = ("event_type", "features", "h_in", "c_in")
 STEP_OUTPUTS = ("h_out", "c_out", "embedding", "surprise")
 
+# A user's (h, c) is kept between steps as float16: half the bytes of the largest part of a user's
+# record in Redis. Every path that carries a state from one step to the next (offline replay, batch
+# scoring, the gateway) rounds it with carried_state(), so the online state read back from Redis and
+# the offline one are the same numbers; the step itself still computes in float32.
+STATE_DTYPE = np.float16
+_STATE_MAX = float(np.finfo(STATE_DTYPE).max)
+
+
+def carried_state(x: np.ndarray) -> np.ndarray:
+    """h or c as it is carried to the next step: rounded to float16 (clipped to its range, so an
+    LSTM cell that grew past it stays finite), returned as float32 for the next step's input."""
+    return np.clip(x, -_STATE_MAX, _STATE_MAX).astype(STATE_DTYPE).astype(np.float32)
+
 
 class OrtStep:
     """(type_ids [B], features [B,F], h [B,H], c [B,H]) -> (h', c', embedding, surprise).
@@ -82,7 +95,7 @@ def encode_sequences(step, user_idx: np.ndarray, type_ids: np.ndarray, feats: np
             rows = rows_k[a:a + max_batch]
             users = user_idx[rows]
             h2, c2, emb, sur = step(type_ids[rows], feats[rows], h[users], c[users])
-            h[users], c[users] = h2, c2
+            h[users], c[users] = carried_state(h2), carried_state(c2)
             surprise[rows] = sur
             out = emb if reduce is None else reduce(emb)
             if kept is None:

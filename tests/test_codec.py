@@ -3,6 +3,7 @@ written by a narrower featuriser read zero-padded), and refusal of any other for
 import numpy as np
 import pytest
 
+from seqguard.encoding import carried_state
 from seqguard.featurizer import N_FEATURES, UserContext
 from seqguard.gateway.codec import (USER_FORMAT, RingCipher, UserState, pack_features, pack_user, ring_entry,
                                     unpack_features, unpack_user)
@@ -11,7 +12,9 @@ from seqguard.gateway.codec import (USER_FORMAT, RingCipher, UserState, pack_fea
 def _user(rows, pending_rows, session=0.0) -> UserState:
     rng = np.random.default_rng(4)
     ring = [ring_entry(f"e{k}", "login", 1767225600000 + k, row) for k, row in enumerate(rows)]
-    return UserState("sg:u:k", rng.standard_normal(16).astype(np.float32), rng.standard_normal(16).astype(np.float32),
+    # a carried state, as every step leaves it (seqguard.encoding.carried_state)
+    h, c = carried_state(rng.standard_normal(16)), carried_state(5 * rng.standard_normal(16))
+    return UserState("sg:u:k", h, c,
                      UserContext(), ring, [(3, row, "ab" * 16) for row in pending_rows], "v-1", 7, 7, True, session)
 
 
@@ -20,6 +23,20 @@ def test_session_average_and_state_round_trip_exactly():
     back = unpack_user(st.key, pack_user(st, ring_size=8, rebuild_steps=3))
     assert back.session == st.session and (back.n, back.version, back.existed) == (7, 7, True)
     assert back.h.tobytes() == st.h.tobytes() and back.c.tobytes() == st.c.tobytes()
+    assert back.h.dtype == np.float32
+
+
+def test_the_carried_state_is_float16_and_its_record_half_the_float32_size():
+    """Issue #22 part 6: h and c are the largest part of a user's record; carried as float16 they take
+    2 bytes per unit. carried_state is what every stepping path applies, so the record holds it exactly."""
+    x = np.array([0.1, -1 / 3, 70000.0, -1e9, 0.0], np.float32)
+    kept = carried_state(x)
+    assert kept.dtype == np.float32 and np.isfinite(kept).all()
+    assert kept.tolist() == x.astype(np.float16).astype(np.float32).tolist()[:2] + [65504.0, -65504.0, 0.0]
+    st = _user([], [])
+    small = len(pack_user(st, ring_size=8, rebuild_steps=3))
+    st.h, st.c = np.zeros(144, np.float32), np.zeros(144, np.float32)
+    assert len(pack_user(st, ring_size=8, rebuild_steps=3)) - small == 2 * 2 * 128
 
 
 def test_other_format_versions_are_refused():

@@ -297,7 +297,8 @@ def test_user_state_blob_roundtrip_is_exact():
     for r in rows:
         assert unpack_features(pack_features(r), N_FEATURES).tobytes() == r.tobytes()
     ring = [ring_entry(f"ev-{k}-é", "login" if k % 2 else "team_custom", 1767225600000 + k, rows[k]) for k in range(10)]
-    st = UserState("k", rng.standard_normal(128).astype(np.float32), rng.standard_normal(128).astype(np.float32),
+    from seqguard.encoding import carried_state          # the state as every step leaves it
+    st = UserState("k", carried_state(rng.standard_normal(128)), carried_state(rng.standard_normal(128)),
                    UserContext(), ring, [(3, rows[0], "ab" * 16), (5, rows[1], "")], "v-1", 12, 12, True)
     back = unpack_user("k", pack_user(st, ring_size=8, rebuild_steps=4))
     assert (back.n, back.model_version, back.h.tobytes(), back.c.tobytes()) == (12, "v-1", st.h.tobytes(), st.c.tobytes())

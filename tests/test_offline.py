@@ -10,30 +10,45 @@ import torch
 
 from seqguard.artifact import ArtifactError, ModelArtifact
 from seqguard.batch import encode_log, score_events
-from seqguard.encoding import OrtStep
+from seqguard.encoding import OrtStep, carried_state
 from seqguard.featurizer import N_ENCODER_FEATURES
 from seqguard.schema import read_events
-from seqguard.training.model import EncoderConfig, SequenceEncoder, export_onnx
+from seqguard.training.model import EncoderConfig, SequenceEncoder, StepModel, export_onnx
 from seqguard.training.train import TrainConfig, train
 
 SEQGUARD = [sys.executable, "-m", "seqguard.cli"]
 
 
 def test_torch_sequence_vs_onnx_step_parity(small_model, small_log):
+    """The offline replay (ONNX step, all users at once, state carried as float16) equals torch's
+    step run the same way, up to one float16 step of the carried state (torch and ONNX Runtime differ
+    in the last float32 bits, which a rounding can turn into one float16 step; online and offline both
+    run ONNX Runtime, so they agree bit for bit: test_gateway); and carrying the state as float16 moves
+    it from the float32 sequence model the encoder was trained as by a few thousandths at most."""
     ck = torch.load(small_model / "encoder.pt")
     enc = SequenceEncoder(EncoderConfig(**ck["config"]))
     enc.load_state_dict(ck["state_dict"])
     enc.eval()
+    step = StepModel(enc).eval()
     model = ModelArtifact.load(small_model)
     events = list(read_events(str(small_log[0])))
     log = encode_log(model, events)                     # full embeddings via the ONNX step, all users at once
-    worst = 0.0
+    exact = skew = 0.0
     for u in range(25):
         rows = np.flatnonzero(log.user_idx == u)
+        types = torch.from_numpy(log.type_ids[rows])
+        feats = torch.from_numpy(log.feats[rows][:, :N_ENCODER_FEATURES].copy())
+        h = c = torch.zeros(1, enc.cfg.hidden)
         with torch.no_grad():
-            h_seq, sur, _ = enc(torch.from_numpy(log.type_ids[rows])[None], torch.from_numpy(log.feats[rows][:, :N_ENCODER_FEATURES].copy())[None])
-        worst = max(worst, np.abs(h_seq[0].numpy() - log.emb[rows]).max(), np.abs(sur[0].numpy() - log.surprise[rows]).max())
-    assert worst <= 1e-5, worst
+            h_seq, sur_seq, _ = enc(types[None], feats[None])
+            for k in range(len(rows)):
+                h_new, c_new, emb, sur = step(types[k:k + 1, None], feats[k:k + 1], h, c)
+                exact = max(exact, np.abs(emb[0].numpy() - log.emb[rows[k]]).max(),
+                            np.abs(sur[0].numpy() - log.surprise[rows[k]]).max())
+                h, c = (torch.from_numpy(carried_state(x.numpy())) for x in (h_new, c_new))
+        skew = max(skew, np.abs(h_seq[0].numpy() - log.emb[rows]).max())
+    assert exact <= 2e-3, exact
+    assert skew <= 2e-2, skew
 
 
 def test_step_graph_is_batch_invariant(tmp_path):
