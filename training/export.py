@@ -27,8 +27,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from seqguard.triton_repo import (DEFAULT_KEEP_VERSIONS, DEFAULT_MODEL_NAME, INPUTS, OUTPUTS, next_version,
-                                  prune_versions, publish_version, write_model_repository)
+from seqguard.step_contract import INPUT_NAMES, OUTPUT_NAMES, random_inputs, trailing_dims
+from seqguard.triton_repo import (DEFAULT_KEEP_VERSIONS, DEFAULT_MODEL_NAME, next_version, prune_versions,
+                                  publish_version, tensor_blocks, write_model_repository)
 
 TRT_MODEL_NAME = "seqguard_encoder_trt"
 TRT_PREFERRED_BATCH_SIZES = (64, 256, 1024)
@@ -57,7 +58,7 @@ def onnx_dims(onnx_path: str | os.PathLike) -> tuple[int, int]:
         f, h = shapes["features"][1], shapes["h_in"][1]
     except (KeyError, IndexError):
         raise ValueError(f"{onnx_path}: not a seqguard step model (inputs {sorted(shapes)}, "
-                         f"expected {list(INPUTS)})") from None
+                         f"expected {list(INPUT_NAMES)})") from None
     if not isinstance(f, int) or not isinstance(h, int):
         raise ValueError(f"{onnx_path}: features/h_in need static trailing dims, got {f}, {h}")
     return f, h
@@ -186,14 +187,8 @@ def render_tensorrt_config(*, model_name: str = TRT_MODEL_NAME, n_features: int 
     gpu_line = ""
     if gpus:
         gpu_line = f"\n    gpus: [ {', '.join(str(int(g)) for g in gpus)} ]"
-    dims = {"event_type": 1, "features": n_features, "h_in": hidden, "c_in": hidden,
-            "h_out": hidden, "c_out": hidden, "embedding": hidden, "surprise": 2}
-    dtype = {name: "TYPE_FP32" for name in dims}
-    dtype["event_type"] = event_type_dtype
-
-    def block(names):
-        return ",\n".join(f"  {{\n    name: \"{n}\"\n    data_type: {dtype[n]}\n    dims: [ {dims[n]} ]\n  }}"
-                          for n in names)
+    dims = trailing_dims(n_features, hidden)
+    data_types = {"event_type": event_type_dtype}
 
     return f"""\
 # seqguard step encoder as a TensorRT plan (GPU). Rendered by
@@ -205,10 +200,10 @@ platform: "tensorrt_plan"
 # Must not exceed the engine's optimization-profile max batch (build_tensorrt_engine max_batch).
 max_batch_size: {max_batch_size}
 input [
-{block(INPUTS)}
+{tensor_blocks(INPUT_NAMES, dims, data_types=data_types)}
 ]
 output [
-{block(OUTPUTS)}
+{tensor_blocks(OUTPUT_NAMES, dims)}
 ]
 
 # One step is tiny on a GPU: throughput comes from merging many users' events into one launch.
@@ -429,7 +424,7 @@ def build_tensorrt_engine(onnx_path: str | os.PathLike, plan_path: str | os.Path
         profile.set_shape(tensor.name, (min_batch, *tail), (opt_batch, *tail), (max_batch, *tail))
         input_dtypes[tensor.name] = np.int32 if tensor.dtype == trt.DataType.INT32 else (
             np.int64 if tensor.dtype == getattr(trt.DataType, "INT64", None) else np.float32)
-    missing = set(INPUTS) - set(names)
+    missing = set(INPUT_NAMES) - set(names)
     if missing:
         raise ValueError(f"{onnx_path}: missing step-model inputs {sorted(missing)} (has {names})")
     config.add_optimization_profile(profile)
@@ -535,16 +530,6 @@ class TensorRTStep:
         return {n: t.float().cpu().numpy() for n, t in outs.items()}
 
 
-def random_step_inputs(n: int, n_features: int, hidden: int, n_event_types: int = 1,
-                       seed: int = 0) -> dict:
-    """A plausible random batch: features ~ N(0,1), h in (-1, 1), c ~ N(0, 1)."""
-    rng = np.random.default_rng(seed)
-    return {"event_type": rng.integers(0, max(1, n_event_types), size=(n, 1), dtype=np.int64),
-            "features": rng.standard_normal((n, n_features)).astype(np.float32),
-            "h_in": np.tanh(rng.standard_normal((n, hidden))).astype(np.float32),
-            "c_in": rng.standard_normal((n, hidden)).astype(np.float32)}
-
-
 def check_tensorrt_parity(plan_path: str | os.PathLike, onnx_path: str | os.PathLike, n: int = 512,
                           atol: float | None = None, *, seed: int = 0,
                           details: dict | None = None) -> float:
@@ -555,12 +540,12 @@ def check_tensorrt_parity(plan_path: str | os.PathLike, onnx_path: str | os.Path
     end-to-end instead)."""
     import onnxruntime as ort
     n_features, hidden = onnx_dims(onnx_path)
-    feeds = random_step_inputs(n, n_features, hidden, _n_event_types(onnx_path) or 1, seed)
+    feeds = random_inputs(n, n_features, hidden, _n_event_types(onnx_path) or 1, seed)
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    ref = dict(zip(OUTPUTS, sess.run(list(OUTPUTS), feeds)))
+    ref = dict(zip(OUTPUT_NAMES, sess.run(list(OUTPUT_NAMES), feeds)))
     got = TensorRTStep(plan_path).run(feeds)
     worst = 0.0
-    for name in OUTPUTS:
+    for name in OUTPUT_NAMES:
         diff = np.abs(got[name].astype(np.float64) - ref[name].astype(np.float64))
         d = float(diff.max()) if diff.size else 0.0
         worst = max(worst, d)
@@ -581,7 +566,7 @@ def time_tensorrt(plan_path: str | os.PathLike, n_features: int, hidden: int,
     rows = []
     for b in batches:
         feeds = {k: torch.from_numpy(v).to(step.device)
-                 for k, v in random_step_inputs(b, n_features, hidden).items()}
+                 for k, v in random_inputs(b, n_features, hidden).items()}
         for _ in range(10):
             step.run_torch(feeds)
         start = time.perf_counter()
