@@ -10,6 +10,7 @@ import os
 import sys
 import time
 
+from . import __version__
 from .detector import SEQUENCE_WEIGHT, SESSION_ALPHA
 
 
@@ -287,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="seqguard", description=(
         "Real-time risk scoring of e-commerce user behaviour sequences: an LSTM step encoder "
         "(served by Triton) + IsolationForest, with per-user state in Redis behind a gRPC gateway."))
+    p.add_argument("--version", action="version", version=f"seqguard {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="write a synthetic labelled event log (normal personas, attacks, hard negatives)")
