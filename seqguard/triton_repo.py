@@ -146,6 +146,22 @@ def next_version(repo_dir: str | os.PathLike, model_name: str = DEFAULT_MODEL_NA
     return max(versions, default=0) + 1
 
 
+def onnx_dims(onnx_path: str | os.PathLike) -> tuple[int, int]:
+    """(F, H) read from the step model's inputs ``features`` [B,F] and ``h_in`` [B,H]."""
+    import onnxruntime as ort
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    shapes = {i.name: i.shape for i in sess.get_inputs()}
+    try:
+        f, h = shapes["features"][1], shapes["h_in"][1]
+    except (KeyError, IndexError):
+        raise ValueError(f"{onnx_path}: not a seqguard step model (inputs {sorted(shapes)}, "
+                         f"expected {list(INPUT_NAMES)})") from None
+    if not isinstance(f, int) or not isinstance(h, int):
+        raise ValueError(f"{onnx_path}: features/h_in need static trailing dims, got {f}, {h}")
+    return f, h
+
+
+
 def _check_onnx(onnx_path: Path, n_features: int, hidden: int) -> None:
     """Fail early (with names and shapes) if the ONNX file does not honour the contract."""
     import onnxruntime as ort

@@ -92,11 +92,11 @@ def test_committed_config_is_the_rendered_default():
 def test_committed_gpu_config_is_the_rendered_default():
     """The GPU variant (TensorRT plan, KIND_GPU) sits next to the CPU one so an SRE sees both; its
     config is what `seqguard export --tensorrt` renders (the plan is built by export on the GPU host)."""
-    from seqguard.training.export import render_tensorrt_config
+    from seqguard.training.tensorrt import render_tensorrt_config
     committed = (COMMITTED_MODEL_DIR.parent / "seqguard_encoder_trt" / "config.pbtxt").read_text()
     assert committed == render_tensorrt_config(), (
         "model_repository/seqguard_encoder_trt/config.pbtxt differs from render_tensorrt_config(): "
-        "re-render it with training.export.render_tensorrt_config()")
+        "re-render it with seqguard.training.tensorrt.render_tensorrt_config()")
     assert 'platform: "tensorrt_plan"' in committed and "kind: KIND_GPU" in committed
 
 
