@@ -31,13 +31,13 @@ def _add_training_opts(p) -> None:
                    help="one IsolationForest per event-type group on the raw inputs only; by default each group "
                         "also gets a twin on every column's two-sided tail scale among training events, which can "
                         "only raise the raw forest's score (docs/results/tail_forest.md). The twin is better at "
-                        "1%% FPR, worse at 0.1%%, and costs ~0.12 ms CPU per online score: the switch for "
+                        "1%% FPR, worse at 0.1%%, and costs a second forest walk per online score: the switch for "
                         "block-heavy or CPU-bound deployments")
     p.add_argument("--no-signal-floors", action="store_true",
                    help="do not read two signals directly (by default each one's rarity among its group's training "
                         "events is a floor under the forests' score: the 7-day count of OTHER accounts with failed "
                         "logins on the device, for logins; the fast timing regularity, for browsing events. They "
-                        "catch slow credential-stuffing rings and crawlers; docs/results/tail_forest.md, Session 8)")
+                        "catch slow credential-stuffing rings and crawlers; docs/results/tail_forest.md)")
     p.add_argument("--user-cap", type=float, default=10.0, metavar="F",
                    help="contamination-robust fitting: in every forest sample and calibration table each account "
                         "keeps at most F x the median account's events (at least 20), so a few heavy accounts "
@@ -407,8 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--redis-appendfsync", choices=("always", "everysec"),
                    default=os.environ.get("SEQGUARD_REDIS_APPENDFSYNC", "everysec"),
                    help="everysec (default): an answered update survives a crash of Redis, up to ~1 s of them "
-                        "can be lost in a crash of the host; always: survives a host crash too, p99 write "
-                        "latency ~6 ms instead of ~0.1 ms here (docs/reliability.md)")
+                        "can be lost in a crash of the host; always: survives a host crash too, at a much higher "
+                        "p99 write latency (docs/reliability.md)")
     u.set_defaults(fn=cmd_up)
 
     r = sub.add_parser("retrain", help="train a candidate on new events (+ labels) and compare it with the live model")

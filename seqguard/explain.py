@@ -1,6 +1,6 @@
 """Reason codes: the top signals behind a score, in words an analyst can act on.
 
-Cheap enough for the online path (a few comparisons on one feature row, ~10 us): each rule
+Cheap enough for the online path (a few comparisons on one feature row): each rule
 reads named featuriser outputs, fires when a signal is far outside normal behaviour, and
 carries a weight (how far) used to rank it. The event ids come from the user's recent-event
 ring (the same events that moved the counters).

@@ -71,7 +71,7 @@ U_PREFIXES = U_COUNTRIES + MAX_COUNTRIES
 N_UI = U_PREFIXES + MAX_PREFIXES
 # user floats (UF), in the Redis layout's order
 (F_EV_1M, F_EV_1H, F_FAIL_LOGIN, F_FAIL_PAY, F_PAY_24H, F_AMT_24H, F_COUPON_24H, F_AMT_MEAN, F_AMT_M2, F_AMT_MAX,
- F_GAP_MEAN, F_GAP_VAR, F_LAST_LOG_GAP, F_GAP_JITTER, F_SPARE3) = range(15)
+ F_GAP_MEAN, F_GAP_VAR, F_LAST_LOG_GAP, F_GAP_JITTER, F_RESERVED) = range(15)   # F_RESERVED: always 0, kept for the layout
 N_UF = 15
 # entity ints (EI): [user hash, ts] pairs, most recent first
 E_FIRST_TS, E_LAST_TS, E_N_USERS, E_N_FAILED = range(4)
@@ -79,7 +79,7 @@ E_USERS = 4
 E_FAILED = E_USERS + 2 * MAX_ENTITY_USERS
 N_EI = E_FAILED + 2 * MAX_ENTITY_USERS
 # entity floats (EF)
-G_EVENTS_1H, G_FAILED_1H, G_NEW_ACCOUNTS_24H, G_SPARE = range(4)
+G_EVENTS_1H, G_FAILED_1H, G_NEW_ACCOUNTS_24H, G_RESERVED = range(4)          # G_RESERVED: always 0, kept for the layout
 N_EF = 4
 
 
@@ -393,7 +393,7 @@ def touch_entities(rows, ts, user, is_new, failed, EI, EF, out):
 
 
 # --------------------------------------------------------------------------- Redis bytes, in bulk
-# The byte layout is featurizer.UserContext / EntityContext's (unchanged, versions 1 and 2): a
+# The byte layout is featurizer.UserContext / EntityContext's: a version byte, a
 # packed little-endian head, then the variable lists. Decoding and encoding many contexts is one
 # call each, so a gateway batch never touches a context field from Python.
 
@@ -433,9 +433,9 @@ def _store_f64(buf, o, value, scratch):
 
 
 @njit(cache=True)
-def decode_users(buf, offsets, UI, UF):
+def decode_users(buf, offsets, UI, UF, version):
     """Blob k = buf[offsets[k]:offsets[k + 1]] (empty: a new user) -> row k of UI/UF. Returns -1, or
-    the index of the first blob that is not a version 1 or 2 context of its length (not decoded)."""
+    the index of the first blob that is not a `version` context of its length (not decoded)."""
     scratch = np.empty(8, np.uint8)
     for k in range(len(offsets) - 1):
         o = offsets[k]
@@ -445,8 +445,7 @@ def decode_users(buf, offsets, UI, UF):
         UF[k, F_GAP_JITTER] = JITTER_PRIOR
         if size == 0:
             continue
-        ver = buf[o]
-        if (ver != 1 and ver != 2) or size < USER_HEAD_SIZE + 3:
+        if buf[o] != version or size < USER_HEAD_SIZE + 3:
             return k
         nd, nc, npf = buf[o + USER_HEAD_SIZE], buf[o + USER_HEAD_SIZE + 1], buf[o + USER_HEAD_SIZE + 2]
         if (nd > MAX_DEVICES or nc > MAX_COUNTRIES or npf > MAX_PREFIXES
@@ -459,9 +458,6 @@ def decode_users(buf, offsets, UI, UF):
             UI[k, U_LAST_DEVICE + j] = _load(buf, o + 29 + 4 * j, 4)
         for j in range(N_UF):
             UF[k, j] = _load_f64(buf, o + 61 + 8 * j, scratch)
-        if ver == 1:                                         # written before gap_jitter: unused zeros
-            UF[k, F_LAST_LOG_GAP] = 0.0
-            UF[k, F_GAP_JITTER] = JITTER_PRIOR
         p = o + USER_HEAD_SIZE + 3
         for j, (count_col, base) in enumerate(((U_N_DEVICES, U_DEVICES), (U_N_COUNTRIES, U_COUNTRIES),
                                                 (U_N_PREFIXES, U_PREFIXES))):
@@ -506,8 +502,8 @@ def encode_users(UI, UF, version):
 
 
 @njit(cache=True)
-def decode_entities(buf, offsets, EI, EF):
-    """As decode_users, for entity contexts (version 1 has no failed-account list: read as empty)."""
+def decode_entities(buf, offsets, EI, EF, version):
+    """As decode_users, for entity contexts."""
     scratch = np.empty(8, np.uint8)
     for k in range(len(offsets) - 1):
         o = offsets[k]
@@ -516,16 +512,14 @@ def decode_entities(buf, offsets, EI, EF):
         EF[k, :] = 0.0
         if end == o:
             continue
-        ver = buf[o]
-        if (ver != 1 and ver != 2) or end - o < ENTITY_HEAD_SIZE:
+        if buf[o] != version or end - o < ENTITY_HEAD_SIZE:
             return k
         n = np.int64(buf[o + 49])
-        if n > MAX_ENTITY_USERS or end - o < ENTITY_HEAD_SIZE + PAIR_SIZE * n + (1 if ver >= 2 else 0):
+        if n > MAX_ENTITY_USERS or end - o < ENTITY_HEAD_SIZE + PAIR_SIZE * n + 1:
             return k
-        if ver >= 2:
-            nf = np.int64(buf[o + ENTITY_HEAD_SIZE + PAIR_SIZE * n])
-            if nf > MAX_ENTITY_USERS or end - o < ENTITY_HEAD_SIZE + PAIR_SIZE * n + 1 + PAIR_SIZE * nf:
-                return k
+        nf = np.int64(buf[o + ENTITY_HEAD_SIZE + PAIR_SIZE * n])
+        if nf > MAX_ENTITY_USERS or end - o < ENTITY_HEAD_SIZE + PAIR_SIZE * n + 1 + PAIR_SIZE * nf:
+            return k
         EI[k, E_FIRST_TS] = _load(buf, o + 1, 8)
         EI[k, E_LAST_TS] = _load(buf, o + 9, 8)
         for j in range(N_EF):
@@ -537,14 +531,13 @@ def decode_entities(buf, offsets, EI, EF):
             EI[k, E_USERS + 2 * i] = _load(buf, p, 4)
             EI[k, E_USERS + 2 * i + 1] = _load(buf, p + 4, 8)
             p += PAIR_SIZE
-        if ver >= 2:
-            nf = np.int64(buf[p])
-            EI[k, E_N_FAILED] = nf
-            p += 1
-            for i in range(nf):
-                EI[k, E_FAILED + 2 * i] = _load(buf, p, 4)
-                EI[k, E_FAILED + 2 * i + 1] = _load(buf, p + 4, 8)
-                p += PAIR_SIZE
+        nf = np.int64(buf[p])
+        EI[k, E_N_FAILED] = nf
+        p += 1
+        for i in range(nf):
+            EI[k, E_FAILED + 2 * i] = _load(buf, p, 4)
+            EI[k, E_FAILED + 2 * i + 1] = _load(buf, p + 4, 8)
+            p += PAIR_SIZE
     return -1
 
 
@@ -592,8 +585,8 @@ def featurize_blobs(ts, type_id, flags, amount, user, device, country, prefix, s
     UF = np.empty((len(uoff) - 1, N_UF), np.float64)
     EI = np.empty((len(eoff) - 1, N_EI), np.int64)
     EF = np.empty((len(eoff) - 1, N_EF), np.float64)
-    bad_u = decode_users(ubuf, uoff, UI, UF)
-    bad_e = decode_entities(ebuf, eoff, EI, EF)
+    bad_u = decode_users(ubuf, uoff, UI, UF, version)
+    bad_e = decode_entities(ebuf, eoff, EI, EF, version)
     if bad_u >= 0 or bad_e >= 0:
         z = np.empty(0, np.uint8)
         zo = np.zeros(1, np.int64)

@@ -103,9 +103,9 @@ output [
 
 # Merge concurrent single-event requests into one ORT run. The preferred sizes let the
 # batcher cut a batch early once that many rows are waiting. Queue delay {max_queue_delay_us} us: the
-# gateway already coalesces concurrent calls into one request, so waiting here only adds latency
-# (measured: ~0.3 ms per call at 200 us); raise it for many gateways sharing one Triton. (The batcher only merges requests whose non-batch shapes are identical, which
-# holds here: every request has the same F and H.)
+# gateway already coalesces concurrent calls into one request, so waiting here only adds latency;
+# raise it for many gateways sharing one Triton. (The batcher only merges requests whose non-batch
+# shapes are identical, which holds here: every request has the same F and H.)
 dynamic_batching {{
   preferred_batch_size: [ {preferred_txt} ]
   max_queue_delay_microseconds: {max_queue_delay_us}
