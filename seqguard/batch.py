@@ -237,11 +237,11 @@ class StreamScorer:
         self.step = OrtStep(str(artifact.onnx_path), threads=threads)
         self.max_batch = max_batch          # rows per step-model call, as encode_sequences
         self.contexts = ContextStore()
-        self.user_index: dict[str, int] = {}   # user_id -> row of h, c, m (as dense_user_index: by id)
+        self.user_index: dict[str, int] = {}   # user_id -> row of h, c, session_avg (as dense_user_index: by id)
         H = self.step.hidden
         self.h = np.zeros((1024, H), np.float32)
         self.c = np.zeros((1024, H), np.float32)
-        self.m = np.zeros(1024, np.float64)
+        self.session_avg = np.zeros(1024, np.float64)   # the session stage's running average m per user
         self.last_ts = -1
         self.seen = 0
 
@@ -256,7 +256,7 @@ class StreamScorer:
         det = self.det
         if det.has_session:
             a = stage1_scores(det, emb, surprise, feats, ev.type_id, tail=True)
-            c, self.m[users] = det.session_scan(a, local, len(users), m0=self.m[users])
+            c, self.session_avg[users] = det.session_scan(a, local, len(users), m0=self.session_avg[users])
             risk = det.session_risk(c)
         else:
             risk = stage1_scores(det, emb, surprise, feats, ev.type_id)
@@ -276,9 +276,9 @@ class StreamScorer:
     def _user_rows(self, events: list[Event]) -> np.ndarray:
         index = self.user_index
         idx = np.fromiter((index.setdefault(e.user_id, len(index)) for e in events), np.int64, len(events))
-        if len(index) > len(self.m):                       # grow h, c, m (new users start at zero)
-            n = max(2 * len(self.m), len(index))
-            for name in ("h", "c", "m"):
+        if len(index) > len(self.session_avg):             # grow the per-user rows (new users start at zero)
+            n = max(2 * len(self.session_avg), len(index))
+            for name in ("h", "c", "session_avg"):
                 old = getattr(self, name)
                 new = np.zeros((n,) + old.shape[1:], old.dtype)
                 new[:len(old)] = old
