@@ -20,13 +20,14 @@ from conftest import TINY_EVENT_TYPES, TINY_F, TINY_H
 from seqguard.services import (
     ManagedService, RedisServer, ServiceError, ServiceNotInstalled, free_port,
 )
+from seqguard.step_contract import OUTPUT_NAMES
 from seqguard.triton_repo import (
     next_version, render_config, write_model_repository,
 )
 
 MODEL = "seqguard_encoder"
 COMMITTED_MODEL_DIR = Path(__file__).resolve().parent.parent / "model_repository" / "seqguard_encoder"
-OUTPUTS = ("h_out", "c_out", "embedding", "surprise")
+OUTPUTS = OUTPUT_NAMES
 ATOL = 1e-6
 
 
