@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+from seqguard.step_contract import INPUT_NAMES, OUTPUT_NAMES, random_inputs
 
-OUTPUTS = ["h_out", "c_out", "embedding", "surprise"]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_encoder(model_dir: str | None, n_types: int, n_features: int, hidden: int, tmp: Path):
@@ -50,11 +50,7 @@ def load_encoder(model_dir: str | None, n_types: int, n_features: int, hidden: i
 
 
 def make_inputs(batch: int, cfg, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    return {"event_type": rng.integers(0, cfg.n_types, size=(batch, 1), dtype=np.int64),
-            "features": rng.standard_normal((batch, cfg.n_features)).astype(np.float32),
-            "h_in": np.tanh(rng.standard_normal((batch, cfg.hidden))).astype(np.float32),
-            "c_in": rng.standard_normal((batch, cfg.hidden)).astype(np.float32)}
+    return random_inputs(batch, cfg.n_features, cfg.hidden, cfg.n_types, seed)
 
 
 def timed(fn, sync, iters: int, warmup: int, max_seconds: float) -> np.ndarray:
@@ -78,7 +74,7 @@ def bench_torch(step, cfg, batches, device, graphs: bool, args, rows: list, labe
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for b in batches:
         x = {k: torch.from_numpy(v).to(device) for k, v in make_inputs(b, cfg).items()}
-        feeds = (x["event_type"], x["features"], x["h_in"], x["c_in"])
+        feeds = tuple(x[name] for name in INPUT_NAMES)
         with torch.inference_mode():
             if graphs:
                 side = torch.cuda.Stream()
@@ -110,7 +106,7 @@ def bench_ort(onnx_path: Path, cfg, batches, provider: str, args, rows: list, la
         raise RuntimeError(f"{provider} did not initialise (session has {sess.get_providers()})")
     for b in batches:
         feeds = make_inputs(b, cfg)
-        lat = timed(lambda: sess.run(OUTPUTS, feeds), lambda: None, args.iters, args.warmup, args.max_seconds)
+        lat = timed(lambda: sess.run(list(OUTPUT_NAMES), feeds), lambda: None, args.iters, args.warmup, args.max_seconds)
         rows.append((label, b, lat))
         print(f"  {label:24s} batch {b:5d}: {np.median(lat) * 1e3:8.3f} ms", file=sys.stderr, flush=True)
 

@@ -1,15 +1,16 @@
 """The baseline a team writes first: one grpc.aio process, everything per request, in the handler.
 
-Per Score request:
+Naive about SERVING, not about the math: every request recomputes the user's whole recent
+history instead of keeping state, and nothing is batched; the scoring itself is the product's
+(the shared featuriser, the trained encoder, the core detector and explanations). Per Score request:
   1. validate the event, append it to the user's last N=64 events (a Python dict of deques);
-  2. featurise the whole window with the shared featuriser (seqguard.featurizer), from fresh
-     contexts: the window *is* the user's history here (no Redis, so no cross-user entity
-     state beyond the window: cheaper than the real thing, which flatters the baseline);
+  2. featurise the whole window with the shared featuriser from fresh contexts: the window *is*
+     the user's history here (no Redis, so no cross-user entity state beyond the window: cheaper
+     than the real thing, which flatters the baseline);
   3. run the torch SequenceEncoder (encoder.pt) over the full window [1, T, F];
-  4. take the last step's embedding and surprise, project them (PCA from the artifact), build
-     the forest input with artifact.detector.inputs(...) and call scikit-learn's
-     IsolationForest.score_samples (isolation_forest.joblib); calibrate to a risk, pick an
-     action, explain.
+  4. score the window's events with the core detector (seqguard.batch.detector_risk_and_lift: the
+     same stage 1, session stage, calibration as score-file) and answer for the last one:
+     its risk, action and reasons.
 No Redis, no Triton, no batching, no thread pool: the model runs on the event loop.
 
     python -m bench.naive_service --model DIR --port 50062 [--window 64] [--threads 1]
@@ -26,11 +27,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
 from seqguard.artifact import ModelArtifact
-from seqguard.detector import ACTIONS, apply_floors, split_floor_inputs
+from seqguard.batch import detector_risk_and_lift, surprise_cut
+from seqguard.detector import ACTIONS
 from seqguard.explain import explain
 from seqguard.featurizer import EntityContext, UserContext
+from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
 from seqguard.schema import SchemaError, validate_event
 
 from .procs import announce, log, wait_for_signal
@@ -40,7 +42,6 @@ _OPTIONAL = ("item_id", "category", "amount", "device_id", "ip", "country", "ses
 
 class NaiveScorer:
     def __init__(self, model_dir: str, window: int = 64, threads: int = 1):
-        import joblib
         import torch
 
         from seqguard.training.model import EncoderConfig, SequenceEncoder
@@ -49,62 +50,50 @@ class NaiveScorer:
         self.torch = torch
         path = Path(model_dir)
         self.artifact = ModelArtifact.load(path)
-        ckpt = torch.load(path / "encoder.pt", map_location="cpu")
-        self.encoder = SequenceEncoder(EncoderConfig(**ckpt["config"]))
-        self.encoder.load_state_dict(ckpt["state_dict"])
+        checkpoint = torch.load(path / "encoder.pt", map_location="cpu")
+        self.encoder = SequenceEncoder(EncoderConfig(**checkpoint["config"]))
+        self.encoder.load_state_dict(checkpoint["state_dict"])
         self.encoder.eval()
-        self.forest = joblib.load(path / "isolation_forest.joblib")
-        twins = path / "isolation_forest_tail_scaled.joblib"
-        self.tail_forest = joblib.load(twins) if twins.exists() else None
         self.window = window
         self.windows: dict[str, deque] = {}
-        self.surprise_cut = float(self.artifact.metadata.get("training", {}).get("surprise_p999", 8.0))
+        self.surprise_cut = surprise_cut(self.artifact)
 
-    def score(self, ev):
-        win = self.windows.get(ev.user_id)
-        if win is None:
-            win = self.windows[ev.user_id] = deque(maxlen=self.window)
-        win.append(ev)
-        fz = self.artifact.featurizer
+    def _featurise_window(self, window) -> tuple[np.ndarray, np.ndarray]:
+        """(feature rows [T, F] float32, type ids [T]) of the window, from fresh contexts."""
+        featurizer = self.artifact.featurizer
         user = UserContext()
-        ents: dict[tuple[str, int], EntityContext] = {}
+        entities: dict[tuple[str, int], EntityContext] = {}
 
-        def ent(kind, h):
-            if not h:
+        def entity(kind, key):
+            if not key:
                 return None
-            e = ents.get((kind, h))
-            if e is None:
-                e = ents[(kind, h)] = EntityContext()
-            return e
+            return entities.setdefault((kind, key), EntityContext())
 
         rows, types = [], []
-        for e in win:
-            t = fz.tokens(e)
-            rows.append(fz.featurize(t, user, ent("d", t.device), ent("i", t.ip), ent("p", t.prefix)))
-            types.append(t.type_id)
+        for event in window:
+            tokens = featurizer.tokens(event)
+            rows.append(featurizer.featurize(tokens, user, entity("d", tokens.device), entity("i", tokens.ip),
+                                             entity("p", tokens.prefix)))
+            types.append(tokens.type_id)
+        return np.asarray(rows, np.float32), np.asarray(types, np.int64)
+
+    def score(self, ev):
+        window = self.windows.setdefault(ev.user_id, deque(maxlen=self.window))
+        window.append(ev)
+        feats, type_ids = self._featurise_window(window)
         torch = self.torch
         with torch.inference_mode():
-            enc_rows = [r[:self.artifact.encoder_features] for r in rows]   # the rest are detector-only
-            h_seq, surprise, _ = self.encoder(torch.tensor([types], dtype=torch.int64),
-                                              torch.tensor([enc_rows], dtype=torch.float32))
-        emb = h_seq[0, -1:].numpy()
-        sur = surprise[0, -1:].numpy()
-        feats = np.asarray(rows[-1:], np.float32)
-        det = self.artifact.detector
-        X = det.inputs(det.project(emb), sur, feats)
-        X, floor_cols = split_floor_inputs(X, len(det.floors))  # the last columns feed the signal floors
-        g = int(det.groups(np.array(types[-1:]))[0])          # the sklearn forest of this event's type group
-        anomaly = -self.forest[g].score_samples(X.astype(np.float32))
-        if det.tail_views is not None:                          # + the sklearn twin on tail-scaled inputs
-            v = det.tail_views[g]
-            twin = -self.tail_forest[g].score_samples(v.tails.transform(X).astype(np.float32))
-            anomaly = v.combine(anomaly, twin)
-        anomaly = apply_floors(det.floors, g, anomaly, floor_cols)
-        risk = float(det.calibrators[g].risk(anomaly)[0])
-        action = ACTIONS[int(det.action_codes(np.array([risk]))[0])]
-        recent = [[x.event_id, x.event_type, x.ts] for x in list(win)[-9:-1]]
-        reasons = explain(feats[0], sur[0], ev.event_id, ev.event_type, recent, self.surprise_cut)
-        return risk, action, reasons
+            encoder_feats = feats[:, :self.artifact.encoder_features]   # the rest are detector-only
+            h_seq, surprise, _ = self.encoder(torch.from_numpy(type_ids[None]), torch.from_numpy(encoder_feats[None]))
+        emb, surprise = h_seq[0].numpy(), surprise[0].numpy()
+        detector = self.artifact.detector
+        risk, lift = detector_risk_and_lift(detector, detector.project(emb), surprise, feats, type_ids,
+                                            user_idx=np.zeros(len(type_ids), np.int64), n_users=1)
+        action = ACTIONS[int(detector.action_codes(risk[-1:])[0])]
+        recent = [[x.event_id, x.event_type, x.ts] for x in list(window)[-9:-1]]
+        reasons = explain(feats[-1], surprise[-1], ev.event_id, ev.event_type, recent, self.surprise_cut,
+                          session_lift=float(lift[-1]))
+        return float(risk[-1]), action, reasons
 
 
 def event_from_proto(msg):

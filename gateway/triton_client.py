@@ -6,7 +6,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from seqguard.encoding import STEP_OUTPUTS
+from seqguard.step_contract import OUTPUT_NAMES, TRITON_DTYPES, input_arrays
 
 
 class EncoderUnavailable(RuntimeError):
@@ -25,17 +25,14 @@ class TritonStepClient:
             ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000), ("grpc.max_send_message_length", 64 << 20),
             ("grpc.max_receive_message_length", 64 << 20)])
-        self._outputs = [grpcclient.InferRequestedOutput(n) for n in STEP_OUTPUTS]
+        self._outputs = [grpcclient.InferRequestedOutput(n) for n in OUTPUT_NAMES]
 
     async def step(self, type_ids: np.ndarray, feats: np.ndarray, h: np.ndarray, c: np.ndarray,
                    timeout_s: float | None = None):
         """One LSTM step for a batch of users -> (h', c', embedding, surprise)."""
-        arrays = (np.asarray(type_ids, np.int64).reshape(-1, 1), np.ascontiguousarray(feats, np.float32),
-                  np.ascontiguousarray(h, np.float32), np.ascontiguousarray(c, np.float32))
         inputs = []
-        for name, arr, dtype in zip(("event_type", "features", "h_in", "c_in"), arrays,
-                                    ("INT64", "FP32", "FP32", "FP32")):
-            inp = grpcclient.InferInput(name, list(arr.shape), dtype)
+        for name, arr in input_arrays(type_ids, feats, h, c).items():
+            inp = grpcclient.InferInput(name, list(arr.shape), TRITON_DTYPES[name])
             inp.set_data_from_numpy(arr)
             inputs.append(inp)
         timeout = self.timeout_s if timeout_s is None else max(0.001, min(self.timeout_s, timeout_s))
@@ -46,7 +43,7 @@ class TritonStepClient:
             raise EncoderUnavailable(f"triton: {e.message() or e}") from None
         except Exception as e:  # grpc.aio errors, cancelled channels, ...
             raise EncoderUnavailable(f"triton: {type(e).__name__}: {e}") from None
-        return tuple(res.as_numpy(n) for n in STEP_OUTPUTS)
+        return tuple(res.as_numpy(n) for n in OUTPUT_NAMES)
 
     async def ready(self) -> bool:
         try:

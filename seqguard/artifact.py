@@ -100,8 +100,7 @@ class ModelArtifact:
             try:
                 detector = Detector.from_arrays(dict(arrays), action_thresholds(fpr))
             except KeyError as e:
-                raise ArtifactError(f"{path}: {DETECTOR_FILE} lacks {e}; it was written by an older seqguard "
-                                    "(before per-type-group forests): retrain the model") from None
+                raise ArtifactError(f"{path}: {DETECTOR_FILE} lacks {e}: retrain the model") from None
         return cls(path, meta, featurizer, detector)
 
 

@@ -10,6 +10,7 @@ import os
 import sys
 import time
 
+from . import __version__
 from .detector import SEQUENCE_WEIGHT, SESSION_ALPHA
 
 
@@ -30,13 +31,13 @@ def _add_training_opts(p) -> None:
                    help="one IsolationForest per event-type group on the raw inputs only; by default each group "
                         "also gets a twin on every column's two-sided tail scale among training events, which can "
                         "only raise the raw forest's score (docs/results/tail_forest.md). The twin is better at "
-                        "1%% FPR, worse at 0.1%%, and costs ~0.12 ms CPU per online score: the switch for "
+                        "1%% FPR, worse at 0.1%%, and costs a second forest walk per online score: the switch for "
                         "block-heavy or CPU-bound deployments")
     p.add_argument("--no-signal-floors", action="store_true",
                    help="do not read two signals directly (by default each one's rarity among its group's training "
                         "events is a floor under the forests' score: the 7-day count of OTHER accounts with failed "
                         "logins on the device, for logins; the fast timing regularity, for browsing events. They "
-                        "catch slow credential-stuffing rings and crawlers; docs/results/tail_forest.md, Session 8)")
+                        "catch slow credential-stuffing rings and crawlers; docs/results/tail_forest.md)")
     p.add_argument("--user-cap", type=float, default=10.0, metavar="F",
                    help="contamination-robust fitting: in every forest sample and calibration table each account "
                         "keeps at most F x the median account's events (at least 20), so a few heavy accounts "
@@ -283,86 +284,89 @@ def cmd_demo(args) -> int:
     return main_demo(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="seqguard", description=(
-        "Real-time risk scoring of e-commerce user behaviour sequences: an LSTM step encoder "
-        "(served by Triton) + IsolationForest, with per-user state in Redis behind a gRPC gateway."))
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    g = sub.add_parser("generate", help="write a synthetic labelled event log (normal personas, attacks, hard negatives)")
-    g.add_argument("--users", type=int, default=2000)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--days", type=int, default=None,
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="write a synthetic labelled event log (normal personas, attacks, hard negatives)")
+    p.add_argument("--users", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--days", type=int, default=None,
                    help="log span in days (default 30, or with --world the world's own span)")
-    g.add_argument("--world", type=int, default=None, metavar="K",
+    p.add_argument("--world", type=int, default=None, metavar="K",
                    help="draw the generator's configuration from randomised world K (persona mix, look-alikes, "
                         "attack prevalence and cadence, ring sizes and spread, event-type names, extra types, "
                         "missing fields, log span; training/world_config.py); printed and written as "
                         "<out>.world.json. Absent: the fixed configuration. --seed draws the users within it")
-    g.add_argument("--out", required=True, help="events file (.jsonl, .csv or .parquet)")
-    g.add_argument("--labels", default=None, help="labels file (.jsonl), one line per event")
-    g.set_defaults(fn=cmd_generate)
+    p.add_argument("--out", required=True, help="events file (.jsonl, .csv or .parquet)")
+    p.add_argument("--labels", default=None, help="labels file (.jsonl), one line per event")
+    p.set_defaults(fn=cmd_generate)
 
-    t = sub.add_parser("train", help="train encoder + IsolationForest on an (unlabelled) event log")
-    t.add_argument("--events", required=True, help="event log (.jsonl, .csv, .parquet; schema v1)")
-    t.add_argument("--labels", default=None, help="optional labels, only used for a report line")
-    t.add_argument("--out", required=True, help="artifact directory to write")
-    t.add_argument("--hidden", type=int, default=128, help="LSTM hidden size")
-    _add_training_opts(t)
-    t.add_argument("--min-type-count", type=int, default=5, help="event types seen this often get their own token")
-    t.add_argument("--target-fpr", type=float, default=0.01, help="CHALLENGE threshold: FPR on training traffic")
-    t.add_argument("--review-fpr", type=float, default=0.05)
-    t.add_argument("--block-fpr", type=float, default=0.001)
-    t.add_argument("--thresholds", default=None,
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train encoder + IsolationForest on an (unlabelled) event log")
+    p.add_argument("--events", required=True, help="event log (.jsonl, .csv, .parquet; schema v1)")
+    p.add_argument("--labels", default=None, help="optional labels, only used for a report line")
+    p.add_argument("--out", required=True, help="artifact directory to write")
+    p.add_argument("--hidden", type=int, default=128, help="LSTM hidden size")
+    _add_training_opts(p)
+    p.add_argument("--min-type-count", type=int, default=5, help="event types seen this often get their own token")
+    p.add_argument("--target-fpr", type=float, default=0.01, help="CHALLENGE threshold: FPR on training traffic")
+    p.add_argument("--review-fpr", type=float, default=0.05)
+    p.add_argument("--block-fpr", type=float, default=0.001)
+    p.add_argument("--thresholds", default=None,
                    help="TOML/JSON file: target FPR per action (REVIEW/CHALLENGE/BLOCK); overrides the *-fpr flags")
-    _add_input_opts(t)
-    t.set_defaults(fn=cmd_train)
+    _add_input_opts(p)
+    p.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("score-file", help="batch-score a log: risk right after every event (same numbers as online)")
-    s.add_argument("--model", required=True, help="artifact directory written by `seqguard train`")
-    s.add_argument("--input", required=True)
-    s.add_argument("--output", required=True, help="CSV: event_id,user_id,risk,action,model_version")
-    s.add_argument("--rules", default=None, metavar="RULES.toml",
+
+def _add_score_file(sub) -> None:
+    p = sub.add_parser("score-file", help="batch-score a log: risk right after every event (same numbers as online)")
+    p.add_argument("--model", required=True, help="artifact directory written by `seqguard train`")
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True, help="CSV: event_id,user_id,risk,action,model_version")
+    p.add_argument("--rules", default=None, metavar="RULES.toml",
                    help="also evaluate a rules file (e.g. configs/rules/default.toml) on every event, as the gateway "
                         "does: adds the columns rule_score, rules_fired (;-joined), final_action (the model's action "
                         "raised by the rules) and rules_version. Without it the CSV is unchanged")
-    s.add_argument("--holds-audit", default=None, metavar="AUDIT.jsonl",
+    p.add_argument("--holds-audit", default=None, metavar="AUDIT.jsonl",
                    help="replay holds as the gateway enforced them: the audit stream exported by "
                         "`seqguard holds-export`; each event gets at least the action of the holds active at its "
                         "time (columns final_action and holds). Needs the deployment's SEQGUARD_PSEUDONYM_KEY[_FILE]")
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
-    s.add_argument("--engine", choices=["local", "ray"], default="local",
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="local (default): this process; ray: partition by user over a Ray cluster (needs the "
                         "`scale` extra): a first distributed pass computes the cross-user device/IP counters, "
                         "a second scores each user partition; output identical to local")
-    s.add_argument("--ray-address", default=None, metavar="ADDR",
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="with --engine ray: an existing cluster (e.g. ray://head:10001 or auto); "
                         "default: start a local Ray on this machine's CPUs")
-    s.add_argument("--partitions", type=int, default=0, metavar="N",
+    p.add_argument("--partitions", type=int, default=0, metavar="N",
                    help="with --engine ray: number of partitions (default: one per CPU in the cluster)")
-    s.add_argument("--chunk-events", type=int, default=65536, metavar="N",
+    p.add_argument("--chunk-events", type=int, default=65536, metavar="N",
                    help="with --engine local: a log in time order (timestamps never decrease) is scored N events "
                         "at a time, carrying only per-user and per-device/IP state, so memory does not grow with "
                         "the log (~1 GB at the default); a log out of order is scored whole, in memory (same output)")
-    _add_input_opts(s)
-    s.set_defaults(fn=cmd_score_file)
+    _add_input_opts(p)
+    p.set_defaults(fn=cmd_score_file)
 
-    e = sub.add_parser("evaluate", help="metrics, baselines, plots and a Markdown report on a labelled log")
-    e.add_argument("--events", required=True)
-    e.add_argument("--labels", required=True)
-    e.add_argument("--model", required=True)
-    e.add_argument("--report", required=True, help="directory for report.md and PNG plots")
-    e.add_argument("--thresholds", default=None,
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="metrics, baselines, plots and a Markdown report on a labelled log")
+    p.add_argument("--events", required=True)
+    p.add_argument("--labels", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--report", required=True, help="directory for report.md and PNG plots")
+    p.add_argument("--thresholds", default=None,
                    help="TOML/JSON file: target FPR per action; report precision/recall at those cut-offs "
                         "instead of the artifact's")
-    e.add_argument("--rules", default=None, metavar="RULES.toml",
+    p.add_argument("--rules", default=None, metavar="RULES.toml",
                    help="also report a rules file: the rules alone, the model alone and their combination (the "
                         "gateway's final action: the stronger of the two) at each action, and precision / recall "
                         "per rule")
-    _add_input_opts(e)
-    e.set_defaults(fn=cmd_evaluate)
+    _add_input_opts(p)
+    p.set_defaults(fn=cmd_evaluate)
 
-    b = sub.add_parser("backtest", help="how a rules file would have behaved on a past log: hits per rule per day, "
+
+def _add_backtest(sub) -> None:
+    p = sub.add_parser("backtest", help="how a rules file would have behaved on a past log: hits per rule per day, "
                                         "users hit, overlap with the model, precision/recall with labels",
                        description="Backtest a rules file (configs/rules/default.toml is the shipped pack) on an event "
                                    "log: per rule the hits, hits per day, the share of users hit, with --model the "
@@ -371,71 +375,83 @@ def build_parser() -> argparse.ArgumentParser:
                                    "backtest.md and backtest.json. Rules that read only featuriser outputs and event "
                                    "fields need no model; without --model the ones that read risk or a model reason "
                                    "are listed as not evaluated.")
-    b.add_argument("--rules", required=True, metavar="RULES.toml", help="the rules file to backtest (A)")
-    b.add_argument("--events", required=True, help="event log (.jsonl, .csv, .parquet; schema v1)")
-    b.add_argument("--labels", default=None, help="optional labels (.jsonl, one per event): precision / recall")
-    b.add_argument("--model", default=None, help="optional artifact directory: risk, reasons and model alerts")
-    b.add_argument("--compare", default=None, metavar="RULES2.toml", help="a second rules file (B), side by side")
-    b.add_argument("--out", required=True, help="directory for backtest.md and backtest.json")
-    b.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_input_opts(b)
-    b.set_defaults(fn=cmd_backtest)
+    p.add_argument("--rules", required=True, metavar="RULES.toml", help="the rules file to backtest (A)")
+    p.add_argument("--events", required=True, help="event log (.jsonl, .csv, .parquet; schema v1)")
+    p.add_argument("--labels", default=None, help="optional labels (.jsonl, one per event): precision / recall")
+    p.add_argument("--model", default=None, help="optional artifact directory: risk, reasons and model alerts")
+    p.add_argument("--compare", default=None, metavar="RULES2.toml", help="a second rules file (B), side by side")
+    p.add_argument("--out", required=True, help="directory for backtest.md and backtest.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_input_opts(p)
+    p.set_defaults(fn=cmd_backtest)
 
-    x = sub.add_parser("export", help="(re-)export a trained encoder into a Triton model repository (ONNX, TensorRT)")
-    x.add_argument("--model", required=True)
-    x.add_argument("--repository", default=None, help="model repository (default: the artifact's own)")
-    x.add_argument("--tensorrt", action="store_true", help="also build a TensorRT FP16 plan (needs a GPU + tensorrt)")
-    x.add_argument("--int8", action="store_true", help="with --tensorrt: INT8 with calibration")
-    x.add_argument("--instances", type=int, default=1)
-    x.set_defaults(fn=cmd_export)
 
-    u = sub.add_parser("up", help="start Redis + Triton + the gRPC gateway for a model; Ctrl-C stops all three")
-    u.add_argument("--model", required=True)
-    u.add_argument("--host", default=os.environ.get("SEQGUARD_HOST", "127.0.0.1"))
-    u.add_argument("--port", type=int, default=int(os.environ.get("SEQGUARD_PORT", "50051")), help="gateway gRPC port")
-    u.add_argument("--redis-port", type=int, default=int(os.environ.get("SEQGUARD_REDIS_PORT", "6379")))
-    u.add_argument("--triton-http-port", type=int, default=int(os.environ.get("SEQGUARD_TRITON_HTTP_PORT", "8000")))
-    u.add_argument("--triton-grpc-port", type=int, default=int(os.environ.get("SEQGUARD_TRITON_GRPC_PORT", "8001")))
-    u.add_argument("--triton-metrics-port", type=int, default=int(os.environ.get("SEQGUARD_TRITON_METRICS_PORT", "8002")))
-    u.add_argument("--run-dir", default=os.environ.get("SEQGUARD_RUN_DIR", "runs/up"),
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="(re-)export a trained encoder into a Triton model repository (ONNX, TensorRT)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--repository", default=None, help="model repository (default: the artifact's own)")
+    p.add_argument("--tensorrt", action="store_true", help="also build a TensorRT FP16 plan (needs a GPU + tensorrt)")
+    p.add_argument("--int8", action="store_true", help="with --tensorrt: INT8 with calibration")
+    p.add_argument("--instances", type=int, default=1)
+    p.set_defaults(fn=cmd_export)
+
+
+def _add_up(sub) -> None:
+    p = sub.add_parser("up", help="start Redis + Triton + the gRPC gateway for a model; Ctrl-C stops all three")
+    p.add_argument("--model", required=True)
+    p.add_argument("--host", default=os.environ.get("SEQGUARD_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("SEQGUARD_PORT", "50051")), help="gateway gRPC port")
+    p.add_argument("--redis-port", type=int, default=int(os.environ.get("SEQGUARD_REDIS_PORT", "6379")))
+    p.add_argument("--triton-http-port", type=int, default=int(os.environ.get("SEQGUARD_TRITON_HTTP_PORT", "8000")))
+    p.add_argument("--triton-grpc-port", type=int, default=int(os.environ.get("SEQGUARD_TRITON_GRPC_PORT", "8001")))
+    p.add_argument("--triton-metrics-port", type=int, default=int(os.environ.get("SEQGUARD_TRITON_METRICS_PORT", "8002")))
+    p.add_argument("--run-dir", default=os.environ.get("SEQGUARD_RUN_DIR", "runs/up"),
                    help="logs, Redis AOF and the pseudonymisation key file live here")
-    u.add_argument("--review-port", type=int, default=int(os.environ.get("SEQGUARD_REVIEW_PORT", "8088")),
+    p.add_argument("--review-port", type=int, default=int(os.environ.get("SEQGUARD_REVIEW_PORT", "8088")),
                    help="the analysts' review queue (web) on this port; its URL is printed (0: a free port)")
-    u.add_argument("--no-review", action="store_true", help="do not start the review queue")
-    u.add_argument("--redis-appendfsync", choices=("always", "everysec"),
+    p.add_argument("--no-review", action="store_true", help="do not start the review queue")
+    p.add_argument("--redis-appendfsync", choices=("always", "everysec"),
                    default=os.environ.get("SEQGUARD_REDIS_APPENDFSYNC", "everysec"),
                    help="everysec (default): an answered update survives a crash of Redis, up to ~1 s of them "
-                        "can be lost in a crash of the host; always: survives a host crash too, p99 write "
-                        "latency ~6 ms instead of ~0.1 ms here (docs/reliability.md)")
-    u.set_defaults(fn=cmd_up)
+                        "can be lost in a crash of the host; always: survives a host crash too, at a much higher "
+                        "p99 write latency (docs/reliability.md)")
+    p.set_defaults(fn=cmd_up)
 
-    r = sub.add_parser("retrain", help="train a candidate on new events (+ labels) and compare it with the live model")
-    r.add_argument("--live", required=True, help="artifact directory of the model serving now")
-    r.add_argument("--events", required=True, help="new event log; its latest --holdout-frac is held out for the comparison")
-    r.add_argument("--labels", default=None, help="optional outcome labels (e.g. exported ReportOutcome labels)")
-    r.add_argument("--out", required=True, help="artifact directory for the candidate (+ retrain_report.md/json)")
-    r.add_argument("--holdout-frac", type=float, default=0.2)
-    r.add_argument("--hidden", type=int, default=0, help="LSTM hidden size (default: the live model's)")
-    _add_training_opts(r)
-    _add_input_opts(r)
-    r.set_defaults(fn=cmd_retrain)
 
-    dr = sub.add_parser("drift", help="PSI of risk-score and feature distributions of an event log vs training")
-    dr.add_argument("--model", required=True, help="artifact directory (its drift_reference.json is the baseline)")
-    dr.add_argument("--events", required=True, help="recent events to check")
-    dr.add_argument("--reference", default=None,
+def _add_retrain(sub) -> None:
+    p = sub.add_parser("retrain", help="train a candidate on new events (+ labels) and compare it with the live model")
+    p.add_argument("--live", required=True, help="artifact directory of the model serving now")
+    p.add_argument("--events", required=True, help="new event log; its latest --holdout-frac is held out for the comparison")
+    p.add_argument("--labels", default=None, help="optional outcome labels (e.g. exported ReportOutcome labels)")
+    p.add_argument("--out", required=True, help="artifact directory for the candidate (+ retrain_report.md/json)")
+    p.add_argument("--holdout-frac", type=float, default=0.2)
+    p.add_argument("--hidden", type=int, default=0, help="LSTM hidden size (default: the live model's)")
+    _add_training_opts(p)
+    _add_input_opts(p)
+    p.set_defaults(fn=cmd_retrain)
+
+
+def _add_drift(sub) -> None:
+    p = sub.add_parser("drift", help="PSI of risk-score and feature distributions of an event log vs training")
+    p.add_argument("--model", required=True, help="artifact directory (its drift_reference.json is the baseline)")
+    p.add_argument("--events", required=True, help="recent events to check")
+    p.add_argument("--reference", default=None,
                     help="training events log, used (and cached in the artifact) when the model has no reference yet")
-    dr.add_argument("--out", default=None, help="Markdown report (+ the same name .json); default: stderr")
-    dr.add_argument("--threshold", type=float, default=0.2, help="PSI above this is flagged (default 0.2)")
-    _add_input_opts(dr)
-    dr.set_defaults(fn=cmd_drift)
+    p.add_argument("--out", default=None, help="Markdown report (+ the same name .json); default: stderr")
+    p.add_argument("--threshold", type=float, default=0.2, help="PSI above this is flagged (default 0.2)")
+    _add_input_opts(p)
+    p.set_defaults(fn=cmd_drift)
 
-    he = sub.add_parser("holds-export", help="write the holds audit stream (who set/released which hold) as JSONL, "
-                                              "for `score-file --holds-audit`; Redis from SEQGUARD_REDIS_*")
-    he.add_argument("--out", required=True, help="JSONL file to write")
-    he.set_defaults(fn=cmd_holds_export)
 
-    a = sub.add_parser("alerts-sink", help="deliver the gateway's alerts stream to a webhook (signed, retried, "
+def _add_holds_export(sub) -> None:
+    p = sub.add_parser("holds-export", help="write the holds audit stream (who set/released which hold) as JSONL, "
+                                            "for `score-file --holds-audit`; Redis from SEQGUARD_REDIS_*")
+    p.add_argument("--out", required=True, help="JSONL file to write")
+    p.set_defaults(fn=cmd_holds_export)
+
+
+def _add_alerts_sink(sub) -> None:
+    p = sub.add_parser("alerts-sink", help="deliver the gateway's alerts stream to a webhook (signed, retried, "
                        "dead-lettered; at-least-once)", description=(
         "Reads <prefix>alerts (the gateway's REVIEW/CHALLENGE/BLOCK decisions and rule hits) in a Redis consumer "
         "group and POSTs each alert as JSON to --url, signed with HMAC-SHA256. An alert is acknowledged only after "
@@ -443,27 +459,43 @@ def build_parser() -> argparse.ArgumentParser:
         "4xx other than 408/429) the alert moves to <prefix>alerts:dead. Redis connection: the gateway's "
         "settings (SEQGUARD_REDIS_HOST, SEQGUARD_REDIS_PORT, ... or SEQGUARD_CONFIG). Stops on SIGINT/SIGTERM."))
     from seqguard.gateway.alerts import add_sink_args
-    add_sink_args(a)
-    a.set_defaults(fn=cmd_alerts_sink)
+    add_sink_args(p)
+    p.set_defaults(fn=cmd_alerts_sink)
 
-    rv = sub.add_parser("review", help="the review queue in the browser: open alerts, cases, fraud/legitimate "
-                        "labels, holds (prints its URL)", description=(
+
+def _add_review(sub) -> None:
+    p = sub.add_parser("review", help="the review queue in the browser: open alerts, cases, fraud/legitimate "
+                       "labels, holds (prints its URL)", description=(
         "Serves the analysts' review queue (gateway/review/): open alerts sorted by risk with filters, a case page "
         "per pseudonymised user (risk over time, reasons and rules per alert, holds), and buttons that store "
         "labels the way ReportOutcome does and release or confirm holds. Log in with a gateway admin token "
         "(SEQGUARD_ADMIN_TOKEN / SEQGUARD_ADMIN_TOKEN_FILE; with none, a generated one in <run-dir>/review.token). "
         "Redis: the gateway's settings (SEQGUARD_REDIS_*)."))
     from seqguard.gateway.review.serve import add_review_args
-    add_review_args(rv)
-    rv.set_defaults(fn=cmd_review)
+    add_review_args(p)
+    p.set_defaults(fn=cmd_review)
 
-    d = sub.add_parser("demo", help="end to end: generate, train a small model, start services, stream traffic, report")
-    d.add_argument("--users", type=int, default=1500)
-    d.add_argument("--workdir", default="runs/demo")
-    d.add_argument("--keep-running", action="store_true",
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="end to end: generate, train a small model, start services, stream traffic, report")
+    p.add_argument("--users", type=int, default=1500)
+    p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--keep-running", action="store_true",
                    help="leave the stack and the review queue running after the report (Ctrl-C stops it)")
-    d.add_argument("--seed", type=int, default=7)
-    d.set_defaults(fn=cmd_demo)
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(fn=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="seqguard", description=(
+        "Real-time risk scoring of e-commerce user behaviour sequences: an LSTM step encoder "
+        "(served by Triton) + IsolationForest, with per-user state in Redis behind a gRPC gateway."))
+    p.add_argument("--version", action="version", version=f"seqguard {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in (_add_generate, _add_train, _add_score_file, _add_evaluate, _add_backtest, _add_export,
+                        _add_up, _add_retrain, _add_drift, _add_holds_export, _add_alerts_sink, _add_review,
+                        _add_demo):
+        add_command(sub)
     return p
 
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-STEP_INPUTS = ("event_type", "features", "h_in", "c_in")
-STEP_OUTPUTS = ("h_out", "c_out", "embedding", "surprise")
+from seqguard.step_contract import OUTPUT_NAMES, input_arrays
 
 # A user's (h, c) is kept between steps as float16: half the bytes of the largest part of a user's
 # record in Redis. Every path that carries a state from one step to the next (offline replay, batch
@@ -42,11 +41,8 @@ class OrtStep:
         self.n_features = int(shapes["features"][1])
 
     def __call__(self, type_ids, feats, h, c):
-        out = self.session.run(list(STEP_OUTPUTS), {
-            "event_type": np.asarray(type_ids, np.int64).reshape(-1, 1),
-            "features": np.ascontiguousarray(np.asarray(feats, np.float32)[:, :self.n_features]),
-            "h_in": np.asarray(h, np.float32), "c_in": np.asarray(c, np.float32)})
-        return tuple(out)
+        feeds = input_arrays(type_ids, np.asarray(feats, np.float32)[:, :self.n_features], h, c)
+        return tuple(self.session.run(list(OUTPUT_NAMES), feeds))
 
 
 def lockstep_rows(user_idx: np.ndarray, n_users: int):

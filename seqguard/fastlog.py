@@ -1,7 +1,7 @@
 """Reading a JSONL event log fast: blocks of lines parsed by pyarrow and validated as columns.
 
-`schema.read_events` parses and validates one row at a time in Python (~4 us per event, the
-largest cost of `score-file` after the kernel). Here a block of lines is parsed by pyarrow's
+`schema.read_events` parses and validates one row at a time in Python, the largest cost of
+`score-file` after the kernel. Here a block of lines is parsed by pyarrow's
 JSON reader against the schema-v1 column types, and the block is accepted only if every rule of
 `schema.validate_event` holds for whole columns. pyarrow rejects anything unusual (a string
 where a number belongs, duplicate keys, a bad surrogate, an array row, ...); any such block, or
@@ -82,7 +82,7 @@ def _fast_block(block: bytes, lines: list[bytes], schema, at_start: bool) -> lis
         return None
     cols = []
     for name in Event._fields:
-        col = t.column(name).to_numpy(zero_copy_only=False).tolist()   # (9x faster than to_pylist; None = null)
+        col = t.column(name).to_numpy(zero_copy_only=False).tolist()   # (far cheaper than to_pylist; None = null)
         if name in OPTIONAL_STR:
             col = [v or None for v in col]                      # "" is missing, as in validate_event
         elif name == "amount":

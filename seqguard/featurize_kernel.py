@@ -71,7 +71,7 @@ U_PREFIXES = U_COUNTRIES + MAX_COUNTRIES
 N_UI = U_PREFIXES + MAX_PREFIXES
 # user floats (UF), in the Redis layout's order
 (F_EV_1M, F_EV_1H, F_FAIL_LOGIN, F_FAIL_PAY, F_PAY_24H, F_AMT_24H, F_COUPON_24H, F_AMT_MEAN, F_AMT_M2, F_AMT_MAX,
- F_GAP_MEAN, F_GAP_VAR, F_LAST_LOG_GAP, F_GAP_JITTER, F_SPARE3) = range(15)
+ F_GAP_MEAN, F_GAP_VAR, F_LAST_LOG_GAP, F_GAP_JITTER, F_RESERVED) = range(15)   # F_RESERVED: always 0, kept for the layout
 N_UF = 15
 # entity ints (EI): [user hash, ts] pairs, most recent first
 E_FIRST_TS, E_LAST_TS, E_N_USERS, E_N_FAILED = range(4)
@@ -79,7 +79,7 @@ E_USERS = 4
 E_FAILED = E_USERS + 2 * MAX_ENTITY_USERS
 N_EI = E_FAILED + 2 * MAX_ENTITY_USERS
 # entity floats (EF)
-G_EVENTS_1H, G_FAILED_1H, G_NEW_ACCOUNTS_24H, G_SPARE = range(4)
+G_EVENTS_1H, G_FAILED_1H, G_NEW_ACCOUNTS_24H, G_RESERVED = range(4)          # G_RESERVED: always 0, kept for the layout
 N_EF = 4
 
 
@@ -192,32 +192,25 @@ def touch_entity(EI, EF, r, ts, user, user_is_new, failed, buf, out):
 
 
 @njit(cache=True)
-def user_step(UI, UF, u, ts, type_id, flags, amount, dev, cty, pfx, session, entity, row):
-    """The user half of the featuriser: features of one event given the user's row *before* it and
-    its 9 cross-user features; writes the N_FEATURES outputs to `row` and updates the row in place.
-    `amount` is NaN when the event has none."""
-    first = UI[u, U_N] == 0
-    if first:
-        UI[u, U_FIRST_TS] = ts
-        gap_ms = 0
-    else:
-        gap_ms = max(0, ts - UI[u, U_LAST_TS])
-    log_gap = math.log1p(gap_ms / 1000.0)
-
-    # decayed per-user counters (decay to now, then add this event)
+def _update_counters(UF, u, gap_ms, flags, amount, has_amount):
+    """Decay the user's counters to this event's time, then count it."""
     k1m, k1h, k24 = _decay(gap_ms, MINUTE_MS), _decay(gap_ms, HOUR_MS), _decay(gap_ms, DAY_MS)
+    is_pay = (flags & FLAG_PAYMENT) != 0
     UF[u, F_EV_1M] = UF[u, F_EV_1M] * k1m + 1.0
     UF[u, F_EV_1H] = UF[u, F_EV_1H] * k1h + 1.0
     UF[u, F_FAIL_LOGIN] = UF[u, F_FAIL_LOGIN] * k1h + (1.0 if flags & FLAG_LOGIN_FAILED else 0.0)
     UF[u, F_FAIL_PAY] = UF[u, F_FAIL_PAY] * k1h + (1.0 if flags & FLAG_PAYMENT_FAILED else 0.0)
-    is_payment = (flags & FLAG_PAYMENTS) != 0
-    is_pay = (flags & FLAG_PAYMENT) != 0
-    has_amount = not math.isnan(amount)
     UF[u, F_PAY_24H] = UF[u, F_PAY_24H] * k24 + (1.0 if is_pay else 0.0)
     UF[u, F_AMT_24H] = UF[u, F_AMT_24H] * k24 + (amount if (has_amount and is_pay) else 0.0)
     UF[u, F_COUPON_24H] = UF[u, F_COUPON_24H] * k24 + (1.0 if flags & FLAG_COUPON else 0.0)
 
-    # amount relative to the user's own payment history (before this event)
+
+@njit(cache=True)
+def _amount_features(UI, UF, u, flags, amount, has_amount):
+    """(log amount, amount_z, amount_vs_max): the amount against the user's own payment history
+    BEFORE this event; then a payment joins that history."""
+    is_payment = (flags & FLAG_PAYMENTS) != 0
+    is_pay = (flags & FLAG_PAYMENT) != 0
     log_amt = math.log1p(amount) if has_amount else 0.0
     amount_z = 0.0
     amount_vs_max = 0.0
@@ -234,36 +227,27 @@ def user_step(UI, UF, u, ts, type_id, flags, amount, dev, cty, pfx, session, ent
         UF[u, F_AMT_MAX] = max(UF[u, F_AMT_MAX], log_amt)
     if is_pay:
         UI[u, U_N_PAYMENTS] += 1
-    is_review = (flags & FLAG_REVIEW) != 0
-    review_wo_purchase = 1.0 if (is_review and UI[u, U_N_PAYMENTS] == 0) else 0.0
-    if is_review:
-        UI[u, U_N_REVIEWS] += 1
+    return log_amt, amount_z, amount_vs_max
 
-    # where from: device / country / IP prefix novelty for this user
-    new_device = device_changed = new_country = country_changed = new_pfx = pfx_changed = 0.0
-    if dev != 0:
-        new_device = 1.0 if (_lru_touch(UI, u, U_DEVICES, U_N_DEVICES, MAX_DEVICES, dev) and not first) else 0.0
-        device_changed = 1.0 if (UI[u, U_LAST_DEVICE] != 0 and dev != UI[u, U_LAST_DEVICE]) else 0.0
-        UI[u, U_LAST_DEVICE] = dev
-    if cty != 0:
-        new_country = 1.0 if (_lru_touch(UI, u, U_COUNTRIES, U_N_COUNTRIES, MAX_COUNTRIES, cty) and not first) else 0.0
-        country_changed = 1.0 if (UI[u, U_LAST_COUNTRY] != 0 and cty != UI[u, U_LAST_COUNTRY]) else 0.0
-        UI[u, U_LAST_COUNTRY] = cty
-    if pfx != 0:
-        new_pfx = 1.0 if (_lru_touch(UI, u, U_PREFIXES, U_N_PREFIXES, MAX_PREFIXES, pfx) and not first) else 0.0
-        pfx_changed = 1.0 if (UI[u, U_LAST_PREFIX] != 0 and pfx != UI[u, U_LAST_PREFIX]) else 0.0
-        UI[u, U_LAST_PREFIX] = pfx
 
-    # account changes shortly before a payment
-    recent_change = 0.0
-    if UI[u, U_LAST_CHANGE_TS] != 0:
-        recent_change = _decay(max(0, ts - UI[u, U_LAST_CHANGE_TS]), HOUR_MS)
-    if flags & FLAG_ACCOUNT_CHANGE:
-        UI[u, U_LAST_CHANGE_TS] = ts
+@njit(cache=True)
+def _novelty(UI, u, value, first, base, count_col, capacity, last_col):
+    """(new to this user, changed since the user's previous event) for a device, country or IP
+    prefix id (0: the event has none); remembers it in the user's recently-seen list."""
+    if value == 0:
+        return 0.0, 0.0
+    is_new = 1.0 if (_lru_touch(UI, u, base, count_col, capacity, value) and not first) else 0.0
+    changed = 1.0 if (UI[u, last_col] != 0 and value != UI[u, last_col]) else 0.0
+    UI[u, last_col] = value
+    return is_new, changed
 
-    # timing regularity: EWMA mean/variance of log gaps (bots are machine-regular)
-    n_before = UI[u, U_N]
-    if not first:
+
+@njit(cache=True)
+def _timing_regularity(UF, u, n_before, log_gap):
+    """gap_std after this gap: EWMA mean/variance of log gaps (bots are machine-regular); also moves
+    the fast regularity, gap_jitter = EWMA of |log gap - previous log gap| (a script's cadence shows
+    within a handful of events; a person's consecutive gaps differ by ~1 on this scale)."""
+    if n_before >= 1:
         if n_before == 1:
             UF[u, F_GAP_MEAN] = log_gap
             UF[u, F_GAP_VAR] = 1.0
@@ -272,20 +256,49 @@ def user_step(UI, UF, u, ts, type_id, flags, amount, dev, cty, pfx, session, ent
             UF[u, F_GAP_MEAN] += GAP_EWMA_ALPHA * d
             UF[u, F_GAP_VAR] = (1.0 - GAP_EWMA_ALPHA) * (UF[u, F_GAP_VAR] + GAP_EWMA_ALPHA * d * d)
     gap_std = math.sqrt(UF[u, F_GAP_VAR]) if n_before >= 1 else 1.0
-    # fast timing regularity: EWMA of |log gap - previous log gap| (a script's cadence shows within
-    # a handful of events; a person's consecutive gaps differ by ~1 on this scale)
     if n_before >= 2:
         UF[u, F_GAP_JITTER] += JITTER_ALPHA * (abs(log_gap - UF[u, F_LAST_LOG_GAP]) - UF[u, F_GAP_JITTER])
     UF[u, F_LAST_LOG_GAP] = log_gap
+    return gap_std
 
-    # sessions
+
+@njit(cache=True)
+def user_step(UI, UF, u, ts, type_id, flags, amount, dev, cty, pfx, session, entity, row):
+    """The user half of the featuriser: features of one event given the user's row *before* it and
+    its 9 cross-user features; writes the N_FEATURES outputs to `row` and updates the row in place.
+    `amount` is NaN when the event has none."""
+    first = UI[u, U_N] == 0
+    if first:
+        UI[u, U_FIRST_TS] = ts
+        gap_ms = 0
+    else:
+        gap_ms = max(0, ts - UI[u, U_LAST_TS])
+    log_gap = math.log1p(gap_ms / 1000.0)
+    has_amount = not math.isnan(amount)
+    _update_counters(UF, u, gap_ms, flags, amount, has_amount)
+    log_amt, amount_z, amount_vs_max = _amount_features(UI, UF, u, flags, amount, has_amount)
+    is_review = (flags & FLAG_REVIEW) != 0
+    review_wo_purchase = 1.0 if (is_review and UI[u, U_N_PAYMENTS] == 0) else 0.0
+    if is_review:
+        UI[u, U_N_REVIEWS] += 1
+    new_device, device_changed = _novelty(UI, u, dev, first, U_DEVICES, U_N_DEVICES, MAX_DEVICES, U_LAST_DEVICE)
+    new_country, country_changed = _novelty(UI, u, cty, first, U_COUNTRIES, U_N_COUNTRIES, MAX_COUNTRIES,
+                                            U_LAST_COUNTRY)
+    new_pfx, pfx_changed = _novelty(UI, u, pfx, first, U_PREFIXES, U_N_PREFIXES, MAX_PREFIXES, U_LAST_PREFIX)
+    # account changes shortly before a payment
+    recent_change = 0.0
+    if UI[u, U_LAST_CHANGE_TS] != 0:
+        recent_change = _decay(max(0, ts - UI[u, U_LAST_CHANGE_TS]), HOUR_MS)
+    if flags & FLAG_ACCOUNT_CHANGE:
+        UI[u, U_LAST_CHANGE_TS] = ts
+    n_before = UI[u, U_N]
+    gap_std = _timing_regularity(UF, u, n_before, log_gap)
     new_session = 0.0
     if session != UI[u, U_LAST_SESSION] or first:
         new_session = 1.0
         UI[u, U_SESSION_EVENTS] = 0
         UI[u, U_LAST_SESSION] = session
     UI[u, U_SESSION_EVENTS] += 1
-
     first_ts = UI[u, U_FIRST_TS]
     age_h = (ts - first_ts) / HOUR_MS if ts > first_ts else 0.0
     UI[u, U_N] = n_before + 1
@@ -393,7 +406,7 @@ def touch_entities(rows, ts, user, is_new, failed, EI, EF, out):
 
 
 # --------------------------------------------------------------------------- Redis bytes, in bulk
-# The byte layout is featurizer.UserContext / EntityContext's (unchanged, versions 1 and 2): a
+# The byte layout is featurizer.UserContext / EntityContext's: a version byte, a
 # packed little-endian head, then the variable lists. Decoding and encoding many contexts is one
 # call each, so a gateway batch never touches a context field from Python.
 
@@ -433,9 +446,9 @@ def _store_f64(buf, o, value, scratch):
 
 
 @njit(cache=True)
-def decode_users(buf, offsets, UI, UF):
+def decode_users(buf, offsets, UI, UF, version):
     """Blob k = buf[offsets[k]:offsets[k + 1]] (empty: a new user) -> row k of UI/UF. Returns -1, or
-    the index of the first blob that is not a version 1 or 2 context of its length (not decoded)."""
+    the index of the first blob that is not a `version` context of its length (not decoded)."""
     scratch = np.empty(8, np.uint8)
     for k in range(len(offsets) - 1):
         o = offsets[k]
@@ -445,8 +458,7 @@ def decode_users(buf, offsets, UI, UF):
         UF[k, F_GAP_JITTER] = JITTER_PRIOR
         if size == 0:
             continue
-        ver = buf[o]
-        if (ver != 1 and ver != 2) or size < USER_HEAD_SIZE + 3:
+        if buf[o] != version or size < USER_HEAD_SIZE + 3:
             return k
         nd, nc, npf = buf[o + USER_HEAD_SIZE], buf[o + USER_HEAD_SIZE + 1], buf[o + USER_HEAD_SIZE + 2]
         if (nd > MAX_DEVICES or nc > MAX_COUNTRIES or npf > MAX_PREFIXES
@@ -459,9 +471,6 @@ def decode_users(buf, offsets, UI, UF):
             UI[k, U_LAST_DEVICE + j] = _load(buf, o + 29 + 4 * j, 4)
         for j in range(N_UF):
             UF[k, j] = _load_f64(buf, o + 61 + 8 * j, scratch)
-        if ver == 1:                                         # written before gap_jitter: unused zeros
-            UF[k, F_LAST_LOG_GAP] = 0.0
-            UF[k, F_GAP_JITTER] = JITTER_PRIOR
         p = o + USER_HEAD_SIZE + 3
         for j, (count_col, base) in enumerate(((U_N_DEVICES, U_DEVICES), (U_N_COUNTRIES, U_COUNTRIES),
                                                 (U_N_PREFIXES, U_PREFIXES))):
@@ -506,8 +515,8 @@ def encode_users(UI, UF, version):
 
 
 @njit(cache=True)
-def decode_entities(buf, offsets, EI, EF):
-    """As decode_users, for entity contexts (version 1 has no failed-account list: read as empty)."""
+def decode_entities(buf, offsets, EI, EF, version):
+    """As decode_users, for entity contexts."""
     scratch = np.empty(8, np.uint8)
     for k in range(len(offsets) - 1):
         o = offsets[k]
@@ -516,16 +525,14 @@ def decode_entities(buf, offsets, EI, EF):
         EF[k, :] = 0.0
         if end == o:
             continue
-        ver = buf[o]
-        if (ver != 1 and ver != 2) or end - o < ENTITY_HEAD_SIZE:
+        if buf[o] != version or end - o < ENTITY_HEAD_SIZE:
             return k
         n = np.int64(buf[o + 49])
-        if n > MAX_ENTITY_USERS or end - o < ENTITY_HEAD_SIZE + PAIR_SIZE * n + (1 if ver >= 2 else 0):
+        if n > MAX_ENTITY_USERS or end - o < ENTITY_HEAD_SIZE + PAIR_SIZE * n + 1:
             return k
-        if ver >= 2:
-            nf = np.int64(buf[o + ENTITY_HEAD_SIZE + PAIR_SIZE * n])
-            if nf > MAX_ENTITY_USERS or end - o < ENTITY_HEAD_SIZE + PAIR_SIZE * n + 1 + PAIR_SIZE * nf:
-                return k
+        nf = np.int64(buf[o + ENTITY_HEAD_SIZE + PAIR_SIZE * n])
+        if nf > MAX_ENTITY_USERS or end - o < ENTITY_HEAD_SIZE + PAIR_SIZE * n + 1 + PAIR_SIZE * nf:
+            return k
         EI[k, E_FIRST_TS] = _load(buf, o + 1, 8)
         EI[k, E_LAST_TS] = _load(buf, o + 9, 8)
         for j in range(N_EF):
@@ -537,14 +544,13 @@ def decode_entities(buf, offsets, EI, EF):
             EI[k, E_USERS + 2 * i] = _load(buf, p, 4)
             EI[k, E_USERS + 2 * i + 1] = _load(buf, p + 4, 8)
             p += PAIR_SIZE
-        if ver >= 2:
-            nf = np.int64(buf[p])
-            EI[k, E_N_FAILED] = nf
-            p += 1
-            for i in range(nf):
-                EI[k, E_FAILED + 2 * i] = _load(buf, p, 4)
-                EI[k, E_FAILED + 2 * i + 1] = _load(buf, p + 4, 8)
-                p += PAIR_SIZE
+        nf = np.int64(buf[p])
+        EI[k, E_N_FAILED] = nf
+        p += 1
+        for i in range(nf):
+            EI[k, E_FAILED + 2 * i] = _load(buf, p, 4)
+            EI[k, E_FAILED + 2 * i + 1] = _load(buf, p + 4, 8)
+            p += PAIR_SIZE
     return -1
 
 
@@ -592,8 +598,8 @@ def featurize_blobs(ts, type_id, flags, amount, user, device, country, prefix, s
     UF = np.empty((len(uoff) - 1, N_UF), np.float64)
     EI = np.empty((len(eoff) - 1, N_EI), np.int64)
     EF = np.empty((len(eoff) - 1, N_EF), np.float64)
-    bad_u = decode_users(ubuf, uoff, UI, UF)
-    bad_e = decode_entities(ebuf, eoff, EI, EF)
+    bad_u = decode_users(ubuf, uoff, UI, UF, version)
+    bad_e = decode_entities(ebuf, eoff, EI, EF, version)
     if bad_u >= 0 or bad_e >= 0:
         z = np.empty(0, np.uint8)
         zo = np.zeros(1, np.int64)

@@ -15,8 +15,8 @@ the contexts, which serialise to the same bytes as before (the gateway keeps the
                   timestamp order, online it lives in Redis.
 
 The encoder reads the first N_ENCODER_FEATURES features; the ones after it are for the detector
-only (adding an input to the encoder retrains it, and an encoder change alone moved payment
-recall by more than the new signal was worth: docs/results/tail_forest.md, "Session 8").
+only: adding an input to the encoder means retraining it, and a retrained encoder moves every
+score, so a new signal for the detector alone goes after it (docs/results/tail_forest.md).
 
 All counters are exponentially decayed (value, shared last timestamp), so they are exact,
 O(1) to update and independent of how the stream is chunked.
@@ -38,8 +38,9 @@ from .featurize_kernel import (DAY_MS, FAILED_ACCOUNTS_WINDOW_MS, GAP_EWMA_ALPHA
                                JITTER_PRIOR, MAX_COUNTRIES, MAX_DEVICES, MAX_ENTITY_USERS, MAX_PREFIXES, MINUTE_MS)
 from .schema import COMMON_EVENT_TYPES, SCHEMA_VERSION, Event
 
-FEATURIZER_VERSION = 2             # 2: + accounts with a failed login per device in 7 days, gap jitter
-READABLE_CONTEXT_VERSIONS = (1, 2)  # contexts a gateway may find in Redis after an upgrade
+# The features' version (in the model's spec) and the first byte of every stored context: a model
+# or a context of another version is refused, never silently misread.
+FEATURIZER_VERSION = 2
 UNKNOWN_TOKEN = "<unknown>"
 
 # Event-type groups the featuriser reacts to (by name, so team-specific ids do not matter).
@@ -226,9 +227,9 @@ class _Context:
 
     @classmethod
     def from_bytes(cls, data: bytes):
-        if not data or data[0] not in READABLE_CONTEXT_VERSIONS:
-            raise ValueError(f"{cls.__name__} version {data[0] if data else None} is not one of "
-                             f"{READABLE_CONTEXT_VERSIONS}")
+        if not data or data[0] != FEATURIZER_VERSION:
+            raise ValueError(f"{cls.__name__} version {data[0] if data else None} is not "
+                             f"{FEATURIZER_VERSION}")
         c = cls()
         c._blob = bytes(data)
         return c
@@ -266,7 +267,7 @@ class UserContext(_Context):
     session_events, n_payments, n_reviews, last_type = (_int_field(c) for c in (
         K.U_SESSION_EVENTS, K.U_N_PAYMENTS, K.U_N_REVIEWS, K.U_LAST_TYPE))
     (ev_1m, ev_1h, fail_login, fail_pay, pay_24h, amt_24h, coupon_24h, amt_mean, amt_m2, amt_max, gap_mean,
-     gap_var, last_log_gap, gap_jitter, spare3) = (_float_field(c) for c in range(K.N_UF))
+     gap_var, last_log_gap, gap_jitter, reserved_float) = (_float_field(c) for c in range(K.N_UF))
     devices = property(lambda self: self.ints[K.U_DEVICES:K.U_DEVICES + self.ints[K.U_N_DEVICES]].tolist())
     countries = property(lambda self: self.ints[K.U_COUNTRIES:K.U_COUNTRIES + self.ints[K.U_N_COUNTRIES]].tolist())
     prefixes = property(lambda self: self.ints[K.U_PREFIXES:K.U_PREFIXES + self.ints[K.U_N_PREFIXES]].tolist())
@@ -288,12 +289,11 @@ def _pairs_field(count_col: int, base: int):
 
 class EntityContext(_Context):
     """Per device / IP / IP-prefix state shared by all users: one row of the kernel's entity tables
-    (~300 bytes serialised, up to ~700 for a device in a stuffing ring). `from_bytes` reads versions
-    1 (written before the 7-day failed-account list: read as empty) and 2."""
+    (~300 bytes serialised, up to ~700 for a device in a stuffing ring)."""
     __slots__ = ()
 
     first_ts, last_ts = _int_field(K.E_FIRST_TS), _int_field(K.E_LAST_TS)
-    events_1h, failed_1h, new_accounts_24h, spare = (_float_field(c) for c in range(K.N_EF))
+    events_1h, failed_1h, new_accounts_24h, reserved_float = (_float_field(c) for c in range(K.N_EF))
     users = _pairs_field(K.E_N_USERS, K.E_USERS)                 # [user hash, last ts ms], most recent first (24 h)
     failed_users = _pairs_field(K.E_N_FAILED, K.E_FAILED)        # [user hash, last failed-login ts ms] (7 days)
 
@@ -314,10 +314,10 @@ def decode_user_contexts(blobs: Sequence[bytes | None]) -> tuple[np.ndarray, np.
     """Many UserContext byte strings (None or b"": a new user) -> kernel rows (UI, UF), one call."""
     buf, offsets = _blobs(blobs)
     ui, uf = np.empty((len(blobs), K.N_UI), np.int64), np.empty((len(blobs), K.N_UF))   # (every row is set)
-    bad = K.decode_users(buf, offsets, ui, uf)
+    bad = K.decode_users(buf, offsets, ui, uf, FEATURIZER_VERSION)
     if bad >= 0:
         raise ValueError(f"user context {bad} is corrupt: version {blobs[bad][0]} (readable: "
-                         f"{READABLE_CONTEXT_VERSIONS}), {len(blobs[bad])} bytes")
+                         f"{FEATURIZER_VERSION}), {len(blobs[bad])} bytes")
     return ui, uf
 
 
@@ -329,10 +329,10 @@ def decode_entity_contexts(blobs: Sequence[bytes | None]) -> tuple[np.ndarray, n
     """Many EntityContext byte strings (None or b"": a new entity) -> kernel rows (EI, EF), one call."""
     buf, offsets = _blobs(blobs)
     ei, ef = np.empty((len(blobs), K.N_EI), np.int64), np.empty((len(blobs), K.N_EF))   # (every row is set)
-    bad = K.decode_entities(buf, offsets, ei, ef)
+    bad = K.decode_entities(buf, offsets, ei, ef, FEATURIZER_VERSION)
     if bad >= 0:
         raise ValueError(f"entity context {bad} is corrupt: version {blobs[bad][0]} (readable: "
-                         f"{READABLE_CONTEXT_VERSIONS}), {len(blobs[bad])} bytes")
+                         f"{FEATURIZER_VERSION}), {len(blobs[bad])} bytes")
     return ei, ef
 
 
@@ -461,7 +461,7 @@ class Featurizer:
         if n == 0:
             z = np.zeros(0, np.int64)
             return EventArrays(z, z, z, np.zeros(0), z, z, z, z, z, z)
-        etype = [e.event_type for e in events]        # (per-field comprehensions: 20x faster than zip(*events))
+        etype = [e.event_type for e in events]        # (per-field comprehensions: far cheaper than zip(*events))
         for t in set(etype).difference(self._type_memo):
             self._type_info(t)
         type_info = np.array([self._type_memo[t] for t in etype], np.int64).reshape(n, 2)

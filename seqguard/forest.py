@@ -9,10 +9,10 @@ are bit-identical to `IsolationForest.score_samples` (tested).
 Where `onnx` and `onnxruntime` are installed (the default install) the same trees are also
 compiled into one ONNX `TreeEnsemble` node (ai.onnx.ml opset 5: float64 splits, float64 leaf
 sums, tree order) and scored by ONNX Runtime on ONE intra-op thread: still bit-identical to
-sklearn (tested at batch 1 to 50k), 3-5x faster than the numpy walk (measured: one row
-0.04 ms vs 0.15-0.2 ms; ~100k rows/s vs 20-37k). One thread because ONNX Runtime's
-multi-threaded tree ensemble merges per-thread partial sums, which changes the summation order
-(measured: not bit-identical); big batches are split across threads by the caller instead.
+sklearn (tested at batch 1 to 50k) and several times faster than the numpy walk. One thread
+because ONNX Runtime's multi-threaded tree ensemble merges per-thread partial sums, which changes
+the summation order (so the scores are no longer bit-identical); big batches are split across
+threads by the caller instead.
 `SEQGUARD_FOREST=numpy` forces the numpy walk.
 """
 from __future__ import annotations
@@ -236,7 +236,7 @@ class RiskCalibrator:
         self.levels = np.asarray(levels, np.float64)
         self.quantiles = np.asarray(quantiles, np.float64)
         # ties in the quantiles (flat regions) take the highest level, so interpolation stays monotone;
-        # computed once here, not per call (np.unique was most of a one-row risk() call online)
+        # computed once here, not per call (np.unique would dominate a one-row risk() call online)
         self._uq, last = np.unique(self.quantiles[::-1], return_index=True)
         self._lvls = self.levels[::-1][last]
         # the same map on a log scale of the tail, -log(1 - risk), tabulated once so scoring stays

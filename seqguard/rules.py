@@ -309,7 +309,7 @@ class Condition:
         if f == "reasons":
             m = x.reasons(v)
             return m if op == "contains" else ~m
-        if f in EVENT_STRING_FIELDS:     # set membership per event: np.isin on objects costs ~100 us a call
+        if f in EVENT_STRING_FIELDS:     # set membership per event: np.isin on object arrays is slow per call
             vals = frozenset(v) if isinstance(v, tuple) else frozenset([v])
             col = x.column(f)
             if op in ("==", "in"):

@@ -9,7 +9,7 @@ is left of its process group (Triton's Python-backend stub processes) is killed 
         client = tritonclient.grpc.InferenceServerClient(triton.grpc_url)
 
 Triton comes from the ``nvidia-pytriton`` wheel, which bundles a real tritonserver binary,
-its libraries and the Python backend. What it takes to run it (measured on Debian 12):
+its libraries and the Python backend. What it takes to run it (found on Debian 12):
 
 * the backend directory must hold ``python/{libtriton_python.so, triton_python_backend_utils.py,
   triton_python_backend_stub}`` with the stub built for this Python (3.11);

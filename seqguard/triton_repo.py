@@ -22,13 +22,14 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from seqguard.step_contract import (INPUT_NAMES, MAX_BATCH_ROWS, ORT_TYPES, OUTPUT_NAMES, TRITON_DTYPES,
+                                    trailing_dims)
+
 # The committed Python-backend model, shipped as package data (seqguard/triton_backend/model.py
 # links to model_repository/seqguard_encoder/1/model.py), so an installed gateway finds it.
 COMMITTED_MODEL_PY = Path(str(importlib.resources.files("seqguard") / "triton_backend" / "model.py"))
 
 DEFAULT_MODEL_NAME = "seqguard_encoder"
-INPUTS = ("event_type", "features", "h_in", "c_in")
-OUTPUTS = ("h_out", "c_out", "embedding", "surprise")
 DEFAULT_PREFERRED_BATCH_SIZES = (16, 64, 256)
 # Versions Triton keeps loaded (the newest N version directories): the live one and the one before
 # it (or a shadow candidate after it). Gateways pin an explicit version, so publishing <n+1> never
@@ -37,9 +38,34 @@ DEFAULT_KEEP_VERSIONS = 2
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
+# What each tensor is, written above it in the CPU model's config.pbtxt (operators read that file).
+_CPU_COMMENTS = {
+    "event_type": "Event type id (vocabulary index), one per row.",
+    "features": "Featurised event (F = {n_features}).",
+    "h_in": "LSTM state before this event (H = {hidden}); zeros for a new user.",
+    "h_out": "LSTM state after this event: the gateway stores it per user.",
+    "embedding": "Sequence embedding for the downstream anomaly detector.",
+    "surprise": "Next-event surprise scores (2 values per row).",
+}
+
+
+def tensor_blocks(names: Sequence[str], dims: dict, comments: dict | None = None,
+                  data_types: dict | None = None, **comment_fields) -> str:
+    """The config.pbtxt entries of an input [...] or output [...] list, from the step contract.
+
+    ``data_types`` overrides a tensor's Triton type (a TensorRT plan may take INT32 event types)."""
+    blocks = []
+    for name in names:
+        comment = (comments or {}).get(name)
+        head = f"    # {comment.format(**comment_fields)}\n" if comment else ""
+        data_type = (data_types or {}).get(name, f"TYPE_{TRITON_DTYPES[name]}")
+        shape = ", ".join(str(d) for d in dims[name])
+        blocks.append(f"  {{\n{head}    name: \"{name}\"\n    data_type: {data_type}\n    dims: [ {shape} ]\n  }}")
+    return ",\n".join(blocks)
+
 
 def render_config(*, model_name: str = DEFAULT_MODEL_NAME, n_features: int = 40,
-                  hidden: int = 128, max_batch_size: int = 1024, instances: int = 1,
+                  hidden: int = 128, max_batch_size: int = MAX_BATCH_ROWS, instances: int = 1,
                   max_queue_delay_us: int = 0, ort_threads: int = 1,
                   preferred_batch_sizes: Sequence[int] = DEFAULT_PREFERRED_BATCH_SIZES,
                   keep_versions: int = DEFAULT_KEEP_VERSIONS) -> str:
@@ -55,6 +81,7 @@ def render_config(*, model_name: str = DEFAULT_MODEL_NAME, n_features: int = 40,
         raise ValueError(f"bad model name {model_name!r}")
     preferred = sorted({int(b) for b in preferred_batch_sizes if 0 < int(b) <= max_batch_size})
     preferred_txt = ", ".join(str(b) for b in preferred)
+    dims = trailing_dims(n_features, hidden)
     return f"""\
 # seqguard step encoder: one LSTM step per event, served by ONNX Runtime inside Triton's
 # Python backend (CPU only). Rendered by seqguard.triton_repo.render_config(); do not edit
@@ -68,61 +95,17 @@ max_batch_size: {max_batch_size}
 
 # Shapes below exclude the batch dim. Only the batch dim is dynamic.
 input [
-  {{
-    # Event type id (vocabulary index), one per row.
-    name: "event_type"
-    data_type: TYPE_INT64
-    dims: [ 1 ]
-  }},
-  {{
-    # Featurised event (F = {n_features}).
-    name: "features"
-    data_type: TYPE_FP32
-    dims: [ {n_features} ]
-  }},
-  {{
-    # LSTM state before this event (H = {hidden}); zeros for a new user.
-    name: "h_in"
-    data_type: TYPE_FP32
-    dims: [ {hidden} ]
-  }},
-  {{
-    name: "c_in"
-    data_type: TYPE_FP32
-    dims: [ {hidden} ]
-  }}
+{tensor_blocks(INPUT_NAMES, dims, _CPU_COMMENTS, n_features=n_features, hidden=hidden)}
 ]
 output [
-  {{
-    # LSTM state after this event: the gateway stores it per user.
-    name: "h_out"
-    data_type: TYPE_FP32
-    dims: [ {hidden} ]
-  }},
-  {{
-    name: "c_out"
-    data_type: TYPE_FP32
-    dims: [ {hidden} ]
-  }},
-  {{
-    # Sequence embedding for the downstream anomaly detector.
-    name: "embedding"
-    data_type: TYPE_FP32
-    dims: [ {hidden} ]
-  }},
-  {{
-    # Next-event surprise scores (2 values per row).
-    name: "surprise"
-    data_type: TYPE_FP32
-    dims: [ 2 ]
-  }}
+{tensor_blocks(OUTPUT_NAMES, dims, _CPU_COMMENTS, n_features=n_features, hidden=hidden)}
 ]
 
 # Merge concurrent single-event requests into one ORT run. The preferred sizes let the
 # batcher cut a batch early once that many rows are waiting. Queue delay {max_queue_delay_us} us: the
-# gateway already coalesces concurrent calls into one request, so waiting here only adds latency
-# (measured: ~0.3 ms per call at 200 us); raise it for many gateways sharing one Triton. (The batcher only merges requests whose non-batch shapes are identical, which
-# holds here: every request has the same F and H.)
+# gateway already coalesces concurrent calls into one request, so waiting here only adds latency;
+# raise it for many gateways sharing one Triton. (The batcher only merges requests whose non-batch
+# shapes are identical, which holds here: every request has the same F and H.)
 dynamic_batching {{
   preferred_batch_size: [ {preferred_txt} ]
   max_queue_delay_microseconds: {max_queue_delay_us}
@@ -163,20 +146,34 @@ def next_version(repo_dir: str | os.PathLike, model_name: str = DEFAULT_MODEL_NA
     return max(versions, default=0) + 1
 
 
+def onnx_dims(onnx_path: str | os.PathLike) -> tuple[int, int]:
+    """(F, H) read from the step model's inputs ``features`` [B,F] and ``h_in`` [B,H]."""
+    import onnxruntime as ort
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    shapes = {i.name: i.shape for i in sess.get_inputs()}
+    try:
+        f, h = shapes["features"][1], shapes["h_in"][1]
+    except (KeyError, IndexError):
+        raise ValueError(f"{onnx_path}: not a seqguard step model (inputs {sorted(shapes)}, "
+                         f"expected {list(INPUT_NAMES)})") from None
+    if not isinstance(f, int) or not isinstance(h, int):
+        raise ValueError(f"{onnx_path}: features/h_in need static trailing dims, got {f}, {h}")
+    return f, h
+
+
+
 def _check_onnx(onnx_path: Path, n_features: int, hidden: int) -> None:
     """Fail early (with names and shapes) if the ONNX file does not honour the contract."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    want_in = {"event_type": ("tensor(int64)", [1]), "features": ("tensor(float)", [n_features]),
-               "h_in": ("tensor(float)", [hidden]), "c_in": ("tensor(float)", [hidden])}
-    want_out = {"h_out": ("tensor(float)", [hidden]), "c_out": ("tensor(float)", [hidden]),
-                "embedding": ("tensor(float)", [hidden]), "surprise": ("tensor(float)", [2])}
+    dims_by_name = trailing_dims(n_features, hidden)
     problems = []
-    for kind, want, got in (("input", want_in, sess.get_inputs()),
-                            ("output", want_out, sess.get_outputs())):
+    for kind, names, got in (("input", INPUT_NAMES, sess.get_inputs()),
+                             ("output", OUTPUT_NAMES, sess.get_outputs())):
         got = {a.name: a for a in got}
-        for name, (dtype, dims) in want.items():
+        for name in names:
+            dtype, dims = ORT_TYPES[name], list(dims_by_name[name])
             arg = got.get(name)
             if arg is None:
                 problems.append(f"missing {kind} '{name}'")
@@ -194,7 +191,7 @@ def _check_onnx(onnx_path: Path, n_features: int, hidden: int) -> None:
 def write_model_repository(repo_dir: str | os.PathLike, onnx_path: str | os.PathLike, *,
                            model_name: str = DEFAULT_MODEL_NAME, version: int = 1,
                            n_features: int = 40, hidden: int = 128,
-                           max_batch_size: int = 1024, instances: int = 1,
+                           max_batch_size: int = MAX_BATCH_ROWS, instances: int = 1,
                            max_queue_delay_us: int = 0, ort_threads: int = 1,
                            preferred_batch_sizes: Sequence[int] = DEFAULT_PREFERRED_BATCH_SIZES,
                            keep_versions: int = DEFAULT_KEEP_VERSIONS,

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 from seqguard.services import (  # noqa: E402
     RedisServer, ServiceNotInstalled, TritonServer, find_tritonserver, prepare_backend_dir,
 )
+from seqguard.step_contract import INPUT_NAMES, OUTPUT_NAMES  # noqa: E402
 
 TINY_F, TINY_H, TINY_EVENT_TYPES = 8, 16, 6
 
@@ -57,8 +58,7 @@ def build_tiny_step_onnx(path, *, n_features: int = TINY_F, hidden: int = TINY_H
     b = 2
     args = (torch.zeros(b, 1, dtype=torch.int64), torch.zeros(b, n_features),
             torch.zeros(b, hidden), torch.zeros(b, hidden))
-    names_in = ["event_type", "features", "h_in", "c_in"]
-    names_out = ["h_out", "c_out", "embedding", "surprise"]
+    names_in, names_out = list(INPUT_NAMES), list(OUTPUT_NAMES)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():

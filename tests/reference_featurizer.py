@@ -15,7 +15,7 @@ import numpy as np
 from seqguard.featurizer import (ACCOUNT_CHANGES, AMOUNT_STATS_TYPES, DAY_MS, FAILED_ACCOUNTS_WINDOW_MS,
                                  FEATURIZER_VERSION, GAP_EWMA_ALPHA, HOUR_MS, JITTER_ALPHA, JITTER_PRIOR,
                                  MAX_COUNTRIES, MAX_DEVICES, MAX_ENTITY_USERS, MAX_PREFIXES, MINUTE_MS, N_FEATURES,
-                                 PAYMENTS, READABLE_CONTEXT_VERSIONS, TokenHasher, Tokens, Vocabulary)
+                                 PAYMENTS, TokenHasher, Tokens, Vocabulary)
 from seqguard.featurize_kernel import ENTITY_CLOCK_RESET_MS
 from seqguard.schema import Event
 
@@ -45,7 +45,7 @@ class UserContext:
     __slots__ = ("n", "first_ts", "last_ts", "last_change_ts", "last_device", "last_country",
                  "last_prefix", "last_session", "session_events", "n_payments", "n_reviews", "last_type",
                  "ev_1m", "ev_1h", "fail_login", "fail_pay", "pay_24h", "amt_24h", "coupon_24h",
-                 "amt_mean", "amt_m2", "amt_max", "gap_mean", "gap_var", "last_log_gap", "gap_jitter", "spare3",
+                 "amt_mean", "amt_m2", "amt_max", "gap_mean", "gap_var", "last_log_gap", "gap_jitter", "reserved_float",
                  "devices", "countries", "prefixes")
 
     def __init__(self):
@@ -57,7 +57,7 @@ class UserContext:
         self.pay_24h = self.amt_24h = self.coupon_24h = 0.0
         self.amt_mean = self.amt_m2 = self.amt_max = 0.0
         self.gap_mean = self.gap_var = 0.0
-        self.last_log_gap = self.spare3 = 0.0
+        self.last_log_gap = self.reserved_float = 0.0
         self.gap_jitter = JITTER_PRIOR
         self.devices: list[int] = []
         self.countries: list[int] = []
@@ -70,7 +70,7 @@ class UserContext:
             self.session_events, self.n_payments, self.n_reviews, self.last_type,
             self.ev_1m, self.ev_1h, self.fail_login, self.fail_pay, self.pay_24h, self.amt_24h,
             self.coupon_24h, self.amt_mean, self.amt_m2, self.amt_max, self.gap_mean, self.gap_var,
-            self.last_log_gap, self.gap_jitter, self.spare3)
+            self.last_log_gap, self.gap_jitter, self.reserved_float)
         lists = bytes([len(self.devices), len(self.countries), len(self.prefixes)])
         ids = self.devices + self.countries + self.prefixes
         return head + lists + struct.pack(f"<{len(ids)}I", *ids)
@@ -79,14 +79,12 @@ class UserContext:
     def from_bytes(cls, data: bytes) -> "UserContext":
         u = cls()
         vals = _USER_HEAD.unpack_from(data, 0)
-        if vals[0] not in READABLE_CONTEXT_VERSIONS:     # (the user layout is the same in 1 and 2)
-            raise ValueError(f"user context version {vals[0]} is not one of {READABLE_CONTEXT_VERSIONS}")
+        if vals[0] != FEATURIZER_VERSION:
+            raise ValueError(f"user context version {vals[0]} is not {FEATURIZER_VERSION}")
         (_, u.n, u.first_ts, u.last_ts, u.last_change_ts, u.last_device, u.last_country,
          u.last_prefix, u.last_session, u.session_events, u.n_payments, u.n_reviews, u.last_type,
          u.ev_1m, u.ev_1h, u.fail_login, u.fail_pay, u.pay_24h, u.amt_24h, u.coupon_24h,
-         u.amt_mean, u.amt_m2, u.amt_max, u.gap_mean, u.gap_var, u.last_log_gap, u.gap_jitter, u.spare3) = vals
-        if vals[0] == 1:                 # written before gap_jitter: its slots were unused zeros
-            u.last_log_gap, u.gap_jitter = 0.0, JITTER_PRIOR
+         u.amt_mean, u.amt_m2, u.amt_max, u.gap_mean, u.gap_var, u.last_log_gap, u.gap_jitter, u.reserved_float) = vals
         off = _USER_HEAD.size
         nd, nc, npf = data[off], data[off + 1], data[off + 2]
         ids = list(struct.unpack_from(f"<{nd + nc + npf}I", data, off + 3))
@@ -97,33 +95,31 @@ class UserContext:
 class EntityContext:
     """Per device / IP / IP-prefix state shared by all users (~300 bytes serialised, up to ~700
     for a device in a stuffing ring)."""
-    __slots__ = ("first_ts", "last_ts", "events_1h", "failed_1h", "new_accounts_24h", "spare", "users",
+    __slots__ = ("first_ts", "last_ts", "events_1h", "failed_1h", "new_accounts_24h", "reserved_float", "users",
                  "failed_users")
 
     def __init__(self):
         self.first_ts = self.last_ts = 0
-        self.events_1h = self.failed_1h = self.new_accounts_24h = self.spare = 0.0
+        self.events_1h = self.failed_1h = self.new_accounts_24h = self.reserved_float = 0.0
         self.users: list[list[int]] = []         # [user hash, last ts ms], most recent first (24 h)
         self.failed_users: list[list[int]] = []  # [user hash, last failed-login ts ms] (7 days)
 
     def to_bytes(self) -> bytes:
         head = _ENTITY_HEAD.pack(FEATURIZER_VERSION, self.first_ts, self.last_ts, self.events_1h,
-                                 self.failed_1h, self.new_accounts_24h, self.spare, len(self.users))
+                                 self.failed_1h, self.new_accounts_24h, self.reserved_float, len(self.users))
         return head + _pack_pairs(self.users) + bytes([len(self.failed_users)]) + _pack_pairs(self.failed_users)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "EntityContext":
-        """Reads versions 1 (written before the 7-day failed-account list: read as empty) and 2."""
         e = cls()
-        (ver, e.first_ts, e.last_ts, e.events_1h, e.failed_1h, e.new_accounts_24h, e.spare,
+        (ver, e.first_ts, e.last_ts, e.events_1h, e.failed_1h, e.new_accounts_24h, e.reserved_float,
          n) = _ENTITY_HEAD.unpack_from(data, 0)
-        if ver not in READABLE_CONTEXT_VERSIONS:
-            raise ValueError(f"entity context version {ver} is not one of {READABLE_CONTEXT_VERSIONS}")
+        if ver != FEATURIZER_VERSION:
+            raise ValueError(f"entity context version {ver} is not {FEATURIZER_VERSION}")
         i = _ENTITY_HEAD.size
         e.users = _unpack_pairs(data, i, n)
-        if ver >= 2:
-            i += _PAIR.size * n
-            e.failed_users = _unpack_pairs(data, i + 1, data[i])
+        i += _PAIR.size * n
+        e.failed_users = _unpack_pairs(data, i + 1, data[i])
         return e
 
 

@@ -9,16 +9,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from seqguard.triton_repo import render_config
-from seqguard.training.export import (TRT_MODEL_NAME, calibration_batches, export_onnx_repository,
-                             main_export, onnx_dims, render_tensorrt_config, set_version_policy,
-                             write_tensorrt_repository)
+from seqguard.training.export import export_onnx_repository, main_export
+from seqguard.training.tensorrt import (TRT_MODEL_NAME, calibration_batches, render_tensorrt_config,
+                                        write_tensorrt_repository)
+from seqguard.triton_repo import onnx_dims, render_config
 
 
 def parse_config(text: str):
@@ -149,12 +151,21 @@ def test_prebuilt_plan_is_published_with_the_onnx_version(model_copy, tmp_path, 
     assert TRT_MODEL_NAME in triton_meta(model_copy)["exports"][-1]["models"]
 
 
-def test_set_version_policy():
-    text = render_config()
-    assert "num_versions: 3" in set_version_policy(text, 3)
-    assert set_version_policy(set_version_policy(text, 3), 2) == text    # any N can be rewritten
-    with pytest.raises(ValueError):
-        set_version_policy(text, 0)
+def test_module_entry_point_keeps_the_export_flags(model_copy):
+    """`python -m seqguard.training.export` (the publish job in deploy/k8s runs it) writes the CPU entry."""
+    before = triton_meta(model_copy).get("model_version", 0)
+    out = subprocess.run([sys.executable, "-m", "seqguard.training.export", "--model", str(model_copy),
+                          "--instances", "2"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    version = triton_meta(model_copy)["model_version"]
+    assert version == before + 1
+    entry = model_copy / "model_repository" / "seqguard_encoder"
+    assert parse_config((entry / "config.pbtxt").read_text()).instance_group[0].count == 2
+    assert (entry / str(version) / "model.onnx").is_file()
+    helptext = subprocess.run([sys.executable, "-m", "seqguard.training.export", "--help"],
+                              capture_output=True, text=True, timeout=120).stdout
+    for flag in ("--repository", "--tensorrt", "--int8", "--calib-features", "--plan", "--max-batch"):
+        assert flag in helptext
 
 
 # ------------------------------------------------------------------ (b) TensorRT config rendering
@@ -232,7 +243,7 @@ def test_calibration_batches_carry_state_forward(tiny_step_onnx):
 @pytest.mark.skipif(GPU_SKIP is not None, reason=str(GPU_SKIP))
 def test_tensorrt_fp16_engine_matches_onnxruntime(tmp_path):
     import torch
-    from seqguard.training.export import build_tensorrt_engine, check_tensorrt_parity, time_tensorrt
+    from seqguard.training.tensorrt import build_tensorrt_engine, check_tensorrt_parity, time_tensorrt
     from seqguard.training.model import EncoderConfig, SequenceEncoder, export_onnx
 
     torch.manual_seed(0)

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from seqguard.featurizer import (FEATURE_INDEX, N_FEATURES, ContextStore, EntityContext, Featurizer, TokenHasher,
-                                 UserContext, Vocabulary, featurize_log)
+                                 UserContext, Vocabulary, decode_entity_contexts, decode_user_contexts,
+                                 featurize_log)
 from seqguard.schema import events_from_dicts
 from seqguard.training.generate import generate
 
@@ -118,10 +119,9 @@ def test_failed_accounts_per_device_counts_other_accounts_for_seven_days():
     assert np.expm1(f[3, FEATURE_INDEX["log_device_failed_1h"]]) < 1.01
 
 
-def test_failed_accounts_list_round_trips_and_version_1_entities_are_read():
-    """Entity contexts written by featuriser version 1 (before the failed-accounts list) stay readable
-    after an upgrade: the list starts empty and the other counters are kept."""
-    import struct
+def test_failed_accounts_list_round_trips_and_other_versions_are_refused():
+    """An entity context round-trips with its failed-accounts list; a context of another featuriser
+    version is refused (never misread), by the single reader and by the bulk codec."""
     e = EntityContext()
     e.first_ts, e.last_ts, e.events_1h, e.failed_1h = 5, 9, 2.5, 1.25
     e.users = [[11, 9], [12, 7]]
@@ -129,18 +129,20 @@ def test_failed_accounts_list_round_trips_and_version_1_entities_are_read():
     b = e.to_bytes()
     back = EntityContext.from_bytes(b)
     assert back.failed_users == e.failed_users and back.users == e.users and back.to_bytes() == b
-    v1 = bytes([1]) + b[1:struct.calcsize("<Bqqdddd B") + 12 * len(e.users)]   # v1: no list after the users
-    old = EntityContext.from_bytes(v1)
-    assert old.failed_users == [] and old.users == e.users and old.failed_1h == 1.25
-    assert EntityContext.from_bytes(old.to_bytes()).users == e.users
-    with pytest.raises(ValueError, match="version"):
-        EntityContext.from_bytes(bytes([7]) + b[1:])
+    for version in (1, 7):
+        with pytest.raises(ValueError, match="version"):
+            EntityContext.from_bytes(bytes([version]) + b[1:])
+        with pytest.raises(ValueError, match="corrupt"):
+            decode_entity_contexts([b, bytes([version]) + b[1:]])
+    user = UserContext().to_bytes()
+    with pytest.raises(ValueError, match="corrupt"):
+        decode_user_contexts([user, bytes([1]) + user[1:]])
 
 
 def test_gap_jitter_sees_a_machine_cadence_within_a_dozen_events():
     """gap_jitter (EWMA of |log gap - previous log gap|) falls under 0.15 within ~12 events of a script
     with 2% jitter, while gap_std (the slow, encoder-side regularity) is still far from its bot range;
-    a person's irregular gaps keep it near 1. A version-1 user context reads it as the prior."""
+    a person's irregular gaps keep it near 1."""
     fz = Featurizer(Vocabulary.learn([]), TokenHasher())
     rng = np.random.default_rng(3)
     t0 = 1767225600000
@@ -159,7 +161,3 @@ def test_gap_jitter_sees_a_machine_cadence_within_a_dozen_events():
     j, s = FEATURE_INDEX["gap_jitter"], FEATURE_INDEX["gap_std"]
     assert fb[0, j] == 2.0 and fb[12, j] < 0.15 and fb[12, s] > 0.4
     assert fh[5:, j].min() > 0.4
-    u = UserContext()
-    u.gap_jitter, u.last_log_gap = 0.0, 3.0
-    v1 = bytes([1]) + u.to_bytes()[1:]
-    assert UserContext.from_bytes(v1).gap_jitter == 2.0 and UserContext.from_bytes(u.to_bytes()).gap_jitter == 0.0

@@ -150,7 +150,7 @@ def test_compiled_cache_works_from_a_read_only_install():
         code = ("import time, numpy as np; t = time.perf_counter(); from seqguard import featurize_kernel as k; "
                 "ui, uf = k.new_user_rows(1); ei, ef = k.new_entity_rows(1); z = np.zeros(1, np.int64); "
                 "k.featurize_events(z + 1767225600000, z, z, np.full(1, np.nan), z + 7, z + 3, z, z, z, z, z, "
-                "z - 1, z - 1, ui, uf, ei, ef, np.empty((1, 42), np.float32)); print(time.perf_counter() - t)")
+                "z - 1, z - 1, ui, uf, ei, ef, np.empty((1, k.N_FEATURES), np.float32)); print(time.perf_counter() - t)")
         run = lambda: float(subprocess.run(as_user + [sys.executable, "-c", code], env=env, check=True,  # noqa: E731
                                            capture_output=True, text=True, timeout=300, cwd=root).stdout)
         first, second = run(), run()

@@ -20,13 +20,14 @@ from conftest import TINY_EVENT_TYPES, TINY_F, TINY_H
 from seqguard.services import (
     ManagedService, RedisServer, ServiceError, ServiceNotInstalled, free_port,
 )
+from seqguard.step_contract import OUTPUT_NAMES
 from seqguard.triton_repo import (
     next_version, render_config, write_model_repository,
 )
 
 MODEL = "seqguard_encoder"
 COMMITTED_MODEL_DIR = Path(__file__).resolve().parent.parent / "model_repository" / "seqguard_encoder"
-OUTPUTS = ("h_out", "c_out", "embedding", "surprise")
+OUTPUTS = OUTPUT_NAMES
 ATOL = 1e-6
 
 
@@ -92,11 +93,11 @@ def test_committed_config_is_the_rendered_default():
 def test_committed_gpu_config_is_the_rendered_default():
     """The GPU variant (TensorRT plan, KIND_GPU) sits next to the CPU one so an SRE sees both; its
     config is what `seqguard export --tensorrt` renders (the plan is built by export on the GPU host)."""
-    from seqguard.training.export import render_tensorrt_config
+    from seqguard.training.tensorrt import render_tensorrt_config
     committed = (COMMITTED_MODEL_DIR.parent / "seqguard_encoder_trt" / "config.pbtxt").read_text()
     assert committed == render_tensorrt_config(), (
         "model_repository/seqguard_encoder_trt/config.pbtxt differs from render_tensorrt_config(): "
-        "re-render it with training.export.render_tensorrt_config()")
+        "re-render it with seqguard.training.tensorrt.render_tensorrt_config()")
     assert 'platform: "tensorrt_plan"' in committed and "kind: KIND_GPU" in committed
 
 

@@ -141,10 +141,10 @@ class _World:
         self.n, self.seed, self.start, self.days = n_users, seed, start_ms, days
         self.cfg = cfg
         # RNG stream names: without a world exactly the fixed generator's, so its output is unchanged
-        self.rkey = str(seed) if cfg is None else f"w{cfg.world}/{seed}"
+        self.rng_key = str(seed) if cfg is None else f"w{cfg.world}/{seed}"
         self.end = start_ms + days * DAY_MS
         self.epoch_day = start_ms // DAY_MS
-        r = self.r = random.Random(f"seqguard/world/{self.rkey}")
+        r = random.Random(f"seqguard/world/{self.rng_key}")
         self._build_ip_space(r)
         self._build_catalogue(r)
         self.cc_list = list(_COUNTRIES)
@@ -302,7 +302,7 @@ class _World:
 
         # ---- hard negatives among normal users (a user may carry several)
         hn_n = lambda frac: max(3 if mn else 0, int(round(frac * n))) if mn else int(frac * n)
-        self.hn = {i: set() for i in normal}
+        self.hard_negatives = {i: set() for i in normal}
         look = self.cfg.lookalike_frac if self.cfg else {}
         kinds = (("traveller", 0.03), ("big_purchase", 0.02), ("decline_then_success", 0.02),
                  ("legit_account_change", 0.02), ("digital_goods", 0.02), ("carrier_nat", 0.10))
@@ -310,9 +310,9 @@ class _World:
             kinds += (("prolific_reviewer", 0.0),)
         for kind, frac in kinds:
             for i in r.sample(normal, min(len(normal), hn_n(look.get(kind, frac)))):
-                self.hn[i].add(kind)
+                self.hard_negatives[i].add(kind)
         self.household = {}      # idx -> (shared device, home ip)
-        free = [i for i in normal if not self.hn[i]]
+        free = [i for i in normal if not self.hard_negatives[i]]
         r.shuffle(free)
         want = hn_n(look.get("shared_household", 0.03))
         while want > 0 and len(free) >= 2:
@@ -353,7 +353,7 @@ class _World:
         u.work_ip = _host(r, r.choice(self.res16[cc])) if rnd() < 0.35 else None
         u.mobile_pfx = r.choice(self.mob16[cc])
         u.nat_ips = None
-        hn = self.hn.get(idx, ())
+        hn = self.hard_negatives.get(idx, ())
         persona = self.persona_names[bisect(self.persona_cum, rnd())]
         if "digital_goods" in hn:
             persona = "digital"
@@ -457,10 +457,10 @@ class _World:
         return out
 
     def _normal_user(self, idx, out, lockout_at=None):
-        r = random.Random(f"{self.rkey}/u/{idx}")
+        r = random.Random(f"{self.rng_key}/u/{idx}")
         rnd = r.random
         u = self._profile(r, idx)
-        hn = self.hn.get(idx, set())
+        hn = self.hard_negatives.get(idx, set())
         starts = self._schedule(r, u)
         kinds = [None] * len(starts)
         # rare organic account changes, plus the designated look-alike sessions
@@ -1039,7 +1039,7 @@ class _World:
         others = sum(1 for e in out if self.start <= e[0] < self.end)
         share = self.cfg.bot_event_share
         total = int(round(share / (1.0 - share) * others))
-        rf = random.Random(f"{self.rkey}/botfleet")
+        rf = random.Random(f"{self.rng_key}/botfleet")
         weights = [rf.paretovariate(1.5) for _ in bots]
         for (rg, m), w in zip(bots, weights):
             variant = "fast" if rf.random() < self.cfg.bot_fast_frac else "slow"
@@ -1262,7 +1262,7 @@ class _World:
         if progress:
             from tqdm import tqdm
             users = tqdm(users, desc="users", unit="user", file=sys.stderr, mininterval=0.5)
-        seed = self.rkey
+        seed = self.rng_key
         for idx in users:
             if idx in self.owned:
                 continue
@@ -1316,7 +1316,7 @@ def generate(n_users: int, seed: int, start_ms: int = 1_767_225_600_000, days: i
     w = _World(int(n_users), int(seed), int(start_ms), int(days), world)
     rows = w.build(progress)
     if world is not None:
-        rows = _apply_world_surface(rows, world, w.rkey, w.end)
+        rows = _apply_world_surface(rows, world, w.rng_key, w.end)
     events, labels = [], []
     ev_app, lab_app = events.append, labels.append
     prefix = f"e{seed}-" if world is None else f"w{world.world}-{seed}-"

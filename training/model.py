@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from seqguard.step_contract import INPUT_NAMES, OUTPUT_NAMES
+
 GAP_FEATURE = 1          # index of log_gap_s in seqguard.featurizer.FEATURE_NAMES
 
 
@@ -100,9 +102,7 @@ def export_onnx(enc: SequenceEncoder, path: str, opset: int = 17) -> None:
     B = 4
     args = (torch.zeros(B, 1, dtype=torch.int64), torch.zeros(B, cfg.n_features),
             torch.zeros(B, cfg.hidden), torch.zeros(B, cfg.hidden))
-    names_in = ["event_type", "features", "h_in", "c_in"]
-    names_out = ["h_out", "c_out", "embedding", "surprise"]
     with torch.no_grad():
-        torch.onnx.export(step, args, path, input_names=names_in, output_names=names_out,
-                          dynamic_axes={n: {0: "batch"} for n in names_in + names_out},
+        torch.onnx.export(step, args, path, input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+                          dynamic_axes={n: {0: "batch"} for n in INPUT_NAMES + OUTPUT_NAMES},
                           opset_version=opset, dynamo=False)

@@ -50,7 +50,7 @@ class TrainConfig:
     max_train_minutes: float = 60.0 # a safety cap, not a routine stop: an early stop leaves the
                                     # model under-trained and its quality dependent on machine load
     min_type_count: int = 5
-    pca_dim: int = 64                # embedding dims given to the forests (16: 0.93 payment ROC-AUC, 64: 0.98 on a held-out seed)
+    pca_dim: int = 64                # embedding dims given to the forests (fewer lose payment ROC-AUC)
     n_estimators: int = 200
     max_samples: int = 512
     forest_fit_events: int = 200_000
@@ -60,8 +60,7 @@ class TrainConfig:
     # Contamination-robust fitting (training/robust_fit.py): in every forest sample and calibration
     # table an account keeps at most user_cap x the median account's events (>= user_cap_min), so a
     # heavy hitter (crawler fleet, script) cannot define normal. 0 = off, every event counts once.
-    # 10 was chosen on design worlds 0-3 (docs/results/worlds_ablation.md): worst-world bot recall
-    # 0.05 -> 0.60 and all-event recall 0.12 -> 0.49; 3 cost more elsewhere, a floor of 100 did not help.
+    # 10 was chosen on design worlds 0-3 (docs/results/worlds_ablation.md).
     user_cap: float = 10.0
     user_cap_min: int = 20
     sequence_weight: float = SEQUENCE_WEIGHT  # the next-type NLL view's share of the FPR budget (detector.SequenceView); 0: off
