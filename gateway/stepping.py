@@ -12,17 +12,16 @@ from typing import Callable
 import numpy as np
 
 from seqguard.encoding import carried_state
+from seqguard.step_contract import MAX_BATCH_ROWS
 
 from .triton_client import EncoderUnavailable
-
-MAX_ROWS = 1024          # the step model's max_batch_size in Triton (model_repository/*/config.pbtxt)
 
 
 async def step_in_waves(encoder, waves: list[np.ndarray], user_idx: np.ndarray, type_ids: np.ndarray,
                         feats: np.ndarray, h: np.ndarray, c: np.ndarray, emb: np.ndarray, surprise: np.ndarray,
                         remaining: Callable[[], float | None],
                         on_request: Callable[[float], None] | None = None) -> None:
-    """Run every step through `encoder`, wave by wave, at most MAX_ROWS rows per request.
+    """Run every step through `encoder`, wave by wave, at most MAX_BATCH_ROWS rows per request.
 
     Step g belongs to user user_idx[g]; h, c [n_users, H] hold each user's state and move on in
     place; emb[g] and surprise[g] receive the step's outputs. `feats` is already cut to the
@@ -30,8 +29,8 @@ async def step_in_waves(encoder, waves: list[np.ndarray], user_idx: np.ndarray, 
     raises EncoderUnavailable before the call. On EncoderUnavailable h and c are partly stepped:
     the caller keeps its own copy to fall back on. `on_request(seconds)` hears how long each request took."""
     for wave in waves:
-        for a in range(0, len(wave), MAX_ROWS):
-            rows = wave[a:a + MAX_ROWS]
+        for a in range(0, len(wave), MAX_BATCH_ROWS):
+            rows = wave[a:a + MAX_BATCH_ROWS]
             users = user_idx[rows]
             left = remaining()
             if left is not None and left <= 0:
