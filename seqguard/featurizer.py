@@ -38,7 +38,10 @@ from .featurize_kernel import (DAY_MS, FAILED_ACCOUNTS_WINDOW_MS, GAP_EWMA_ALPHA
                                JITTER_PRIOR, MAX_COUNTRIES, MAX_DEVICES, MAX_ENTITY_USERS, MAX_PREFIXES, MINUTE_MS)
 from .schema import COMMON_EVENT_TYPES, SCHEMA_VERSION, Event
 
-FEATURIZER_VERSION = 2             # 2: + accounts with a failed login per device in 7 days, gap jitter
+FEATURIZER_VERSION = 3             # 3: an entity idle for 8 days starts again from empty
+# The byte layout of user and entity contexts (their first byte), apart from FEATURIZER_VERSION: a
+# change of arithmetic that keeps the layout leaves the contexts in Redis readable.
+CONTEXT_FORMAT = 2
 READABLE_CONTEXT_VERSIONS = (1, 2)  # contexts a gateway may find in Redis after an upgrade
 UNKNOWN_TOKEN = "<unknown>"
 
@@ -322,7 +325,7 @@ def decode_user_contexts(blobs: Sequence[bytes | None]) -> tuple[np.ndarray, np.
 
 
 def encode_user_contexts(ui: np.ndarray, uf: np.ndarray) -> list[bytes]:
-    return _split(*K.encode_users(ui, uf, FEATURIZER_VERSION))
+    return _split(*K.encode_users(ui, uf, CONTEXT_FORMAT))
 
 
 def decode_entity_contexts(blobs: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
@@ -337,7 +340,7 @@ def decode_entity_contexts(blobs: Sequence[bytes | None]) -> tuple[np.ndarray, n
 
 
 def encode_entity_contexts(ei: np.ndarray, ef: np.ndarray) -> list[bytes]:
-    return _split(*K.encode_entities(ei, ef, FEATURIZER_VERSION))
+    return _split(*K.encode_entities(ei, ef, CONTEXT_FORMAT))
 
 
 UserContext._decode, UserContext._encode = staticmethod(decode_user_contexts), staticmethod(encode_user_contexts)
@@ -348,6 +351,7 @@ EntityContext._decode, EntityContext._encode = staticmethod(decode_entity_contex
 # which of touch_entity's five outputs it contributes (device: accounts, failed, new accounts,
 # failed accounts 7 d; ...) and at which of those 9 columns.
 ENTITY_FEATURES_START = K.ENTITY_FEATURES_START
+ENTITY_IDLE_RESET_MS = K.ENTITY_IDLE_RESET_MS
 N_ENTITY_FEATURES = K.N_ENTITY_FEATURES
 ENTITY_KINDS = (("device", (0, 1, 3, 4), (0, 1, 2, 8)), ("ip", (0, 1, 2), (3, 4, 5)), ("prefix", (0, 1), (6, 7)))
 
@@ -537,7 +541,7 @@ def _run_on_contexts(ev: EventArrays, user_contexts: Sequence[UserContext], enti
         bad_u, bad_e, ub, uo, eb, eo = K.featurize_blobs(
             ev.ts, ev.type_id, ev.flags, ev.amount, ev.user, ev.device, ev.country, ev.prefix, ev.session, u_row,
             ent_rows[:, 0].copy(), ent_rows[:, 1].copy(), ent_rows[:, 2].copy(), ubuf, uoff, ebuf, eoff,
-            FEATURIZER_VERSION, out)
+            CONTEXT_FORMAT, out)
         if bad_u >= 0:
             decode_user_contexts([users[bad_u]._blob])            # raises the ValueError naming it
         if bad_e >= 0:
