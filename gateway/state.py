@@ -41,7 +41,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from seqguard.featurizer import EntityContext, UserContext, ip_prefix
+from seqguard.featurizer import ENTITY_IDLE_RESET_MS, EntityContext, UserContext, ip_prefix
 from seqguard.schema import Event
 
 from .codec import RingCipher, UserState, pack_user, unpack_user, version_head
@@ -49,14 +49,20 @@ from .observer import PipelineObserver
 
 KEY_PREFIX = "sg:"               # every key starts with it; "{sg}:" on Redis Cluster (see RedisStateStore)
 
+# An entity context is reset by the featuriser once idle past its windows (ENTITY_IDLE_RESET_MS), so
+# its key need not outlive that: a key gone is read as empty, which is what the reset gives. The extra
+# day covers the gateway's clock-skew bound on event times.
+ENTITY_TTL_S = ENTITY_IDLE_RESET_MS // 1000 + 86_400
+
 # KEYS: seq, users..., entities..., events..., rewritten events..., the alerts stream
-# ARGV: U, E, M, ttl, dedupe_ttl, R, alerts stream max length, then per user: expected first 8 bytes
+# ARGV: U, E, M, ttl, dedupe_ttl, R, alerts stream max length, entity ttl, then per user: expected first 8 bytes
 #       ('' for an absent key), blob; per entity: expected, value; per event: response; per rewrite:
 #       the new response; per event: its alert as a JSON list [field, value, ...] ('' for none)
 _SAVE_LUA = """
 local U, E, M = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local ttl, dttl, R, amax = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local a = 8
+local ettl = tonumber(ARGV[8])
+local a = 9
 for i = 1, U do
   local cur = redis.call('GETRANGE', KEYS[1 + i], 0, 7)
   if cur ~= ARGV[a] then return -1 end
@@ -69,13 +75,13 @@ for j = 1, E do
   if cur ~= ARGV[b] then return -1 end
   b = b + 2
 end
-a = 8
+a = 9
 for i = 1, U do
   redis.call('SET', KEYS[1 + i], ARGV[a + 1], 'EX', ttl)
   a = a + 2
 end
 for j = 1, E do
-  redis.call('SET', KEYS[1 + U + j], ARGV[a + 1], 'EX', ttl)
+  redis.call('SET', KEYS[1 + U + j], ARGV[a + 1], 'EX', ettl)
   a = a + 2
 end
 local seq = redis.call('INCRBY', KEYS[1], M)
@@ -298,7 +304,7 @@ class RedisStateStore:
             self.event_key(*ref) for ref, _ in responses] + [self.prefix + "e:" + ref for ref, _ in rewrites] + [
             self.alerts_stream]
         argv: list = [len(users), len(entities), len(responses), self.ttl_s, self.dedupe_ttl_s, len(rewrites),
-                      self.alerts_max]
+                      self.alerts_max, min(self.ttl_s, ENTITY_TTL_S)]
         for st in users:
             # the expectation is the head as read; a key that was absent must still be absent
             argv += [version_head(st.version) if st.existed else b"",

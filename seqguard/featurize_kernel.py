@@ -103,6 +103,12 @@ def new_entity_rows(n: int) -> tuple[np.ndarray, np.ndarray]:
 # back, so offline features are unchanged by this rule; online, a late event reorders time just once.
 ENTITY_CLOCK_RESET_MS = 3_600_000
 
+# An entity idle for longer than its longest window (the 7-day failed-login list) plus a day starts
+# again from empty: everything it still held has decayed or left its window, and the gateway can let
+# Redis expire the key after this long (state.ENTITY_TTL_S) instead of keeping every IP a user ever
+# used for the whole user TTL. Offline replay applies the same rule, so both see the same features.
+ENTITY_IDLE_RESET_MS = 8 * 86_400_000
+
 
 @njit(cache=True)
 def _decay(dt_ms, tau_ms):
@@ -168,6 +174,9 @@ def touch_entity(EI, EF, r, ts, user, user_is_new, failed, buf, out):
     entity's own events in replay order (plus the per-user `user_is_new`), which is what lets
     `seqguard.ray_engine` replay entities apart from users and join back.
     """
+    if EI[r, E_LAST_TS] != 0 and ts - EI[r, E_LAST_TS] > ENTITY_IDLE_RESET_MS:
+        EI[r, :] = 0
+        EF[r, :] = 0.0
     if EI[r, E_FIRST_TS] == 0:
         EI[r, E_FIRST_TS] = ts
     last = EI[r, E_LAST_TS]

@@ -38,9 +38,13 @@ from .featurize_kernel import (DAY_MS, FAILED_ACCOUNTS_WINDOW_MS, GAP_EWMA_ALPHA
                                JITTER_PRIOR, MAX_COUNTRIES, MAX_DEVICES, MAX_ENTITY_USERS, MAX_PREFIXES, MINUTE_MS)
 from .schema import COMMON_EVENT_TYPES, SCHEMA_VERSION, Event
 
-# The features' version (in the model's spec) and the first byte of every stored context: a model
-# or a context of another version is refused, never silently misread.
-FEATURIZER_VERSION = 2
+# The features' version (in the model's spec): a model of another version is refused, never silently
+# misread. 3: an entity idle for 8 days starts again from empty.
+FEATURIZER_VERSION = 3
+# The byte layout of stored user and entity contexts (their first byte), apart from the features'
+# version: a change of arithmetic that keeps the layout leaves the contexts in Redis readable; a
+# context of another layout is refused.
+CONTEXT_FORMAT = 2
 UNKNOWN_TOKEN = "<unknown>"
 
 # Event-type groups the featuriser reacts to (by name, so team-specific ids do not matter).
@@ -227,9 +231,9 @@ class _Context:
 
     @classmethod
     def from_bytes(cls, data: bytes):
-        if not data or data[0] != FEATURIZER_VERSION:
+        if not data or data[0] != CONTEXT_FORMAT:
             raise ValueError(f"{cls.__name__} version {data[0] if data else None} is not "
-                             f"{FEATURIZER_VERSION}")
+                             f"{CONTEXT_FORMAT}")
         c = cls()
         c._blob = bytes(data)
         return c
@@ -314,30 +318,30 @@ def decode_user_contexts(blobs: Sequence[bytes | None]) -> tuple[np.ndarray, np.
     """Many UserContext byte strings (None or b"": a new user) -> kernel rows (UI, UF), one call."""
     buf, offsets = _blobs(blobs)
     ui, uf = np.empty((len(blobs), K.N_UI), np.int64), np.empty((len(blobs), K.N_UF))   # (every row is set)
-    bad = K.decode_users(buf, offsets, ui, uf, FEATURIZER_VERSION)
+    bad = K.decode_users(buf, offsets, ui, uf, CONTEXT_FORMAT)
     if bad >= 0:
         raise ValueError(f"user context {bad} is corrupt: version {blobs[bad][0]} (readable: "
-                         f"{FEATURIZER_VERSION}), {len(blobs[bad])} bytes")
+                         f"{CONTEXT_FORMAT}), {len(blobs[bad])} bytes")
     return ui, uf
 
 
 def encode_user_contexts(ui: np.ndarray, uf: np.ndarray) -> list[bytes]:
-    return _split(*K.encode_users(ui, uf, FEATURIZER_VERSION))
+    return _split(*K.encode_users(ui, uf, CONTEXT_FORMAT))
 
 
 def decode_entity_contexts(blobs: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
     """Many EntityContext byte strings (None or b"": a new entity) -> kernel rows (EI, EF), one call."""
     buf, offsets = _blobs(blobs)
     ei, ef = np.empty((len(blobs), K.N_EI), np.int64), np.empty((len(blobs), K.N_EF))   # (every row is set)
-    bad = K.decode_entities(buf, offsets, ei, ef, FEATURIZER_VERSION)
+    bad = K.decode_entities(buf, offsets, ei, ef, CONTEXT_FORMAT)
     if bad >= 0:
         raise ValueError(f"entity context {bad} is corrupt: version {blobs[bad][0]} (readable: "
-                         f"{FEATURIZER_VERSION}), {len(blobs[bad])} bytes")
+                         f"{CONTEXT_FORMAT}), {len(blobs[bad])} bytes")
     return ei, ef
 
 
 def encode_entity_contexts(ei: np.ndarray, ef: np.ndarray) -> list[bytes]:
-    return _split(*K.encode_entities(ei, ef, FEATURIZER_VERSION))
+    return _split(*K.encode_entities(ei, ef, CONTEXT_FORMAT))
 
 
 UserContext._decode, UserContext._encode = staticmethod(decode_user_contexts), staticmethod(encode_user_contexts)
@@ -348,6 +352,7 @@ EntityContext._decode, EntityContext._encode = staticmethod(decode_entity_contex
 # which of touch_entity's five outputs it contributes (device: accounts, failed, new accounts,
 # failed accounts 7 d; ...) and at which of those 9 columns.
 ENTITY_FEATURES_START = K.ENTITY_FEATURES_START
+ENTITY_IDLE_RESET_MS = K.ENTITY_IDLE_RESET_MS
 N_ENTITY_FEATURES = K.N_ENTITY_FEATURES
 ENTITY_KINDS = (("device", (0, 1, 3, 4), (0, 1, 2, 8)), ("ip", (0, 1, 2), (3, 4, 5)), ("prefix", (0, 1), (6, 7)))
 
@@ -537,7 +542,7 @@ def _run_on_contexts(ev: EventArrays, user_contexts: Sequence[UserContext], enti
         bad_u, bad_e, ub, uo, eb, eo = K.featurize_blobs(
             ev.ts, ev.type_id, ev.flags, ev.amount, ev.user, ev.device, ev.country, ev.prefix, ev.session, u_row,
             ent_rows[:, 0].copy(), ent_rows[:, 1].copy(), ent_rows[:, 2].copy(), ubuf, uoff, ebuf, eoff,
-            FEATURIZER_VERSION, out)
+            CONTEXT_FORMAT, out)
         if bad_u >= 0:
             decode_user_contexts([users[bad_u]._blob])            # raises the ValueError naming it
         if bad_e >= 0:

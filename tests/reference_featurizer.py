@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from seqguard.featurizer import (ACCOUNT_CHANGES, AMOUNT_STATS_TYPES, DAY_MS, FAILED_ACCOUNTS_WINDOW_MS,
-                                 FEATURIZER_VERSION, GAP_EWMA_ALPHA, HOUR_MS, JITTER_ALPHA, JITTER_PRIOR,
+                                 CONTEXT_FORMAT, GAP_EWMA_ALPHA, HOUR_MS, JITTER_ALPHA, JITTER_PRIOR,
                                  MAX_COUNTRIES, MAX_DEVICES, MAX_ENTITY_USERS, MAX_PREFIXES, MINUTE_MS, N_FEATURES,
                                  PAYMENTS, TokenHasher, Tokens, Vocabulary)
-from seqguard.featurize_kernel import ENTITY_CLOCK_RESET_MS
+from seqguard.featurize_kernel import ENTITY_CLOCK_RESET_MS, ENTITY_IDLE_RESET_MS
 from seqguard.schema import Event
 
 # --------------------------------------------------------------------------- contexts
@@ -65,7 +65,7 @@ class UserContext:
 
     def to_bytes(self) -> bytes:
         head = _USER_HEAD.pack(
-            FEATURIZER_VERSION, self.n, self.first_ts, self.last_ts, self.last_change_ts,
+            CONTEXT_FORMAT, self.n, self.first_ts, self.last_ts, self.last_change_ts,
             self.last_device, self.last_country, self.last_prefix, self.last_session,
             self.session_events, self.n_payments, self.n_reviews, self.last_type,
             self.ev_1m, self.ev_1h, self.fail_login, self.fail_pay, self.pay_24h, self.amt_24h,
@@ -79,8 +79,8 @@ class UserContext:
     def from_bytes(cls, data: bytes) -> "UserContext":
         u = cls()
         vals = _USER_HEAD.unpack_from(data, 0)
-        if vals[0] != FEATURIZER_VERSION:
-            raise ValueError(f"user context version {vals[0]} is not {FEATURIZER_VERSION}")
+        if vals[0] != CONTEXT_FORMAT:
+            raise ValueError(f"user context version {vals[0]} is not {CONTEXT_FORMAT}")
         (_, u.n, u.first_ts, u.last_ts, u.last_change_ts, u.last_device, u.last_country,
          u.last_prefix, u.last_session, u.session_events, u.n_payments, u.n_reviews, u.last_type,
          u.ev_1m, u.ev_1h, u.fail_login, u.fail_pay, u.pay_24h, u.amt_24h, u.coupon_24h,
@@ -105,7 +105,7 @@ class EntityContext:
         self.failed_users: list[list[int]] = []  # [user hash, last failed-login ts ms] (7 days)
 
     def to_bytes(self) -> bytes:
-        head = _ENTITY_HEAD.pack(FEATURIZER_VERSION, self.first_ts, self.last_ts, self.events_1h,
+        head = _ENTITY_HEAD.pack(CONTEXT_FORMAT, self.first_ts, self.last_ts, self.events_1h,
                                  self.failed_1h, self.new_accounts_24h, self.reserved_float, len(self.users))
         return head + _pack_pairs(self.users) + bytes([len(self.failed_users)]) + _pack_pairs(self.failed_users)
 
@@ -114,8 +114,8 @@ class EntityContext:
         e = cls()
         (ver, e.first_ts, e.last_ts, e.events_1h, e.failed_1h, e.new_accounts_24h, e.reserved_float,
          n) = _ENTITY_HEAD.unpack_from(data, 0)
-        if ver != FEATURIZER_VERSION:
-            raise ValueError(f"entity context version {ver} is not {FEATURIZER_VERSION}")
+        if ver != CONTEXT_FORMAT:
+            raise ValueError(f"entity context version {ver} is not {CONTEXT_FORMAT}")
         i = _ENTITY_HEAD.size
         e.users = _unpack_pairs(data, i, n)
         i += _PAIR.size * n
@@ -157,6 +157,8 @@ def touch_entity(e: EntityContext | None, ts: int, user: int, user_is_new: bool,
     """
     if e is None:
         return 0.0, 0.0, 0.0, 0.0, 0.0
+    if e.last_ts and ts - e.last_ts > ENTITY_IDLE_RESET_MS:
+        e.__init__()                     # idle past every window: starts again from empty
     if e.first_ts == 0:
         e.first_ts = ts
     dt = ts - e.last_ts if e.last_ts else 0

@@ -206,3 +206,35 @@ def test_one_event_from_the_future_does_not_freeze_a_shared_ip():
     clean, outlier = last_ip_events(False), last_ip_events(True)
     assert clean < 2.5
     assert abs(outlier - clean) < 0.05, (outlier, clean)
+
+
+def test_an_entity_idle_past_its_windows_starts_again_from_empty():
+    """Issue #22 part 6: an entity context untouched for 8 days (its longest window, 7 days, plus one)
+    is reset before its next event, offline and online alike, so the gateway may let Redis expire the
+    key after that long. Its next event then sees exactly what a never-seen device would: before the
+    rule a decayed remnant of the old day's new-account counter was still added."""
+    from seqguard.featurizer import FEATURE_INDEX, EntityContext, Featurizer, TokenHasher, UserContext, Vocabulary
+    from seqguard.featurize_kernel import ENTITY_IDLE_RESET_MS
+    from seqguard.schema import Event
+    fz = Featurizer(Vocabulary.learn(["login"], 1), TokenHasher(b"k" * 16))
+    t0 = 1_767_225_600_000
+    column = FEATURE_INDEX["log_device_new_accounts_24h"]
+
+    def late_event_on(device: EntityContext) -> np.ndarray:
+        ev = Event("late", "late-user", t0 + ENTITY_IDLE_RESET_MS + 60_000, "login", device_id="d1")
+        _, feats = fz.featurize_batch([ev], [UserContext()], [(device, None, None)])
+        return feats[0]
+
+    device = EntityContext()
+    early = [Event(f"e{k}", f"user{k}", t0 + k * 1000, "login", device_id="d1") for k in range(20)]
+    fz.featurize_batch(early, [UserContext() for _ in early], [(device, None, None) for _ in early])
+    assert device.users and device.new_accounts_24h > 10
+    idle, fresh = late_event_on(device), late_event_on(EntityContext())
+    assert idle[column] == fresh[column] and _bits(idle).tolist() == _bits(fresh).tolist()
+    assert len(device.users) == 1 and device.first_ts == t0 + ENTITY_IDLE_RESET_MS + 60_000
+
+    near = EntityContext()                                # inside the windows nothing is reset
+    fz.featurize_batch(early, [UserContext() for _ in early], [(near, None, None) for _ in early])
+    ev = Event("soon", "late-user", t0 + 6 * 86_400_000, "login", device_id="d1")
+    fz.featurize_batch([ev], [UserContext()], [(near, None, None)])
+    assert near.first_ts == t0

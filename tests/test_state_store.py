@@ -121,3 +121,26 @@ def test_no_raw_event_id_in_redis_and_the_ring_reads_back(redis_server):
         assert other != [e.event_id for e in back.ring]
         await r.aclose()
     asyncio.run(run())
+
+
+def test_entity_keys_expire_with_their_windows_user_keys_with_the_state_ttl(redis_server):
+    """Issue #22 part 6: a device/IP/prefix context lives ENTITY_TTL_S (the featuriser's idle reset plus
+    a day), not the user TTL: an absent entity reads as the empty context the reset would give anyway."""
+    from seqguard.featurizer import ENTITY_IDLE_RESET_MS
+    from seqguard.gateway.state import ENTITY_TTL_S
+
+    async def run():
+        r = aioredis.Redis(port=redis_server.port)
+        month = 30 * 86_400
+        store = RedisStateStore(r, Pseudonymizer(b"x" * 32), hidden=4, ttl_s=month, ring_size=4, rebuild_steps=2)
+        ev = Event(event_id="tt-e1", user_id="tt-u1", event_type="login", ts=1, device_id="tt-d", ip="10.9.2.3")
+        ents = [k for k in store.entity_keys(ev) if k]
+        users, entities, raw, _, _ = await store.load(["tt-u1"], ents, [])
+        users["tt-u1"].n, users["tt-u1"].dirty = 1, True
+        await store.save(list(users.values()), {k: EntityContext() for k in ents}, raw, [])
+        assert month - 5 <= await r.ttl(store.user_key("tt-u1")) <= month
+        for k in ents:
+            assert ENTITY_TTL_S - 5 <= await r.ttl(k) <= ENTITY_TTL_S
+        assert ENTITY_IDLE_RESET_MS // 1000 < ENTITY_TTL_S < month
+        await r.aclose()
+    asyncio.run(run())
