@@ -86,7 +86,7 @@ def _own(file: str) -> bool:
 
 def summarise(raw_text: str, top: int = 12) -> dict:
     """Shares of the two views (module docstring) from py-spy's raw output ('f1;f2;...;fn COUNT')."""
-    leaf, own = Counter(), Counter()
+    leaf, own, by_file = Counter(), Counter(), Counter()
     total = idle = 0
     for line in raw_text.splitlines():
         stack, _, count = line.rpartition(" ")
@@ -104,10 +104,13 @@ def summarise(raw_text: str, top: int = 12) -> dict:
         if mine:
             func, file = mine[-1]
             own[f"{func} ({_short(file)})"] += n
+            by_file[_short(file)] += n
         else:
             own[f"(no seqguard frame) {_short(file).split('/')[0]}"] += n
+            by_file["(no seqguard frame)"] += n
     as_shares = lambda c: [(k, v / total) for k, v in c.most_common(top)] if total else []  # noqa: E731
-    return {"samples": total, "idle_samples": idle, "self": as_shares(leaf), "by_seqguard_frame": as_shares(own)}
+    return {"samples": total, "idle_samples": idle, "self": as_shares(leaf), "by_seqguard_frame": as_shares(own),
+            "by_seqguard_file": as_shares(by_file)}
 
 
 def markdown(title: str, s: dict) -> str:
@@ -122,7 +125,8 @@ def markdown(title: str, s: dict) -> str:
         left = f"`{a[i][0]}` | {a[i][1] * 100:.1f}%" if i < len(a) else " | "
         right = f"`{b[i][0]}` | {b[i][1] * 100:.1f}%" if i < len(b) else " | "
         lines.append(f"| {left} | {right} |")
-    return "\n".join(lines) + "\n"
+    files = ", ".join(f"{k} {v * 100:.0f}%" for k, v in s.get("by_seqguard_file", []))
+    return "\n".join(lines) + f"\n\nBy seqguard file (callees included): {files}.\n"
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from .cpu import CpuMeter
 from .loadgen import LoadGenerator, format_step
 from .procs import ROOT, ServerProcess
 from .table import headline
+from .throughput import EncoderWatch
 
 SYSTEMS = ("echo", "gateway", "gateway_local", "naive")
 DEFAULT_RATES = "25,50,100,200,300,400,500,600,800,1000,1200,1400,1600,2000,2400,3200,4000"
@@ -98,7 +99,15 @@ def server_process(system: str, a, out_dir: Path) -> ServerProcess:
             argv += ["--set", kv]
     else:
         raise ValueError(system)
-    return ServerProcess(system, argv, out_dir / "logs" / f"{system}.log")
+    metrics_url = None
+    if system.startswith("gateway"):         # its counters say when the standby encoder took over
+        from seqguard.services import free_port
+        port = free_port()
+        argv += ["--set", f"metrics_port={port}"]
+        metrics_url = f"http://127.0.0.1:{port}/metrics"
+    srv = ServerProcess(system, argv, out_dir / "logs" / f"{system}.log")
+    srv.metrics_url = metrics_url
+    return srv
 
 
 def cpu_groups(system: str, info: dict) -> dict:
@@ -167,10 +176,14 @@ def passed(step: dict, p99_ms: float) -> bool:
             and p99 is not None and p99 <= p99_ms)
 
 
-def run_step(lg: LoadGenerator, rate: float, a, groups: dict) -> dict:
+def run_step(lg: LoadGenerator, rate: float, a, groups: dict, watch: EncoderWatch | None = None) -> dict:
     server_meter = CpuMeter(groups)
     client_meter = CpuMeter({"client": (lg.pids, True)})
+    if watch:
+        watch.start()
     r = lg.run(rate, a.duration, a.warmup, meters=[server_meter, client_meter])
+    if watch:
+        r["encoder"] = watch.stop()
     server_cpu, client_cpu = r.pop("meters")
     done = max(1.0, r["achieved_rps"] * a.duration)         # answers inside the metered window
     r["cpu_s"] = server_cpu
@@ -181,7 +194,8 @@ def run_step(lg: LoadGenerator, rate: float, a, groups: dict) -> dict:
     return r
 
 
-def sweep_rates(system: str, lg: LoadGenerator, a, rates: list[float], groups: dict, res: dict) -> None:
+def sweep_rates(system: str, lg: LoadGenerator, a, rates: list[float], groups: dict, res: dict,
+                watch: EncoderWatch | None) -> None:
     """The open-loop sweep upwards until two steps in a row fail (or the system's time budget is
     spent), then, if it stopped below --cpu-rate while still keeping pace, a CPU step there."""
     fails, t0 = 0, time.monotonic()
@@ -190,10 +204,10 @@ def sweep_rates(system: str, lg: LoadGenerator, a, rates: list[float], groups: d
             log(f"[{system}] sweep budget of {a.max_sweep_s:.0f} s spent; stopping before {rate:.0f}/s")
             res["sweep_budget_hit"] = rate
             break
-        r = run_step(lg, rate, a, groups)
+        r = run_step(lg, rate, a, groups, watch)
         res["steps"].append(r)
         log(f"[{system}] {rate:>6.0f}/s {'ok  ' if r['passed'] else 'FAIL'} {format_step(r)}  "
-            f"cpu {r['cpu_ms_per_req']['server']:.3f} ms/req")
+            f"cpu {r['cpu_ms_per_req']['server']:.3f} ms/req{format_encoder(r.get('encoder'))}")
         fails = 0 if r["passed"] else fails + 1
         if fails >= 2:
             break
@@ -207,7 +221,7 @@ def sweep_rates(system: str, lg: LoadGenerator, a, rates: list[float], groups: d
     for rate in (a.cpu_rate, round(a.cpu_rate / 2)):
         if rate <= last["target_rps"]:
             break
-        r = run_step(lg, rate, a, groups)
+        r = run_step(lg, rate, a, groups, watch)
         r["cpu_only"] = True
         res.setdefault("cpu_steps", []).append(r)
         log(f"[{system}] {rate:>6.0f}/s (CPU step) {'kept up' if kept_up(r) else 'fell behind'} "
@@ -216,7 +230,8 @@ def sweep_rates(system: str, lg: LoadGenerator, a, rates: list[float], groups: d
             break
 
 
-def profile_score(system: str, lg: LoadGenerator, a, info: dict, groups: dict, res: dict, out_dir: Path) -> None:
+def profile_score(system: str, lg: LoadGenerator, a, info: dict, groups: dict, res: dict, out_dir: Path,
+                  watch: EncoderWatch | None) -> None:
     """One more Score step at the CPU rate (or the highest rate kept below it) with py-spy on the gateway."""
     from .profile import record
     cs = cpu_step(res["steps"] + res.get("cpu_steps", []), a.cpu_rate)
@@ -226,7 +241,7 @@ def profile_score(system: str, lg: LoadGenerator, a, info: dict, groups: dict, r
     if stop is None:
         res["profile_score"] = {"error": "py-spy not installed (pip install py-spy)"}
         return
-    r = run_step(lg, cs["target_rps"], a, groups)
+    r = run_step(lg, cs["target_rps"], a, groups, watch)
     res["profile_score"] = {"rate": cs["target_rps"], "step": r, **stop()}
     log(f"[{system}] profiled a Score step at {cs['target_rps']:.0f}/s: {res['profile_score'].get('samples')} samples")
 
@@ -238,21 +253,22 @@ def sweep_system(system: str, a, rates: list[float], out_dir: Path) -> dict:
     log(f"[{system}] ready on 127.0.0.1:{info['port']} in {time.monotonic() - t0:.1f} s (pid {info['pid']})")
     res: dict = {"system": system, "server": info, "steps": []}
     groups = cpu_groups(system, info)
+    watch = EncoderWatch(srv.metrics_url, info.get("triton_pid")) if system.startswith("gateway") else None
     lg = None
     try:
         lg = LoadGenerator(f"127.0.0.1:{info['port']}", str(a.events), a.clients, a.channels, a.timeout,
                            a.arrival, a.max_users, seed=a.seed).start()
         res["load"] = {"clients": lg.clients, "channels_per_client": a.channels, "users": lg.users,
                        "arrival": a.arrival, "timeout_s": a.timeout}
-        sweep_rates(system, lg, a, rates, groups, res)
+        sweep_rates(system, lg, a, rates, groups, res, watch)
         best = sustained_step(res["steps"])
         if system == "gateway" and best is not None and not a.quick:
             half = max(1.0, round(best["target_rps"] / 2))
-            r = run_step(lg, half, a, groups)
+            r = run_step(lg, half, a, groups, watch)
             res["half_rate_step"] = r
             log(f"[{system}] {half:>6.0f}/s (half of sustained) {format_step(r)}")
         if system in a.profile_systems:
-            profile_score(system, lg, a, info, groups, res, out_dir)
+            profile_score(system, lg, a, info, groups, res, out_dir, watch)
         if system.startswith("gateway") and info.get("redis_port"):
             res["redis"] = redis_memory(info["redis_port"])
             m = res["redis"]
@@ -260,7 +276,7 @@ def sweep_system(system: str, a, rates: list[float], out_dir: Path) -> dict:
                 f"idempotency {_f(m['dedupe_bytes_per_event'], '{:.0f}', 'n/a (< 1000 keys)')} B per event")
         lg.close()
         if system in a.bulk_systems and info.get("redis_port"):
-            res["bulk"] = bulk_passes(system, a, info, groups, out_dir)
+            res["bulk"] = bulk_passes(system, a, info, groups, out_dir, watch)
         if system == "gateway" and not a.no_perf and info.get("triton_url"):
             res["perf_analyzer"] = perf_analyzer(system, a, info, out_dir)
     finally:
@@ -270,7 +286,7 @@ def sweep_system(system: str, a, rates: list[float], out_dir: Path) -> dict:
     return res
 
 
-def bulk_passes(system: str, a, info: dict, groups: dict, out_dir: Path) -> dict:
+def bulk_passes(system: str, a, info: dict, groups: dict, out_dir: Path, watch: EncoderWatch | None) -> dict:
     """Ingest, then ScoreBatch, each replaying the generated clickstream into an empty Redis; Redis
     memory per user after the Ingest replay; with profiling, one more ScoreBatch pass under py-spy."""
     from . import throughput
@@ -279,9 +295,10 @@ def bulk_passes(system: str, a, info: dict, groups: dict, out_dir: Path) -> dict
     out: dict = {"log": str(a.replay_log), "events": a.replay_events, "days": a.replay_days}
     for kind in ("ingest", "score_batch"):
         r = throughput.run_pass(kind, target, port, a.replay_streams, a.replay_users_ids, max_s=a.replay_max_s,
-                                batch=a.replay_batch, groups=groups)
+                                batch=a.replay_batch, groups=groups, watch=watch)
         out[kind] = r
-        log(f"[{system}] {throughput.format_pass(r)}; all applied: {r['all_applied']}")
+        log(f"[{system}] {throughput.format_pass(r)}; all applied: {r['all_applied']}"
+            f"{format_encoder(r.get('encoder'))}")
         if kind == "ingest":
             out["redis"] = redis_memory(port)
             log(f"[{system}] redis after the replay: {out['redis']['keys']['user']} users, "
@@ -289,7 +306,7 @@ def bulk_passes(system: str, a, info: dict, groups: dict, out_dir: Path) -> dict
     if system in a.profile_systems:
         prof = lambda s: record(info["pid"], s, out_dir / "profiles" / f"{system}-score_batch.txt")  # noqa: E731
         r = throughput.run_pass("score_batch", target, port, a.replay_streams, a.replay_users_ids,
-                                max_s=a.profile_seconds, batch=a.replay_batch, profile=prof)
+                                max_s=a.profile_seconds, batch=a.replay_batch, profile=prof, watch=watch)
         out["profile_score_batch"] = {"pass": {k: v for k, v in r.items() if k != "profile"},
                                       **(r.get("profile") or {"error": "py-spy not installed (pip install py-spy)"})}
         log(f"[{system}] profiled a ScoreBatch pass: {out['profile_score_batch'].get('samples')} samples")
@@ -306,6 +323,14 @@ def perf_analyzer(system: str, a, info: dict, out_dir: Path) -> dict:
     except Exception as e:  # noqa: BLE001 - a missing binary must not lose the sweep
         log(f"[{system}] perf_analyzer skipped: {e}")
         return {"rows": [], "errors": {"all": f"{type(e).__name__}: {e}"}}
+
+
+def format_encoder(enc: dict | None) -> str:
+    if not enc:
+        return ""
+    out = f"  standby encoder steps {enc['local_steps']}" if enc.get("local_steps") else ""
+    out += f"  deferred steps {enc['deferred_steps']}" if enc.get("deferred_steps") else ""
+    return out + ("  TRITON IS DEAD" if enc.get("triton_alive") is False else "")
 
 
 def sustained_step(steps: list[dict]) -> dict | None:

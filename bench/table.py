@@ -51,12 +51,28 @@ def score_rows(results: dict) -> list[tuple]:
         if ratio is not None:
             held += f"; **{ratio:.2f}x echo**"
         held += f"<br>p50/p99 ms at each rate: {_per_rate(res['steps'])}"
+        held += encoder_note(res["steps"] + res.get("cpu_steps", []), sum(st["ok"] for st in res["steps"]))
         if name in ("gateway", "gateway_local"):
             target, ok = ">= 0.7x echo", (ratio >= TARGETS["score_vs_echo"] if ratio is not None and echo else None)
         else:
             target, ok = ("the ceiling" if name == "echo" else "reference"), None
         rows.append(("`Score`, open loop: highest rate with p99 <= 10 ms, no errors", LABELS[name], held, target, ok))
     return rows
+
+
+def encoder_note(steps: list[dict], events: int) -> str:
+    """How many model steps the gateway's standby encoder computed instead of Triton, and whether
+    Triton was still alive after these steps: a "Triton" figure is only one if both are clean."""
+    encs = [st["encoder"] for st in steps if st.get("encoder")]
+    if not encs:
+        return ""
+    local = sum(e.get("local_steps", 0) for e in encs)
+    deferred = sum(e.get("deferred_steps", 0) for e in encs)
+    out = f"; **{local:,} model steps on the local standby** (Triton timed out) for ~{events:,} events" if local else ""
+    out += f"; {deferred:,} steps deferred" if deferred else ""
+    if any(e.get("triton_alive") is False for e in encs):
+        out += "; **Triton died** during these steps"
+    return out
 
 
 def bulk_rows(results: dict) -> list[tuple]:
@@ -69,14 +85,20 @@ def bulk_rows(results: dict) -> list[tuple]:
             r = bulk.get(kind)
             if not r:
                 continue
-            how = f"{r['streams']} streams" if kind == "ingest" else f"{r['batch']} events/request, {r['streams']} workers"
+            how = (f"{r['streams']} streams" if kind == "ingest"
+                   else f"{r['batch']} events/request, {r['streams']} workers")
             proof = ("all applied" if r["all_applied"] else "**NOT all applied**")
-            text = (f"**{_n(r['events_per_s'])} events/s** ({r['applied_in_redis']:,} of {r['sent']:,} sent applied "
-                    f"in {r['wall_s']:.0f} s, {how}; Redis apply counter and users' n_events "
-                    f"{r['user_n_events']:,}: {proof}")
+            text = (f"**{_n(r['events_per_s'])} events/s** ({r['applied_in_redis']:,} of {r['sent']:,} sent "
+                    f"applied (Redis apply counter) in {r['wall_s']:.0f} s, {how}; with their model step applied "
+                    f"(users' n_events): {r['user_n_events']:,}: {proof}")
             if r.get("degraded"):
                 why = "; ".join(f"{k} x{v:,}" for k, v in (r.get("degraded_details") or {}).items())
                 text += f"; {r['degraded']:,} DEGRADED answers ({why})"
+            text += encoder_note([r], r["sent"])
+            if r.get("caught_up_wait_s"):
+                text += f"; the time includes {r['caught_up_wait_s']:.1f} s waiting for deferred steps to run"
+                if r["user_n_events"] < r["applied_in_redis"]:
+                    text += " (they run when their user is next scored)"
             if r.get("resent"):
                 text += (f"; {r['resent']:,} answered without a sequence re-sent once at the end, "
                          f"{r['resent_unapplied']:,} of them still without one")

@@ -30,6 +30,9 @@ from pathlib import Path
 from .cpu import CpuMeter
 
 RETRY_SLEEP_S = 0.05           # after RESOURCE_EXHAUSTED: the gateway's queue is full, back off briefly
+# The gateway runs a user's deferred model steps when that user is next scored, so after a replay
+# they may never run without more traffic: wait this long at most, then count what is applied.
+CATCH_UP_WAIT_S = 10.0
 
 
 # ----------------------------------------------------------------------------- the clickstream
@@ -136,27 +139,103 @@ async def score_batch_pass(target: str, streams: list[list], batch: int, max_s: 
     return counts
 
 
-async def users_n_events(target: str, users: list[str], concurrency: int = 32) -> int:
-    """Sum of n_events over the users, as the gateway reads it back from Redis."""
+async def users_n_events(target: str, users: list[str], concurrency: int = 8, tries: int = 5) -> int:
+    """Sum of n_events over the users, as the gateway reads it back from Redis. A read the gateway
+    answers UNAVAILABLE (its Redis timeout, on a loaded machine) is asked again after a pause."""
     import grpc
     from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
     total, todo = 0, list(users)
     async with grpc.aio.insecure_channel(target) as ch:
         stub = risk_pb2_grpc.RiskScoringStub(ch)
 
+        async def read(u: str) -> int:
+            for attempt in range(tries):
+                try:
+                    st = await stub.GetUserState(risk_pb2.UserStateRequest(user_id=u), timeout=30)
+                    return int(st.n_events)
+                except grpc.aio.AioRpcError as e:
+                    if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == tries - 1:
+                        raise
+                    await asyncio.sleep(0.2 * (attempt + 1))
+
         async def worker():
             nonlocal total
             while todo:
-                u = todo.pop()
-                st = await stub.GetUserState(risk_pb2.UserStateRequest(user_id=u), timeout=30)
-                total += int(st.n_events)
+                total += await read(todo.pop())
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return total
 
 
+# ----------------------------------------------------------------------------- the encoder's side
+COUNTERS = {"seqguard_local_encoder_steps_total": "local_steps", "seqguard_deferred_steps_total": "deferred_steps",
+            "seqguard_caught_up_steps_total": "caught_up_steps", "seqguard_degraded_events_total": "degraded_events"}
+
+
+def scrape_counters(url: str) -> dict | None:
+    import urllib.request
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))     # loopback, never a proxy
+    try:
+        text = opener.open(url, timeout=5).read().decode()
+    except OSError:
+        return None
+    out = dict.fromkeys(COUNTERS.values(), 0.0)
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in COUNTERS:
+            out[COUNTERS[name]] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def process_alive(pid: int | None) -> bool | None:
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+class EncoderWatch:
+    """What the gateway's encoder did over a window, from its Prometheus counters: model steps the
+    in-process standby computed because Triton timed out or was down, steps deferred, DEGRADED
+    events; and whether the Triton process is still alive. A gateway with Triton under CPU pressure
+    fails over to its standby (settings local_encoder_fallback) and keeps answering OK, so without
+    this a "Triton" number could silently be a local-encoder number."""
+
+    def __init__(self, metrics_url: str | None, triton_pid: int | None):
+        self.url, self.triton_pid = metrics_url, triton_pid
+        self._t0: dict | None = None
+
+    def start(self) -> None:
+        self._t0 = scrape_counters(self.url) if self.url else None
+
+    def wait_caught_up(self, timeout_s: float) -> float | None:
+        """Wait until every deferred model step has run (deferred == caught up since the gateway
+        started): only then is each user's state fully applied. Seconds waited; None if unknown."""
+        if not self.url:
+            return None
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            c = scrape_counters(self.url)
+            if c is None:
+                return None
+            if c["deferred_steps"] <= c["caught_up_steps"]:
+                return time.monotonic() - t0
+            time.sleep(0.2)
+        return time.monotonic() - t0
+
+    def stop(self) -> dict:
+        t1 = scrape_counters(self.url) if self.url else None
+        out = {k: int(t1[k] - self._t0[k]) for k in t1} if t1 and self._t0 else {}
+        out["triton_alive"] = process_alive(self.triton_pid)
+        return out
+
+
 # ----------------------------------------------------------------------------- one measured pass
 def run_pass(kind: str, target: str, redis_port: int, streams: list[list], users: list[str], *,
-             max_s: float, batch: int, groups: dict | None = None, profile=None) -> dict:
+             max_s: float, batch: int, groups: dict | None = None, profile=None,
+             watch: EncoderWatch | None = None) -> dict:
     """Flush Redis, push the log through `kind` (ingest | score_batch), count what was applied.
 
     profile: an optional callable(seconds) -> stop() started with the pass (bench.profile)."""
@@ -168,15 +247,21 @@ def run_pass(kind: str, target: str, redis_port: int, streams: list[list], users
         if meter:
             meter.start()
         prof = profile(max_s) if profile else None
+        if watch:
+            watch.start()
         t0 = time.monotonic()
         if kind == "ingest":
             res = asyncio.run(ingest_pass(target, streams, max_s, max_s + 120))
         else:
             res = asyncio.run(score_batch_pass(target, streams, batch, max_s, 60.0))
+        if watch:       # deferred steps still to run: the state is not applied until they have
+            res["caught_up_wait_s"] = watch.wait_caught_up(CATCH_UP_WAIT_S)
         wall = time.monotonic() - t0
         if prof:
             res["profile"] = prof()
         cpu = meter.stop() if meter else {}
+        if watch:
+            res["encoder"] = watch.stop()
         res["applied_in_redis"] = int(r.get("sg:seq") or 0)
     finally:
         r.close()
