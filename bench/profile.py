@@ -28,8 +28,9 @@ from pathlib import Path
 from .procs import ROOT
 
 OWN_DIRS = ("gateway/", "seqguard/")     # py-spy names files relative to their sys.path entry
-# Innermost frames of a thread that is waiting in C (epoll, an idle thread pool worker, a C-level
-# thread body such as gRPC's poller, a lock): py-spy samples them too; they are not CPU spent.
+# Innermost frames of a thread that is waiting in C (the event loop's selector, whichever it is; an
+# idle thread pool worker; a C-level thread body such as gRPC's poller; a lock): py-spy samples them
+# too; they are not CPU spent.
 IDLE_LEAVES = {"EpollSelector.select", "select", "poll", "_worker", "Thread.run", "Condition.wait",
                "Event.wait", "Thread._wait_for_tstate_lock", "SimpleQueue.get", "Queue.get"}
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
@@ -94,7 +95,7 @@ def summarise(raw_text: str, top: int = 12) -> dict:
             continue
         n = int(count)
         frames = [_frame(f) for f in stack.split(";")]
-        if frames[-1][0] in IDLE_LEAVES:
+        if frames[-1][0] in IDLE_LEAVES or frames[-1][1].endswith("selectors.py"):
             idle += n
             continue
         total += n

@@ -276,7 +276,11 @@ def sweep_system(system: str, a, rates: list[float], out_dir: Path) -> dict:
                 f"idempotency {_f(m['dedupe_bytes_per_event'], '{:.0f}', 'n/a (< 1000 keys)')} B per event")
         lg.close()
         if system in a.bulk_systems and info.get("redis_port"):
-            res["bulk"] = bulk_passes(system, a, info, groups, out_dir, watch)
+            try:
+                res["bulk"] = bulk_passes(system, a, info, groups, out_dir, watch)
+            except Exception as e:  # noqa: BLE001 - a failed replay must not lose the rest of the run
+                log(f"[{system}] replay failed: {type(e).__name__}: {e}")
+                res["bulk_error"] = f"{type(e).__name__}: {e}"
         if system == "gateway" and not a.no_perf and info.get("triton_url"):
             res["perf_analyzer"] = perf_analyzer(system, a, info, out_dir)
     finally:
@@ -574,7 +578,7 @@ def parse_args(argv=None):
     ap.add_argument("--no-perf", action="store_true", help="skip perf_analyzer")
     ap.add_argument("--max-sweep-s", type=float, default=None,
                     help="stop a system's sweep once it has run this long (default 150; quick: no bound)")
-    ap.add_argument("--bulk-systems", default="gateway",
+    ap.add_argument("--bulk-systems", default="gateway,gateway_local",
                     help="gateways that also get the Ingest / ScoreBatch replay (empty: none)")
     ap.add_argument("--replay-users", type=int, default=None, help="users of the generated clickstream (default 2000)")
     ap.add_argument("--replay-days", type=int, default=None, help="its span in days (default 30)")
@@ -674,7 +678,10 @@ def main(argv=None) -> int:
     for system in a.systems:
         results["systems"][system] = sweep_system(system, a, a.rates, out_dir)
     if not a.no_score_file:
-        results["score_file"] = run_score_file(a, out_dir)
+        try:
+            results["score_file"] = run_score_file(a, out_dir)
+        except Exception as e:  # noqa: BLE001 - report what the run did measure
+            log(f"score-file failed: {type(e).__name__}: {e}")
     results["summary"] = summarize(results, a)
     results["elapsed_s"] = round(time.monotonic() - t0, 1)
     results["loadavg_at_end"] = list(os.getloadavg())

@@ -68,8 +68,9 @@ def encoder_note(steps: list[dict], events: int) -> str:
         return ""
     local = sum(e.get("local_steps", 0) for e in encs)
     deferred = sum(e.get("deferred_steps", 0) for e in encs)
+    caught_up = sum(e.get("caught_up_steps", 0) for e in encs)
     out = f"; **{local:,} model steps on the local standby** (Triton timed out) for ~{events:,} events" if local else ""
-    out += f"; {deferred:,} steps deferred" if deferred else ""
+    out += f"; {deferred:,} steps deferred, {caught_up:,} caught up" if deferred else ""
     if any(e.get("triton_alive") is False for e in encs):
         out += "; **Triton died** during these steps"
     return out
@@ -78,7 +79,11 @@ def encoder_note(steps: list[dict], events: int) -> str:
 def bulk_rows(results: dict) -> list[tuple]:
     rows = []
     for name in ORDER:
-        bulk = results["systems"].get(name, {}).get("bulk")
+        res = results["systems"].get(name, {})
+        if res.get("bulk_error"):
+            rows.append(("`Ingest` / `ScoreBatch` replay", LABELS[name], f"**failed**: {res['bulk_error']}",
+                         ">= 20,000 events/s", False))
+        bulk = res.get("bulk")
         if not bulk:
             continue
         for kind, label in (("ingest", "`Ingest` (client stream)"), ("score_batch", "`ScoreBatch`")):
@@ -89,16 +94,22 @@ def bulk_rows(results: dict) -> list[tuple]:
                    else f"{r['batch']} events/request, {r['streams']} workers")
             proof = ("all applied" if r["all_applied"] else "**NOT all applied**")
             text = (f"**{_n(r['events_per_s'])} events/s** ({r['applied_in_redis']:,} of {r['sent']:,} sent "
-                    f"applied (Redis apply counter) in {r['wall_s']:.0f} s, {how}; with their model step applied "
-                    f"(users' n_events): {r['user_n_events']:,}: {proof}")
+                    f"applied (Redis apply counter) in {r['wall_s']:.0f} s, {how}; users' n_events read back: "
+                    f"{r['user_n_events']:,}: {proof}")
             if r.get("degraded"):
                 why = "; ".join(f"{k} x{v:,}" for k, v in (r.get("degraded_details") or {}).items())
                 text += f"; {r['degraded']:,} DEGRADED answers ({why})"
             text += encoder_note([r], r["sent"])
             if r.get("caught_up_wait_s"):
                 text += f"; the time includes {r['caught_up_wait_s']:.1f} s waiting for deferred steps to run"
-                if r["user_n_events"] < r["applied_in_redis"]:
-                    text += " (they run when their user is next scored)"
+            enc = r.get("encoder") or {}
+            if enc.get("deferred_steps", 0) > enc.get("caught_up_steps", 0):
+                text += (f"; {enc['deferred_steps'] - enc['caught_up_steps']:,} deferred model steps still pending "
+                         "10 s after the pass (not in the time)")
+            if r.get("reopened"):
+                text += f"; the gateway ended a stream with RESOURCE_EXHAUSTED {r['reopened']:,} times (reopened)"
+            if r.get("failed_streams"):
+                text += f"; **{len(r['failed_streams'])} streams failed**: {r['failed_streams'][0]}"
             if r.get("resent"):
                 text += (f"; {r['resent']:,} answered without a sequence re-sent once at the end, "
                          f"{r['resent_unapplied']:,} of them still without one")
@@ -111,6 +122,10 @@ def bulk_rows(results: dict) -> list[tuple]:
             k = red["keys"]
             text = (f"**{_n(red['bytes_per_user'])} B** ({k['user']:,} users, {k['device']:,} devices, "
                     f"{k['ip']:,} IPs, {k['ip_prefix']:,} prefixes; idempotency keys not counted)")
+            enc = (bulk.get("ingest") or {}).get("encoder") or {}
+            pending = enc.get("deferred_steps", 0) - enc.get("caught_up_steps", 0)
+            if pending > 0:                         # a user's key holds the features of its pending steps
+                text += f"; **includes the features of {pending:,} deferred model steps still pending**"
             ok = red["bytes_per_user"] is not None and red["bytes_per_user"] <= TARGETS["redis_bytes_per_user"]
             rows.append((f"Redis bytes per active user after the {bulk['days']}-day `Ingest` replay", LABELS[name],
                          text, "<= 2,048 B", ok))

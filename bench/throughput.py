@@ -30,6 +30,8 @@ from pathlib import Path
 from .cpu import CpuMeter
 
 RETRY_SLEEP_S = 0.05           # after RESOURCE_EXHAUSTED: the gateway's queue is full, back off briefly
+REOPEN_SLEEP_S = 0.5           # ... and before reopening an Ingest stream it ended that way
+RESUME_BACK = 1024             # events a reopened stream re-sends: the gateway's chunks in flight and gRPC's buffers
 # The gateway runs a user's deferred model steps when that user is next scored, so after a replay
 # they may never run without more traffic: wait this long at most, then count what is applied.
 CATCH_UP_WAIT_S = 10.0
@@ -63,25 +65,42 @@ def load_streams(path: Path, n_streams: int) -> tuple[list[list], list[str]]:
 
 # ----------------------------------------------------------------------------- the two clients
 async def ingest_pass(target: str, streams: list[list], max_s: float, timeout_s: float) -> dict:
-    """One Ingest call per stream, all at once; each stops yielding after max_s."""
+    """One Ingest call per stream, all at once; each stops yielding after max_s. A stream the gateway
+    ends with RESOURCE_EXHAUSTED (too many events in flight) is reopened after a pause from
+    RESUME_BACK events before where it stopped: events it had taken but maybe not applied are sent
+    again with the same event_id (the gateway answers those it applied from its idempotency record)."""
     import grpc
     from seqguard.gateway.proto import risk_pb2_grpc
-    sent = [0] * len(streams)
+    pos = [0] * len(streams)
+    out = {"accepted": 0, "rejected": 0, "errors": [], "reopened": 0, "failed_streams": []}
     stop_at = time.monotonic() + max_s
 
     async def events(k: int):
-        for ev in streams[k]:
-            if time.monotonic() >= stop_at:
-                return
-            sent[k] += 1
-            yield ev
+        while pos[k] < len(streams[k]) and time.monotonic() < stop_at:
+            pos[k] += 1
+            yield streams[k][pos[k] - 1]
+
+    async def one(stub, k: int) -> None:
+        while pos[k] < len(streams[k]) and time.monotonic() < stop_at:
+            try:
+                s = await stub.Ingest(events(k), timeout=timeout_s)
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    out["failed_streams"].append(f"{e.code().name}: {e.details()}")
+                    return
+                out["reopened"] += 1
+                pos[k] = max(0, pos[k] - RESUME_BACK)
+                await asyncio.sleep(REOPEN_SLEEP_S)
+                continue
+            out["accepted"] += s.accepted
+            out["rejected"] += s.rejected
+            out["errors"] += list(s.errors)[:5 - len(out["errors"])] if len(out["errors"]) < 5 else []
 
     async with grpc.aio.insecure_channel(target) as ch:
         stub = risk_pb2_grpc.RiskScoringStub(ch)
-        summaries = await asyncio.gather(*(stub.Ingest(events(k), timeout=timeout_s) for k in range(len(streams))))
-    errors = [e for s in summaries for e in s.errors][:5]
-    return {"sent": sum(sent), "accepted": sum(s.accepted for s in summaries),
-            "rejected": sum(s.rejected for s in summaries), "errors": errors}
+        await asyncio.gather(*(one(stub, k) for k in range(len(streams))))
+    out["sent"] = sum(pos)      # distinct events sent (re-sends not counted twice)
+    return out
 
 
 async def score_batch_pass(target: str, streams: list[list], batch: int, max_s: float, timeout_s: float) -> dict:
@@ -210,20 +229,19 @@ class EncoderWatch:
     def start(self) -> None:
         self._t0 = scrape_counters(self.url) if self.url else None
 
-    def wait_caught_up(self, timeout_s: float) -> float | None:
-        """Wait until every deferred model step has run (deferred == caught up since the gateway
-        started): only then is each user's state fully applied. Seconds waited; None if unknown."""
-        if not self.url:
-            return None
+    def wait_caught_up(self, timeout_s: float) -> tuple[float, bool | None]:
+        """Wait until the steps deferred since start() have run (deferred == caught up over the
+        window; steps deferred before a FLUSHALL never will): only then is every user's state
+        applied. (seconds waited, caught up?)."""
         t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout_s:
+        while self.url and self._t0 and time.monotonic() - t0 < timeout_s:
             c = scrape_counters(self.url)
             if c is None:
-                return None
-            if c["deferred_steps"] <= c["caught_up_steps"]:
-                return time.monotonic() - t0
+                break
+            if c["deferred_steps"] - self._t0["deferred_steps"] <= c["caught_up_steps"] - self._t0["caught_up_steps"]:
+                return time.monotonic() - t0, True
             time.sleep(0.2)
-        return time.monotonic() - t0
+        return time.monotonic() - t0, (False if self.url and self._t0 else None)
 
     def stop(self) -> dict:
         t1 = scrape_counters(self.url) if self.url else None
@@ -254,9 +272,12 @@ def run_pass(kind: str, target: str, redis_port: int, streams: list[list], users
             res = asyncio.run(ingest_pass(target, streams, max_s, max_s + 120))
         else:
             res = asyncio.run(score_batch_pass(target, streams, batch, max_s, 60.0))
-        if watch:       # deferred steps still to run: the state is not applied until they have
-            res["caught_up_wait_s"] = watch.wait_caught_up(CATCH_UP_WAIT_S)
         wall = time.monotonic() - t0
+        if watch:       # deferred steps still to run: the state is not applied until they have
+            waited, res["caught_up"] = watch.wait_caught_up(CATCH_UP_WAIT_S)
+            if res["caught_up"]:
+                res["caught_up_wait_s"] = waited
+                wall += waited
         if prof:
             res["profile"] = prof()
         cpu = meter.stop() if meter else {}
