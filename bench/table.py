@@ -116,7 +116,7 @@ def bulk_rows(results: dict) -> list[tuple]:
             text += ")"
             ok = r["all_applied"] and (r["events_per_s"] or 0) >= TARGETS["bulk_events_per_s"]
             rows.append((f"{label} events/s, state applied, {bulk['days']}-day clickstream of "
-                         f"{len_users(r)} users", LABELS[name], text, ">= 20,000 events/s", ok))
+                         f"{r['users']:,} users", LABELS[name], text, ">= 20,000 events/s", ok))
         red = bulk.get("redis")
         if red:
             k = red["keys"]
@@ -130,10 +130,6 @@ def bulk_rows(results: dict) -> list[tuple]:
             rows.append((f"Redis bytes per active user after the {bulk['days']}-day `Ingest` replay", LABELS[name],
                          text, "<= 2,048 B", ok))
     return rows
-
-
-def len_users(r: dict) -> str:
-    return f"{r['users']:,}"
 
 
 def score_file_row(results: dict) -> list[tuple]:
