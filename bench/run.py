@@ -1,7 +1,8 @@
-"""The benchmark, one command: echo ceiling vs seqguard gateway vs naive baseline, open loop.
+"""The benchmark, one command, one table: every figure of issue 22 measured in the same run.
 
-    python -m bench.run --model DIR --events FILE [--rates 25,50,100,...] [--duration 10] [--warmup 3]
-                        [--triton-url H:P --triton-model NAME] [--systems echo,gateway,naive] [--quick]
+    python -m bench.run --model DIR --events FILE [--rates 25,50,100,...] [--duration 8] [--warmup 2]
+                        [--triton-url H:P --triton-model NAME] [--systems echo,gateway,gateway_local,naive]
+                        [--bulk-systems ...] [--replay-users N --replay-days D] [--no-score-file] [--quick]
 
 For each system (each in its own process, its server CPU metered from /proc):
   * echo     bench/echo_server.py   constant answer, the ceiling of Python gRPC here
@@ -11,12 +12,16 @@ For each system (each in its own process, its server CPU metered from /proc):
   * naive    bench/naive_service.py   per-request full-window torch + sklearn, no batching
 it sweeps the arrival rates upwards with bench/loadgen.py (client processes, Poisson arrivals,
 latency from the scheduled send time) and stops once a step fails (p99 > --p99-ms, any gRPC
-error or DEGRADED answer) twice in a row. Then, for the gateway: one step at half its sustained
-rate (the p50 target), Redis memory per user, and perf_analyzer against its Triton model.
+error or DEGRADED answer) --max-fails times in a row or --max-sweep-s is spent. Then, for the
+gateways: one step at half the sustained rate (the p50 target), Redis memory per user, the
+Ingest / ScoreBatch replay of a generated clickstream (bench/throughput.py), py-spy profiles
+under Score and ScoreBatch load (bench/profile.py) and perf_analyzer against Triton. Last,
+`seqguard score-file` on a larger generated log. bench/table.py renders the one table.
 
-Writes bench/results/<timestamp>/{results.json, results.md, logs} and prints the Markdown;
+Writes bench/results/<timestamp>/{results.json, results.md, logs, profiles} and prints the Markdown;
 `python -m bench.run --render DIR` rebuilds the report of a finished run from its results.json.
---quick: one low rate per system, seconds-long steps (a smoke test for CI; numbers meaningless).
+--quick: one low rate per system, seconds-long steps, a tiny replay (a smoke test for CI; numbers
+meaningless).
 """
 from __future__ import annotations
 
@@ -196,7 +201,7 @@ def run_step(lg: LoadGenerator, rate: float, a, groups: dict, watch: EncoderWatc
 
 def sweep_rates(system: str, lg: LoadGenerator, a, rates: list[float], groups: dict, res: dict,
                 watch: EncoderWatch | None) -> None:
-    """The open-loop sweep upwards until two steps in a row fail (or the system's time budget is
+    """The open-loop sweep upwards until --max-fails steps in a row fail (or the system's time budget is
     spent), then, if it stopped below --cpu-rate while still keeping pace, a CPU step there."""
     fails, t0 = 0, time.monotonic()
     for rate in rates:
@@ -209,7 +214,7 @@ def sweep_rates(system: str, lg: LoadGenerator, a, rates: list[float], groups: d
         log(f"[{system}] {rate:>6.0f}/s {'ok  ' if r['passed'] else 'FAIL'} {format_step(r)}  "
             f"cpu {r['cpu_ms_per_req']['server']:.3f} ms/req{format_encoder(r.get('encoder'))}")
         fails = 0 if r["passed"] else fails + 1
-        if fails >= 2:
+        if fails >= a.max_fails:
             break
     last = res["steps"][-1] if res["steps"] else None
     if (a.quick or last is None or last["target_rps"] >= a.cpu_rate or not kept_up(last)
@@ -576,6 +581,8 @@ def parse_args(argv=None):
     ap.add_argument("--perf-stability", type=int, default=50)
     ap.add_argument("--perf-max-trials", type=int, default=10)
     ap.add_argument("--no-perf", action="store_true", help="skip perf_analyzer")
+    ap.add_argument("--max-fails", type=int, default=2,
+                    help="a sweep stops after this many failing rates in a row (more: sturdier on a noisy machine)")
     ap.add_argument("--max-sweep-s", type=float, default=None,
                     help="stop a system's sweep once it has run this long (default 150; quick: no bound)")
     ap.add_argument("--bulk-systems", default="gateway,gateway_local",
