@@ -1,7 +1,8 @@
-"""The benchmark, one command: echo ceiling vs seqguard gateway vs naive baseline, open loop.
+"""The benchmark, one command, one table: every figure of issue 22 measured in the same run.
 
-    python -m bench.run --model DIR --events FILE [--rates 25,50,100,...] [--duration 10] [--warmup 3]
-                        [--triton-url H:P --triton-model NAME] [--systems echo,gateway,naive] [--quick]
+    python -m bench.run --model DIR --events FILE [--rates 25,50,100,...] [--duration 8] [--warmup 2]
+                        [--triton-url H:P --triton-model NAME] [--systems echo,gateway,gateway_local,naive]
+                        [--bulk-systems ...] [--replay-users N --replay-days D] [--no-score-file] [--quick]
 
 For each system (each in its own process, its server CPU metered from /proc):
   * echo     bench/echo_server.py   constant answer, the ceiling of Python gRPC here
@@ -11,12 +12,16 @@ For each system (each in its own process, its server CPU metered from /proc):
   * naive    bench/naive_service.py   per-request full-window torch + sklearn, no batching
 it sweeps the arrival rates upwards with bench/loadgen.py (client processes, Poisson arrivals,
 latency from the scheduled send time) and stops once a step fails (p99 > --p99-ms, any gRPC
-error or DEGRADED answer) twice in a row. Then, for the gateway: one step at half its sustained
-rate (the p50 target), Redis memory per user, and perf_analyzer against its Triton model.
+error or DEGRADED answer) --max-fails times in a row or --max-sweep-s is spent. Then, for the
+gateways: one step at half the sustained rate (the p50 target), Redis memory per user, the
+Ingest / ScoreBatch replay of a generated clickstream (bench/throughput.py), py-spy profiles
+under Score and ScoreBatch load (bench/profile.py) and perf_analyzer against Triton. Last,
+`seqguard score-file` on a larger generated log. bench/table.py renders the one table.
 
-Writes bench/results/<timestamp>/{results.json, results.md, logs} and prints the Markdown;
+Writes bench/results/<timestamp>/{results.json, results.md, logs, profiles} and prints the Markdown;
 `python -m bench.run --render DIR` rebuilds the report of a finished run from its results.json.
---quick: one low rate per system, seconds-long steps (a smoke test for CI; numbers meaningless).
+--quick: one low rate per system, seconds-long steps, a tiny replay (a smoke test for CI; numbers
+meaningless).
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ from pathlib import Path
 from .cpu import CpuMeter
 from .loadgen import LoadGenerator, format_step
 from .procs import ROOT, ServerProcess
+from .table import headline
+from .throughput import EncoderWatch
 
 SYSTEMS = ("echo", "gateway", "gateway_local", "naive")
 DEFAULT_RATES = "25,50,100,200,300,400,500,600,800,1000,1200,1400,1600,2000,2400,3200,4000"
@@ -97,7 +104,15 @@ def server_process(system: str, a, out_dir: Path) -> ServerProcess:
             argv += ["--set", kv]
     else:
         raise ValueError(system)
-    return ServerProcess(system, argv, out_dir / "logs" / f"{system}.log")
+    metrics_url = None
+    if system.startswith("gateway"):         # its counters say when the standby encoder took over
+        from seqguard.services import free_port
+        port = free_port()
+        argv += ["--set", f"metrics_port={port}"]
+        metrics_url = f"http://127.0.0.1:{port}/metrics"
+    srv = ServerProcess(system, argv, out_dir / "logs" / f"{system}.log")
+    srv.metrics_url = metrics_url
+    return srv
 
 
 def cpu_groups(system: str, info: dict) -> dict:
@@ -166,10 +181,14 @@ def passed(step: dict, p99_ms: float) -> bool:
             and p99 is not None and p99 <= p99_ms)
 
 
-def run_step(lg: LoadGenerator, rate: float, a, groups: dict) -> dict:
+def run_step(lg: LoadGenerator, rate: float, a, groups: dict, watch: EncoderWatch | None = None) -> dict:
     server_meter = CpuMeter(groups)
     client_meter = CpuMeter({"client": (lg.pids, True)})
+    if watch:
+        watch.start()
     r = lg.run(rate, a.duration, a.warmup, meters=[server_meter, client_meter])
+    if watch:
+        r["encoder"] = watch.stop()
     server_cpu, client_cpu = r.pop("meters")
     done = max(1.0, r["achieved_rps"] * a.duration)         # answers inside the metered window
     r["cpu_s"] = server_cpu
@@ -180,6 +199,58 @@ def run_step(lg: LoadGenerator, rate: float, a, groups: dict) -> dict:
     return r
 
 
+def sweep_rates(system: str, lg: LoadGenerator, a, rates: list[float], groups: dict, res: dict,
+                watch: EncoderWatch | None) -> None:
+    """The open-loop sweep upwards until --max-fails steps in a row fail (or the system's time budget is
+    spent), then, if it stopped below --cpu-rate while still keeping pace, a CPU step there."""
+    fails, t0 = 0, time.monotonic()
+    for rate in rates:
+        if res["steps"] and time.monotonic() - t0 > a.max_sweep_s:
+            log(f"[{system}] sweep budget of {a.max_sweep_s:.0f} s spent; stopping before {rate:.0f}/s")
+            res["sweep_budget_hit"] = rate
+            break
+        r = run_step(lg, rate, a, groups, watch)
+        res["steps"].append(r)
+        log(f"[{system}] {rate:>6.0f}/s {'ok  ' if r['passed'] else 'FAIL'} {format_step(r)}  "
+            f"cpu {r['cpu_ms_per_req']['server']:.3f} ms/req{format_encoder(r.get('encoder'))}")
+        fails = 0 if r["passed"] else fails + 1
+        if fails >= a.max_fails:
+            break
+    last = res["steps"][-1] if res["steps"] else None
+    if (a.quick or last is None or last["target_rps"] >= a.cpu_rate or not kept_up(last)
+            or (last["latency_ms"]["p99"] or 0) > 5 * a.p99_ms):
+        return
+    # The latency sweep stopped below the CPU rate although the server still kept pace (it missed
+    # the p99 bound, not throughput): measure CPU at the CPU rate anyway, or at half of it. Not for
+    # a server already queueing (p99 > 5x the bound): an overloaded run would only pile up a backlog.
+    for rate in (a.cpu_rate, round(a.cpu_rate / 2)):
+        if rate <= last["target_rps"]:
+            break
+        r = run_step(lg, rate, a, groups, watch)
+        r["cpu_only"] = True
+        res.setdefault("cpu_steps", []).append(r)
+        log(f"[{system}] {rate:>6.0f}/s (CPU step) {'kept up' if kept_up(r) else 'fell behind'} "
+            f"{format_step(r)}  cpu {r['cpu_ms_per_req']['server']:.3f} ms/req")
+        if kept_up(r):
+            break
+
+
+def profile_score(system: str, lg: LoadGenerator, a, info: dict, groups: dict, res: dict, out_dir: Path,
+                  watch: EncoderWatch | None) -> None:
+    """One more Score step at the CPU rate (or the highest rate kept below it) with py-spy on the gateway."""
+    from .profile import record
+    cs = cpu_step(res["steps"] + res.get("cpu_steps", []), a.cpu_rate)
+    if cs is None:
+        return
+    stop = record(info["pid"], a.duration + a.warmup, out_dir / "profiles" / f"{system}-score.txt")
+    if stop is None:
+        res["profile_score"] = {"error": "py-spy not installed (pip install py-spy)"}
+        return
+    r = run_step(lg, cs["target_rps"], a, groups, watch)
+    res["profile_score"] = {"rate": cs["target_rps"], "step": r, **stop()}
+    log(f"[{system}] profiled a Score step at {cs['target_rps']:.0f}/s: {res['profile_score'].get('samples')} samples")
+
+
 def sweep_system(system: str, a, rates: list[float], out_dir: Path) -> dict:
     srv = server_process(system, a, out_dir)
     t0 = time.monotonic()
@@ -187,66 +258,88 @@ def sweep_system(system: str, a, rates: list[float], out_dir: Path) -> dict:
     log(f"[{system}] ready on 127.0.0.1:{info['port']} in {time.monotonic() - t0:.1f} s (pid {info['pid']})")
     res: dict = {"system": system, "server": info, "steps": []}
     groups = cpu_groups(system, info)
+    watch = EncoderWatch(srv.metrics_url, info.get("triton_pid")) if system.startswith("gateway") else None
     lg = None
     try:
         lg = LoadGenerator(f"127.0.0.1:{info['port']}", str(a.events), a.clients, a.channels, a.timeout,
                            a.arrival, a.max_users, seed=a.seed).start()
         res["load"] = {"clients": lg.clients, "channels_per_client": a.channels, "users": lg.users,
                        "arrival": a.arrival, "timeout_s": a.timeout}
-        fails = 0
-        for rate in rates:
-            r = run_step(lg, rate, a, groups)
-            res["steps"].append(r)
-            log(f"[{system}] {rate:>6.0f}/s {'ok  ' if r['passed'] else 'FAIL'} {format_step(r)}  "
-                f"cpu {r['cpu_ms_per_req']['server']:.3f} ms/req")
-            fails = 0 if r["passed"] else fails + 1
-            if fails >= 2:
-                break
-        last = res["steps"][-1] if res["steps"] else None
-        if (not a.quick and last is not None and last["target_rps"] < a.cpu_rate and kept_up(last)
-                and (last["latency_ms"]["p99"] or 0) <= 5 * a.p99_ms):
-            # The latency sweep stopped below the CPU rate although the server still kept pace
-            # (it missed the p99 bound, not throughput): measure CPU at the CPU rate anyway, or at
-            # half of it. Not for a server already queueing (p99 > 5x the bound): an overloaded
-            # run would only pile up a backlog.
-            for rate in (a.cpu_rate, round(a.cpu_rate / 2)):
-                if rate <= last["target_rps"]:
-                    break
-                r = run_step(lg, rate, a, groups)
-                r["cpu_only"] = True
-                res.setdefault("cpu_steps", []).append(r)
-                log(f"[{system}] {rate:>6.0f}/s (CPU step) {'kept up' if kept_up(r) else 'fell behind'} "
-                    f"{format_step(r)}  cpu {r['cpu_ms_per_req']['server']:.3f} ms/req")
-                if kept_up(r):
-                    break
+        sweep_rates(system, lg, a, rates, groups, res, watch)
         best = sustained_step(res["steps"])
         if system == "gateway" and best is not None and not a.quick:
             half = max(1.0, round(best["target_rps"] / 2))
-            r = run_step(lg, half, a, groups)
+            r = run_step(lg, half, a, groups, watch)
             res["half_rate_step"] = r
             log(f"[{system}] {half:>6.0f}/s (half of sustained) {format_step(r)}")
-        if system == "gateway" and info.get("redis_port"):
+        if system in a.profile_systems:
+            profile_score(system, lg, a, info, groups, res, out_dir, watch)
+        if system.startswith("gateway") and info.get("redis_port"):
             res["redis"] = redis_memory(info["redis_port"])
             m = res["redis"]
             log(f"[{system}] redis: {m['keys']} keys; state {(m['bytes_per_user'] or 0):.0f} B per user, "
                 f"idempotency {_f(m['dedupe_bytes_per_event'], '{:.0f}', 'n/a (< 1000 keys)')} B per event")
         lg.close()
-        if system == "gateway" and not a.no_perf and info.get("triton_url"):
+        if system in a.bulk_systems and info.get("redis_port"):
             try:
-                from .perf import run_perf_analyzer
-                log(f"[{system}] perf_analyzer on {info['triton_url']} model {info['triton_model']}")
-                res["perf_analyzer"] = run_perf_analyzer(
-                    info["triton_url"], info["triton_model"], a.perf_concurrency, out_dir / "perf_analyzer",
-                    measurement_ms=a.perf_interval_ms, stability=a.perf_stability, max_trials=a.perf_max_trials,
-                    log=log)
-            except Exception as e:  # noqa: BLE001 - a missing binary must not lose the sweep
-                res["perf_analyzer"] = {"rows": [], "errors": {"all": f"{type(e).__name__}: {e}"}}
-                log(f"[{system}] perf_analyzer skipped: {e}")
+                res["bulk"] = bulk_passes(system, a, info, groups, out_dir, watch)
+            except Exception as e:  # noqa: BLE001 - a failed replay must not lose the rest of the run
+                log(f"[{system}] replay failed: {type(e).__name__}: {e}")
+                res["bulk_error"] = f"{type(e).__name__}: {e}"
+        if system == "gateway" and not a.no_perf and info.get("triton_url"):
+            res["perf_analyzer"] = perf_analyzer(system, a, info, out_dir)
     finally:
         if lg is not None:
             lg.close()
         srv.stop()
     return res
+
+
+def bulk_passes(system: str, a, info: dict, groups: dict, out_dir: Path, watch: EncoderWatch | None) -> dict:
+    """Ingest, then ScoreBatch, each replaying the generated clickstream into an empty Redis; Redis
+    memory per user after the Ingest replay; with profiling, one more ScoreBatch pass under py-spy."""
+    from . import throughput
+    from .profile import record
+    target, port = f"127.0.0.1:{info['port']}", info["redis_port"]
+    out: dict = {"log": str(a.replay_log), "events": a.replay_events, "days": a.replay_days}
+    for kind in ("ingest", "score_batch"):
+        r = throughput.run_pass(kind, target, port, a.replay_streams, a.replay_users_ids, max_s=a.replay_max_s,
+                                batch=a.replay_batch, groups=groups, watch=watch)
+        out[kind] = r
+        log(f"[{system}] {throughput.format_pass(r)}; all applied: {r['all_applied']}"
+            f"{format_encoder(r.get('encoder'))}")
+        if kind == "ingest":
+            out["redis"] = redis_memory(port)
+            log(f"[{system}] redis after the replay: {out['redis']['keys']['user']} users, "
+                f"{_f(out['redis']['bytes_per_user'], '{:.0f}')} B of state per user")
+    if system in a.profile_systems:
+        prof = lambda s: record(info["pid"], s, out_dir / "profiles" / f"{system}-score_batch.txt")  # noqa: E731
+        r = throughput.run_pass("score_batch", target, port, a.replay_streams, a.replay_users_ids,
+                                max_s=a.profile_seconds, batch=a.replay_batch, profile=prof, watch=watch)
+        out["profile_score_batch"] = {"pass": {k: v for k, v in r.items() if k != "profile"},
+                                      **(r.get("profile") or {"error": "py-spy not installed (pip install py-spy)"})}
+        log(f"[{system}] profiled a ScoreBatch pass: {out['profile_score_batch'].get('samples')} samples")
+    return out
+
+
+def perf_analyzer(system: str, a, info: dict, out_dir: Path) -> dict:
+    try:
+        from .perf import run_perf_analyzer
+        log(f"[{system}] perf_analyzer on {info['triton_url']} model {info['triton_model']}")
+        return run_perf_analyzer(info["triton_url"], info["triton_model"], a.perf_concurrency,
+                                 out_dir / "perf_analyzer", measurement_ms=a.perf_interval_ms,
+                                 stability=a.perf_stability, max_trials=a.perf_max_trials, log=log)
+    except Exception as e:  # noqa: BLE001 - a missing binary must not lose the sweep
+        log(f"[{system}] perf_analyzer skipped: {e}")
+        return {"rows": [], "errors": {"all": f"{type(e).__name__}: {e}"}}
+
+
+def format_encoder(enc: dict | None) -> str:
+    if not enc:
+        return ""
+    out = f"  standby encoder steps {enc['local_steps']}" if enc.get("local_steps") else ""
+    out += f"  deferred steps {enc['deferred_steps']}" if enc.get("deferred_steps") else ""
+    return out + ("  TRITON IS DEAD" if enc.get("triton_alive") is False else "")
 
 
 def sustained_step(steps: list[dict]) -> dict | None:
@@ -357,6 +450,13 @@ def markdown(results: dict) -> str:
                  f"{cfg['users']} users. Sustained = highest rate with p99 <= {cfg['p99_ms']:g} ms, no gRPC "
                  f"error and no DEGRADED answer. CPU = server process tree CPU over the measured window / answers.")
     lines.append("")
+    lines.append(f"Command: `python -m bench.run {' '.join(cfg['argv'])}`; load average at the end "
+                 f"{_f((results.get('loadavg_at_end') or [None])[0])}; {results.get('elapsed_s', 0):.0f} s in all. "
+                 "✗ marks a rate that missed the bound (p99, errors or DEGRADED).")
+    lines.append("")
+    lines.append(headline(results))
+    lines.append("### Score sweep, details")
+    lines.append("")
     lines.append("| system | sustained req/s | p50 / p99 / p99.9 ms at that rate | server CPU ms/req (at req/s) "
                  "| rate ÷ echo | rate ÷ naive | CPU/req ÷ echo | kept pace at req/s |")
     lines.append("|---|---:|---|---:|---:|---:|---:|---:|")
@@ -422,6 +522,13 @@ def markdown(results: dict) -> str:
         lines.append("")
         lines.append(perf_md(pa))
         lines.append("")
+    for name in SYSTEMS:
+        res = results["systems"].get(name) or {}
+        for key, what in (("profile_score", "`Score`"), ("profile_score_batch", "`ScoreBatch`")):
+            prof = res.get(key) if key == "profile_score" else (res.get("bulk") or {}).get(key)
+            if prof:
+                from .profile import markdown as profile_md
+                lines.append(profile_md(f"Where the time goes: py-spy of the {name} process under {what} load", prof))
     lines.append("<details><summary>every step</summary>")
     lines.append("")
     lines.append("| system | offered req/s | achieved req/s | p50 | p99 | p99.9 | max ms | errors | degraded "
@@ -474,6 +581,25 @@ def parse_args(argv=None):
     ap.add_argument("--perf-stability", type=int, default=50)
     ap.add_argument("--perf-max-trials", type=int, default=10)
     ap.add_argument("--no-perf", action="store_true", help="skip perf_analyzer")
+    ap.add_argument("--max-fails", type=int, default=2,
+                    help="a sweep stops after this many failing rates in a row (more: sturdier on a noisy machine)")
+    ap.add_argument("--max-sweep-s", type=float, default=None,
+                    help="stop a system's sweep once it has run this long (default 150; quick: no bound)")
+    ap.add_argument("--bulk-systems", default="gateway,gateway_local",
+                    help="gateways that also get the Ingest / ScoreBatch replay (empty: none)")
+    ap.add_argument("--replay-users", type=int, default=None, help="users of the generated clickstream (default 2000)")
+    ap.add_argument("--replay-days", type=int, default=None, help="its span in days (default 30)")
+    ap.add_argument("--replay-streams", dest="replay_streams_n", type=int, default=4, help="concurrent Ingest streams / ScoreBatch workers")
+    ap.add_argument("--replay-batch", type=int, default=256, help="events per ScoreBatch request")
+    ap.add_argument("--replay-max-s", type=float, default=None,
+                    help="a replay pass stops sending after this many seconds (default 90)")
+    ap.add_argument("--score-file-users", type=int, default=None, help="users of the score-file log (default 5000)")
+    ap.add_argument("--score-file-days", type=int, default=None, help="its span in days (default 90)")
+    ap.add_argument("--no-score-file", action="store_true", help="skip score-file")
+    ap.add_argument("--profile-systems", default=None,
+                    help="gateways profiled with py-spy under Score and ScoreBatch load (default gateway when "
+                         "py-spy is installed; quick: none)")
+    ap.add_argument("--profile-seconds", type=float, default=15.0, help="length of the profiled ScoreBatch pass")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="results directory (default bench/results/<timestamp>)")
     ap.add_argument("--quick", action="store_true", help="smoke run: one low rate per system, short steps")
@@ -481,16 +607,27 @@ def parse_args(argv=None):
     q = a.quick
     a.rates = [float(x) for x in (a.rates or ("50" if q else DEFAULT_RATES)).split(",") if x.strip()]
     a.rates.sort()
-    a.duration = a.duration if a.duration is not None else (1.5 if q else 10.0)
-    a.warmup = a.warmup if a.warmup is not None else (0.5 if q else 3.0)
+    a.duration = a.duration if a.duration is not None else (1.5 if q else 8.0)
+    a.warmup = a.warmup if a.warmup is not None else (0.5 if q else 2.0)
     a.clients = a.clients or (1 if q else 2)
     a.channels = a.channels or (2 if q else 4)
     a.perf_concurrency = [int(x) for x in (a.perf_concurrency or ("1" if q else "1,2,4,8,16")).split(",")]
     a.perf_interval_ms = a.perf_interval_ms or (500 if q else 2000)
     if q:
         a.perf_max_trials = min(a.perf_max_trials, 3)
+    a.max_sweep_s = a.max_sweep_s if a.max_sweep_s is not None else (math.inf if q else 150.0)
+    a.replay_users = a.replay_users or (60 if q else 2000)
+    a.replay_days = a.replay_days or (5 if q else 30)
+    a.replay_max_s = a.replay_max_s or (20.0 if q else 90.0)
+    a.score_file_users = a.score_file_users or (a.replay_users if q else 5000)
+    a.score_file_days = a.score_file_days or (a.replay_days if q else 90)
+    a.bulk_systems = [x.strip() for x in a.bulk_systems.split(",") if x.strip()]
+    if a.profile_systems is None:
+        from .profile import find_py_spy
+        a.profile_systems = "" if q or find_py_spy() is None else "gateway"
+    a.profile_systems = [x.strip() for x in a.profile_systems.split(",") if x.strip()]
     a.systems = [x.strip() for x in a.systems.split(",") if x.strip()]
-    bad = [x for x in a.systems if x not in SYSTEMS]
+    bad = [x for x in a.systems + a.bulk_systems + a.profile_systems if x not in SYSTEMS]
     if bad:
         ap.error(f"unknown system(s) {bad}; choose from {SYSTEMS}")
     try:   # fail before starting anything: a model this code cannot load would only fail in the servers
@@ -539,16 +676,62 @@ def main(argv=None) -> int:
                "systems": {}}
     log(f"results -> {out_dir}")
     t0 = time.monotonic()
+    prepare_replay(a, out_dir)
+    results["config"].update(replay_log=str(a.replay_log) if a.replay_log else None, replay_users=a.replay_users,
+                             replay_days=a.replay_days, replay_events=a.replay_events,
+                             replay_streams=len(a.replay_streams), replay_batch=a.replay_batch,
+                             replay_max_s=a.replay_max_s, bulk_systems=a.bulk_systems,
+                             profile_systems=a.profile_systems, max_sweep_s=a.max_sweep_s)
     for system in a.systems:
         results["systems"][system] = sweep_system(system, a, a.rates, out_dir)
+    if not a.no_score_file:
+        try:
+            results["score_file"] = run_score_file(a, out_dir)
+        except Exception as e:  # noqa: BLE001 - report what the run did measure
+            log(f"score-file failed: {type(e).__name__}: {e}")
     results["summary"] = summarize(results, a)
     results["elapsed_s"] = round(time.monotonic() - t0, 1)
+    results["loadavg_at_end"] = list(os.getloadavg())
     md = markdown(results)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
     (out_dir / "results.md").write_text(md)
     print(md, flush=True)
     log(f"wrote {out_dir / 'results.json'} and results.md ({results['elapsed_s']:.0f} s)")
     return 0
+
+
+def clickstream(a, out_dir: Path, users: int, days: int) -> tuple[Path, int]:
+    """A generated clickstream log, kept between full runs (generating 1M events takes a while)."""
+    from .throughput import generate_log
+    folder = out_dir if a.quick else ROOT / "bench" / "results" / "clickstreams"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"clickstream-u{users}-d{days}-s{a.seed + 7}.jsonl"
+    t0 = time.monotonic()
+    n = generate_log(path, users, days, seed=a.seed + 7)
+    log(f"clickstream {path.name}: {n:,} events of {users} users over {days} days ({time.monotonic() - t0:.0f} s)")
+    return path, n
+
+
+def prepare_replay(a, out_dir: Path) -> None:
+    """Generate and load the replayed clickstream once, before any server starts."""
+    a.replay_log, a.replay_events, a.replay_streams, a.replay_users_ids = None, 0, [], []
+    if not set(a.bulk_systems) & set(a.systems):
+        return
+    from .throughput import load_streams
+    a.replay_log, a.replay_events = clickstream(a, out_dir, a.replay_users, a.replay_days)
+    a.replay_streams, a.replay_users_ids = load_streams(a.replay_log, a.replay_streams_n)
+
+
+def run_score_file(a, out_dir: Path) -> dict:
+    from .throughput import score_file
+    path, n = clickstream(a, out_dir, a.score_file_users, a.score_file_days)
+    work = out_dir / "score_file"
+    work.mkdir(exist_ok=True)
+    r = score_file(a.model, path, work, n)
+    r.update(users=a.score_file_users, days=a.score_file_days)
+    log(f"score-file: {r['rows']:,} of {n:,} events in {r['wall_s']:.1f} s = {_f(r['events_per_s'], '{:,.0f}')} "
+        f"events/s ({r['cpu_s']:.1f} CPU s), peak RSS {r['peak_rss_mb']:.0f} MB (rc {r['returncode']})")
+    return r
 
 
 def _json_default(x):
