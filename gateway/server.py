@@ -41,6 +41,7 @@ from .triton_client import TritonStepClient
 log = logging.getLogger("seqguard.gateway")
 Context = grpc.aio.ServicerContext
 SERVICE_NAME = risk_pb2.DESCRIPTOR.services_by_name["RiskScoring"].full_name
+MAX_NOT_APPLIED_IDS = 10_000     # event ids an IngestSummary names as not applied (the count is exact)
 _OPTIONAL = ("item_id", "category", "amount", "device_id", "ip", "country", "session_id")
 
 
@@ -160,8 +161,7 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
     @metered("Ingest")
     async def Ingest(self, request_iterator: AsyncIterator[risk_pb2.Event], context: Context
                      ) -> risk_pb2.IngestSummary:
-        accepted = rejected = 0
-        errors: list[str] = []
+        summary = risk_pb2.IngestSummary()
         chunk = []
         async for i, msg in _aenumerate(request_iterator):
             try:
@@ -169,23 +169,28 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
                 check_clock_skew(ev, f"event[{i}]", int(time.time() * 1000), self.settings.max_future_skew_ms, 0)
                 chunk.append(ev)
             except SchemaError as e:
-                rejected += 1
-                if len(errors) < 100:
-                    errors.append(str(e))
+                summary.rejected += 1
+                if len(summary.errors) < 100:
+                    summary.errors.append(str(e))
                 continue
             if len(chunk) >= 256:
-                accepted += await self._ingest(chunk, context, errors)
+                await self._ingest(chunk, context, summary)
                 chunk = []
         if chunk:
-            accepted += await self._ingest(chunk, context, errors)
-        return risk_pb2.IngestSummary(accepted=accepted, rejected=rejected, errors=errors)
+            await self._ingest(chunk, context, summary)
+        return summary
 
-    async def _ingest(self, events, context, errors) -> int:
+    async def _ingest(self, events, context, summary: risk_pb2.IngestSummary) -> None:
+        """Counts what reached the state, not what scored OK: a DEGRADED answer whose LSTM step was
+        deferred is applied (it has a sequence number); one without a sequence was not, and is named."""
         results = await self._score(events, context, explain_reasons=False)
-        bad = [r for r in results if r.status != "OK"]
-        if bad:
-            errors.append(f"{len(bad)} events not applied: {bad[0].detail}")
-        return len(results) - len(bad)
+        missed = [r for r in results if r.sequence <= 0]
+        summary.accepted += len(results) - len(missed)
+        summary.not_applied += len(missed)
+        room = MAX_NOT_APPLIED_IDS - len(summary.not_applied_event_ids)
+        summary.not_applied_event_ids.extend(r.event_id for r in missed[:max(0, room)])
+        if missed and len(summary.errors) < 100:
+            summary.errors.append(f"{len(missed)} events not applied: {missed[0].detail}")
 
     @metered("GetUserState")
     async def GetUserState(self, request: risk_pb2.UserStateRequest, context: Context) -> risk_pb2.UserState:

@@ -266,6 +266,29 @@ def test_redis_down_degrades_within_deadline(small_model, triton, gateway_factor
             event_id="r-1", user_id="u", ts=1767700000000, event_type="login")), timeout=2)
         assert time.perf_counter() - t < 0.5
         assert r.status == risk_pb2.DEGRADED and "state store unavailable" in r.status_detail
+        # a bulk stream names what it could not apply, so the sender can send exactly those again
+        evs = _history("ing-down", 3, 1767700000000, 60_000, lambda k: dict(event_type="search"))
+        bad = risk_pb2.Event(event_id="x", user_id="", ts=1767700000000, event_type="search")
+        summary = stub.Ingest(iter(evs + [bad]), timeout=10)
+        assert (summary.accepted, summary.rejected, summary.not_applied) == (0, 1, 3)
+        assert list(summary.not_applied_event_ids) == [e.event_id for e in evs]
+
+
+def test_ingest_counts_events_applied_with_a_deferred_step(small_model, redis_server, gateway_factory):
+    """Triton unreachable (no standby): each event is answered DEGRADED but its featuriser context IS
+    applied and its LSTM step deferred, so Ingest counts it as accepted (it used to count only OK
+    answers: 0 accepted of 4 applied), and nothing is listed to resend."""
+    gw = gateway_factory(model_dir=str(small_model), redis_port=redis_server.port,
+                         triton_url=f"127.0.0.1:{free_port()}", triton_timeout_ms=100, deadline_ms=400,
+                         local_encoder_fallback=False)
+    with grpc.insecure_channel(gw.address) as ch:
+        stub = risk_pb2_grpc.RiskScoringStub(ch)
+        evs = _history("ing-deferred", 4, 1767700000000, 60_000, lambda k: dict(event_type="search"))
+        summary = stub.Ingest(iter(evs), timeout=10)
+        assert (summary.accepted, summary.rejected, summary.not_applied) == (4, 0, 0), summary
+        assert not summary.not_applied_event_ids
+        st = stub.GetUserState(risk_pb2.UserStateRequest(user_id="ing-deferred"), timeout=5)
+        assert st.n_events == 4
 
 
 def test_bearer_token_auth(small_model, redis_server, triton, gateway_factory):

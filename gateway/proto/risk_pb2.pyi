@@ -127,14 +127,18 @@ class ScoreResponse(_message.Message):
     def __init__(self, event_id: _Optional[str] = ..., risk: _Optional[float] = ..., action: _Optional[_Union[Action, str]] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., model_version: _Optional[str] = ..., status: _Optional[_Union[Status, str]] = ..., status_detail: _Optional[str] = ..., sequence: _Optional[int] = ..., rules: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class IngestSummary(_message.Message):
-    __slots__ = ("accepted", "rejected", "errors")
+    __slots__ = ("accepted", "rejected", "errors", "not_applied", "not_applied_event_ids")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
+    NOT_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    NOT_APPLIED_EVENT_IDS_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     rejected: int
     errors: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., errors: _Optional[_Iterable[str]] = ...) -> None: ...
+    not_applied: int
+    not_applied_event_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., errors: _Optional[_Iterable[str]] = ..., not_applied: _Optional[int] = ..., not_applied_event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UserStateRequest(_message.Message):
     __slots__ = ("user_id",)
