@@ -121,7 +121,9 @@ def bulk_rows(results: dict) -> list[tuple]:
         if red:
             k = red["keys"]
             text = (f"**{_n(red['bytes_per_user'])} B** ({k['user']:,} users, {k['device']:,} devices, "
-                    f"{k['ip']:,} IPs, {k['ip_prefix']:,} prefixes; idempotency keys not counted)")
+                    f"{k['ip']:,} IPs, {k['ip_prefix']:,} prefixes; idempotency keys not counted; "
+                    f"{red.get('entity_keys_expired_by_event_time', 0):,} entity keys past their TTL "
+                    f"by event time removed first)")
             enc = (bulk.get("ingest") or {}).get("encoder") or {}
             pending = enc.get("deferred_steps", 0) - enc.get("caught_up_steps", 0)
             if pending > 0:                         # a user's key holds the features of its pending steps
