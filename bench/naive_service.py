@@ -28,7 +28,7 @@ import numpy as np
 
 from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
 from seqguard.artifact import ModelArtifact
-from seqguard.detector import ACTIONS, apply_floors, split_floor_inputs
+from seqguard.detector import ACTIONS, apply_floors
 from seqguard.explain import explain
 from seqguard.featurizer import EntityContext, UserContext
 from seqguard.schema import SchemaError, validate_event
@@ -91,8 +91,9 @@ class NaiveScorer:
         sur = surprise[0, -1:].numpy()
         feats = np.asarray(rows[-1:], np.float32)
         det = self.artifact.detector
-        X = det.inputs(det.project(emb), sur, feats)
-        X, floor_cols = split_floor_inputs(X, len(det.floors))  # the last columns feed the signal floors
+        X = det.inputs(det.project(emb), sur, feats, np.array(types[-1:]))
+        w = det.n_forest_inputs                                 # then the floors' columns, then the rules view's
+        X, floor_cols = X[:, :w], X[:, w:w + len(det.floors)]
         g = int(det.groups(np.array(types[-1:]))[0])          # the sklearn forest of this event's type group
         anomaly = -self.forest[g].score_samples(X.astype(np.float32))
         if det.tail_views is not None:                          # + the sklearn twin on tail-scaled inputs

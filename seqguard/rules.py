@@ -236,6 +236,20 @@ class RuleInputs:
             if v is not None and len(v) != len(self.events):
                 raise ValueError(f"{name} has {len(v)} rows for {len(self.events)} events")
 
+    @classmethod
+    def from_types(cls, event_types, feats: np.ndarray) -> "RuleInputs":
+        """Inputs that carry only each event's type and featuriser row: what the detector keeps per
+        model step (a gateway's deferred step has no other event field). `amount` is read back from
+        the row's log1p(amount), rounded to cents (float32 rows keep ~7 digits); rules reading any
+        other event field cannot run on them (RuleSet.event_fields says which a pack reads)."""
+        types = np.asarray(event_types, dtype=object)
+        x = cls(_TypeOnlyEvents(len(types)), feats)
+        x._cache["event_type"] = types
+        F = x.f64
+        x._cache["amount"] = np.where(F[:, FEATURE_INDEX["has_amount"]] > 0.5,
+                                      np.round(np.expm1(F[:, FEATURE_INDEX["log_amount"]]), 2), np.nan)
+        return x
+
     def __len__(self) -> int:
         return len(self.events)
 
@@ -268,6 +282,19 @@ class RuleInputs:
             c = self._cache[key] = reason_flags(self.feats, self.column("event_type"), [code], self.surprise,
                                                 self.surprise_cut, self.session_lift)[code]
         return c
+
+
+class _TypeOnlyEvents(Sequence):
+    """Stands in for the events of RuleInputs.from_types: their type and amount columns are given, nothing else is."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        raise ModelInputsMissing("these rule inputs carry only event types, amounts and featuriser rows")
 
 
 # --------------------------------------------------------------------------- conditions
@@ -488,6 +515,12 @@ class RuleSet:
         return any(r.needs_model for r in self.rules)
 
     @property
+    def event_fields(self) -> frozenset:
+        """The event fields (EVENT_STRING_FIELDS, EVENT_NUMBER_FIELDS) the rules read directly."""
+        direct = {*EVENT_STRING_FIELDS, *EVENT_NUMBER_FIELDS}
+        return frozenset(c.field for r in self.rules for c in (*r.when, *r.any) if c.field in direct)
+
+    @property
     def reason_codes(self) -> frozenset:
         """The reason codes the rules read."""
         return frozenset(c.value for r in self.rules for c in (*r.when, *r.any) if c.field == "reasons")
@@ -514,6 +547,21 @@ class RuleSet:
             np.maximum(rule_action, (score >= cut).astype(np.int8) * np.int8(code), out=rule_action)
         base = np.zeros(n, np.int8) if model_action is None else np.asarray(model_action, np.int8)
         return RuleOutcome(self.names, hits, score, rule_action, np.maximum(base, rule_action))
+
+
+def ranked_score(outcome: RuleOutcome, feats: np.ndarray) -> np.ndarray:
+    """The summed rule score with a tiny tie-break, as an analyst sorting a queue would order it.
+
+    A rule engine's score is coarse (many ties); the tie-break (< 0.05 in total, far below any
+    sensible rule weight) orders equal rule scores by velocity and failures. It never changes the
+    order between different rule scores. Row-wise, so any batching gives the same bits."""
+    F = np.asarray(feats, np.float64)
+    score = np.array(outcome.score, np.float64)
+    if len(F):
+        tb = (F[:, FEATURE_INDEX["log_events_1m"]] + F[:, FEATURE_INDEX["log_login_failed_1h"]]
+              + F[:, FEATURE_INDEX["log_payment_failed_1h"]] + F[:, FEATURE_INDEX["log_device_accounts_24h"]])
+        score += 0.04 * np.clip(tb, 0.0, 20.0) / 20.0
+    return score
 
 
 # --------------------------------------------------------------------------- loading

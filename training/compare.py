@@ -28,6 +28,11 @@ from seqguard.detector import TYPE_GROUPS, SignalFloor, TailView, apply_floors, 
 from seqguard.forest import FlatIsolationForest, MarginalTails, RiskCalibrator, by_row_blocks
 
 
+def forest_inputs(det, X: np.ndarray) -> np.ndarray:
+    """The detector's input rows without its views' columns: what the forests and floors read."""
+    return X[:, :det.n_forest_inputs + len(det.floors)]
+
+
 @dataclass
 class Encoded:
     """Detector inputs of one log, in INPUT order (aligned with the events/labels files)."""
@@ -55,7 +60,7 @@ def encode_cached(model, events_path: str, cache_dir: str) -> Encoded:
     risk, _, enc = score_events(model, events, progress=True)
     inv = np.empty_like(enc.order)
     inv[enc.order] = np.arange(len(enc.order))     # input index -> replay position
-    X = det.inputs(enc.emb, enc.surprise, enc.feats)[inv]
+    X = forest_inputs(det, det.inputs(enc.emb, enc.surprise, enc.feats, enc.type_ids))[inv]
     out = Encoded(X, det.groups(enc.type_ids)[inv], np.array([e.user_id for e in events], dtype=object).astype(str),
                   np.array([e.event_type for e in events], dtype=object).astype(str),
                   np.asarray(enc.surprise, np.float64)[inv], np.asarray(enc.feats, np.float32)[inv], risk,
@@ -431,7 +436,7 @@ def encode_transformer_cached(tf_dir: str, model, events_path: str, cache_dir: s
     inv = np.empty_like(order)
     inv[order] = np.arange(len(order))
     det = model.detector
-    X = det.inputs((emb.astype(np.float64) - pca_mean) @ pca, sur, feats)[inv]
+    X = forest_inputs(det, det.inputs((emb.astype(np.float64) - pca_mean) @ pca, sur, feats, type_ids))[inv]
     out = Encoded(X, det.groups(type_ids)[inv], np.array([e.user_id for e in events], dtype=object).astype(str),
                   np.array([e.event_type for e in events], dtype=object).astype(str), sur.astype(np.float64)[inv],
                   feats[inv], np.full(len(events), np.nan))
