@@ -264,11 +264,13 @@ class ScoringEngine:
                                             "scored when its deferred model step ran")
             final, fired = (self._apply_rules([events[fresh[j]] for j in rows], feats[rows], encoded, step_risk,
                                               lift, codes) if rows else ([], []))
+            view_rules = self.detector.rules_reasons(feats[rows], type_ids[rows]) if explain_reasons and rows else []
             for k, j in enumerate(rows):
                 ev, g = events[fresh[j]], int(encoded.fresh_step[k])
                 st = users[ev.user_id]
                 reasons = explain(feats[j], encoded.surprise[g], ev.event_id, ev.event_type, st.ring,
-                                  self.surprise_cut, session_lift=float(lift[g])) if explain_reasons else []
+                                  self.surprise_cut, session_lift=float(lift[g]),
+                                  view_rules=view_rules[k]) if explain_reasons else []
                 self._apply(st, ev, feats[j])
                 out[fresh[j]] = ScoreResult(ev.event_id, float(step_risk[g]), ACTIONS[final[k]], self.model_version,
                                             OK, "", reasons, rules=fired[k])

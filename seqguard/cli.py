@@ -36,7 +36,7 @@ def _add_training_opts(p) -> None:
                    help="do not read two signals directly (by default each one's rarity among its group's training "
                         "events is a floor under the forests' score: the 7-day count of OTHER accounts with failed "
                         "logins on the device, for logins; the fast timing regularity, for browsing events. They "
-                        "catch slow credential-stuffing rings and crawlers; docs/results/tail_forest.md, Session 8)")
+                        "catch slow credential-stuffing rings and crawlers; docs/results/worlds_design_views.md)")
     p.add_argument("--user-cap", type=float, default=10.0, metavar="F",
                    help="contamination-robust fitting: in every forest sample and calibration table each account "
                         "keeps at most F x the median account's events (at least 20), so a few heavy accounts "

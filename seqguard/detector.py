@@ -1,26 +1,29 @@
 """The anomaly detector applied after the encoder: embedding + surprise + signals -> risk -> action.
 
-Two stages. (1) Per event: one IsolationForest per event-type group on [projected embedding,
-surprise, named signals], plus a second forest on the same inputs with each column mapped to
-its two-sided tail surprise among the group's training events (forest.MarginalTails). The raw
-forest isolates by distance (a bot cluster far out on velocity), the tail-scaled one by rarity
-(a value rare but near the bulk); on their tail scales, the raw forest's score is a floor that
-the twin can raise by half its excess (`tail_view_score`). It becomes a per-group quantile, read
-on a log scale of its tail (a = -log(1 - q)). (2) Per user session: the event is scored with
-c = max(a, m), where m is the running average of the user's previous events' a
-(m <- alpha * a + (1 - alpha) * m, one float per user kept with the LSTM state), and
-risk = the quantile of c among training events. A payment after a burst of odd account
-activity inherits that activity's risk even when the payment itself looks ordinary; a lone
-odd event is not diluted by a quiet history. Measured on two training seeds, held-out data
-(docs/results/session_context.md): payment ROC-AUC +0.008..0.012, card_testing recall +0.10.
+Stage 1, per event, combines calibrated VIEWS of the event, each mapped to its tail among the
+unlabelled training events, a = -log(1 - quantile):
+* the forests: one IsolationForest per event-type group on [projected embedding, surprise, named
+  signals] (an event is judged against events of its kind), plus a twin on the same inputs with
+  each column mapped to its two-sided tail among the group's training events
+  (forest.MarginalTails). The raw forest isolates by distance (a bot cluster far out on
+  velocity), the twin by rarity (a value rare but near the bulk); the raw forest's score is a
+  floor the twin can raise (`tail_view_score`). Two signals are also read directly as floors
+  (`SignalFloor`): one column among ~90 is rarely on an isolation path, so the forests dilute it;
+  read directly, the 7-day count of other accounts failing logins on the device catches slow
+  credential stuffing, and timing regularity catches a crawler from its first few events;
+* the sequence view: the encoder's next-type surprise (DeepLog-style), `SequenceView`;
+* the rules view: the hand rules' own score (seqguard/rules_view.py).
+The views are combined by a weighted min-p (`combine_views`) and re-calibrated per type group,
+so at any cut-off the detector flags what each view flags at its share of the false-positive
+rate: whichever view a team's traffic favours, the combination is not far below it.
 
-Two signals are also read directly (`SignalFloor`, SIGNAL_FLOORS): in one type group, a signal's
-own one-sided rarity among that group's training events is a floor under the forests' stage-1
-score. One column among ~90 is rarely on an isolation path, so the forests dilute it. Read
-directly, the 7-day count of other accounts failing logins on the device catches slow credential
-stuffing (account group), and the fast timing regularity catches a crawler from about its 10th
-event instead of its 50th (activity group). Measured: docs/results/tail_forest.md, "Session 8".
+Stage 2, per user session: the event is scored with c = max(a, m), m the running average of the
+user's previous events' a (m <- alpha * a + (1 - alpha) * m, one float per user kept with the
+LSTM state), and risk = the quantile of c among training events. A payment after a burst of odd
+account activity inherits that activity's risk even when the payment itself looks ordinary; a
+lone odd event is not diluted by a quiet history.
 
+What each part adds, measured on randomised worlds: docs/results/worlds_design_views.md.
 Pure numpy so that the gateway applies exactly the arithmetic that batch scoring applies.
 """
 from __future__ import annotations
@@ -151,10 +154,12 @@ TYPE_NLL = 0                              # the step model's surprise columns: [
 # Shares of the false-positive budget in the weighted min-p over the views (Detector.combine_views);
 # the forests get the rest. The sequence view's tail is noisy in shop traffic (next types are
 # unpredictable there) and sharp in machine logs (HDFS), so it gets a small share: at a cut-off it
-# adds what it flags at 1% of the FPR. The rules view gets an equal share with the forests: on
-# data no one here has seen neither is known to be the better view (docs/results/worlds_design_views.md).
+# adds what it flags at 1% of the FPR. The rules view gets the larger share: its few rules are
+# precise where they fire (payments above all) and silent elsewhere (a rule-free event spends none
+# of its share), while the forests' top tail holds legitimate heavy users on unseen traffic. Chosen
+# on design worlds only (docs/results/worlds_design_views.md).
 SEQUENCE_WEIGHT = 0.01
-RULES_WEIGHT = 0.5
+RULES_WEIGHT = 0.75
 
 
 @dataclass
@@ -260,7 +265,7 @@ class Detector:
         if self.sequence_view is not None:
             out["sequence"] = self.sequence_view.tail(X[:, self.proj.shape[1] + TYPE_NLL])
         if self.rules_view is not None:
-            out["rules"] = self._per_group(type_ids, lambda k, r: self.rules_view.calibrators[k].tail(X[r, -1]))
+            out["rules"] = self._per_group(type_ids, lambda k, r: self.rules_view.tail(k, X[r, -1]))
         return out
 
     def view_weights(self) -> dict[str, float]:
@@ -278,6 +283,20 @@ class Detector:
         below its best view; re-calibrated per group (`combined`) the action FPRs hold again."""
         weights = self.view_weights()
         return np.max([np.asarray(tails[v], np.float64) + np.log(weights[v]) for v in weights], axis=0)
+
+    def rules_reasons(self, feats: np.ndarray, type_ids: np.ndarray) -> list[list[str]]:
+        """Per row, the names of the rules view's rules that fired where that view ALONE puts the
+        event at or above the REVIEW cut-off of stage 1 (its weighted tail read through the group's
+        combined table: the combination is at least that high); otherwise []. Reads only the rules,
+        so a reason names them exactly when the rules view, not another view, can account for the score."""
+        if self.rules_view is None or not len(type_ids):
+            return [[] for _ in range(len(type_ids))]
+        hits = self.rules_view.hits(feats, type_ids)
+        t = self.rules_view.score(feats, type_ids)
+        t = self._per_group(type_ids, lambda k, r: self.rules_view.tail(k, t[r])) + np.log(self.rules_weight)
+        risk = self._per_group(type_ids, lambda k, r: self.combined[k].risk(t[r]))
+        names = hits.fired_lists()
+        return [names[i] if risk[i] >= self.thresholds["REVIEW"] else [] for i in range(len(names))]
 
     def _calibrated(self, X: np.ndarray, type_ids: np.ndarray, scale: str) -> np.ndarray:
         """Each row's stage-1 score: `scale` "risk" (quantile among its group's training events) or
@@ -365,7 +384,7 @@ class Detector:
             det.tail_views = [TailView.from_arrays(a, prefix=f"g{k}_tv_") for k in range(G)]
         det.floors = [SignalFloor(str(a[f"floor{i}_feature"]), int(a[f"floor{i}_group"]), str(a[f"floor{i}_side"]),
                                   np.asarray(a[f"floor{i}_grid"], np.float64), np.asarray(a[f"floor{i}_tail"], np.float64))
-                      for i in range(int(a["n_floors"]))]
+                      for i in range(int(a["n_floors"]) if "n_floors" in keys else 0)]
         if "seq_cal_levels" in keys:
             det.sequence_view = SequenceView.from_arrays(a, "seq_")
         if "rules_text" in keys:
@@ -377,11 +396,10 @@ class Detector:
 
 
 def tail_view_score(a_raw: np.ndarray, a_twin: np.ndarray) -> np.ndarray:
-    """A group's stage-1 score from its two forests, both on the -log(1 - quantile) scale: the raw
+    """A group's forest score from its two forests, both on the -log(1 - quantile) scale: the raw
     forest's verdict is a floor and the twin can raise it by half of its excess,
-    a_raw + 0.5 * max(0, a_twin - a_raw). (The plain mean let the twin pull down what only the
-    raw forest finds extreme, a bot cluster far out on velocity: recall at 0.1% FPR fell
-    0.418 -> 0.269; with the floor 0.349, docs/results/tail_forest.md.)"""
+    a_raw + 0.5 * max(0, a_twin - a_raw). A plain mean would let the twin pull down what only the
+    raw forest finds extreme (a bot cluster far out on velocity; docs/results/tail_forest.md)."""
     a_raw = np.asarray(a_raw, np.float64)
     return np.maximum(a_raw, 0.5 * (a_raw + np.asarray(a_twin, np.float64)))
 

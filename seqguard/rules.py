@@ -549,6 +549,9 @@ class RuleSet:
         return RuleOutcome(self.names, hits, score, rule_action, np.maximum(base, rule_action))
 
 
+TIE_BREAK = 0.04                           # the most ranked_score adds to a summed rule score
+
+
 def ranked_score(outcome: RuleOutcome, feats: np.ndarray) -> np.ndarray:
     """The summed rule score with a tiny tie-break, as an analyst sorting a queue would order it.
 
@@ -560,7 +563,7 @@ def ranked_score(outcome: RuleOutcome, feats: np.ndarray) -> np.ndarray:
     if len(F):
         tb = (F[:, FEATURE_INDEX["log_events_1m"]] + F[:, FEATURE_INDEX["log_login_failed_1h"]]
               + F[:, FEATURE_INDEX["log_payment_failed_1h"]] + F[:, FEATURE_INDEX["log_device_accounts_24h"]])
-        score += 0.04 * np.clip(tb, 0.0, 20.0) / 20.0
+        score += TIE_BREAK * np.clip(tb, 0.0, 20.0) / 20.0
     return score
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .forest import RiskCalibrator
-from .rules import RuleInputs, RuleSet, loads_rules, ranked_score
+from .rules import TIE_BREAK, RuleInputs, RuleSet, loads_rules, ranked_score
 
 
 @dataclass
@@ -51,6 +51,14 @@ class RulesView:
     def score(self, feats: np.ndarray, type_ids: np.ndarray) -> np.ndarray:
         """The ranked rule score per row (seqguard.rules.ranked_score): what the hand rules baseline ranks by."""
         return ranked_score(self.hits(feats, type_ids), feats)
+
+    def tail(self, k: int, score: np.ndarray) -> np.ndarray:
+        """The view's tail in type group k: -log P(training score >= score) where rules added evidence
+        (a summed rule score above the tie-break), 0 where none did. A rules engine flags nothing
+        when no rule fires; read as rarity, the tie-break alone would spend the view's share of the
+        false-positive budget on velocity noise (in a log where no rule ever fires, on nothing else)."""
+        score = np.asarray(score, np.float64)
+        return np.where(score > TIE_BREAK, self.calibrators[k].tail(score), 0.0)
 
     def fit(self, score: np.ndarray, groups: np.ndarray, n_groups: int, keep: np.ndarray) -> "RulesView":
         """Calibrate per type group on the training events' scores (`keep`: rows the per-account cap keeps)."""

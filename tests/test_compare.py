@@ -110,9 +110,15 @@ def test_compare_main_on_small_model_writes_all_sections(small_log, small_model,
     for g in np.unique(enc.group):
         r = enc.group == g
         a[r] = det.calibrators[g].tail(det.group_score(g, enc.X[r]))
-    if det.sequence_view is not None:                 # the next-type NLL view, combined as in Detector._calibrated
+    if det.has_views:                                 # the views, combined as in Detector._calibrated
         from seqguard.detector import TYPE_NLL
-        a = det.sequence_view.combine(a, enc.surprise[:, TYPE_NLL])
+        vocab = ModelArtifact.load(small_model).featurizer.vocab
+        type_ids = np.array([vocab.id(t) for t in enc.event_types], np.int64)
+        rules = det.rules_view.score(enc.feats, type_ids)
+        tails = {"forests": a, "sequence": det.sequence_view.tail(enc.surprise[:, TYPE_NLL]),
+                 "rules": det._per_group(type_ids, lambda k, r: det.rules_view.tail(k, rules[r]))}
+        a = det.combine_views(tails)
+        a = det._per_group(type_ids, lambda k, r: det.combined[k].tail(a[r]))
     assert det.has_session
     _, uidx = np.unique(enc.users[enc.order], return_inverse=True)     # session stage in replay order
     c_replay, _ = det.session_scan(a[enc.order], uidx, int(uidx.max()) + 1)

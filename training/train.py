@@ -423,7 +423,7 @@ def fit_views(detector: Detector, enc_log, cfg: TrainConfig, vocab_tokens, log) 
         view = RulesView.from_text(path.read_text(encoding="utf-8"), vocab_tokens, source=str(path))
         score = view.score(enc_log.feats, enc_log.type_ids)
         detector.rules_view, detector.rules_weight = view.fit(score, groups, G, keep), float(cfg.rules_weight)
-        tails["rules"] = detector._per_group(enc_log.type_ids, lambda k, r: view.calibrators[k].tail(score[r]))
+        tails["rules"] = detector._per_group(enc_log.type_ids, lambda k, r: view.tail(k, score[r]))
     a = detector.combine_views(tails)
     kept = np.zeros(len(a), bool)
     kept[keep] = True
