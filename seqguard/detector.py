@@ -291,12 +291,14 @@ class Detector:
         so a reason names them exactly when the rules view, not another view, can account for the score."""
         if self.rules_view is None or not len(type_ids):
             return [[] for _ in range(len(type_ids))]
-        hits = self.rules_view.hits(feats, type_ids)
         t = self.rules_view.score(feats, type_ids)
         t = self._per_group(type_ids, lambda k, r: self.rules_view.tail(k, t[r])) + np.log(self.rules_weight)
-        risk = self._per_group(type_ids, lambda k, r: self.combined[k].risk(t[r]))
-        names = hits.fired_lists()
-        return [names[i] if risk[i] >= self.thresholds["REVIEW"] else [] for i in range(len(names))]
+        rows = np.flatnonzero(self._per_group(type_ids, lambda k, r: self.combined[k].risk(t[r])) >= self.thresholds["REVIEW"])
+        out: list[list[str]] = [[] for _ in range(len(type_ids))]
+        if len(rows):
+            for i, names in zip(rows.tolist(), self.rules_view.hits(np.asarray(feats)[rows], np.asarray(type_ids)[rows]).fired_lists()):
+                out[i] = names
+        return out
 
     def _calibrated(self, X: np.ndarray, type_ids: np.ndarray, scale: str) -> np.ndarray:
         """Each row's stage-1 score: `scale` "risk" (quantile among its group's training events) or

@@ -43,14 +43,17 @@ class RulesView:
                              f"not {sorted(extra)} (a deferred model step keeps nothing else)")
         return cls(rules, text, np.asarray(type_names, dtype=object), [])
 
+    def _inputs(self, feats: np.ndarray, type_ids: np.ndarray) -> RuleInputs:
+        t = np.clip(np.asarray(type_ids, np.int64), 0, len(self.type_names) - 1)
+        return RuleInputs.from_types(self.type_names[t], np.asarray(feats))
+
     def hits(self, feats: np.ndarray, type_ids: np.ndarray):
         """RuleOutcome of the pack on rows (type ids of the model's vocabulary, featuriser rows)."""
-        t = np.clip(np.asarray(type_ids, np.int64), 0, len(self.type_names) - 1)
-        return self.rules.evaluate(RuleInputs.from_types(self.type_names[t], np.asarray(feats)))
+        return self.rules.evaluate(self._inputs(feats, type_ids))
 
     def score(self, feats: np.ndarray, type_ids: np.ndarray) -> np.ndarray:
         """The ranked rule score per row (seqguard.rules.ranked_score): what the hand rules baseline ranks by."""
-        return ranked_score(self.hits(feats, type_ids), feats)
+        return ranked_score(self.rules.summed_score(self._inputs(feats, type_ids)), feats)
 
     def tail(self, k: int, score: np.ndarray) -> np.ndarray:
         """The view's tail in type group k: -log P(training score >= score) where rules added evidence

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from seqguard.featurizer import ACCOUNT_CHANGES, FEATURE_INDEX, HOUR_MS, ip_prefix
+from seqguard.featurizer import ACCOUNT_CHANGES, HOUR_MS, ip_prefix
 from seqguard.rules import DEFAULT_RULES_PATH, RuleInputs, RuleSet, load_rules, ranked_score
 from seqguard.schema import Event
 
@@ -46,7 +46,7 @@ def hand_rules_score(events: Sequence[Event], feats_in_input_order: np.ndarray,
     failures (seqguard.rules.ranked_score, the score the detector's rules view reads); `rules`
     default: the shipped pack."""
     F = np.asarray(feats_in_input_order, np.float64)
-    return ranked_score((rules or default_rules()).evaluate(RuleInputs(events, F)), F)
+    return ranked_score((rules or default_rules()).evaluate(RuleInputs(events, F)).score, F)
 
 
 # --------------------------------------------------------------------------- aggregates + IForest

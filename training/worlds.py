@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .evaluate import VIEW_PREFIX
+
 TRAIN_SEED, TEST_SEED = 1, 2
 FAMILIES = ("account_takeover", "card_testing", "credential_stuffing", "bot_scraping",
             "brushing", "promo_abuse", "fake_reviews")
@@ -46,9 +48,8 @@ SCORERS = ("seqguard", "hand_rules")
 # The same model's stage-1 risk (each event alone): what `--session-alpha 0` serves. Stage 2 is fitted
 # after stage 1 and never changes it, so this is the session-stage ablation without a second training.
 EVENT_ONLY = "seqguard_event_only"
-# Each view of the same model on its own (its stage-1 tail, detector.Detector.view_tails): how much
-# each view contributes, side by side with their combination, without another training.
-VIEW_PREFIX = "seqguard_view_"
+# Each view of the same model on its own (training/evaluate.py view_scores): how much each view
+# contributes, side by side with their combination, without another training.
 # Small and short by default: a design decision needs several worlds more than it needs big ones.
 DEFAULT_TRAIN_ARGS = "--epochs 1 --trees 100 --hidden 64"
 
@@ -137,7 +138,7 @@ def evaluate_world(model_dir: Path, test: Path, labels: Path, world_json: Path, 
     from seqguard.batch import encode_log, stage1_scores
     from seqguard.schema import read_events
     from seqguard.training.baselines import hand_rules_score
-    from seqguard.training.evaluate import evaluate, read_labels
+    from seqguard.training.evaluate import evaluate, read_labels, view_scores
     from seqguard.training.world_config import WorldConfig
 
     events = list(read_events(str(test)))
@@ -156,11 +157,7 @@ def evaluate_world(model_dir: Path, test: Path, labels: Path, world_json: Path, 
     if det.has_session:
         scores[EVENT_ONLY] = np.empty(len(events), np.float64)
         scores[EVENT_ONLY][enc.order] = stage1_scores(det, enc.emb, enc.surprise, enc.feats, enc.type_ids)
-    if det.has_views:
-        tails = det.view_tails(det.inputs(enc.emb, enc.surprise, enc.feats, enc.type_ids), enc.type_ids)
-        for view, t in tails.items():
-            scores[VIEW_PREFIX + view] = np.empty(len(events), np.float64)
-            scores[VIEW_PREFIX + view][enc.order] = t
+    scores.update(view_scores(det, enc))
     world = WorldConfig.from_json(world_json.read_text())
     as_generated = [e._replace(event_type=world.original_type(e.event_type)) for e in events]
     return evaluate(as_generated, read_labels(str(labels)), scores, det.thresholds, report_dir, model_version=model.model_version,
