@@ -260,12 +260,12 @@ class Detector:
 
     def view_tails(self, X: np.ndarray, type_ids: np.ndarray) -> dict[str, np.ndarray]:
         """Each view's own tail, -log(1 - quantile) among training events: "forests" (per type
-        group), "sequence" (all events) and "rules" (per type group) where the detector has them."""
+        group), "sequence" and "rules" (all events) where the detector has them."""
         out = {"forests": self._per_group(type_ids, lambda k, r: self.calibrators[k].tail(self.group_score(k, X[r])))}
         if self.sequence_view is not None:
             out["sequence"] = self.sequence_view.tail(X[:, self.proj.shape[1] + TYPE_NLL])
         if self.rules_view is not None:
-            out["rules"] = self._per_group(type_ids, lambda k, r: self.rules_view.tail(k, X[r, -1]))
+            out["rules"] = self.rules_view.tail(X[:, -1])
         return out
 
     def view_weights(self) -> dict[str, float]:
@@ -291,8 +291,7 @@ class Detector:
         so a reason names them exactly when the rules view, not another view, can account for the score."""
         if self.rules_view is None or not len(type_ids):
             return [[] for _ in range(len(type_ids))]
-        t = self.rules_view.score(feats, type_ids)
-        t = self._per_group(type_ids, lambda k, r: self.rules_view.tail(k, t[r])) + np.log(self.rules_weight)
+        t = self.rules_view.tail(self.rules_view.score(feats, type_ids)) + np.log(self.rules_weight)
         rows = np.flatnonzero(self._per_group(type_ids, lambda k, r: self.combined[k].risk(t[r])) >= self.thresholds["REVIEW"])
         out: list[list[str]] = [[] for _ in range(len(type_ids))]
         if len(rows):
@@ -390,7 +389,7 @@ class Detector:
         if "seq_cal_levels" in keys:
             det.sequence_view = SequenceView.from_arrays(a, "seq_")
         if "rules_text" in keys:
-            det.rules_view = RulesView.from_arrays(a, "rules_", G)
+            det.rules_view = RulesView.from_arrays(a, "rules_")
             det.rules_weight = float(a["rules_weight"])
         if det.has_views:
             det.combined = [RiskCalibrator(a[f"combined_g{k}_levels"], a[f"combined_g{k}_quantiles"]) for k in range(G)]

@@ -116,7 +116,7 @@ def test_compare_main_on_small_model_writes_all_sections(small_log, small_model,
         type_ids = np.array([vocab.id(t) for t in enc.event_types], np.int64)
         rules = det.rules_view.score(enc.feats, type_ids)
         tails = {"forests": a, "sequence": det.sequence_view.tail(enc.surprise[:, TYPE_NLL]),
-                 "rules": det._per_group(type_ids, lambda k, r: det.rules_view.tail(k, rules[r]))}
+                 "rules": det.rules_view.tail(rules)}
         a = det.combine_views(tails)
         a = det._per_group(type_ids, lambda k, r: det.combined[k].tail(a[r]))
     assert det.has_session

@@ -402,7 +402,7 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
 def fit_views(detector: Detector, enc_log, cfg: TrainConfig, vocab_tokens, log) -> None:
     """Calibrate the views beside the forests on the training log and the per-group tables of their
     weighted min-p (detector.Detector.combine_views): the sequence view (next-type NLL, all events)
-    and the rules view (the pack's ranked score, per type group, with the per-account cap of the
+    and the rules view (the pack's ranked score, all events, with the per-account cap of the
     forests' tables). Costs one more stage-1 pass over the training log."""
     from seqguard.batch import stage1_scores
     from seqguard.rules import DEFAULT_RULES_PATH
@@ -422,8 +422,8 @@ def fit_views(detector: Detector, enc_log, cfg: TrainConfig, vocab_tokens, log) 
         path = Path(cfg.view_rules or DEFAULT_RULES_PATH)
         view = RulesView.from_text(path.read_text(encoding="utf-8"), vocab_tokens, source=str(path))
         score = view.score(enc_log.feats, enc_log.type_ids)
-        detector.rules_view, detector.rules_weight = view.fit(score, groups, G, keep), float(cfg.rules_weight)
-        tails["rules"] = detector._per_group(enc_log.type_ids, lambda k, r: view.tail(k, score[r]))
+        detector.rules_view, detector.rules_weight = view.fit(score[keep]), float(cfg.rules_weight)
+        tails["rules"] = view.tail(score)
     a = detector.combine_views(tails)
     kept = np.zeros(len(a), bool)
     kept[keep] = True
