@@ -29,8 +29,9 @@ from seqguard.forest import FlatIsolationForest, MarginalTails, RiskCalibrator, 
 
 
 def forest_inputs(det, X: np.ndarray) -> np.ndarray:
-    """The detector's input rows without its views' columns: what the forests and floors read."""
-    return X[:, :det.n_forest_inputs + len(det.floors)]
+    """The detector's input rows without the rules view's column (the last one): what the forests
+    and floors read, whatever the width of the embedding part (the transformer's PCA differs)."""
+    return X[:, :-1] if det.rules_view is not None else X
 
 
 @dataclass
