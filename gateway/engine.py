@@ -347,12 +347,14 @@ class ScoringEngine:
             return {}
         events = [batch.events[fresh[j]] for j in rows]
         final, fired = self._apply_rules(events, feats[rows], enc, step_risk, lift, codes)
+        view_rules = self.detector.rules_reasons(feats[rows], batch.type_ids[rows]) if explain_reasons else []
         out = {}
         for k, (j, ev) in enumerate(zip(rows, events)):
             g = int(enc.fresh_step[k])
             st = batch.users[ev.user_id]
             reasons = explain(feats[j], enc.surprise[g], ev.event_id, ev.event_type, st.ring,
-                              self.surprise_cut, session_lift=float(lift[g])) if explain_reasons else []
+                              self.surprise_cut, session_lift=float(lift[g]),
+                              view_rules=view_rules[k]) if explain_reasons else []
             self._apply(st, ev, feats[j])
             out[fresh[j]] = ScoreResult(ev.event_id, float(step_risk[g]), ACTIONS[final[k]], self.model_version,
                                         OK, "", reasons, rules=fired[k])

@@ -24,7 +24,7 @@ from .detector import Detector, action_thresholds
 from .featurizer import Featurizer, TokenHasher
 
 FORMAT = "seqguard-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 METADATA = "metadata.json"
 ONNX_FILE = "model.onnx"
 DETECTOR_FILE = "detector.npz"

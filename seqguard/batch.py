@@ -91,7 +91,7 @@ def stage1_scores(det, emb: np.ndarray, surprise: np.ndarray, feats: np.ndarray,
     out = np.empty(len(type_ids), np.float64)
     for a in range(0, len(type_ids), chunk):
         sl = slice(a, a + chunk)
-        out[sl] = score(det.inputs(emb[sl], surprise[sl], feats[sl]), type_ids[sl])
+        out[sl] = score(det.inputs(emb[sl], surprise[sl], feats[sl], type_ids[sl]), type_ids[sl])
     return out
 
 

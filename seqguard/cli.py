@@ -11,7 +11,7 @@ import sys
 import time
 
 from . import __version__
-from .detector import SEQUENCE_WEIGHT, SESSION_ALPHA
+from .detector import RULES_WEIGHT, SEQUENCE_WEIGHT, SESSION_ALPHA
 
 
 def _add_training_opts(p) -> None:
@@ -37,7 +37,7 @@ def _add_training_opts(p) -> None:
                    help="do not read two signals directly (by default each one's rarity among its group's training "
                         "events is a floor under the forests' score: the 7-day count of OTHER accounts with failed "
                         "logins on the device, for logins; the fast timing regularity, for browsing events. They "
-                        "catch slow credential-stuffing rings and crawlers; docs/results/tail_forest.md)")
+                        "catch slow credential-stuffing rings and crawlers; docs/results/worlds_design_views.md)")
     p.add_argument("--user-cap", type=float, default=10.0, metavar="F",
                    help="contamination-robust fitting: in every forest sample and calibration table each account "
                         "keeps at most F x the median account's events (at least 20), so a few heavy accounts "
@@ -52,6 +52,14 @@ def _add_training_opts(p) -> None:
                         "with the forests by a weighted min-p that gives it W of the false-positive budget "
                         f"(default {SEQUENCE_WEIGHT}; 0 = off; docs/results/hdfs.md). Raise it for machine-like "
                         "logs whose event order is the signal")
+    p.add_argument("--rules-weight", type=float, default=RULES_WEIGHT, metavar="W",
+                   help="read the hand rules' own score as a view of the detector: the rules pack's summed score, "
+                        "calibrated per event-type group on training events, combined with the other views by the "
+                        f"weighted min-p with W of the false-positive budget (default {RULES_WEIGHT}; 0 = off; "
+                        "seqguard/rules_view.py, docs/results/worlds_design_views.md)")
+    p.add_argument("--view-rules", default=None, metavar="RULES.toml",
+                   help="the rules pack of that view, saved with the model (default: configs/rules/default.toml). "
+                        "It may read featuriser signals, event_type and amount, not the model's risk or other event fields")
 
 
 def _add_input_opts(p: argparse.ArgumentParser) -> None:
@@ -97,7 +105,8 @@ def cmd_train(args) -> int:
                       threads=args.threads, session_alpha=args.session_alpha,
                       tail_forest=not args.no_tail_forest, signal_floors=not args.no_signal_floors,
                       user_cap=args.user_cap, user_cap_min=args.user_cap_min,
-                      sequence_weight=args.sequence_weight)
+                      sequence_weight=args.sequence_weight, rules_weight=args.rules_weight,
+                      view_rules=args.view_rules)
     train(args.events, args.out, cfg, labels_path=args.labels, column_map=parse_column_map(args.column_map),
           on_bad_row=args.on_bad_row)
     return 0
@@ -221,7 +230,8 @@ def cmd_retrain(args) -> int:
                       session_alpha=args.session_alpha, tail_forest=not args.no_tail_forest,
                       signal_floors=not args.no_signal_floors, user_cap=args.user_cap,
                       user_cap_min=args.user_cap_min,
-                      sequence_weight=args.sequence_weight,
+                      sequence_weight=args.sequence_weight, rules_weight=args.rules_weight,
+                      view_rules=args.view_rules,
                       action_fpr=dict(live.metadata.get("action_fpr") or TrainConfig().action_fpr))
     import json
     report = retrain(args.live, args.events, args.out, cfg, labels_path=args.labels, holdout_frac=args.holdout_frac,

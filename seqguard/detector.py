@@ -1,26 +1,29 @@
 """The anomaly detector applied after the encoder: embedding + surprise + signals -> risk -> action.
 
-Two stages. (1) Per event: one IsolationForest per event-type group on [projected embedding,
-surprise, named signals], plus a second forest on the same inputs with each column mapped to
-its two-sided tail surprise among the group's training events (forest.MarginalTails). The raw
-forest isolates by distance (a bot cluster far out on velocity), the tail-scaled one by rarity
-(a value rare but near the bulk); on their tail scales, the raw forest's score is a floor that
-the twin can raise by half its excess (`tail_view_score`). It becomes a per-group quantile, read
-on a log scale of its tail (a = -log(1 - q)). (2) Per user session: the event is scored with
-c = max(a, m), where m is the running average of the user's previous events' a
-(m <- alpha * a + (1 - alpha) * m, one float per user kept with the LSTM state), and
-risk = the quantile of c among training events. A payment after a burst of odd account
-activity inherits that activity's risk even when the payment itself looks ordinary; a lone
-odd event is not diluted by a quiet history. Measured on two training seeds, held-out data
-(docs/results/session_context.md): payment ROC-AUC +0.008..0.012, card_testing recall +0.10.
+Stage 1, per event, combines calibrated VIEWS of the event, each mapped to its tail among the
+unlabelled training events, a = -log(1 - quantile):
+* the forests: one IsolationForest per event-type group on [projected embedding, surprise, named
+  signals] (an event is judged against events of its kind), plus a twin on the same inputs with
+  each column mapped to its two-sided tail among the group's training events
+  (forest.MarginalTails). The raw forest isolates by distance (a bot cluster far out on
+  velocity), the twin by rarity (a value rare but near the bulk); the raw forest's score is a
+  floor the twin can raise (`tail_view_score`). Two signals are also read directly as floors
+  (`SignalFloor`): one column among ~90 is rarely on an isolation path, so the forests dilute it;
+  read directly, the 7-day count of other accounts failing logins on the device catches slow
+  credential stuffing, and timing regularity catches a crawler from its first few events;
+* the sequence view: the encoder's next-type surprise (DeepLog-style), `SequenceView`;
+* the rules view: the hand rules' own score (seqguard/rules_view.py).
+The views are combined by a weighted min-p (`combine_views`) and re-calibrated per type group,
+so at any cut-off the detector flags what each view flags at its share of the false-positive
+rate: whichever view a team's traffic favours, the combination is not far below it.
 
-Two signals are also read directly (`SignalFloor`, SIGNAL_FLOORS): in one type group, a signal's
-own one-sided rarity among that group's training events is a floor under the forests' stage-1
-score. One column among ~90 is rarely on an isolation path, so the forests dilute it. Read
-directly, the 7-day count of other accounts failing logins on the device catches slow credential
-stuffing (account group), and the fast timing regularity catches a crawler from about its 10th
-event instead of its 50th (activity group). Measured: docs/results/tail_forest.md, "Session 8".
+Stage 2, per user session: the event is scored with c = max(a, m), m the running average of the
+user's previous events' a (m <- alpha * a + (1 - alpha) * m, one float per user kept with the
+LSTM state), and risk = the quantile of c among training events. A payment after a burst of odd
+account activity inherits that activity's risk even when the payment itself looks ordinary; a
+lone odd event is not diluted by a quiet history.
 
+What each part adds, measured on randomised worlds: docs/results/worlds_design_views.md.
 Pure numpy so that the gateway applies exactly the arithmetic that batch scoring applies.
 """
 from __future__ import annotations
@@ -148,12 +151,15 @@ class SignalFloor:
 
 
 TYPE_NLL = 0                              # the step model's surprise columns: [type NLL, log-gap NLL]
-# Share of the false-positive budget given to the sequence view in the weighted min-p
-# (SequenceView.combine). Chosen on the design data only (HDFS validation split, generator seeds
-# 4-5; docs/results/hdfs.md): 0.01 keeps HDFS validation recall at 1% FPR at 1.00 and costs
-# nothing beyond noise on seeds 4-5, where a plain max (0.5) cost 0.21-0.42 recall at 1% FPR: next
-# types in shop traffic are unpredictable, so the view's tail is noisy there.
+# Shares of the false-positive budget in the weighted min-p over the views (Detector.combine_views);
+# the forests get the rest. The sequence view's tail is noisy in shop traffic (next types are
+# unpredictable there) and sharp in machine logs (HDFS), so it gets a small share: at a cut-off it
+# adds what it flags at 1% of the FPR. The rules view gets the larger share: its few rules are
+# precise where they fire (payments above all) and silent elsewhere (a rule-free event spends none
+# of its share), while the forests' top tail holds legitimate heavy users on unseen traffic. Chosen
+# on design worlds only (docs/results/worlds_design_views.md).
 SEQUENCE_WEIGHT = 0.01
+RULES_WEIGHT = 0.75
 
 
 @dataclass
@@ -162,48 +168,21 @@ class SequenceView:
 
     The step model's `surprise[:, TYPE_NLL]` is -log p(observed type | the user's state BEFORE the
     event), the previous step's predicted distribution. `calibrator` maps it to its tail among all
-    training events, -log(1 - quantile). The event's stage-1 tail combines it with the forests'
-    tail by a weighted min-p (Bonferroni): the view gets `weight` of the false-positive budget,
-    the forests the rest, so at a cut-off the combination flags what the forests flag at (1 - w)
-    of its FPR and what the view flags at w of it. That combination is re-calibrated per type
-    group (`combined`), so a "risk" is again a quantile among training events and the action
-    FPRs hold. Only the type NLL: the log-gap NLL stays a forest input (a constant gap, as in
-    machine logs, would make its tail degenerate)."""
+    training events, -log(1 - quantile). Only the type NLL: the log-gap NLL stays a forest input
+    (a constant gap, as in machine logs, would make its tail degenerate)."""
     calibrator: RiskCalibrator            # type NLL -> tail, over all training events
-    combined: list                        # RiskCalibrator per type group: of combine(forest tail, type NLL)
     weight: float = SEQUENCE_WEIGHT       # the view's share of the false-positive budget, 0 < w < 1
 
     def tail(self, type_nll: np.ndarray) -> np.ndarray:
-        """The view's tail, weighted: -log(p / w), p its one-sided tail probability in training."""
-        return self.calibrator.tail(type_nll) + np.log(self.weight)
-
-    def combine(self, forest_tail: np.ndarray, type_nll: np.ndarray) -> np.ndarray:
-        """-log of the weighted min-p: max(forest tail + log(1 - w), view tail + log(w))."""
-        return np.maximum(np.asarray(forest_tail, np.float64) + np.log1p(-self.weight), self.tail(type_nll))
-
-    @classmethod
-    def fit(cls, type_nll: np.ndarray, forest_tail: np.ndarray, groups: np.ndarray, n_groups: int,
-            weight: float = SEQUENCE_WEIGHT) -> "SequenceView":
-        """type_nll and forest_tail (stage 1 without the view) of every training event, its group."""
-        if not 0.0 < weight < 1.0:
-            raise ValueError(f"sequence view weight must be in (0, 1), got {weight}")
-        view = cls(RiskCalibrator.fit(type_nll), [], float(weight))
-        a = view.combine(forest_tail, type_nll)
-        view.combined = [RiskCalibrator.fit(a[groups == k] if (groups == k).any() else a) for k in range(n_groups)]
-        return view
+        return self.calibrator.tail(type_nll)
 
     def to_arrays(self, prefix: str) -> dict:
-        out = {f"{prefix}cal_levels": self.calibrator.levels, f"{prefix}cal_quantiles": self.calibrator.quantiles,
-               f"{prefix}weight": np.array(self.weight, np.float64)}
-        for k, c in enumerate(self.combined):
-            out[f"{prefix}g{k}_levels"], out[f"{prefix}g{k}_quantiles"] = c.levels, c.quantiles
-        return out
+        return {f"{prefix}cal_levels": self.calibrator.levels, f"{prefix}cal_quantiles": self.calibrator.quantiles,
+                f"{prefix}weight": np.array(self.weight, np.float64)}
 
     @classmethod
-    def from_arrays(cls, a, prefix: str, n_groups: int) -> "SequenceView":
-        return cls(RiskCalibrator(a[f"{prefix}cal_levels"], a[f"{prefix}cal_quantiles"]),
-                   [RiskCalibrator(a[f"{prefix}g{k}_levels"], a[f"{prefix}g{k}_quantiles"]) for k in range(n_groups)],
-                   float(a[f"{prefix}weight"]))
+    def from_arrays(cls, a, prefix: str) -> "SequenceView":
+        return cls(RiskCalibrator(a[f"{prefix}cal_levels"], a[f"{prefix}cal_quantiles"]), float(a[f"{prefix}weight"]))
 
 
 @dataclass
@@ -215,38 +194,57 @@ class Detector:
     calibrators: list                     # RiskCalibrator per type group (of group_score)
     type_group: np.ndarray                # group index per event-type id
     thresholds: dict = field(default_factory=action_thresholds)
-    session_alpha: float = 0.0            # 0: no session stage (artifacts trained before it)
+    session_alpha: float = 0.0            # 0: no session stage
     session_calibrator: RiskCalibrator | None = None   # quantiles of c over the training log
-    tail_views: list | None = None        # TailView per type group (None: the raw forest alone, older artifacts)
-    floors: list = field(default_factory=list)   # SignalFloor, each reading one of the LAST input columns
-    sequence_view: "SequenceView | None" = None  # the encoder's next-type surprise as its own view (None: older artifacts)
+    tail_views: list | None = None        # TailView per type group (None: the raw forest alone)
+    floors: list = field(default_factory=list)   # SignalFloor, each reading one of the floor input columns
+    sequence_view: "SequenceView | None" = None  # the encoder's next-type surprise as its own view
+    rules_view: "RulesView | None" = None        # the hand rules' score as its own view (seqguard/rules_view.py)
+    rules_weight: float = RULES_WEIGHT    # the rules view's share of the false-positive budget
+    combined: list | None = None          # RiskCalibrator per type group of combine_views (None: no views)
 
     @property
     def has_session(self) -> bool:
         return self.session_alpha > 0 and self.session_calibrator is not None
 
+    @property
+    def has_views(self) -> bool:
+        return self.sequence_view is not None or self.rules_view is not None
+
+    @property
+    def n_forest_inputs(self) -> int:
+        return self.proj.shape[1] + 2 + len(self.signal_idx)
+
     def project(self, emb: np.ndarray) -> np.ndarray:
         return (np.asarray(emb, np.float64) - self.proj_mean) @ self.proj
 
-    def inputs(self, emb_proj: np.ndarray, surprise: np.ndarray, feats: np.ndarray) -> np.ndarray:
+    def inputs(self, emb_proj: np.ndarray, surprise: np.ndarray, feats: np.ndarray,
+               type_ids: np.ndarray | None = None) -> np.ndarray:
         """Detector input rows: [projected embedding, surprise (2), named signals] (what the
-        forests read), then one column per signal floor."""
+        forests read), one column per signal floor, then with a rules view its ranked rule score
+        (which needs the rows' `type_ids`)."""
         feats = np.asarray(feats, np.float64)
-        return np.concatenate([emb_proj, np.asarray(surprise, np.float64), feats[:, self.signal_idx],
-                               feats[:, [FEATURE_INDEX[f.feature] for f in self.floors]]], axis=1)
+        cols = [emb_proj, np.asarray(surprise, np.float64), feats[:, self.signal_idx],
+                feats[:, [FEATURE_INDEX[f.feature] for f in self.floors]]]
+        if self.rules_view is not None:
+            if type_ids is None:
+                raise ValueError("this detector has a rules view: its inputs need the events' type ids")
+            cols.append(self.rules_view.score(feats, type_ids)[:, None])
+        return np.concatenate(cols, axis=1)
 
     def groups(self, type_ids: np.ndarray) -> np.ndarray:
         t = np.asarray(type_ids, np.int64)
         return self.type_group[np.clip(t, 0, len(self.type_group) - 1)]
 
     def group_score(self, k: int, X: np.ndarray) -> np.ndarray:
-        """Group k's stage-1 score of input rows, before its calibrator (higher = more anomalous)."""
-        X, cols = split_floor_inputs(X, len(self.floors))
-        raw = -self.forests[k].score_samples(X)
+        """Group k's forest score of input rows, before its calibrator (higher = more anomalous)."""
+        w = self.n_forest_inputs
+        F = X[:, :w]
+        raw = -self.forests[k].score_samples(F)
         if self.tail_views is not None:
             v = self.tail_views[k]
-            raw = v.combine(raw, -v.forest.score_samples(v.tails.transform(X)))
-        return apply_floors(self.floors, k, raw, cols)
+            raw = v.combine(raw, -v.forest.score_samples(v.tails.transform(F)))
+        return apply_floors(self.floors, k, raw, X[:, w:w + len(self.floors)])
 
     def _per_group(self, type_ids: np.ndarray, fn) -> np.ndarray:
         """fn(group k, its rows) per type group, assembled row by row. One group (always at batch 1
@@ -260,16 +258,54 @@ class Detector:
             out[rows] = fn(int(k), rows)
         return out
 
+    def view_tails(self, X: np.ndarray, type_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Each view's own tail, -log(1 - quantile) among training events: "forests" (per type
+        group), "sequence" and "rules" (all events) where the detector has them."""
+        out = {"forests": self._per_group(type_ids, lambda k, r: self.calibrators[k].tail(self.group_score(k, X[r])))}
+        if self.sequence_view is not None:
+            out["sequence"] = self.sequence_view.tail(X[:, self.proj.shape[1] + TYPE_NLL])
+        if self.rules_view is not None:
+            out["rules"] = self.rules_view.tail(X[:, -1])
+        return out
+
+    def view_weights(self) -> dict[str, float]:
+        """Each view's share of the false-positive budget; the forests get what the others leave."""
+        w = {}
+        if self.sequence_view is not None:
+            w["sequence"] = self.sequence_view.weight
+        if self.rules_view is not None:
+            w["rules"] = self.rules_weight
+        return {"forests": 1.0 - sum(w.values()), **w}
+
+    def combine_views(self, tails: dict[str, np.ndarray]) -> np.ndarray:
+        """-log of the weighted min-p (Bonferroni) over the views: max over views of tail + log(w).
+        At a cut-off the combination flags what each view flags at w of its FPR, so it is never far
+        below its best view; re-calibrated per group (`combined`) the action FPRs hold again."""
+        weights = self.view_weights()
+        return np.max([np.asarray(tails[v], np.float64) + np.log(weights[v]) for v in weights], axis=0)
+
+    def rules_reasons(self, feats: np.ndarray, type_ids: np.ndarray) -> list[list[str]]:
+        """Per row, the names of the rules view's rules that fired where that view ALONE puts the
+        event at or above the REVIEW cut-off of stage 1 (its weighted tail read through the group's
+        combined table: the combination is at least that high); otherwise []. Reads only the rules,
+        so a reason names them exactly when the rules view, not another view, can account for the score."""
+        if self.rules_view is None or not len(type_ids):
+            return [[] for _ in range(len(type_ids))]
+        t = self.rules_view.tail(self.rules_view.score(feats, type_ids)) + np.log(self.rules_weight)
+        rows = np.flatnonzero(self._per_group(type_ids, lambda k, r: self.combined[k].risk(t[r])) >= self.thresholds["REVIEW"])
+        out: list[list[str]] = [[] for _ in range(len(type_ids))]
+        if len(rows):
+            for i, names in zip(rows.tolist(), self.rules_view.hits(np.asarray(feats)[rows], np.asarray(type_ids)[rows]).fired_lists()):
+                out[i] = names
+        return out
+
     def _calibrated(self, X: np.ndarray, type_ids: np.ndarray, scale: str) -> np.ndarray:
         """Each row's stage-1 score: `scale` "risk" (quantile among its group's training events) or
-        "tail" (-log(1 - quantile)). With a sequence view, the forests' tail and the view's tail are
-        combined (SequenceView.combine), and "risk" is the combination's quantile in the group."""
-        seq = self.sequence_view
-        if seq is None:
+        "tail" (-log(1 - quantile)). With views, their combination's quantile in the group."""
+        if not self.has_views:
             return self._per_group(type_ids, lambda k, r: getattr(self.calibrators[k], scale)(self.group_score(k, X[r])))
-        forest = self._per_group(type_ids, lambda k, r: self.calibrators[k].tail(self.group_score(k, X[r])))
-        a = seq.combine(forest, X[:, self.proj.shape[1] + TYPE_NLL])
-        return a if scale == "tail" else self._per_group(type_ids, lambda k, r: seq.combined[k].risk(a[r]))
+        a = self.combine_views(self.view_tails(X, type_ids))
+        return self._per_group(type_ids, lambda k, r: getattr(self.combined[k], scale)(a[r]))
 
     def risk_from_inputs(self, X: np.ndarray, type_ids: np.ndarray) -> np.ndarray:
         """Risk = the event's anomaly score as a quantile among training events of its group."""
@@ -277,14 +313,14 @@ class Detector:
 
     def risk(self, emb: np.ndarray, surprise: np.ndarray, feats: np.ndarray, type_ids: np.ndarray) -> np.ndarray:
         """Stage 1 alone: the event's risk WITHOUT session context (see session_risk for the served score)."""
-        return self.risk_from_inputs(self.inputs(self.project(emb), surprise, feats), type_ids)
+        return self.risk_from_inputs(self.inputs(self.project(emb), surprise, feats, type_ids), type_ids)
 
     def tail_from_inputs(self, X: np.ndarray, type_ids: np.ndarray) -> np.ndarray:
         """Stage 1 on the tail scale: a = -log(1 - per-group quantile), row by row."""
         return self._calibrated(X, type_ids, "tail")
 
     def event_tail(self, emb: np.ndarray, surprise: np.ndarray, feats: np.ndarray, type_ids: np.ndarray) -> np.ndarray:
-        return self.tail_from_inputs(self.inputs(self.project(emb), surprise, feats), type_ids)
+        return self.tail_from_inputs(self.inputs(self.project(emb), surprise, feats, type_ids), type_ids)
 
     def session_step(self, a: np.ndarray, m_prev: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One event per row (rows are different users): (c, m after the event)."""
@@ -313,8 +349,7 @@ class Detector:
             out[f"g{k}_cal_levels"], out[f"g{k}_cal_quantiles"] = c.levels, c.quantiles
             if self.tail_views is not None:
                 out.update(self.tail_views[k].to_arrays(prefix=f"g{k}_tv_"))
-        if self.floors:
-            out["n_floors"] = np.array(len(self.floors))
+        out["n_floors"] = np.array(len(self.floors))
         for i, f in enumerate(self.floors):
             out[f"floor{i}_feature"] = np.array(f.feature)
             out[f"floor{i}_group"] = np.array(f.group, np.int64)
@@ -322,6 +357,11 @@ class Detector:
             out[f"floor{i}_grid"], out[f"floor{i}_tail"] = f.grid, f.tail
         if self.sequence_view is not None:
             out.update(self.sequence_view.to_arrays("seq_"))
+        if self.rules_view is not None:
+            out.update(self.rules_view.to_arrays("rules_"))
+            out["rules_weight"] = np.array(self.rules_weight, np.float64)
+        for k, c in enumerate(self.combined or []):
+            out[f"combined_g{k}_levels"], out[f"combined_g{k}_quantiles"] = c.levels, c.quantiles
         if self.has_session:
             out["session_alpha"] = np.array(self.session_alpha, np.float64)
             out["session_cal_levels"] = self.session_calibrator.levels
@@ -330,39 +370,43 @@ class Detector:
 
     @classmethod
     def from_arrays(cls, a, thresholds: dict | None = None) -> "Detector":
+        """Parts a model was trained without (a stage switched off) are absent from its arrays."""
+        from .rules_view import RulesView
         G = int(a["n_groups"])
         keys = set(a.files if hasattr(a, "files") else a)
-        alpha, scal = 0.0, None
-        if "session_alpha" in keys:       # absent in artifacts trained before the session stage
-            alpha = float(a["session_alpha"])
-            scal = RiskCalibrator(a["session_cal_levels"], a["session_cal_quantiles"])
-        views = None
-        if "g0_tv_tails_table" in keys:   # absent in artifacts trained before the tail-scaled forest
-            views = [TailView.from_arrays(a, prefix=f"g{k}_tv_") for k in range(G)]
-        floors = []                       # none in artifacts trained before the signal floors
-        for i in range(int(a["n_floors"]) if "n_floors" in keys else 0):
-            floors.append(SignalFloor(str(a[f"floor{i}_feature"]), int(a[f"floor{i}_group"]), str(a[f"floor{i}_side"]),
-                                      np.asarray(a[f"floor{i}_grid"], np.float64),
-                                      np.asarray(a[f"floor{i}_tail"], np.float64)))
-        seq = SequenceView.from_arrays(a, "seq_", G) if "seq_cal_levels" in keys else None   # absent before the view
-        return cls(np.asarray(a["proj_mean"]), np.asarray(a["proj"]), np.asarray(a["signal_idx"]),
-                   [FlatIsolationForest.from_arrays(a, prefix=f"g{k}_forest_") for k in range(G)],
-                   [RiskCalibrator(a[f"g{k}_cal_levels"], a[f"g{k}_cal_quantiles"]) for k in range(G)],
-                   np.asarray(a["type_group"]), thresholds or action_thresholds(), alpha, scal, views, floors, seq)
+        det = cls(np.asarray(a["proj_mean"]), np.asarray(a["proj"]), np.asarray(a["signal_idx"]),
+                  [FlatIsolationForest.from_arrays(a, prefix=f"g{k}_forest_") for k in range(G)],
+                  [RiskCalibrator(a[f"g{k}_cal_levels"], a[f"g{k}_cal_quantiles"]) for k in range(G)],
+                  np.asarray(a["type_group"]), thresholds or action_thresholds())
+        if "session_alpha" in keys:
+            det.session_alpha = float(a["session_alpha"])
+            det.session_calibrator = RiskCalibrator(a["session_cal_levels"], a["session_cal_quantiles"])
+        if "g0_tv_tails_table" in keys:
+            det.tail_views = [TailView.from_arrays(a, prefix=f"g{k}_tv_") for k in range(G)]
+        det.floors = [SignalFloor(str(a[f"floor{i}_feature"]), int(a[f"floor{i}_group"]), str(a[f"floor{i}_side"]),
+                                  np.asarray(a[f"floor{i}_grid"], np.float64), np.asarray(a[f"floor{i}_tail"], np.float64))
+                      for i in range(int(a["n_floors"]) if "n_floors" in keys else 0)]
+        if "seq_cal_levels" in keys:
+            det.sequence_view = SequenceView.from_arrays(a, "seq_")
+        if "rules_text" in keys:
+            det.rules_view = RulesView.from_arrays(a, "rules_")
+            det.rules_weight = float(a["rules_weight"])
+        if det.has_views:
+            det.combined = [RiskCalibrator(a[f"combined_g{k}_levels"], a[f"combined_g{k}_quantiles"]) for k in range(G)]
+        return det
 
 
 def tail_view_score(a_raw: np.ndarray, a_twin: np.ndarray) -> np.ndarray:
-    """A group's stage-1 score from its two forests, both on the -log(1 - quantile) scale: the raw
+    """A group's forest score from its two forests, both on the -log(1 - quantile) scale: the raw
     forest's verdict is a floor and the twin can raise it by half of its excess,
-    a_raw + 0.5 * max(0, a_twin - a_raw). (The plain mean let the twin pull down what only the
-    raw forest finds extreme, a bot cluster far out on velocity: recall at 0.1% FPR fell
-    0.418 -> 0.269; with the floor 0.349, docs/results/tail_forest.md.)"""
+    a_raw + 0.5 * max(0, a_twin - a_raw). A plain mean would let the twin pull down what only the
+    raw forest finds extreme (a bot cluster far out on velocity; docs/results/tail_forest.md)."""
     a_raw = np.asarray(a_raw, np.float64)
     return np.maximum(a_raw, 0.5 * (a_raw + np.asarray(a_twin, np.float64)))
 
 
 def split_floor_inputs(X: np.ndarray, n_floors: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Detector input rows -> (the forests' columns, the last `n_floors` columns: the floors' signals)."""
+    """Input rows without views -> (the forests' columns, the last `n_floors` columns: the floors' signals)."""
     return (X[:, :-n_floors], X[:, -n_floors:]) if n_floors else (X, None)
 
 

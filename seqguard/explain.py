@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from .featurizer import FEATURE_INDEX as FI
 
@@ -27,11 +28,14 @@ def _count(log1p_value: float) -> int:
 
 
 def explain(row, surprise, event_id: str, event_type: str, recent: list | None = None,
-            surprise_cut: float = 8.0, top: int = 3, session_lift: float = 0.0) -> list[Reason]:
+            surprise_cut: float = 8.0, top: int = 3, session_lift: float = 0.0,
+            view_rules: Sequence[str] = ()) -> list[Reason]:
     """row: one feature vector; surprise: (type NLL, gap NLL); recent: [(event_id, event_type, ts), ...].
 
     session_lift: the detector's session average m when it, not the event itself, set the score
-    (seqguard/detector.py stage 2; on the -log(1 - quantile) scale: 4.6 = a 1-in-100 event)."""
+    (seqguard/detector.py stage 2; on the -log(1 - quantile) scale: 4.6 = a 1-in-100 event).
+    view_rules: the detector's rules-view rules that account for the score on their own
+    (Detector.rules_reasons); named first, since that view is what flagged the event."""
     recent = recent or []
     feature = lambda name: float(row[FI[name]])  # noqa: E731
 
@@ -47,6 +51,9 @@ def explain(row, surprise, event_id: str, event_type: str, recent: list | None =
         out.append(Reason("RISKY_SESSION", "follows unusual activity earlier in this session",
                           session_lift / 2, [e[0] for e in recent][-3:] + [event_id]))
     out.sort(key=lambda r: -r.weight)
+    if view_rules:
+        out.insert(0, Reason("RULES_VIEW", "hand rules: " + ", ".join(view_rules),
+                             max((r.weight for r in out), default=0.0) + 1.0, [event_id]))
     return out[:top]
 
 

@@ -236,6 +236,20 @@ class RuleInputs:
             if v is not None and len(v) != len(self.events):
                 raise ValueError(f"{name} has {len(v)} rows for {len(self.events)} events")
 
+    @classmethod
+    def from_types(cls, event_types, feats: np.ndarray) -> "RuleInputs":
+        """Inputs that carry only each event's type and featuriser row: what the detector keeps per
+        model step (a gateway's deferred step has no other event field). `amount` is read back from
+        the row's log1p(amount), rounded to cents (float32 rows keep ~7 digits); rules reading any
+        other event field cannot run on them (RuleSet.event_fields says which a pack reads)."""
+        types = np.asarray(event_types, dtype=object)
+        x = cls(_TypeOnlyEvents(len(types)), feats)
+        x._cache["event_type"] = types
+        F = x.f64
+        x._cache["amount"] = np.where(F[:, FEATURE_INDEX["has_amount"]] > 0.5,
+                                      np.round(np.expm1(F[:, FEATURE_INDEX["log_amount"]]), 2), np.nan)
+        return x
+
     def __len__(self) -> int:
         return len(self.events)
 
@@ -268,6 +282,19 @@ class RuleInputs:
             c = self._cache[key] = reason_flags(self.feats, self.column("event_type"), [code], self.surprise,
                                                 self.surprise_cut, self.session_lift)[code]
         return c
+
+
+class _TypeOnlyEvents(Sequence):
+    """Stands in for the events of RuleInputs.from_types: their type and amount columns are given, nothing else is."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        raise ModelInputsMissing("these rule inputs carry only event types, amounts and featuriser rows")
 
 
 # --------------------------------------------------------------------------- conditions
@@ -468,6 +495,44 @@ class RuleSet:
             op: (list(g), np.array([s[0] for s in g.values()], np.int64), np.array([s[1] for s in g.values()]),
                  np.array([s[2] for s in g.values()])) for op, g in groups.items()})
 
+    def _score_tables(self) -> tuple:
+        """The pack as matrices over its distinct conditions, built once: for summed_score."""
+        t = self.__dict__.get("_tables")
+        if t is None:
+            conds: dict = {}
+            for r in self.rules:
+                for c in (*r.when, *r.any):
+                    conds.setdefault(("cond", c.field, c.op, c.value), c)
+            index = {k: j for j, k in enumerate(conds)}
+            W_when, W_any = np.zeros((len(conds), len(self.rules))), np.zeros((len(conds), len(self.rules)))
+            for k, r in enumerate(self.rules):
+                for c in r.when:
+                    W_when[index[("cond", c.field, c.op, c.value)], k] = 1.0
+                for c in r.any:
+                    W_any[index[("cond", c.field, c.op, c.value)], k] = 1.0
+            grouped = {op: np.array([index[key] for key in keys], np.int64)
+                       for op, (keys, *_rest) in self._column_groups.items()}
+            others = [(index[key], c) for key, c in conds.items() if c.column_compare() is None]
+            t = (len(conds), grouped, others, W_when, W_when.sum(axis=0), W_any, W_any.sum(axis=0) == 0,
+                 np.array([r.score for r in self.rules], np.float64))
+            object.__setattr__(self, "_tables", t)
+        return t
+
+    def summed_score(self, x: RuleInputs) -> np.ndarray:
+        """evaluate(x).score, the same bits, in a few matrix operations whatever the number of rules
+        (what a detector view reads per event): one mask per distinct condition, each rule's "all of
+        when" and "any of any" as counts over them, the scores summed rule by rule in file order."""
+        C, grouped, others, W_when, n_when, W_any, no_any, weights = self._score_tables()
+        M = np.empty((len(x), C))
+        for op, (keys, cols, v, tol) in self._column_groups.items():
+            M[:, grouped[op]] = _compare(x.f64[:, cols], op, v, tol)
+        for j, c in others:
+            M[:, j] = c.mask(x)
+        fired = (M @ W_when == n_when) & (no_any | (M @ W_any > 0))
+        if not len(self.rules) or not len(x):
+            return np.zeros(len(x))
+        return np.cumsum(fired * weights, axis=1)[:, -1]   # left to right, as evaluate's loop adds
+
     def _compare_columns(self, x: RuleInputs) -> None:
         """Fill the batch's condition cache with every column comparison (see __post_init__)."""
         for op, (keys, cols, v, tol) in self._column_groups.items():
@@ -486,6 +551,12 @@ class RuleSet:
     @property
     def needs_model(self) -> bool:
         return any(r.needs_model for r in self.rules)
+
+    @property
+    def event_fields(self) -> frozenset:
+        """The event fields (EVENT_STRING_FIELDS, EVENT_NUMBER_FIELDS) the rules read directly."""
+        direct = {*EVENT_STRING_FIELDS, *EVENT_NUMBER_FIELDS}
+        return frozenset(c.field for r in self.rules for c in (*r.when, *r.any) if c.field in direct)
 
     @property
     def reason_codes(self) -> frozenset:
@@ -514,6 +585,24 @@ class RuleSet:
             np.maximum(rule_action, (score >= cut).astype(np.int8) * np.int8(code), out=rule_action)
         base = np.zeros(n, np.int8) if model_action is None else np.asarray(model_action, np.int8)
         return RuleOutcome(self.names, hits, score, rule_action, np.maximum(base, rule_action))
+
+
+TIE_BREAK = 0.04                           # the most ranked_score adds to a summed rule score
+
+
+def ranked_score(summed: np.ndarray, feats: np.ndarray) -> np.ndarray:
+    """The summed rule score with a tiny tie-break, as an analyst sorting a queue would order it.
+
+    A rule engine's score is coarse (many ties); the tie-break (< 0.05 in total, far below any
+    sensible rule weight) orders equal rule scores by velocity and failures. It never changes the
+    order between different rule scores. Row-wise, so any batching gives the same bits."""
+    F = np.asarray(feats, np.float64)
+    score = np.array(summed, np.float64)
+    if len(F):
+        tb = (F[:, FEATURE_INDEX["log_events_1m"]] + F[:, FEATURE_INDEX["log_login_failed_1h"]]
+              + F[:, FEATURE_INDEX["log_payment_failed_1h"]] + F[:, FEATURE_INDEX["log_device_accounts_24h"]])
+        score += TIE_BREAK * np.clip(tb, 0.0, 20.0) / 20.0
+    return score
 
 
 # --------------------------------------------------------------------------- loading

@@ -232,7 +232,8 @@ def test_main_evaluate_writes_report_naming_scorers_and_families(tiny, capsys):
     for fam in families:
         assert fam in md, fam
     m = json.loads((rep / "metrics.json").read_text())
-    assert list(m["scorers"]) == ["seqguard", "seqguard_event_only", "hand_rules", "user_agg_iforest"]
+    assert list(m["scorers"]) == ["seqguard", "seqguard_event_only", "seqguard_view_forests", "seqguard_view_sequence",
+                                  "seqguard_view_rules", "hand_rules", "user_agg_iforest"]
     assert "each event alone (no session stage)" in md       # the model's own ablation row
     # the ablation differs from the served risk (the stage moved some events) but ranks similarly
     assert m["scorers"]["seqguard_event_only"]["all"]["roc_auc"] != m["scorers"]["seqguard"]["all"]["roc_auc"]

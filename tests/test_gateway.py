@@ -64,7 +64,11 @@ def test_online_equals_offline(small_model, small_log, redis_server, stub):
     art = ModelArtifact.load(small_model)
     det = art.detector
     _, _, enc = score_events(art, events)
-    a = det.tail_from_inputs(det.inputs(enc.emb, enc.surprise, enc.feats), enc.type_ids)
+    X = det.inputs(enc.emb, enc.surprise, enc.feats, enc.type_ids)
+    a = det.tail_from_inputs(X, enc.type_ids)
+    # the parity above covers the rules view (seqguard/rules_view.py): it set many events' stage-1 score
+    tails, w = det.view_tails(X, enc.type_ids), det.view_weights()
+    assert det.rules_view is not None and (tails["rules"] + np.log(w["rules"]) > tails["forests"] + np.log(w["forests"])).sum() > 100
     _, m = det.session_scan(a, enc.user_idx, len(enc.users))
     for k in np.argsort(-m)[:3].tolist() + [int(np.argmin(m))]:
         st = stub.GetUserState(risk_pb2.UserStateRequest(user_id=enc.users[k]), timeout=5)

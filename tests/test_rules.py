@@ -255,6 +255,26 @@ def test_default_pack_fires_where_the_hand_rules_did(gen_log):
     assert gap.min() >= 0 and gap.max() < 0.05
 
 
+def test_summed_score_equals_evaluate_and_types_only_inputs_suffice(gen_log):
+    """RuleSet.summed_score (the detector's rules view reads it) gives evaluate's score bit for bit, on
+    the whole log, one row at a time, with any/when rules and fractional weights; and inputs that
+    carry only event types and featuriser rows (a deferred gateway step) give the same score."""
+    events, F = gen_log
+    extra = ('\n[[rule]]\nname = "odd_weights"\ndescription = "d"\nwhen = ["new_device == true"]\n'
+             'any = ["event_type == payment", "events_1m >= 3"]\nscore = 0.3\n'
+             '\n[[rule]]\nname = "negative"\ndescription = "d"\nwhen = ["amount >= 20"]\nscore = -0.7\n')
+    for rs in (load_rules(DEFAULT_RULES_PATH), loads_rules(DEFAULT_RULES_PATH.read_text() + extra)):
+        want = rs.evaluate(RuleInputs(events, F)).score
+        assert np.array_equal(rs.summed_score(RuleInputs(events, F)), want)
+        for i in np.flatnonzero(want != 0)[:50]:
+            assert rs.summed_score(RuleInputs(events[i:i + 1], F[i:i + 1]))[0] == want[i]
+        typed = RuleInputs.from_types([e.event_type for e in events], F)
+        assert np.array_equal(rs.summed_score(typed), want)
+    with pytest.raises(ModelInputsMissing):
+        loads_rules(DEFAULT_RULES_PATH.read_text() + extra.replace("amount >= 20", "country == DE")).summed_score(
+            RuleInputs.from_types([e.event_type for e in events], F))
+
+
 def test_vectorised_equals_per_event(gen_log):
     events, F = gen_log
     rs = load_rules(DEFAULT_RULES_PATH)

@@ -18,8 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-from seqguard.featurizer import ACCOUNT_CHANGES, FEATURE_INDEX, HOUR_MS, ip_prefix
-from seqguard.rules import DEFAULT_RULES_PATH, RuleInputs, RuleSet, load_rules
+from seqguard.featurizer import ACCOUNT_CHANGES, HOUR_MS, ip_prefix
+from seqguard.rules import DEFAULT_RULES_PATH, RuleInputs, RuleSet, load_rules, ranked_score
 from seqguard.schema import Event
 
 
@@ -42,19 +42,11 @@ def rule_hits(events: Sequence[Event], feats: np.ndarray, rules: RuleSet | None 
 
 def hand_rules_score(events: Sequence[Event], feats_in_input_order: np.ndarray,
                      rules: RuleSet | None = None) -> np.ndarray:
-    """Summed rule score per event (input order), higher = riskier; `rules` default: the shipped pack.
-
-    A rule engine's score is coarse (many ties); a tiny tie-break (< 0.05 in total, far below
-    the smallest rule weight) orders equal rule scores by velocity and failures, as an analyst
-    sorting a queue would. It never changes the order between different rule scores.
-    """
+    """Summed rule score per event (input order), higher = riskier, ties broken by velocity and
+    failures (seqguard.rules.ranked_score, the score the detector's rules view reads); `rules`
+    default: the shipped pack."""
     F = np.asarray(feats_in_input_order, np.float64)
-    score = (rules or default_rules()).evaluate(RuleInputs(events, F)).score
-    if len(F):
-        tb = (F[:, FEATURE_INDEX["log_events_1m"]] + F[:, FEATURE_INDEX["log_login_failed_1h"]]
-              + F[:, FEATURE_INDEX["log_payment_failed_1h"]] + F[:, FEATURE_INDEX["log_device_accounts_24h"]])
-        score += 0.04 * np.clip(tb, 0.0, 20.0) / 20.0
-    return score
+    return ranked_score((rules or default_rules()).evaluate(RuleInputs(events, F)).score, F)
 
 
 # --------------------------------------------------------------------------- aggregates + IForest

@@ -430,7 +430,7 @@ def _report_md(metrics: dict, summary: str) -> str:
           "- Every scorer scores every event right after it happens (risk after event *i* uses events up to and "
           "including *i*); scores are compared with the per-event labels of the generator / analyst.",
           "- **seqguard**: `seqguard.batch.score_events` (shared featuriser replayed in global time order, the "
-          "exported ONNX step encoder, PCA + IsolationForest + calibration, then the session stage: at least the running average of the user's earlier event anomalies) - the same numbers the online gateway serves.",
+          "exported ONNX step encoder, the calibrated views (forests, next-type surprise, the rules pack saved with the model) combined by a weighted min-p, then the session stage: at least the running average of the user's earlier event anomalies) - the same numbers the online gateway serves. **seqguard_view_forests / _sequence / _rules**: each view of the same model alone (its stage-1 tail among training events): what each contributes.",
           "- **hand rules** (`training.baselines.hand_rules_score`): the summed score of the shipped rules pack "
           "(configs/rules/default.toml, `seqguard.rules`): hand-written rule hits "
           "(velocity, new device / country, failure bursts, account change before payment, amount vs the user's "
@@ -590,6 +590,9 @@ def _plots(report_dir: Path, S, names, y, pay, family, variant, thresholds, metr
 
 # --------------------------------------------------------------------------- CLI entry
 
+VIEW_PREFIX = "seqguard_view_"     # scorer names of the detector's views alone (view_scores)
+
+
 def main_evaluate(args) -> int:
     """`seqguard evaluate --events E --labels L --model DIR --report OUT`."""
     from tqdm import tqdm
@@ -630,6 +633,7 @@ def main_evaluate(args) -> int:
         from seqguard.batch import stage1_scores
         event_only = np.empty(len(events), np.float64)
         event_only[enc.order] = stage1_scores(model.detector, enc.emb, enc.surprise, enc.feats, enc.type_ids)
+    views = view_scores(model.detector, enc)
 
     t = time.time()
     hand = hand_rules_score(events, feats_in)
@@ -652,7 +656,7 @@ def main_evaluate(args) -> int:
     t = time.time()
     labels_aligned = list(zip(y.tolist(), family.tolist(), variant.tolist()))
     scores = {MODEL_KEY: risk, **({"seqguard_event_only": event_only} if event_only is not None else {}),
-              "hand_rules": hand, "user_agg_iforest": agg, **rule_scores}
+              **views, "hand_rules": hand, "user_agg_iforest": agg, **rule_scores}
     timings_view = {k: round(v, 2) for k, v in timings.items()}
     info["timings_s"] = timings_view
     thresholds = model.detector.thresholds
@@ -672,6 +676,20 @@ def main_evaluate(args) -> int:
     Path(args.report, "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
     print("timings (s): " + ", ".join(f"{k} {v}" for k, v in timings_view.items()), file=sys.stderr)
     return 0
+
+
+def view_scores(det, enc, chunk: int = 8192) -> dict[str, np.ndarray]:
+    """Each view of the detector on its own (its stage-1 tail, INPUT order), scored as if it were the
+    model: what each view contributes next to their combination. Empty without views."""
+    if not det.has_views:
+        return {}
+    out: dict[str, np.ndarray] = {}
+    for a in range(0, len(enc.type_ids), chunk):
+        sl = slice(a, a + chunk)
+        X = det.inputs(enc.emb[sl], enc.surprise[sl], enc.feats[sl], enc.type_ids[sl])
+        for view, t in det.view_tails(X, enc.type_ids[sl]).items():
+            out.setdefault(f"{VIEW_PREFIX}{view}", np.empty(len(enc.type_ids), np.float64))[enc.order[sl]] = t
+    return out
 
 
 # --------------------------------------------------------------------------- --rules

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from seqguard import artifact as art
 from seqguard.batch import encode_log
 from seqguard.detector import (DEFAULT_ACTION_FPR, DETECTOR_SIGNALS, MIN_GROUP_EVENTS, SESSION_ALPHA, TYPE_GROUPS,
-                               SEQUENCE_WEIGHT, SIGNAL_FLOORS, TYPE_NLL, Detector, SequenceView, SignalFloor, TailView, action_thresholds, fit_pca,
+                               RULES_WEIGHT, SEQUENCE_WEIGHT, SIGNAL_FLOORS, TYPE_NLL, Detector, SequenceView, SignalFloor, TailView, action_thresholds, fit_pca,
                                signal_indices, type_groups)
 from seqguard.featurizer import (FEATURE_INDEX, N_ENCODER_FEATURES, ContextStore, Featurizer, TokenHasher, Vocabulary,
                                  featurize_log)
@@ -64,6 +64,8 @@ class TrainConfig:
     user_cap: float = 10.0
     user_cap_min: int = 20
     sequence_weight: float = SEQUENCE_WEIGHT  # the next-type NLL view's share of the FPR budget (detector.SequenceView); 0: off
+    rules_weight: float = RULES_WEIGHT    # the rules view's share of the FPR budget (seqguard/rules_view.py); 0: off
+    view_rules: str | None = None         # the rules pack of that view (None: configs/rules/default.toml)
     action_fpr: dict = field(default_factory=lambda: dict(DEFAULT_ACTION_FPR))
     seed: int = 0
     threads: int = 2
@@ -283,8 +285,10 @@ def fit_detector(cfg: TrainConfig, emb_proj, surprise, feats, type_ids, vocab_to
 def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | None = None,
           column_map: dict | None = None, on_bad_row: str = "error", log=None) -> Path:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    if not 0.0 <= cfg.sequence_weight < 1.0:
-        raise ValueError(f"sequence weight must be in [0, 1), got {cfg.sequence_weight}")
+    if not (0.0 <= cfg.sequence_weight < 1.0 and 0.0 <= cfg.rules_weight < 1.0
+            and cfg.sequence_weight + cfg.rules_weight < 1.0):
+        raise ValueError(f"view weights must be >= 0 and leave the forests a share, got sequence "
+                         f"{cfg.sequence_weight} and rules {cfg.rules_weight}")
     t0 = time.time()
     set_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -349,8 +353,7 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
                           user_idx=enc_log.user_idx)
     detector = Detector(pca_mean, pca, fitted.signal_cols, fitted.forests, fitted.calibrators, fitted.groups,
                         action_thresholds(cfg.action_fpr), tail_views=fitted.tail_views, floors=fitted.floors)
-    if cfg.sequence_weight > 0:
-        fit_sequence_view(detector, enc_log, cfg.sequence_weight, log)
+    fit_views(detector, enc_log, cfg, vocab.tokens, log)
     train_risk = fit_session_stage(detector, enc_log, cfg.session_alpha, log, cfg)
     np.savez(out / art.DETECTOR_FILE, **detector.to_arrays())
     import joblib
@@ -376,6 +379,9 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
                      "session_alpha": detector.session_alpha, "tail_forest": cfg.tail_forest,
                      "signal_floors": [f.feature for f in fitted.floors],
                      "sequence_weight": detector.sequence_view.weight if detector.sequence_view else 0.0,
+                     "rules_weight": detector.rules_weight if detector.rules_view else 0.0,
+                     "view_rules": ({"name": detector.rules_view.rules.name, "digest": detector.rules_view.rules.digest}
+                                    if detector.rules_view else None),
                      "max_samples": cfg.max_samples, "sklearn_version": sklearn.__version__},
         "action_fpr": cfg.action_fpr,
         "thresholds": detector.thresholds,
@@ -392,15 +398,37 @@ def train(events_path: str, out_dir: str, cfg: TrainConfig, labels_path: str | N
     return out
 
 
-def fit_sequence_view(detector: Detector, enc_log, weight: float, log) -> None:
-    """Calibrate the next-type NLL on the training log and the max of it and the forests' tail per
-    type group (detector.SequenceView); costs one more stage-1 pass over the training log."""
+def fit_views(detector: Detector, enc_log, cfg: TrainConfig, vocab_tokens, log) -> None:
+    """Calibrate the views beside the forests on the training log and the per-group tables of their
+    weighted min-p (detector.Detector.combine_views): the sequence view (next-type NLL, all events)
+    and the rules view (the pack's ranked score, all events, with the per-account cap of the
+    forests' tables). Costs one more stage-1 pass over the training log."""
     from seqguard.batch import stage1_scores
+    from seqguard.rules import DEFAULT_RULES_PATH
+    from seqguard.rules_view import RulesView
+    if cfg.sequence_weight <= 0 and cfg.rules_weight <= 0:
+        return
     t0 = time.time()
     forest_tail = stage1_scores(detector, enc_log.emb, enc_log.surprise, enc_log.feats, enc_log.type_ids, tail=True)
-    detector.sequence_view = SequenceView.fit(enc_log.surprise[:, TYPE_NLL], forest_tail,
-                                              detector.groups(enc_log.type_ids), len(detector.forests), weight)
-    log(f"sequence view (next-type NLL, weight {weight}) calibrated on {len(forest_tail)} training events ({time.time() - t0:.0f}s)")
+    groups, G = detector.groups(enc_log.type_ids), len(detector.forests)
+    keep = (capped_rows(enc_log.user_idx, cfg.user_cap, cfg.user_cap_min, np.random.default_rng(cfg.seed + 2))
+            if cfg.user_cap > 0 else np.arange(len(groups)))
+    tails = {"forests": forest_tail}
+    if cfg.sequence_weight > 0:
+        detector.sequence_view = SequenceView(RiskCalibrator.fit(enc_log.surprise[:, TYPE_NLL]), float(cfg.sequence_weight))
+        tails["sequence"] = detector.sequence_view.tail(enc_log.surprise[:, TYPE_NLL])
+    if cfg.rules_weight > 0:
+        path = Path(cfg.view_rules or DEFAULT_RULES_PATH)
+        view = RulesView.from_text(path.read_text(encoding="utf-8"), vocab_tokens, source=str(path))
+        score = view.score(enc_log.feats, enc_log.type_ids)
+        detector.rules_view, detector.rules_weight = view.fit(score[keep]), float(cfg.rules_weight)
+        tails["rules"] = view.tail(score)
+    a = detector.combine_views(tails)
+    kept = np.zeros(len(a), bool)
+    kept[keep] = True
+    detector.combined = [RiskCalibrator.fit(a[(groups == k) & kept] if ((groups == k) & kept).any() else a)
+                         for k in range(G)]
+    log(f"views {detector.view_weights()} calibrated on {len(a)} training events ({time.time() - t0:.0f}s)")
 
 
 DRIFT_REFERENCE_MAX_EVENTS = 500_000   # deciles of half a million rows are stable; caps the extra scoring time

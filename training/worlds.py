@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .evaluate import VIEW_PREFIX
+
 TRAIN_SEED, TEST_SEED = 1, 2
 FAMILIES = ("account_takeover", "card_testing", "credential_stuffing", "bot_scraping",
             "brushing", "promo_abuse", "fake_reviews")
@@ -46,6 +48,8 @@ SCORERS = ("seqguard", "hand_rules")
 # The same model's stage-1 risk (each event alone): what `--session-alpha 0` serves. Stage 2 is fitted
 # after stage 1 and never changes it, so this is the session-stage ablation without a second training.
 EVENT_ONLY = "seqguard_event_only"
+# Each view of the same model on its own (training/evaluate.py view_scores): how much each view
+# contributes, side by side with their combination, without another training.
 # Small and short by default: a design decision needs several worlds more than it needs big ones.
 DEFAULT_TRAIN_ARGS = "--epochs 1 --trees 100 --hidden 64"
 
@@ -134,7 +138,7 @@ def evaluate_world(model_dir: Path, test: Path, labels: Path, world_json: Path, 
     from seqguard.batch import encode_log, stage1_scores
     from seqguard.schema import read_events
     from seqguard.training.baselines import hand_rules_score
-    from seqguard.training.evaluate import evaluate, read_labels
+    from seqguard.training.evaluate import evaluate, read_labels, view_scores
     from seqguard.training.world_config import WorldConfig
 
     events = list(read_events(str(test)))
@@ -153,6 +157,7 @@ def evaluate_world(model_dir: Path, test: Path, labels: Path, world_json: Path, 
     if det.has_session:
         scores[EVENT_ONLY] = np.empty(len(events), np.float64)
         scores[EVENT_ONLY][enc.order] = stage1_scores(det, enc.emb, enc.surprise, enc.feats, enc.type_ids)
+    scores.update(view_scores(det, enc))
     world = WorldConfig.from_json(world_json.read_text())
     as_generated = [e._replace(event_type=world.original_type(e.event_type)) for e in events]
     return evaluate(as_generated, read_labels(str(labels)), scores, det.thresholds, report_dir, model_version=model.model_version,
@@ -162,7 +167,7 @@ def evaluate_world(model_dir: Path, test: Path, labels: Path, world_json: Path, 
 def headline(metrics: dict) -> dict:
     """scorer -> {metric key: value, "families": {family: recall at 1% FPR}} from evaluate()'s output."""
     out = {}
-    for name in SCORERS + ((EVENT_ONLY,) if EVENT_ONLY in metrics["scorers"] else ()):
+    for name in SCORERS + tuple(n for n in metrics["scorers"] if n == EVENT_ONLY or n.startswith(VIEW_PREFIX)):
         m = metrics["scorers"][name]
         pay, all_ = m["payments"], m["all"]
         out[name] = {"pay_auc": pay["roc_auc"], "pay_r1": pay["at_fpr"]["0.01"]["recall"],
@@ -334,6 +339,10 @@ def compare_md(runs: list, title: str, command: str) -> str:
             if any(EVENT_ONLY in v for v in rep["summary"].values()):
                 rows.append((f"{label}, session stage off (same model's stage-1 risk)",
                              " ".join(rep["config"]["train_args"]), rep["summary"], EVENT_ONLY))
+            views = sorted({n for v in rep["summary"].values() for n in v if n.startswith(VIEW_PREFIX)})
+            for view in views:
+                rows.append((f"{label}: its {view[len(VIEW_PREFIX):]} view alone (stage 1)",
+                             " ".join(rep["config"]["train_args"]), rep["summary"], view))
         rows.append(("hand rules", "-", runs[0][1]["summary"], "hand_rules"))
         for label, args, summ, scorer in rows:
             cells = []
