@@ -42,7 +42,7 @@ def _add_training_opts(p) -> None:
                    help="contamination-robust fitting: in every forest sample and calibration table each account "
                         "keeps at most F x the median account's events (at least 20), so a few heavy accounts "
                         "(crawler fleets, scripts) cannot define normal (default 10; 0 = off, every event counts once; "
-                        "training/robust_fit.py, docs/results/worlds_ablation.md)")
+                        "seqguard/robust_fit.py, docs/results/worlds_ablation.md)")
     p.add_argument("--user-cap-min", type=int, default=20, metavar="N",
                    help="with --user-cap: no account is cut below N events per table (protects legitimate heavy "
                         "users, e.g. digital-goods buyers with many small payments; default 20)")

@@ -88,7 +88,7 @@ def type_groups(vocab_tokens) -> np.ndarray:
 class TailView:
     """A type group's second forest: fitted on the inputs mapped to each column's tail scale."""
     tails: MarginalTails
-    forest: FlatIsolationForest           # (training/compare.py puts any model with score_samples here)
+    forest: FlatIsolationForest
     calibrator: RiskCalibrator            # this forest's anomaly -> tail scale
     raw_calibrator: RiskCalibrator        # the group's raw forest anomaly -> tail scale
 

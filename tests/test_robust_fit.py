@@ -1,9 +1,9 @@
-"""Per-account caps for contamination-robust fitting (training/robust_fit.py)."""
+"""Per-account caps for contamination-robust fitting (seqguard/robust_fit.py)."""
 from __future__ import annotations
 
 import numpy as np
 
-from seqguard.training.robust_fit import capped_rows, user_cap
+from seqguard.robust_fit import capped_rows, user_cap
 
 
 def test_heavy_account_is_capped_and_others_keep_everything():
@@ -37,7 +37,8 @@ def test_fit_detector_cap_keeps_a_heavy_account_from_defining_normal():
     """One account with most of a group's events: per event it IS normal; capped, it is an outlier."""
     from seqguard.detector import Detector, action_thresholds
     from seqguard.featurizer import N_FEATURES
-    from seqguard.training.train import TrainConfig, fit_detector
+    from seqguard.detector_fit import fit_detector
+    from seqguard.training.train import TrainConfig
 
     rng = np.random.default_rng(0)
     n_normal_users, per_user, n_heavy = 400, 10, 12_000

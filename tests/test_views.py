@@ -138,9 +138,9 @@ def test_rules_reasons_name_the_rules_where_that_view_alone_flags(small_model, s
 
 def test_combined_risk_is_a_quantile_of_training_events(small_model, small_log):
     """The combination is re-calibrated per type group on the training events each account keeps under
-    the per-account cap (training/robust_fit.py), so an action's FPR on that (unlabelled) traffic
+    the per-account cap (seqguard/robust_fit.py), so an action's FPR on that (unlabelled) traffic
     stays what was asked for; the heavy accounts the cap trims sit above it."""
-    from seqguard.training.robust_fit import capped_rows
+    from seqguard.robust_fit import capped_rows
     from seqguard.training.train import TrainConfig
     art = ModelArtifact.load(small_model)
     det = art.detector
