@@ -46,23 +46,9 @@ def fit_detector(cfg, emb_proj, surprise, feats, type_ids, vocab_tokens, log=pri
     With cfg.user_cap > 0 (and `user_idx`, the account of each row), each group's forest sample,
     tail scales, floors and calibrator see at most K events per account (seqguard/robust_fit.py).
     """
-    from sklearn.ensemble import IsolationForest
     sig = signal_indices(DETECTOR_SIGNALS)
     X = np.concatenate([emb_proj, np.asarray(surprise, np.float64), np.asarray(feats, np.float64)[:, sig]], axis=1)
-    groups = type_groups(vocab_tokens)
-    ev_group = groups[type_ids]
-    default = len(TYPE_GROUPS) - 1
-    for g in range(default):                          # too rare to learn: judged with the default group
-        if (ev_group == g).sum() < MIN_GROUP_EVENTS:
-            groups[groups == g] = default
-            ev_group[ev_group == g] = default
-
-    def forest_on(Z, fit_rows):
-        sk = IsolationForest(n_estimators=cfg.n_estimators, max_samples=min(cfg.max_samples, len(fit_rows)),
-                             random_state=cfg.seed, n_jobs=1).fit(Z[fit_rows].astype(np.float32))
-        flat = FlatIsolationForest.from_sklearn(sk)
-        return sk, flat, -by_row_blocks(flat.score_samples, Z)
-
+    groups, ev_group = _type_groups_with_data(vocab_tokens, type_ids)
     tokens = list(vocab_tokens)
     floor_specs = [(name, int(groups[tokens.index(t)]), side, grid) for name, t, side, grid in SIGNAL_FLOORS
                    if cfg.signal_floors and t in tokens]
@@ -75,18 +61,13 @@ def fit_detector(cfg, emb_proj, surprise, feats, type_ids, vocab_tokens, log=pri
         if len(rows) == 0:                            # keep indices aligned; never used for scoring
             rows = np.arange(len(X))
         Xg = X[rows]
-        if cfg.user_cap > 0 and user_idx is not None:
-            keep = capped_rows(user_idx[rows], cfg.user_cap, cfg.user_cap_min, rng)
-            fit_rows = rng.choice(keep, size=min(cfg.forest_fit_events, len(keep)), replace=False)
-        else:
-            keep = slice(None)
-            fit_rows = rng.choice(len(rows), size=min(cfg.forest_fit_events, len(rows)), replace=False)
-        sk, flat, score = forest_on(Xg, fit_rows)
+        keep, fit_rows = _sample(cfg, rows, user_idx, rng)
+        sk, flat, score = _forest_on(cfg, Xg, fit_rows)
         out.sklearn_forests.append(sk)
         out.forests.append(flat)
         if cfg.tail_forest:
             tails = MarginalTails.fit(Xg[keep])
-            sk_t, flat_t, anomaly_t = forest_on(by_row_blocks(tails.transform, Xg), fit_rows)
+            sk_t, flat_t, anomaly_t = _forest_on(cfg, by_row_blocks(tails.transform, Xg), fit_rows)
             view = TailView(tails, flat_t, RiskCalibrator.fit(anomaly_t[keep]), RiskCalibrator.fit(score[keep]))
             out.sklearn_tail_forests.append(sk_t)
             out.tail_views.append(view)
@@ -103,6 +84,37 @@ def fit_detector(cfg, emb_proj, surprise, feats, type_ids, vocab_tokens, log=pri
             + f"{' (+ its tail-scaled twin)' if cfg.tail_forest else ''}"
             + "".join(f" (+ the {s[0]} floor)" for s in mine))
     return out
+
+
+def _type_groups_with_data(vocab_tokens, type_ids) -> tuple[np.ndarray, np.ndarray]:
+    """(event type id -> group, group per training row): a group with too few training events to
+    learn is judged with the default group."""
+    groups = type_groups(vocab_tokens)
+    ev_group = groups[type_ids]
+    default = len(TYPE_GROUPS) - 1
+    for g in range(default):
+        if (ev_group == g).sum() < MIN_GROUP_EVENTS:
+            groups[groups == g] = default
+            ev_group[ev_group == g] = default
+    return groups, ev_group
+
+
+def _sample(cfg, rows: np.ndarray, user_idx, rng: np.random.Generator):
+    """(rows kept for tail scales, floors and calibration, rows the forest is fitted on), positions in
+    `rows`; with the per-account cap, both from the capped rows."""
+    if cfg.user_cap > 0 and user_idx is not None:
+        keep = capped_rows(user_idx[rows], cfg.user_cap, cfg.user_cap_min, rng)
+        return keep, rng.choice(keep, size=min(cfg.forest_fit_events, len(keep)), replace=False)
+    return slice(None), rng.choice(len(rows), size=min(cfg.forest_fit_events, len(rows)), replace=False)
+
+
+def _forest_on(cfg, Z: np.ndarray, fit_rows):
+    """(sklearn forest, its flattened served form, anomaly of every row of Z)."""
+    from sklearn.ensemble import IsolationForest
+    sk = IsolationForest(n_estimators=cfg.n_estimators, max_samples=min(cfg.max_samples, len(fit_rows)),
+                         random_state=cfg.seed, n_jobs=1).fit(Z[fit_rows].astype(np.float32))
+    flat = FlatIsolationForest.from_sklearn(sk)
+    return sk, flat, -by_row_blocks(flat.score_samples, Z)
 
 
 def fit_views(detector: Detector, enc_log, cfg, vocab_tokens, log) -> None:
