@@ -180,7 +180,8 @@ async def users_n_events(target: str, users: list[str], concurrency: int = 8, tr
         async def worker():
             nonlocal total
             while todo:
-                total += await read(todo.pop())
+                n = await read(todo.pop())   # not `total += await ...`: that reads total before the
+                total += n                   # await, and a concurrent worker's addition is lost
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return total
 
