@@ -68,11 +68,15 @@ async def ingest_pass(target: str, streams: list[list], max_s: float, timeout_s:
     """One Ingest call per stream, all at once; each stops yielding after max_s. A stream the gateway
     ends with RESOURCE_EXHAUSTED (too many events in flight) is reopened after a pause from
     RESUME_BACK events before where it stopped: events it had taken but maybe not applied are sent
-    again with the same event_id (the gateway answers those it applied from its idempotency record)."""
+    again with the same event_id (the gateway answers those it applied from its idempotency record).
+    Events a summary names as not applied (IngestSummary.not_applied_event_ids) are sent again once
+    at the end; the re-sends count in the time."""
     import grpc
     from seqguard.gateway.proto import risk_pb2_grpc
     pos = [0] * len(streams)
-    out = {"accepted": 0, "rejected": 0, "errors": [], "reopened": 0, "failed_streams": []}
+    out = {"accepted": 0, "rejected": 0, "errors": [], "reopened": 0, "failed_streams": [],
+           "not_applied": 0, "resent_not_applied": 0}
+    missed: list[list[str]] = [[] for _ in streams]      # event ids a summary named as not applied
     stop_at = time.monotonic() + max_s
 
     async def events(k: int):
@@ -94,11 +98,23 @@ async def ingest_pass(target: str, streams: list[list], max_s: float, timeout_s:
                 continue
             out["accepted"] += s.accepted
             out["rejected"] += s.rejected
+            out["not_applied"] += s.not_applied
+            missed[k] += list(s.not_applied_event_ids)
             out["errors"] += list(s.errors)[:5 - len(out["errors"])] if len(out["errors"]) < 5 else []
+
+    async def resend(stub, k: int) -> None:
+        """Once, at the end, as a client would: the events the summary named, same event ids."""
+        ids = set(missed[k])
+        again = [ev for ev in streams[k][:pos[k]] if ev.event_id in ids]
+        if again:
+            s = await stub.Ingest(iter(again), timeout=timeout_s)
+            out["resent_not_applied"] += len(again)
+            out["accepted"] += s.accepted
 
     async with grpc.aio.insecure_channel(target) as ch:
         stub = risk_pb2_grpc.RiskScoringStub(ch)
         await asyncio.gather(*(one(stub, k) for k in range(len(streams))))
+        await asyncio.gather(*(resend(stub, k) for k in range(len(streams))))
     out["sent"] = sum(pos)      # distinct events sent (re-sends not counted twice)
     return out
 
