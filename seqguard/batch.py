@@ -20,7 +20,7 @@ import numpy as np
 
 from .artifact import ModelArtifact
 from .detector import ACTIONS
-from .encoding import OrtStep, carried_state, encode_sequences, lockstep_rows
+from .encoding import OrtStep, encode_sequences
 from .featurizer import ContextStore, Featurizer, TokenHasher, Vocabulary, featurize_log
 from .rules import RuleInputs, RuleOutcome, RuleSet
 from .schema import Event
@@ -288,20 +288,9 @@ class StreamScorer:
     def _encode(self, users: np.ndarray, local: np.ndarray, type_ids: np.ndarray, feats: np.ndarray):
         """The chunk's events through the step model from each user's carried (h, c), all users in
         lock-step (per-row bits do not depend on the batch: encoding.py)."""
-        h, c = self.h[users], self.c[users]
-        surprise = np.empty((len(local), 2), np.float32)
-        kept = None
-        for rows_k in lockstep_rows(local, len(users)):
-            for a in range(0, len(rows_k), self.max_batch):
-                rows = rows_k[a:a + self.max_batch]
-                u = local[rows]
-                h_next, c_next, emb, surprise[rows] = self.step(type_ids[rows], feats[rows], h[u], c[u])
-                h[u], c[u] = carried_state(h_next), carried_state(c_next)
-                out = self.det.project(emb)
-                if kept is None:
-                    kept = np.empty((len(local), out.shape[1]), out.dtype)
-                kept[rows] = out
-        self.h[users], self.c[users] = h, c
+        kept, surprise, self.h[users], self.c[users] = encode_sequences(
+            self.step, local, type_ids, feats, len(users), reduce=self.det.project, max_batch=self.max_batch,
+            h0=self.h[users], c0=self.c[users])
         return kept, surprise
 
 

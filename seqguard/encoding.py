@@ -67,19 +67,21 @@ def lockstep_rows(user_idx: np.ndarray, n_users: int):
 
 
 def encode_sequences(step, user_idx: np.ndarray, type_ids: np.ndarray, feats: np.ndarray, n_users: int,
-                     reduce=None, max_batch: int = 8192, progress: bool = False):
+                     reduce=None, max_batch: int = 8192, progress: bool = False,
+                     h0: np.ndarray | None = None, c0: np.ndarray | None = None):
     """Run every user's events through the step model in order, all users in lock-step.
 
     Events are given in replay order (a user's events appear in their own order). Returns
     (reduce(embedding) per event, surprise per event [N,2] float32, final h, final c).
     `reduce` maps an embedding batch to what the caller keeps (default: all of it), so
-    millions of events never hold millions of 128-float embeddings.
+    millions of events never hold millions of 128-float embeddings. h0, c0 [n_users, H]: the
+    users' carried states to start from (default zeros: new users); they are not modified.
     """
     N = len(user_idx)
     H = step.hidden
     user_idx = np.asarray(user_idx, np.int64)
-    h = np.zeros((n_users, H), np.float32)
-    c = np.zeros((n_users, H), np.float32)
+    h = np.zeros((n_users, H), np.float32) if h0 is None else np.array(h0, np.float32)
+    c = np.zeros((n_users, H), np.float32) if c0 is None else np.array(c0, np.float32)
     surprise = np.empty((N, 2), np.float32)
     kept = None
     bar = None
