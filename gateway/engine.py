@@ -347,7 +347,9 @@ class ScoringEngine:
             return {}
         events = [batch.events[fresh[j]] for j in rows]
         final, fired = self._apply_rules(events, feats[rows], enc, step_risk, lift, codes)
-        view_rules = self.detector.rules_reasons(feats[rows], batch.type_ids[rows]) if explain_reasons else []
+        view_rules = self.detector.rules_reasons(
+            None if enc.rule_score is None else enc.rule_score[enc.fresh_step],
+            feats[rows], batch.type_ids[rows]) if explain_reasons else []
         out = {}
         for k, (j, ev) in enumerate(zip(rows, events)):
             g = int(enc.fresh_step[k])
@@ -384,9 +386,11 @@ class ScoringEngine:
         same events as the offline replay. Returns per step its risk and the session average that
         set its score (0 where the event itself did)."""
         det = self.detector
+        X = det.inputs(det.project(enc.emb), enc.surprise, enc.feats, enc.type_ids)
+        enc.rule_score = det.rule_scores(X)          # the reasons read it: the pack runs once per batch
         if not det.has_session:
-            return det.risk(enc.emb, enc.surprise, enc.feats, enc.type_ids), np.zeros(len(enc.type_ids))
-        a = det.event_tail(enc.emb, enc.surprise, enc.feats, enc.type_ids)
+            return det.risk_from_inputs(X, enc.type_ids), np.zeros(len(enc.type_ids))
+        a = det.tail_from_inputs(X, enc.type_ids)
         c = np.empty(len(a), np.float64)
         lift = np.zeros(len(a), np.float64)
         session = np.fromiter((users[u].session for u in enc.users), np.float64, len(enc.users))
@@ -580,3 +584,4 @@ class _Steps:
     fresh_step: np.ndarray = None                       # per encoded fresh row, its step index
     answered_steps: list = field(default_factory=list)  # [(step index, answer key)] of deferred events
     caught_up: int = 0                                  # deferred steps among them
+    rule_score: np.ndarray | None = None                # per step the rules view's score (detect stage), for reasons

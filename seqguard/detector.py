@@ -265,8 +265,12 @@ class Detector:
         if self.sequence_view is not None:
             out["sequence"] = self.sequence_view.tail(X[:, self.proj.shape[1] + TYPE_NLL])
         if self.rules_view is not None:
-            out["rules"] = self.rules_view.tail(X[:, -1])
+            out["rules"] = self.rules_view.tail(self.rule_scores(X))
         return out
+
+    def rule_scores(self, X: np.ndarray) -> np.ndarray | None:
+        """The rules view's ranked score of input rows (their last column; see `inputs`), None without one."""
+        return X[:, -1] if self.rules_view is not None else None
 
     def view_weights(self) -> dict[str, float]:
         """Each view's share of the false-positive budget; the forests get what the others leave."""
@@ -284,14 +288,16 @@ class Detector:
         weights = self.view_weights()
         return np.max([np.asarray(tails[v], np.float64) + np.log(weights[v]) for v in weights], axis=0)
 
-    def rules_reasons(self, feats: np.ndarray, type_ids: np.ndarray) -> list[list[str]]:
+    def rules_reasons(self, rule_score: np.ndarray | None, feats: np.ndarray, type_ids: np.ndarray) -> list[list[str]]:
         """Per row, the names of the rules view's rules that fired where that view ALONE puts the
         event at or above the REVIEW cut-off of stage 1 (its weighted tail read through the group's
         combined table: the combination is at least that high); otherwise []. Reads only the rules,
-        so a reason names them exactly when the rules view, not another view, can account for the score."""
+        so a reason names them exactly when the rules view, not another view, can account for the score.
+        `rule_score`: the rows' `rule_scores` from the inputs the risk was computed from, so the
+        pack's fixed cost per call is paid once (it evaluates again only on the flagged rows)."""
         if self.rules_view is None or not len(type_ids):
             return [[] for _ in range(len(type_ids))]
-        t = self.rules_view.tail(self.rules_view.score(feats, type_ids)) + np.log(self.rules_weight)
+        t = self.rules_view.tail(rule_score) + np.log(self.rules_weight)
         rows = np.flatnonzero(self._per_group(type_ids, lambda k, r: self.combined[k].risk(t[r])) >= self.thresholds["REVIEW"])
         out: list[list[str]] = [[] for _ in range(len(type_ids))]
         if len(rows):

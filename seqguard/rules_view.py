@@ -18,7 +18,7 @@ model step it runs later, so every step is scored alike online and offline.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -32,9 +32,6 @@ class RulesView:
     text: str                             # the pack's TOML, persisted with the detector
     type_names: np.ndarray                # [n_types] event type per type id (the model's vocabulary)
     calibrator: RiskCalibrator | None     # ranked rule score -> tail, over all training events
-    _memo: tuple | None = field(default=None, repr=False, compare=False)   # see score()
-
-    MEMO_MAX_ROWS = 16
 
     @classmethod
     def from_text(cls, text: str, type_names, source: str = "<rules view>") -> "RulesView":
@@ -57,22 +54,8 @@ class RulesView:
         return self.rules.evaluate(self._inputs(feats, type_ids))
 
     def score(self, feats: np.ndarray, type_ids: np.ndarray) -> np.ndarray:
-        """The ranked rule score per row (seqguard.rules.ranked_score): what the hand rules baseline ranks by.
-
-        A gateway scoring one request reads it twice for the same few rows (the risk, then the
-        reasons), and evaluating a pack has a fixed cost per call far above its cost per row: the
-        last small batch's result is remembered, keyed by the rows' exact contents (a float32 row
-        and its float64 copy are the same numbers, so they share it)."""
-        key = None
-        if len(type_ids) <= self.MEMO_MAX_ROWS:
-            key = (np.asarray(type_ids, np.int64).tobytes(), np.asarray(feats, np.float64).tobytes())
-            memo = self._memo
-            if memo is not None and memo[0] == key:
-                return memo[1].copy()
-        out = ranked_score(self.rules.summed_score(self._inputs(feats, type_ids)), feats)
-        if key is not None:
-            self._memo = (key, out.copy())
-        return out
+        """The ranked rule score per row (seqguard.rules.ranked_score): what the hand rules baseline ranks by."""
+        return ranked_score(self.rules.summed_score(self._inputs(feats, type_ids)), feats)
 
     def tail(self, score: np.ndarray) -> np.ndarray:
         """-log P(training score >= score) where rules added evidence (a summed rule score above the

@@ -122,7 +122,7 @@ def test_rules_reasons_name_the_rules_where_that_view_alone_flags(small_model, s
     det = art.detector
     events = events_from_dicts(small_log[2][:6000])
     enc = encode_log(art, events, reduce=det.project)
-    named = det.rules_reasons(enc.feats, enc.type_ids)
+    named = det.rules_reasons(det.rules_view.score(enc.feats, enc.type_ids), enc.feats, enc.type_ids)
     fired = det.rules_view.hits(enc.feats, enc.type_ids).fired_lists()
     risk = stage1_scores(det, enc.emb, enc.surprise, enc.feats, enc.type_ids)
     some = [i for i, n in enumerate(named) if n]
