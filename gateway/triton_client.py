@@ -9,6 +9,15 @@ from tritonclient.utils import InferenceServerException
 from seqguard.step_contract import OUTPUT_NAMES, TRITON_DTYPES, input_arrays
 
 
+# Rows one triton_timeout_ms covers. A 1-row step (a lone online Score) keeps the plain timeout, so
+# an outage is still detected within triton_timeout_ms; a wave of a bulk batch (up to one row per
+# user of the batch) costs Triton time in proportion to its rows (~0.1-0.25 ms CPU per row on the
+# bench's 2 shared cores, BENCHMARKS.md), and a fixed 100 ms timed out waves of a healthy but
+# busy Triton, whose steps then ran twice (standby) or were deferred. The caller's remaining
+# deadline caps the scaled timeout, so it never outlives the request.
+ROWS_PER_TIMEOUT = 64
+
+
 class EncoderUnavailable(RuntimeError):
     """Triton did not answer in time or answered with an error; the caller degrades explicitly."""
 
@@ -35,7 +44,7 @@ class TritonStepClient:
             inp = grpcclient.InferInput(name, list(arr.shape), TRITON_DTYPES[name])
             inp.set_data_from_numpy(arr)
             inputs.append(inp)
-        timeout = self.timeout_s if timeout_s is None else max(0.001, min(self.timeout_s, timeout_s))
+        timeout = self.call_timeout(len(type_ids), timeout_s)
         try:
             res = await self.client.infer(self.model_name, inputs, model_version=self.model_version,
                                           outputs=self._outputs, client_timeout=timeout)
@@ -44,6 +53,12 @@ class TritonStepClient:
         except Exception as e:  # grpc.aio errors, cancelled channels, ...
             raise EncoderUnavailable(f"triton: {type(e).__name__}: {e}") from None
         return tuple(res.as_numpy(n) for n in OUTPUT_NAMES)
+
+    def call_timeout(self, rows: int, left: float | None) -> float:
+        """Seconds a step of `rows` rows may take: triton_timeout_ms per ROWS_PER_TIMEOUT rows (at
+        least once), capped by `left`, the request's remaining deadline (None: no deadline)."""
+        cap = self.timeout_s * max(1.0, rows / ROWS_PER_TIMEOUT)
+        return cap if left is None else max(0.001, min(cap, left))
 
     async def ready(self) -> bool:
         try:
