@@ -158,8 +158,8 @@ class Settings:
             raise ValueError(f"fallback must be fail_open or fail_closed, got {self.fallback!r}")
         if self.max_future_skew_ms < 0 or self.max_past_skew_ms < 0:
             raise ValueError("max_future_skew_ms and max_past_skew_ms must be >= 0 (0 = no bound)")
-        for name in ("deadline_ms", "bulk_deadline_ms", "redis_timeout_ms", "triton_timeout_ms", "max_batch_events", "max_in_flight",
-                     "coalesce_max_events", "coalesce_max_concurrent"):
+        for name in ("deadline_ms", "bulk_deadline_ms", "redis_timeout_ms", "triton_timeout_ms", "max_batch_events",
+                     "max_in_flight", "coalesce_max_events", "coalesce_max_concurrent"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
         if not 1 <= self.recent_events <= 255:      # the ring's entry count is one byte (gateway/state.py)
