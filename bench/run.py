@@ -3,6 +3,7 @@
     python -m bench.run --model DIR --events FILE [--rates 25,50,100,...] [--duration 8] [--warmup 2]
                         [--triton-url H:P --triton-model NAME] [--systems echo,gateway,gateway_local,naive]
                         [--bulk-systems ...] [--replay-users N --replay-days D] [--no-score-file] [--quick]
+                        [--only bulk]
 
 For each system (each in its own process, its server CPU metered from /proc):
   * echo     bench/echo_server.py   constant answer, the ceiling of Python gRPC here
@@ -21,7 +22,8 @@ under Score and ScoreBatch load (bench/profile.py) and perf_analyzer against Tri
 Writes bench/results/<timestamp>/{results.json, results.md, logs, profiles} and prints the Markdown;
 `python -m bench.run --render DIR` rebuilds the report of a finished run from its results.json.
 --quick: one low rate per system, seconds-long steps, a tiny replay (a smoke test for CI; numbers
-meaningless).
+meaningless). --only bulk: only the Ingest / ScoreBatch replay of each --bulk-systems gateway (no
+Score sweep, profiles, perf_analyzer or score-file), to compare bulk passes between two builds.
 """
 from __future__ import annotations
 
@@ -285,6 +287,9 @@ def sweep_system(system: str, a, rates: list[float], out_dir: Path) -> dict:
     watch = EncoderWatch(srv.metrics_url, info.get("triton_pid")) if system.startswith("gateway") else None
     lg = None
     try:
+        if a.only == "bulk":
+            res["bulk"] = bulk_passes(system, a, info, groups, out_dir, watch)
+            return res
         lg = LoadGenerator(f"127.0.0.1:{info['port']}", str(a.events), a.clients, a.channels, a.timeout,
                            a.arrival, a.max_users, seed=a.seed).start()
         res["load"] = {"clients": lg.clients, "channels_per_client": a.channels, "users": lg.users,
@@ -627,6 +632,8 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="results directory (default bench/results/<timestamp>)")
     ap.add_argument("--quick", action="store_true", help="smoke run: one low rate per system, short steps")
+    ap.add_argument("--only", choices=("bulk",), default=None,
+                    help="bulk: only the Ingest / ScoreBatch replay of the --bulk-systems gateways")
     a = ap.parse_args(argv)
     q = a.quick
     a.rates = [float(x) for x in (a.rates or ("50" if q else DEFAULT_RATES)).split(",") if x.strip()]
@@ -651,6 +658,8 @@ def parse_args(argv=None):
         a.profile_systems = "" if q or find_py_spy() is None else "gateway"
     a.profile_systems = [x.strip() for x in a.profile_systems.split(",") if x.strip()]
     a.systems = [x.strip() for x in a.systems.split(",") if x.strip()]
+    if a.only == "bulk":     # the bulk gateways alone: no sweep, no profiles, no perf_analyzer, no score-file
+        a.systems, a.profile_systems, a.no_perf, a.no_score_file = list(a.bulk_systems), [], True, True
     bad = [x for x in a.systems + a.bulk_systems + a.profile_systems if x not in SYSTEMS]
     if bad:
         ap.error(f"unknown system(s) {bad}; choose from {SYSTEMS}")

@@ -44,6 +44,8 @@ def score_rows(results: dict) -> list[tuple]:
         if name not in s:
             continue
         r, res = s[name], results["systems"][name]
+        if not res["steps"]:                 # not swept (bench.run --only bulk)
+            continue
         lat = r["latency_ms"]
         held = (f"**{r['sustained_rps']:,.0f} req/s** (p50 {lat['p50']:.2f} / p99 {lat['p99']:.2f} ms)" if lat
                 else f"**none held** (tried up to {_n(r['max_rate_tried'])} req/s)")

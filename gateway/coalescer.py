@@ -32,6 +32,15 @@ class Coalescer:
     batch's Redis and Triton waits overlap another's Python work; where the gateway shares its cores
     with them, it only splits the queue into smaller batches that cost more CPU per request, hence
     the default of 1 (settings.coalesce_max_concurrent).
+
+    Two lanes, never in one batch: online requests (Score, deadline_ms) and bulk ones (ScoreBatch,
+    Ingest; bulk_deadline_ms, seconds). A batch runs under the tightest deadline of its requests,
+    so a merged Score would hand its few hundred ms to hundreds of bulk events (answered DEGRADED,
+    steps deferred, though applied) and they would make its batch and Triton waves bigger. A batch
+    is therefore cut where the lane of the queue's next request changes. That is the whole rule:
+    dispatch stays first-in first-out across both lanes (a Score queued behind a bulk batch waits
+    for it, as it would for any earlier batch), so per-user order needs nothing more; per-item
+    deadlines inside one batch would have needed the engine to split its waves and commit by item.
     """
 
     def __init__(self, engine: ScoringEngine, max_events: int = 256, max_wait_us: int = 0,
@@ -59,13 +68,13 @@ class Coalescer:
             await cancel_and_wait(t)
         await self.engine.stop()
 
-    async def submit(self, events: list[Event], deadline: float | None, explain_reasons: bool = True
-                     ) -> list[ScoreResult]:
+    async def submit(self, events: list[Event], deadline: float | None, explain_reasons: bool = True,
+                     bulk: bool = False) -> list[ScoreResult]:
         if self.in_flight + len(events) > self.max_in_flight:
             raise Overloaded(f"{self.in_flight} events in flight (limit {self.max_in_flight})")
         fut = asyncio.get_running_loop().create_future()
         self.in_flight += len(events)
-        self._queue.append((events, deadline, explain_reasons, fut))
+        self._queue.append((events, deadline, explain_reasons, fut, bulk))
         self._wake.set()
         try:
             return await asyncio.shield(fut)
@@ -92,11 +101,7 @@ class Coalescer:
                 await self._wake.wait()
                 if self.max_wait_s and sum(len(q[0]) for q in self._queue) < self.max_events:
                     await asyncio.sleep(self.max_wait_s)
-                take, size = [], 0
-                while self._queue and (not take or size + len(self._queue[0][0]) <= self.max_events):
-                    item = self._queue.pop(0)
-                    take.append(item)
-                    size += len(item[0])
+                take = self._take()
                 if not self._queue:
                     self._wake.clear()
                 if not take:
@@ -117,6 +122,17 @@ class Coalescer:
             self._running[task] = keys
             task.add_done_callback(self._running.pop)
 
+    def _take(self) -> list:
+        """The next batch: queued requests from the head, up to max_events (at least one request),
+        all of the head's lane (online or bulk, see the class docstring)."""
+        take, size = [], 0
+        while self._queue and (not take or (size + len(self._queue[0][0]) <= self.max_events
+                                            and self._queue[0][4] == take[0][4])):
+            item = self._queue.pop(0)
+            take.append(item)
+            size += len(item[0])
+        return take
+
     async def _batch(self, take: list, events: list[Event]) -> None:
         deadlines = [item[1] for item in take if item[1] is not None]
         try:
@@ -128,7 +144,7 @@ class Coalescer:
         self.batches += 1
         self.batched_events += len(events)
         pos = 0
-        for evs, _, _, fut in take:
+        for evs, _, _, fut, _ in take:
             self.in_flight -= len(evs)
             if not fut.done():
                 fut.set_result(results[pos:pos + len(evs)])

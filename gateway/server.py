@@ -1,8 +1,9 @@
 """The asyncio gRPC gateway: seqguard.v1.RiskScoring + grpc.health.v1 + server reflection.
 
 Every RPC validates its input at the boundary (INVALID_ARGUMENT naming the field, nothing
-written), runs under a deadline (the client's, capped by settings.deadline_ms) and answers
-DEGRADED with the configured fallback when Redis or Triton fails, never hangs.
+written), runs under a deadline (the client's, capped by settings.deadline_ms; for the bulk RPCs
+ScoreBatch and Ingest by settings.bulk_deadline_ms) and answers DEGRADED with the configured
+fallback when Redis or Triton fails, never hangs.
 """
 from __future__ import annotations
 
@@ -109,22 +110,24 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
         """The live engine: a hot reload swaps the coalescer's engine between batches."""
         return self.coalescer.engine
 
-    def _deadline(self, context) -> tuple[float, float]:
-        """(loop-time deadline for the pipeline, seconds we may wait) from the client's and our budget."""
-        budget = self.settings.deadline_ms / 1000
+    def _deadline(self, context, bulk: bool = False) -> tuple[float, float]:
+        """(loop-time deadline for the pipeline, seconds we may wait) from the client's and our budget:
+        deadline_ms for Score, bulk_deadline_ms for ScoreBatch and an Ingest chunk, whose work grows
+        with their events (under the online budget they answered DEGRADED about events they applied)."""
+        budget = (self.settings.bulk_deadline_ms if bulk else self.settings.deadline_ms) / 1000
         left = context.time_remaining()
         if left is not None:
             budget = min(budget, max(0.0, left - 0.002))
         loop = asyncio.get_running_loop()
         return loop.time() + budget, budget
 
-    async def _score(self, events, context, explain_reasons=True):
-        deadline, budget = self._deadline(context)
+    async def _score(self, events, context, explain_reasons=True, bulk=False):
+        deadline, budget = self._deadline(context, bulk)
         try:
             # asyncio.timeout, not wait_for: no extra Task (and loop pass) per request; the coalescer
             # shields its future, so a timed-out request's events are still applied by their batch
             async with asyncio.timeout(budget):
-                return await self.coalescer.submit(events, deadline, explain_reasons)
+                return await self.coalescer.submit(events, deadline, explain_reasons, bulk)
         except Overloaded as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except asyncio.TimeoutError:
@@ -155,7 +158,7 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if not events:
             return risk_pb2.ScoreBatchResponse()
-        results = await self._score(events, context)
+        results = await self._score(events, context, bulk=True)
         return risk_pb2.ScoreBatchResponse(results=[result_to_proto(r) for r in results])
 
     @metered("Ingest")
@@ -183,7 +186,7 @@ class RiskScoringService(risk_pb2_grpc.RiskScoringServicer):
     async def _ingest(self, events, context, summary: risk_pb2.IngestSummary) -> None:
         """Counts what reached the state, not what scored OK: a DEGRADED answer whose LSTM step was
         deferred is applied (it has a sequence number); one without a sequence was not, and is named."""
-        results = await self._score(events, context, explain_reasons=False)
+        results = await self._score(events, context, explain_reasons=False, bulk=True)
         missed = [r for r in results if r.sequence <= 0]
         summary.accepted += len(results) - len(missed)
         summary.not_applied += len(missed)
@@ -525,7 +528,8 @@ class Gateway:
         log.info("model reloaded: %s -> %s (triton %s version %s)", old_version, art.model_version,
                  self.settings.triton_model, encoder.model_version or "latest")
         # close the old clients once no batch can still be using them
-        grace = max(self.settings.deadline_ms, self.settings.triton_timeout_ms) / 1000 + 5.0
+        s = self.settings
+        grace = max(s.deadline_ms, s.bulk_deadline_ms, s.triton_timeout_ms) / 1000 + 5.0
         self._retired.append(loop.create_task(self._close_later(
             old_encoder, old_store if store is not old_store else None, grace)))
         return True

@@ -41,6 +41,8 @@ class Settings:
     triton_url: str = "127.0.0.1:8001"
     triton_model: str = "seqguard_encoder"
     triton_model_version: str = ""      # "" = the artifact's metadata triton.model_version (always explicit)
+    # per Triton step request of one row: an outage is detected within this. A wave of many rows (a
+    # bulk batch's) gets this much per 64 rows, never past its request's deadline (gateway/triton_client.py)
     triton_timeout_ms: int = 100
     # "triton" (the serving path) or "local": the artifact's model.onnx on ONNX Runtime in the gateway
     # process, for CPU-only nodes. Both give the same bits (gateway/local_encoder.py).
@@ -50,7 +52,11 @@ class Settings:
     local_encoder_fallback: bool = True
     local_encoder_retry_ms: int = 1000
     # Requests
-    deadline_ms: int = 250              # server-side budget per Score when the client sets none
+    deadline_ms: int = 250              # server-side budget per Score (the client's deadline caps it)
+    # server-side budget per ScoreBatch request and per Ingest chunk of 256 events (the client's deadline
+    # caps it): bulk work grows with its events, and a bulk answer past deadline_ms would say DEGRADED
+    # about events it applied. Online and bulk requests never share a batch (gateway/coalescer.py)
+    bulk_deadline_ms: int = 5000
     fallback: str = "fail_open"         # fail_open: ALLOW, fail_closed: CHALLENGE, when degraded
     max_batch_events: int = 1000        # ScoreBatch limit
     max_message_bytes: int = 4 * 1024 * 1024
@@ -152,8 +158,8 @@ class Settings:
             raise ValueError(f"fallback must be fail_open or fail_closed, got {self.fallback!r}")
         if self.max_future_skew_ms < 0 or self.max_past_skew_ms < 0:
             raise ValueError("max_future_skew_ms and max_past_skew_ms must be >= 0 (0 = no bound)")
-        for name in ("deadline_ms", "redis_timeout_ms", "triton_timeout_ms", "max_batch_events", "max_in_flight",
-                     "coalesce_max_events", "coalesce_max_concurrent"):
+        for name in ("deadline_ms", "bulk_deadline_ms", "redis_timeout_ms", "triton_timeout_ms", "max_batch_events",
+                     "max_in_flight", "coalesce_max_events", "coalesce_max_concurrent"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
         if not 1 <= self.recent_events <= 255:      # the ring's entry count is one byte (gateway/state.py)

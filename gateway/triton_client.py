@@ -15,6 +15,15 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from seqguard.step_contract import DTYPES, INPUT_NAMES, OUTPUT_NAMES, TRITON_DTYPES, input_arrays
 
 
+# Rows one triton_timeout_ms covers. A 1-row step (a lone online Score) keeps the plain timeout, so
+# an outage is still detected within triton_timeout_ms; a wave of a bulk batch (up to one row per
+# user of the batch) costs Triton time in proportion to its rows (~0.1-0.25 ms CPU per row on the
+# bench's 2 shared cores, BENCHMARKS.md), and a fixed 100 ms timed out waves of a healthy but
+# busy Triton, whose steps then ran twice (standby) or were deferred. The caller's remaining
+# deadline caps the scaled timeout, so it never outlives the request.
+ROWS_PER_TIMEOUT = 64
+
+
 class EncoderUnavailable(RuntimeError):
     """Triton did not answer in time or answered with an error; the caller degrades explicitly."""
 
@@ -49,7 +58,7 @@ class TritonStepClient:
     async def step(self, type_ids: np.ndarray, feats: np.ndarray, h: np.ndarray, c: np.ndarray,
                    timeout_s: float | None = None):
         """One LSTM step for a batch of users -> (h', c', embedding, surprise)."""
-        timeout = self.timeout_s if timeout_s is None else max(0.001, min(self.timeout_s, timeout_s))
+        timeout = self.call_timeout(len(type_ids), timeout_s)
         try:
             res = await self._stub.ModelInfer(self._request(type_ids, feats, h, c), timeout=timeout)
         except grpc.aio.AioRpcError as e:
@@ -57,6 +66,12 @@ class TritonStepClient:
         except Exception as e:  # cancelled or closed channels, ...
             raise EncoderUnavailable(f"triton: {type(e).__name__}: {e}") from None
         return _outputs(res)
+
+    def call_timeout(self, rows: int, left: float | None) -> float:
+        """Seconds a step of `rows` rows may take: triton_timeout_ms per ROWS_PER_TIMEOUT rows (at
+        least once), capped by `left`, the request's remaining deadline (None: no deadline)."""
+        cap = self.timeout_s * max(1.0, rows / ROWS_PER_TIMEOUT)
+        return cap if left is None else max(0.001, min(cap, left))
 
     async def ready(self) -> bool:
         try:
