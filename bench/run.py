@@ -185,6 +185,17 @@ def redis_memory(port: int) -> dict:
         for a in range(0, len(dedupe_keys), 1000):
             r.delete(*dedupe_keys[a:a + 1000])
         used_state = int(r.info("memory")["used_memory"])
+        # the rest: the alerts and outcomes streams (trimmed by count, alerts_max, not per user) and
+        # counters; measured and removed apart so the user + entity state stands alone
+        others = {}
+        for key in r.scan_iter(match="sg:*", count=2000):
+            name = key.decode()
+            if name.split(":")[1] not in KEY_KINDS:
+                others[name] = {"bytes": r.memory_usage(key, samples=0) or 0, "type": r.type(key).decode(),
+                                "entries": r.xlen(key) if r.type(key) == b"stream" else None}
+        if others:
+            r.delete(*others)
+        used_users_entities = int(r.info("memory")["used_memory"])
         r.flushall(asynchronous=False)
         used_empty = int(r.info("memory")["used_memory"])
     finally:
@@ -194,6 +205,8 @@ def redis_memory(port: int) -> dict:
             "delta_bytes": used_all - used_empty, "state_bytes": used_state - used_empty,
             "dedupe_bytes": used_all - used_state, "keys": counts, "avg_key_bytes": avg,
             "bytes_per_user": (used_state - used_empty) / users if users else None,
+            "user_entity_bytes_per_user": (used_users_entities - used_empty) / users if users else None,
+            "other_keys": others,
             "entity_keys_expired_by_event_time": expired,
             "all_bytes_per_user": (used_all - used_empty) / users if users else None,
             # below ~1000 keys the difference drowns in used_memory noise (it can come out negative)

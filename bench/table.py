@@ -122,15 +122,20 @@ def bulk_rows(results: dict) -> list[tuple]:
         red = bulk.get("redis")
         if red:
             k = red["keys"]
-            text = (f"**{_n(red['bytes_per_user'])} B** ({k['user']:,} users, {k['device']:,} devices, "
+            per_user = red.get("user_entity_bytes_per_user", red["bytes_per_user"])
+            streams = {n: o for n, o in (red.get("other_keys") or {}).items() if o.get("entries") is not None}
+            text = (f"**{_n(per_user)} B** of user + entity state ({k['user']:,} users, {k['device']:,} devices, "
                     f"{k['ip']:,} IPs, {k['ip_prefix']:,} prefixes; idempotency keys not counted; "
                     f"{red.get('entity_keys_expired_by_event_time', 0):,} entity keys past their TTL "
-                    f"by event time removed first)")
+                    f"by event time removed first); {_n(red['bytes_per_user'])} B with the streams ("
+                    + ", ".join(f"{n}: {o['entries']:,} entries, {o['bytes'] / max(1, k['user']):,.0f} B per user"
+                                for n, o in sorted(streams.items()))
+                    + "; kept by count, `alerts_max`, not per user)")
             enc = (bulk.get("ingest") or {}).get("encoder") or {}
             pending = enc.get("deferred_steps", 0) - enc.get("caught_up_steps", 0)
             if pending > 0:                         # a user's key holds the features of its pending steps
                 text += f"; **includes the features of {pending:,} deferred model steps still pending**"
-            ok = red["bytes_per_user"] is not None and red["bytes_per_user"] <= TARGETS["redis_bytes_per_user"]
+            ok = per_user is not None and per_user <= TARGETS["redis_bytes_per_user"]
             rows.append((f"Redis bytes per active user after the {bulk['days']}-day `Ingest` replay", LABELS[name],
                          text, "<= 2,048 B", ok))
     return rows

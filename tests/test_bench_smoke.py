@@ -98,6 +98,9 @@ def _check_bulk_and_score_file(results):
     assert bulk["redis"]["keys"]["user"] == len({json.loads(line)["user_id"]
                                                  for line in open(results["config"]["replay_log"])})
     assert _finite(bulk["redis"]["bytes_per_user"]) and bulk["redis"]["bytes_per_user"] > 0
+    # the user + entity state is measured without the streams, which the replay's alerts filled
+    assert 0 < bulk["redis"]["user_entity_bytes_per_user"] < bulk["redis"]["bytes_per_user"]
+    assert bulk["redis"]["other_keys"]["sg:alerts"]["entries"] > 0
     sf = results["score_file"]
     assert sf["returncode"] == 0 and sf["rows"] == sf["events"] == events
     assert _finite(sf["events_per_s"]) and sf["peak_rss_mb"] > 50
