@@ -13,7 +13,18 @@ sklearn (tested at batch 1 to 50k) and several times faster than the numpy walk.
 because ONNX Runtime's multi-threaded tree ensemble merges per-thread partial sums, which changes
 the summation order (so the scores are no longer bit-identical); big batches are split across
 threads by the caller instead.
-`SEQGUARD_FOREST=numpy` forces the numpy walk.
+
+By default (`SEQGUARD_FOREST=numba`) the trees are walked by a compiled kernel instead
+(`_numba_path_sums`, numba, as the featuriser kernel): each tree laid out breadth first so a
+node's two children are adjacent (the step down is `child + (not x <= threshold)`, no branch), a
+leaf pointing to itself through a NaN threshold, every row walked the tree's full depth, 8 rows in
+flight at a time and 32 rows per pass over the trees (the rows stay in L1). The same comparisons
+(float32 inputs as float64 against float64 thresholds, NaN goes right) and the same float64 sum of
+the leaves' values in tree order, per row, so the same bits as sklearn, ONNX Runtime and the numpy
+walk (tested), about twice as fast as ONNX Runtime on one thread (score-file: ~0.2 s instead of
+~0.45 s per 65k rows and forest, 200 trees). Rows are independent, so big batches are split over
+threads (the kernel releases the GIL) with no effect on any number.
+`SEQGUARD_FOREST=onnx` uses ONNX Runtime, `SEQGUARD_FOREST=numpy` the numpy walk.
 """
 from __future__ import annotations
 
@@ -21,6 +32,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from . import featurize_kernel  # noqa: F401  (sets numba's cache directory before numba is imported)
+from numba import njit  # noqa: E402
 
 
 def _average_path_length(n: float) -> float:
@@ -51,11 +65,13 @@ class FlatIsolationForest:
         self.leaf_value = np.asarray(leaf_value, np.float64)
         self.max_depth, self.denominator, self.n_features = int(max_depth), float(denominator), int(n_features)
         self._tree_offsets = (np.arange(self.left.shape[0]) * self.left.shape[1]).astype(np.int64)
-        self._onnx = _OnnxForest.build(self) if os.environ.get("SEQGUARD_FOREST", "onnx") != "numpy" else None
+        choice = os.environ.get("SEQGUARD_FOREST", "numba")
+        self._onnx = _OnnxForest.build(self) if choice == "onnx" else None
+        self._numba = _NumbaForest.build(self) if choice not in ("onnx", "numpy") else None
 
     @property
     def backend(self) -> str:
-        return "onnx" if self._onnx is not None else "numpy"
+        return "numba" if self._numba is not None else "onnx" if self._onnx is not None else "numpy"
 
     @classmethod
     def from_sklearn(cls, forest) -> "FlatIsolationForest":
@@ -90,10 +106,11 @@ class FlatIsolationForest:
             raise ValueError(f"expected an array of shape (n, {self.n_features}), got {X.shape}")
         Xd = X.astype(np.float32).astype(np.float64)      # sklearn compares float32 X with float64 thresholds
         n = Xd.shape[0]
-        if self._onnx is not None and n:
+        fast = self._numba if self._numba is not None else self._onnx
+        if fast is not None and n:
             if self.denominator == 0:
                 return -np.ones(n)
-            return -(2.0 ** (-(self._onnx.path_sums(Xd) / self.denominator)))
+            return -(2.0 ** (-(fast.path_sums(Xd) / self.denominator)))
         return self._score_numpy(Xd)
 
     def _score_numpy(self, Xd: np.ndarray) -> np.ndarray:
@@ -128,6 +145,105 @@ class FlatIsolationForest:
                    arrays[prefix + "threshold"], arrays[prefix + "leaf_value"], int(meta[0]), float(meta[1]), int(meta[2]))
 
 
+def _forest_threads() -> int:
+    return int(os.environ.get("SEQGUARD_FOREST_THREADS", "0")) or min(4, os.cpu_count() or 1)
+
+
+def _split_rows(run, Xd: np.ndarray, pool, threads: int, split_rows: int) -> np.ndarray:
+    """run(Xd) over `threads` slices of the rows in `pool` when there are at least `split_rows`
+    (rows are independent: the same numbers)."""
+    if pool is None or Xd.shape[0] < split_rows:
+        return run(Xd)
+    return np.concatenate(list(pool.map(run, np.array_split(Xd, threads))))
+
+
+@njit(cache=True, nogil=True)
+def _walk(X, child, feat, thr, val, depth, out):
+    # per row: out = sum over trees, in tree order, of the leaf's value (float64, from 0.0)
+    n = X.shape[0]
+    T = child.shape[0]
+    for r0 in range(0, n, 32):
+        r1 = min(n, r0 + 32)
+        for r in range(r0, r1):
+            out[r] = 0.0
+        for t in range(T):
+            ch = child[t]
+            ft = feat[t]
+            th = thr[t]
+            lv = val[t]
+            r = r0
+            while r + 8 <= r1:
+                a = b = c = d = e = f = g = h = 0
+                for _ in range(depth):
+                    a = ch[a] + (0 if X[r, ft[a]] <= th[a] else 1)
+                    b = ch[b] + (0 if X[r + 1, ft[b]] <= th[b] else 1)
+                    c = ch[c] + (0 if X[r + 2, ft[c]] <= th[c] else 1)
+                    d = ch[d] + (0 if X[r + 3, ft[d]] <= th[d] else 1)
+                    e = ch[e] + (0 if X[r + 4, ft[e]] <= th[e] else 1)
+                    f = ch[f] + (0 if X[r + 5, ft[f]] <= th[f] else 1)
+                    g = ch[g] + (0 if X[r + 6, ft[g]] <= th[g] else 1)
+                    h = ch[h] + (0 if X[r + 7, ft[h]] <= th[h] else 1)
+                out[r] += lv[a]
+                out[r + 1] += lv[b]
+                out[r + 2] += lv[c]
+                out[r + 3] += lv[d]
+                out[r + 4] += lv[e]
+                out[r + 5] += lv[f]
+                out[r + 6] += lv[g]
+                out[r + 7] += lv[h]
+                r += 8
+            while r < r1:
+                a = 0
+                for _ in range(depth):
+                    a = ch[a] + (0 if X[r, ft[a]] <= th[a] else 1)
+                out[r] += lv[a]
+                r += 1
+
+
+
+class _NumbaForest:
+    """The flat trees laid out breadth first for the compiled walk (see the module docstring)."""
+
+    SPLIT_ROWS = 4096          # above this, rows are split over a thread pool (the kernel releases the GIL)
+
+    def __init__(self, child, feat, thr, val, depth: int, threads: int):
+        self.child, self.feat, self.thr, self.val, self.depth = child, feat, thr, val, depth
+        self.threads = threads
+        self._pool = _OnnxForest.pool(threads)
+
+    @classmethod
+    def build(cls, forest: "FlatIsolationForest") -> "_NumbaForest | None":
+        T, M = forest.left.shape
+        child = np.zeros((T, max(M, 1)), np.int64)
+        feat = np.zeros((T, max(M, 1)), np.int64)
+        thr = np.full((T, max(M, 1)), np.nan)
+        val = np.zeros((T, max(M, 1)), np.float64)
+        for k in range(T):
+            L, R = forest.left[k].tolist(), forest.right[k].tolist()
+            F, TH, V = forest.feature[k].tolist(), forest.threshold[k].tolist(), forest.leaf_value[k].tolist()
+            where = {0: 0}              # old node -> new node (breadth first: children adjacent)
+            queue, nxt = [0], 1
+            for o in queue:
+                i = where[o]
+                if L[o] == o:           # a leaf: "right" of child i - 1 is i itself; x <= NaN is never true
+                    child[k, i], val[k, i] = i - 1, V[o]
+                else:
+                    child[k, i], feat[k, i], thr[k, i] = nxt, F[o], TH[o]
+                    where[L[o]], where[R[o]] = nxt, nxt + 1
+                    queue += [L[o], R[o]]
+                    nxt += 2
+        return cls(child, feat, thr, val, forest.max_depth, _forest_threads())
+
+    def _run(self, Xd: np.ndarray) -> np.ndarray:
+        out = np.empty(Xd.shape[0], np.float64)
+        _walk(np.ascontiguousarray(Xd, np.float64), self.child, self.feat, self.thr, self.val, self.depth, out)
+        return out
+
+    def path_sums(self, Xd: np.ndarray) -> np.ndarray:
+        """Per row: the sum over trees (in tree order) of the leaf's path-length value."""
+        return _split_rows(self._run, Xd, self._pool, self.threads, self.SPLIT_ROWS)
+
+
 class _OnnxForest:
     """The flat trees as one ONNX TreeEnsemble node, run by ONNX Runtime on one thread per call."""
 
@@ -138,11 +254,16 @@ class _OnnxForest:
     def __init__(self, session, threads: int):
         self.session = session
         self.threads = threads
-        self._pool = None
-        if threads > 1:
-            if threads not in self._pools:
-                self._pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="forest")
-            self._pool = self._pools[threads]
+        self._pool = self.pool(threads)
+
+    @classmethod
+    def pool(cls, threads: int) -> ThreadPoolExecutor | None:
+        """The shared pool of `threads` forest threads (None for one)."""
+        if threads <= 1:
+            return None
+        if threads not in cls._pools:
+            cls._pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="forest")
+        return cls._pools[threads]
 
     @classmethod
     def build(cls, forest: "FlatIsolationForest") -> "_OnnxForest | None":
@@ -204,19 +325,14 @@ class _OnnxForest:
             session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         except Exception:                    # an ONNX Runtime without opset-5 TreeEnsemble: numpy walk
             return None
-        threads = int(os.environ.get("SEQGUARD_FOREST_THREADS", "0")) or min(4, os.cpu_count() or 1)
-        return cls(session, threads)
+        return cls(session, _forest_threads())
 
     def _run(self, Xd: np.ndarray) -> np.ndarray:
         return self.session.run(None, {"X": Xd})[0][:, 0]
 
     def path_sums(self, Xd: np.ndarray) -> np.ndarray:
         """Per row: the sum over trees (in tree order) of the leaf's path-length value."""
-        n = Xd.shape[0]
-        if self._pool is None or n < self.SPLIT_ROWS:
-            return self._run(Xd)
-        parts = np.array_split(Xd, self.threads)          # rows are independent: same numbers
-        return np.concatenate(list(self._pool.map(self._run, parts)))
+        return _split_rows(self._run, Xd, self._pool, self.threads, self.SPLIT_ROWS)
 
 
 TAIL_FLOOR = 1e-6           # 1 - risk floor of RiskCalibrator.tail
