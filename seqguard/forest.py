@@ -375,6 +375,28 @@ class RiskCalibrator:
                        0.0, 1.0)
 
 
+@njit(cache=True, nogil=True)
+def _tails_kernel(X, scale, shift, grid, t, dt, g1, out):
+    """MarginalTails._transform_numpy element by element, the same float64 operations in the same
+    order (no fastmath: no fused multiply-add). False (out unfinished) at a NaN."""
+    n, d = X.shape
+    top = int(grid) - 1
+    for r in range(n):
+        for c in range(d):
+            u = X[r, c] * scale[c]
+            u = u + shift[c]
+            if u != u:
+                return False
+            if u < 0.0:                 # np.clip: max(u, 0.0) keeps -0.0, then min(., grid)
+                u = 0.0
+            elif u > grid:
+                u = grid
+            j = min(int(u), top)
+            k = j + c * g1
+            out[r, c] = t[k] + dt[k] * (u - float(j))
+    return True
+
+
 class MarginalTails:
     """Each input column -> how far into either tail of its training distribution the value lies.
 
@@ -431,6 +453,15 @@ class MarginalTails:
         return cls(lo, span, table)
 
     def transform(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, np.float64)
+        if X.ndim == 2 and X.shape[1] == len(self._scale) and X.shape[0]:
+            out = np.empty(X.shape, np.float64)
+            if _tails_kernel(np.ascontiguousarray(X), self._scale, self._shift, float(self._grid), self._t, self._dt,
+                             self.table.shape[1], out):
+                return out
+        return self._transform_numpy(X)            # (a NaN: whatever numpy makes of it)
+
+    def _transform_numpy(self, X: np.ndarray) -> np.ndarray:
         u = np.clip(np.asarray(X, np.float64) * self._scale + self._shift, 0.0, self._grid)
         j = np.minimum(u.astype(np.int64), self._grid - 1)
         k = j + self._base

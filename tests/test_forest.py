@@ -213,3 +213,14 @@ def test_signal_floors_read_a_signal_directly_in_their_group_only():
     assert np.array_equal(back.tail_from_inputs(back.inputs(back.project(emb), sur, feats), types), after)
     old = {k: v for k, v in det.to_arrays().items() if not k.startswith(("floor", "n_floors"))}
     assert Detector.from_arrays(old).floors == []                 # artifacts from before the floors
+
+
+def test_marginal_tails_compiled_transform_equals_numpy():
+    """The compiled transform gives numpy's bits: in range, far outside it, +-inf, -0.0, tiny values."""
+    rng = np.random.default_rng(4)
+    X = np.stack([rng.normal(size=5000), rng.exponential(size=5000), (rng.random(5000) < 0.1).astype(float)], axis=1)
+    mt = MarginalTails.fit(X)
+    Y = np.concatenate([X[:1000], rng.normal(size=(300, 3)) * 1e6, rng.normal(size=(10, 3)) * 1e-300])
+    Y[3, 0], Y[4, 1], Y[5, :] = np.inf, -np.inf, -0.0
+    for A in (Y, Y[:1], Y[7:9]):
+        assert np.array_equal(mt.transform(A).view(np.int64), mt._transform_numpy(A).view(np.int64))
