@@ -208,7 +208,7 @@ class _NumbaForest:
 
     SPLIT_ROWS = 4096          # above this, rows are split over a thread pool (the kernel releases the GIL)
 
-    def __init__(self, child, feat, thr, val, depth: int, threads: int):
+    def __init__(self, child, feat, thr, val, depth: int, n_features: int, threads: int):
         # one integer per node, first child and split feature: int32 when both fit (7 KB per
         # 300-node tree with the thresholds and values: a third faster than separate arrays)
         shift = max(1, int(np.max(feat, initial=0)).bit_length())
@@ -217,6 +217,7 @@ class _NumbaForest:
             shift = 32
         self.node = ((child.astype(np.int64) << shift) | feat).astype(np.int64 if wide else np.int32)
         self.shift, self.thr, self.val, self.depth = shift, thr, val, depth
+        self._run(np.zeros((1, n_features)))      # compile (cold cache: seconds) or load the walk now, not in a request
         self.threads = threads
         self._pool = _OnnxForest.pool(threads)
 
@@ -241,7 +242,7 @@ class _NumbaForest:
                     where[L[o]], where[R[o]] = nxt, nxt + 1
                     queue += [L[o], R[o]]
                     nxt += 2
-        return cls(child, feat, thr, val, forest.max_depth, _forest_threads())
+        return cls(child, feat, thr, val, forest.max_depth, forest.n_features, _forest_threads())
 
     def _run(self, Xd: np.ndarray) -> np.ndarray:
         out = np.empty(Xd.shape[0], np.float64)
@@ -436,6 +437,7 @@ class MarginalTails:
         self._base = np.arange(d, dtype=np.int64) * g1   # offset of each column's row in the flat table
         self._t = self.table.ravel()
         self._dt = np.append(np.diff(self._t), 0.0)      # slope to the next grid point
+        self.transform(np.zeros((1, d)))                 # compile or load the kernel now, not in a request
 
     @classmethod
     def fit(cls, X: np.ndarray) -> "MarginalTails":
