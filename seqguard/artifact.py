@@ -101,6 +101,11 @@ class ModelArtifact:
                 detector = Detector.from_arrays(dict(arrays), action_thresholds(fpr))
             except KeyError as e:
                 raise ArtifactError(f"{path}: {DETECTOR_FILE} lacks {e}: retrain the model") from None
+        # the compiled carried-state rounding (seqguard.encoding) too: with a cold numba cache the
+        # compile takes seconds, here instead of inside a first request (the forest and tail
+        # kernels are loaded by the detector's constructors)
+        from .encoding import carried_state
+        carried_state(np.zeros((1, 1), np.float32))
         return cls(path, meta, featurizer, detector)
 
 

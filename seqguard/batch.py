@@ -11,6 +11,7 @@ grows with users and entities, not with events. Both give the same bits (test_sc
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 from dataclasses import dataclass
@@ -36,6 +37,22 @@ class EncodedLog:
     feats: np.ndarray
     emb: np.ndarray            # projected embedding (or the full one when no projection)
     surprise: np.ndarray
+
+
+def one_blas_thread():
+    """A context in which numpy's BLAS (OpenBLAS) runs on the calling thread only.
+
+    Batch scoring calls BLAS for small products (the detector's projection of each lock-step wave,
+    ~100 rows x 128 x 64): OpenBLAS splits those over its threads, which then spin waiting for the
+    next call while ONNX Runtime, the forest threads and the log reader want the same cores
+    (score-file on 2 cores: 4 s of its 38 s CPU was system time, most of it these threads).
+    OpenBLAS splits a product by rows and columns of the result, never along the summed dimension,
+    so every number is the same on one thread (score-file's CSV is byte-identical)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:                     # (installed with scikit-learn)
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
 
 
 def dense_user_index(events: list[Event], order: np.ndarray) -> tuple[np.ndarray, list]:
@@ -363,7 +380,7 @@ def stream_scores_csv(artifact: ModelArtifact, events: Iterable[Event], path: st
         bar = tqdm(desc="score", unit="ev", mininterval=1.0, leave=False)
     tmp = f"{path}.tmp"
     try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        with one_blas_thread(), open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["event_id", "user_id", "risk", "action", "model_version"])
             mv = artifact.model_version

@@ -115,7 +115,7 @@ def cmd_train(args) -> int:
 def cmd_score_file(args) -> int:
     import resource
     from .artifact import ModelArtifact
-    from .batch import score_events, write_scores_csv
+    from .batch import one_blas_thread, score_events, write_scores_csv
     t0 = time.time()
     rules = None
     if args.rules:
@@ -143,9 +143,11 @@ def cmd_score_file(args) -> int:
                                              log=lambda m: print(m, file=sys.stderr))
         elif rules is not None:
             from .batch import score_events_with_rules
-            risk, actions, outcome = score_events_with_rules(model, events, rules, progress=not args.quiet)
+            with one_blas_thread():
+                risk, actions, outcome = score_events_with_rules(model, events, rules, progress=not args.quiet)
         else:
-            risk, actions, _ = score_events(model, events, progress=not args.quiet)
+            with one_blas_thread():
+                risk, actions, _ = score_events(model, events, progress=not args.quiet)
         t2 = time.time()
         held = _apply_hold_index(holds_index, events, actions, outcome) if holds_index is not None else None
         write_scores_csv(args.output, events, risk, actions, model.model_version, outcome,

@@ -13,7 +13,19 @@ sklearn (tested at batch 1 to 50k) and several times faster than the numpy walk.
 because ONNX Runtime's multi-threaded tree ensemble merges per-thread partial sums, which changes
 the summation order (so the scores are no longer bit-identical); big batches are split across
 threads by the caller instead.
-`SEQGUARD_FOREST=numpy` forces the numpy walk.
+
+By default (`SEQGUARD_FOREST=numba`) the trees are walked by a compiled kernel instead
+(`_numba_path_sums`, numba, as the featuriser kernel): each tree laid out breadth first so a
+node's two children are adjacent (the step down is `child + (not x <= threshold)`, no branch), a
+leaf pointing to itself through a NaN threshold, every row walked the tree's full depth, 8 rows in
+flight at a time and 32 rows per pass over the trees (the rows stay in L1), a node's first child
+and split feature packed in one int32. The same comparisons
+(float32 inputs as float64 against float64 thresholds, NaN goes right) and the same float64 sum of
+the leaves' values in tree order, per row, so the same bits as sklearn, ONNX Runtime and the numpy
+walk (tested), about three times as fast as ONNX Runtime on one thread (~0.14 s instead of
+~0.45 s per 65k rows and forest of 200 trees, depth 9). Rows are independent, so big batches are split over
+threads (the kernel releases the GIL) with no effect on any number.
+`SEQGUARD_FOREST=onnx` uses ONNX Runtime, `SEQGUARD_FOREST=numpy` the numpy walk.
 """
 from __future__ import annotations
 
@@ -21,6 +33,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from . import featurize_kernel  # noqa: F401  (sets numba's cache directory before numba is imported)
+from numba import njit  # noqa: E402
 
 
 def _average_path_length(n: float) -> float:
@@ -51,11 +66,13 @@ class FlatIsolationForest:
         self.leaf_value = np.asarray(leaf_value, np.float64)
         self.max_depth, self.denominator, self.n_features = int(max_depth), float(denominator), int(n_features)
         self._tree_offsets = (np.arange(self.left.shape[0]) * self.left.shape[1]).astype(np.int64)
-        self._onnx = _OnnxForest.build(self) if os.environ.get("SEQGUARD_FOREST", "onnx") != "numpy" else None
+        choice = os.environ.get("SEQGUARD_FOREST", "numba")
+        self._onnx = _OnnxForest.build(self) if choice == "onnx" else None
+        self._numba = _NumbaForest.build(self) if choice not in ("onnx", "numpy") else None
 
     @property
     def backend(self) -> str:
-        return "onnx" if self._onnx is not None else "numpy"
+        return "numba" if self._numba is not None else "onnx" if self._onnx is not None else "numpy"
 
     @classmethod
     def from_sklearn(cls, forest) -> "FlatIsolationForest":
@@ -90,10 +107,11 @@ class FlatIsolationForest:
             raise ValueError(f"expected an array of shape (n, {self.n_features}), got {X.shape}")
         Xd = X.astype(np.float32).astype(np.float64)      # sklearn compares float32 X with float64 thresholds
         n = Xd.shape[0]
-        if self._onnx is not None and n:
+        fast = self._numba if self._numba is not None else self._onnx
+        if fast is not None and n:
             if self.denominator == 0:
                 return -np.ones(n)
-            return -(2.0 ** (-(self._onnx.path_sums(Xd) / self.denominator)))
+            return -(2.0 ** (-(fast.path_sums(Xd) / self.denominator)))
         return self._score_numpy(Xd)
 
     def _score_numpy(self, Xd: np.ndarray) -> np.ndarray:
@@ -128,6 +146,114 @@ class FlatIsolationForest:
                    arrays[prefix + "threshold"], arrays[prefix + "leaf_value"], int(meta[0]), float(meta[1]), int(meta[2]))
 
 
+def _forest_threads() -> int:
+    return int(os.environ.get("SEQGUARD_FOREST_THREADS", "0")) or min(4, os.cpu_count() or 1)
+
+
+def _split_rows(run, Xd: np.ndarray, pool, threads: int, split_rows: int) -> np.ndarray:
+    """run(Xd) over `threads` slices of the rows in `pool` when there are at least `split_rows`
+    (rows are independent: the same numbers)."""
+    if pool is None or Xd.shape[0] < split_rows:
+        return run(Xd)
+    return np.concatenate(list(pool.map(run, np.array_split(Xd, threads))))
+
+
+@njit(cache=True, nogil=True)
+def _walk(X, node, thr, val, shift, depth, out):
+    """Per row: out = the sum over trees, in tree order, of its leaf's value (float64, from 0.0).
+    node[t, i] = first child << shift | split feature; a step down is to the first child when
+    x <= threshold, else to the next one (a leaf: to itself, its threshold NaN)."""
+    n = X.shape[0]
+    T = node.shape[0]
+    mask = (1 << shift) - 1
+    for r0 in range(0, n, 32):
+        r1 = min(n, r0 + 32)
+        for r in range(r0, r1):
+            out[r] = 0.0
+        for t in range(T):
+            nd = node[t]
+            th = thr[t]
+            lv = val[t]
+            r = r0
+            while r + 8 <= r1:
+                a = b = c = d = e = f = g = h = 0
+                for _ in range(depth):
+                    a = (nd[a] >> shift) + (0 if X[r, nd[a] & mask] <= th[a] else 1)
+                    b = (nd[b] >> shift) + (0 if X[r + 1, nd[b] & mask] <= th[b] else 1)
+                    c = (nd[c] >> shift) + (0 if X[r + 2, nd[c] & mask] <= th[c] else 1)
+                    d = (nd[d] >> shift) + (0 if X[r + 3, nd[d] & mask] <= th[d] else 1)
+                    e = (nd[e] >> shift) + (0 if X[r + 4, nd[e] & mask] <= th[e] else 1)
+                    f = (nd[f] >> shift) + (0 if X[r + 5, nd[f] & mask] <= th[f] else 1)
+                    g = (nd[g] >> shift) + (0 if X[r + 6, nd[g] & mask] <= th[g] else 1)
+                    h = (nd[h] >> shift) + (0 if X[r + 7, nd[h] & mask] <= th[h] else 1)
+                out[r] += lv[a]
+                out[r + 1] += lv[b]
+                out[r + 2] += lv[c]
+                out[r + 3] += lv[d]
+                out[r + 4] += lv[e]
+                out[r + 5] += lv[f]
+                out[r + 6] += lv[g]
+                out[r + 7] += lv[h]
+                r += 8
+            while r < r1:
+                a = 0
+                for _ in range(depth):
+                    a = (nd[a] >> shift) + (0 if X[r, nd[a] & mask] <= th[a] else 1)
+                out[r] += lv[a]
+                r += 1
+
+
+class _NumbaForest:
+    """The flat trees laid out breadth first for the compiled walk (see the module docstring)."""
+
+    SPLIT_ROWS = 4096          # above this, rows are split over a thread pool (the kernel releases the GIL)
+
+    def __init__(self, child, feat, thr, val, depth: int, n_features: int, threads: int):
+        # one integer per node, first child and split feature: int32 when both fit (7 KB per
+        # 300-node tree with the thresholds and values: a third faster than separate arrays)
+        shift = max(1, int(np.max(feat, initial=0)).bit_length())
+        wide = int(np.max(child, initial=0)) >= 1 << (30 - shift)
+        if wide:
+            shift = 32
+        self.node = ((child.astype(np.int64) << shift) | feat).astype(np.int64 if wide else np.int32)
+        self.shift, self.thr, self.val, self.depth = shift, thr, val, depth
+        self._run(np.zeros((1, n_features)))      # compile (cold cache: seconds) or load the walk now, not in a request
+        self.threads = threads
+        self._pool = _OnnxForest.pool(threads)
+
+    @classmethod
+    def build(cls, forest: "FlatIsolationForest") -> "_NumbaForest | None":
+        T, M = forest.left.shape
+        child = np.zeros((T, max(M, 1)), np.int64)
+        feat = np.zeros((T, max(M, 1)), np.int64)
+        thr = np.full((T, max(M, 1)), np.nan)
+        val = np.zeros((T, max(M, 1)), np.float64)
+        for k in range(T):
+            L, R = forest.left[k].tolist(), forest.right[k].tolist()
+            F, TH, V = forest.feature[k].tolist(), forest.threshold[k].tolist(), forest.leaf_value[k].tolist()
+            where = {0: 0}              # old node -> new node (breadth first: children adjacent)
+            queue, nxt = [0], 1
+            for o in queue:
+                i = where[o]
+                if L[o] == o:           # a leaf: "right" of child i - 1 is i itself; x <= NaN is never true
+                    child[k, i], val[k, i] = i - 1, V[o]
+                else:
+                    child[k, i], feat[k, i], thr[k, i] = nxt, F[o], TH[o]
+                    where[L[o]], where[R[o]] = nxt, nxt + 1
+                    queue += [L[o], R[o]]
+                    nxt += 2
+        return cls(child, feat, thr, val, forest.max_depth, forest.n_features, _forest_threads())
+
+    def _run(self, Xd: np.ndarray) -> np.ndarray:
+        out = np.empty(Xd.shape[0], np.float64)
+        _walk(np.ascontiguousarray(Xd, np.float64), self.node, self.thr, self.val, self.shift, self.depth, out)
+        return out
+
+    def path_sums(self, Xd: np.ndarray) -> np.ndarray:
+        """Per row: the sum over trees (in tree order) of the leaf's path-length value."""
+        return _split_rows(self._run, Xd, self._pool, self.threads, self.SPLIT_ROWS)
+
+
 class _OnnxForest:
     """The flat trees as one ONNX TreeEnsemble node, run by ONNX Runtime on one thread per call."""
 
@@ -138,11 +264,16 @@ class _OnnxForest:
     def __init__(self, session, threads: int):
         self.session = session
         self.threads = threads
-        self._pool = None
-        if threads > 1:
-            if threads not in self._pools:
-                self._pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="forest")
-            self._pool = self._pools[threads]
+        self._pool = self.pool(threads)
+
+    @classmethod
+    def pool(cls, threads: int) -> ThreadPoolExecutor | None:
+        """The shared pool of `threads` forest threads (None for one)."""
+        if threads <= 1:
+            return None
+        if threads not in cls._pools:
+            cls._pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="forest")
+        return cls._pools[threads]
 
     @classmethod
     def build(cls, forest: "FlatIsolationForest") -> "_OnnxForest | None":
@@ -204,19 +335,14 @@ class _OnnxForest:
             session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         except Exception:                    # an ONNX Runtime without opset-5 TreeEnsemble: numpy walk
             return None
-        threads = int(os.environ.get("SEQGUARD_FOREST_THREADS", "0")) or min(4, os.cpu_count() or 1)
-        return cls(session, threads)
+        return cls(session, _forest_threads())
 
     def _run(self, Xd: np.ndarray) -> np.ndarray:
         return self.session.run(None, {"X": Xd})[0][:, 0]
 
     def path_sums(self, Xd: np.ndarray) -> np.ndarray:
         """Per row: the sum over trees (in tree order) of the leaf's path-length value."""
-        n = Xd.shape[0]
-        if self._pool is None or n < self.SPLIT_ROWS:
-            return self._run(Xd)
-        parts = np.array_split(Xd, self.threads)          # rows are independent: same numbers
-        return np.concatenate(list(self._pool.map(self._run, parts)))
+        return _split_rows(self._run, Xd, self._pool, self.threads, self.SPLIT_ROWS)
 
 
 TAIL_FLOOR = 1e-6           # 1 - risk floor of RiskCalibrator.tail
@@ -259,6 +385,28 @@ class RiskCalibrator:
                        0.0, 1.0)
 
 
+@njit(cache=True, nogil=True)
+def _tails_kernel(X, scale, shift, grid, t, dt, g1, out):
+    """MarginalTails._transform_numpy element by element, the same float64 operations in the same
+    order (no fastmath: no fused multiply-add). False (out unfinished) at a NaN."""
+    n, d = X.shape
+    top = int(grid) - 1
+    for r in range(n):
+        for c in range(d):
+            u = X[r, c] * scale[c]
+            u = u + shift[c]
+            if u != u:
+                return False
+            if u < 0.0:                 # np.clip: max(u, 0.0) keeps -0.0, then min(., grid)
+                u = 0.0
+            elif u > grid:
+                u = grid
+            j = min(int(u), top)
+            k = j + c * g1
+            out[r, c] = t[k] + dt[k] * (u - float(j))
+    return True
+
+
 class MarginalTails:
     """Each input column -> how far into either tail of its training distribution the value lies.
 
@@ -289,6 +437,7 @@ class MarginalTails:
         self._base = np.arange(d, dtype=np.int64) * g1   # offset of each column's row in the flat table
         self._t = self.table.ravel()
         self._dt = np.append(np.diff(self._t), 0.0)      # slope to the next grid point
+        self.transform(np.zeros((1, d)))                 # compile or load the kernel now, not in a request
 
     @classmethod
     def fit(cls, X: np.ndarray) -> "MarginalTails":
@@ -315,6 +464,15 @@ class MarginalTails:
         return cls(lo, span, table)
 
     def transform(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, np.float64)
+        if X.ndim == 2 and X.shape[1] == len(self._scale) and X.shape[0]:
+            out = np.empty(X.shape, np.float64)
+            if _tails_kernel(np.ascontiguousarray(X), self._scale, self._shift, float(self._grid), self._t, self._dt,
+                             self.table.shape[1], out):
+                return out
+        return self._transform_numpy(X)            # (a NaN: whatever numpy makes of it)
+
+    def _transform_numpy(self, X: np.ndarray) -> np.ndarray:
         u = np.clip(np.asarray(X, np.float64) * self._scale + self._shift, 0.0, self._grid)
         j = np.minimum(u.astype(np.int64), self._grid - 1)
         k = j + self._base

@@ -1,4 +1,4 @@
-"""FlatIsolationForest reproduces scikit-learn's score_samples bit for bit, on both backends."""
+"""FlatIsolationForest reproduces scikit-learn's score_samples bit for bit, on every backend."""
 import numpy as np
 import pytest
 from sklearn.ensemble import IsolationForest
@@ -6,7 +6,7 @@ from sklearn.ensemble import IsolationForest
 from seqguard.forest import FlatIsolationForest, MarginalTails, RiskCalibrator
 
 
-@pytest.mark.parametrize("backend", ["onnx", "numpy"])
+@pytest.mark.parametrize("backend", ["numba", "onnx", "numpy"])
 def test_flat_forest_equals_sklearn_exactly(backend, monkeypatch):
     monkeypatch.setenv("SEQGUARD_FOREST", backend)
     rng = np.random.default_rng(0)
@@ -32,20 +32,44 @@ def test_calibrated_risk_is_a_monotone_cdf():
     assert abs((cal.risk(s) >= 0.99).mean() - 0.01) < 0.002      # threshold 1-FPR flags ~FPR of training traffic
 
 
-def test_onnx_forest_big_batches_and_degenerate_trees_match_sklearn(monkeypatch):
+@pytest.mark.parametrize("backend", ["numba", "onnx"])
+def test_forest_big_batches_and_degenerate_trees_match_sklearn(backend, monkeypatch):
     """Batches above the thread-split size, and one-leaf trees (a constant column), stay exact."""
-    monkeypatch.setenv("SEQGUARD_FOREST", "onnx")
+    monkeypatch.setenv("SEQGUARD_FOREST", backend)
     monkeypatch.setenv("SEQGUARD_FOREST_THREADS", "2")
     rng = np.random.default_rng(3)
     X = rng.normal(size=(20000, 6))
     f = IsolationForest(n_estimators=50, max_samples=2000, random_state=0).fit(X)
     flat = FlatIsolationForest.from_sklearn(f)
     Y = rng.normal(size=(9000, 6)) * 2
-    assert flat.backend == "onnx"
+    assert flat.backend == backend
     assert np.array_equal(flat.score_samples(Y), f.score_samples(Y))
     const = IsolationForest(n_estimators=5, max_samples=8, random_state=0).fit(np.ones((50, 3)))
     flat_c = FlatIsolationForest.from_sklearn(const)
     assert np.array_equal(flat_c.score_samples(Y[:10, :3]), const.score_samples(Y[:10, :3]))
+
+
+def test_numba_forest_equals_onnx_on_odd_inputs(monkeypatch):
+    """NaN (goes right, as `x <= t` is false), infinities, values on a threshold, and batch sizes
+    around the kernel's 8-row and 32-row steps: the compiled walk and ONNX Runtime agree bit for bit."""
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(4000, 7))
+    f = IsolationForest(n_estimators=60, max_samples=256, random_state=2).fit(X)
+    monkeypatch.setenv("SEQGUARD_FOREST", "onnx")
+    ref = FlatIsolationForest.from_sklearn(f)
+    monkeypatch.setenv("SEQGUARD_FOREST", "numba")
+    fast = FlatIsolationForest.from_arrays(ref.to_arrays())
+    assert (ref.backend, fast.backend) == ("onnx", "numba")
+    Y = rng.normal(size=(300, 7)) * 2
+    Y[3, 2] = np.nan
+    Y[4, :] = np.nan
+    Y[5, 1], Y[6, 4] = np.inf, -np.inf
+    t = ref.threshold[ref.left != np.arange(ref.left.shape[1])]
+    Y[7, :] = np.float32(t[:7])                      # on (float32 rounding of) split points
+    for n in (1, 7, 8, 9, 31, 32, 33, 300):
+        assert np.array_equal(fast.score_samples(Y[:n]), ref.score_samples(Y[:n]))
+    ok = ~np.isnan(Y).any(axis=1)                    # (sklearn itself routes NaN by its own missing-value rule)
+    assert np.array_equal(fast.score_samples(Y[ok]), f.score_samples(Y[ok]))
 
 
 def test_marginal_tails_measure_rarity_on_either_side():
@@ -189,3 +213,14 @@ def test_signal_floors_read_a_signal_directly_in_their_group_only():
     assert np.array_equal(back.tail_from_inputs(back.inputs(back.project(emb), sur, feats), types), after)
     old = {k: v for k, v in det.to_arrays().items() if not k.startswith(("floor", "n_floors"))}
     assert Detector.from_arrays(old).floors == []                 # artifacts from before the floors
+
+
+def test_marginal_tails_compiled_transform_equals_numpy():
+    """The compiled transform gives numpy's bits: in range, far outside it, +-inf, -0.0, tiny values."""
+    rng = np.random.default_rng(4)
+    X = np.stack([rng.normal(size=5000), rng.exponential(size=5000), (rng.random(5000) < 0.1).astype(float)], axis=1)
+    mt = MarginalTails.fit(X)
+    Y = np.concatenate([X[:1000], rng.normal(size=(300, 3)) * 1e6, rng.normal(size=(10, 3)) * 1e-300])
+    Y[3, 0], Y[4, 1], Y[5, :] = np.inf, -np.inf, -0.0
+    for A in (Y, Y[:1], Y[7:9]):
+        assert np.array_equal(mt.transform(A).view(np.int64), mt._transform_numpy(A).view(np.int64))
