@@ -177,6 +177,22 @@ class GatewayThread:
             self.thread.join(10)
 
 
+@pytest.fixture(scope="module")
+def triton(small_model, triton_server_factory):
+    """A real tritonserver serving the small model, one per test module (a module may define its own)."""
+    return triton_server_factory(small_model / "model_repository")
+
+
+@pytest.fixture()
+def stub(gateway):
+    """A RiskScoring client of the module's `gateway` fixture."""
+    import grpc
+
+    from seqguard.gateway.proto import risk_pb2_grpc
+    with grpc.insecure_channel(gateway.address) as ch:
+        yield risk_pb2_grpc.RiskScoringStub(ch)
+
+
 @pytest.fixture(scope="session")
 def gateway_factory():
     """start(**settings) -> GatewayThread on a free port; all stopped at the end."""

@@ -12,12 +12,11 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import numpy as np
 import pytest
 
 from seqguard.gateway.coalescer import Coalescer
-from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
+from seqguard.gateway.proto import risk_pb2
 from seqguard.gateway.result import ScoreResult
 from seqguard.gateway.settings import Settings
 from seqguard.gateway.triton_client import TritonStepClient
@@ -35,21 +34,10 @@ def _events(tag: str, users: int, per_user: int, t0: int = 1767800000000) -> lis
 
 # ------------------------------------------------------------------ with real Redis and Triton
 @pytest.fixture(scope="module")
-def triton(small_model, triton_server_factory):
-    return triton_server_factory(small_model / "model_repository")
-
-
-@pytest.fixture(scope="module")
 def gateway(small_model, redis_server, triton, gateway_factory):
     # deadline_ms=1: every Score misses it; the bulk budget is what ScoreBatch and Ingest get
     return gateway_factory(model_dir=str(small_model), redis_port=redis_server.port, triton_url=triton.grpc_url,
                            deadline_ms=1, bulk_deadline_ms=30_000)
-
-
-@pytest.fixture()
-def stub(gateway):
-    with grpc.insecure_channel(gateway.address) as ch:
-        yield risk_pb2_grpc.RiskScoringStub(ch)
 
 
 def _applied(redis_server) -> int:

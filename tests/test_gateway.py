@@ -19,20 +19,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def triton(small_model, triton_server_factory):
-    return triton_server_factory(small_model / "model_repository")
-
-
-@pytest.fixture(scope="module")
 def gateway(small_model, redis_server, triton, gateway_factory):
     return gateway_factory(model_dir=str(small_model), redis_port=redis_server.port, triton_url=triton.grpc_url,
                            deadline_ms=3000, triton_timeout_ms=3000)
-
-
-@pytest.fixture()
-def stub(gateway):
-    with grpc.insecure_channel(gateway.address) as ch:
-        yield risk_pb2_grpc.RiskScoringStub(ch)
 
 
 def to_proto(ev) -> risk_pb2.Event:

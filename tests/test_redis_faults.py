@@ -15,11 +15,6 @@ pytestmark = pytest.mark.slow
 T0 = 1767225600000
 
 
-@pytest.fixture(scope="module")
-def triton(small_model, triton_server_factory):
-    return triton_server_factory(small_model / "model_repository")
-
-
 def _ev(user: str, k: int) -> risk_pb2.Event:
     return risk_pb2.Event(event_id=f"{user}-{k}", user_id=user, ts=T0 + 5_000 * k, event_type="view_item",
                           item_id=f"i{k % 7}", device_id=f"dev-{user}", ip="10.0.0.9", country="DE")

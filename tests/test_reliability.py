@@ -20,11 +20,6 @@ from gateway_process import start_gateway_process
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def triton(small_model, triton_server_factory):
-    return triton_server_factory(small_model / "model_repository")
-
-
 def _msg(e):
     return risk_pb2.Event(**{f: v for f, v in e._asdict().items() if v is not None})
 

@@ -42,11 +42,6 @@ def _to_proto(ev) -> risk_pb2.Event:
     return risk_pb2.Event(**{k: v for k, v in ev._asdict().items() if v is not None})
 
 
-@pytest.fixture(scope="module")
-def triton(small_model, triton_server_factory):
-    return triton_server_factory(small_model / "model_repository")
-
-
 def test_rules_online_equal_offline(small_model, small_log, redis_server, triton, gateway_factory, tmp_path):
     pack = tmp_path / "rules.toml"
     pack.write_text(DEFAULT_RULES_PATH.read_text() + MODEL_RULES)

@@ -7,10 +7,9 @@ read eight zero bytes and was refused on every attempt until the deadline, for u
 Idempotency keys are scoped to the user: an event id answers only for the user it was sent for, so
 e1 under B is B's own event and gets its own score (README, "The gRPC API").
 """
-import grpc
 import pytest
 
-from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
+from seqguard.gateway.proto import risk_pb2
 
 pytestmark = pytest.mark.slow
 
@@ -18,20 +17,9 @@ T0 = 1767225600000
 
 
 @pytest.fixture(scope="module")
-def triton(small_model, triton_server_factory):
-    return triton_server_factory(small_model / "model_repository")
-
-
-@pytest.fixture(scope="module")
 def gateway(small_model, redis_server, triton, gateway_factory):
     return gateway_factory(model_dir=str(small_model), redis_port=redis_server.port, triton_url=triton.grpc_url,
                            deadline_ms=1500, triton_timeout_ms=1000)
-
-
-@pytest.fixture()
-def stub(gateway):
-    with grpc.insecure_channel(gateway.address) as ch:
-        yield risk_pb2_grpc.RiskScoringStub(ch)
 
 
 def _ev(event_id, user, k, event_type="login"):

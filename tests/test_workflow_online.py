@@ -8,31 +8,19 @@
 """
 import json
 
-import grpc
 import pytest
 
 from seqguard.gateway.alerts import AlertRecord
-from seqguard.gateway.proto import risk_pb2, risk_pb2_grpc
+from seqguard.gateway.proto import risk_pb2
 
 pytestmark = pytest.mark.slow
 T0 = 1767225600000
 
 
 @pytest.fixture(scope="module")
-def triton(small_model, triton_server_factory):
-    return triton_server_factory(small_model / "model_repository")
-
-
-@pytest.fixture(scope="module")
 def gateway(small_model, redis_server, triton, gateway_factory):
     return gateway_factory(model_dir=str(small_model), redis_port=redis_server.port, triton_url=triton.grpc_url,
                            deadline_ms=2000, triton_timeout_ms=2000)
-
-
-@pytest.fixture()
-def stub(gateway):
-    with grpc.insecure_channel(gateway.address) as ch:
-        yield risk_pb2_grpc.RiskScoringStub(ch)
 
 
 def _ev(user, k, device="d-home", event_type="view_item"):
