@@ -89,9 +89,9 @@ class UserStreams:
         if t_min is None:
             raise ValueError(f"{path}: no events")
         # A user whose events run out starts over one period later (next_payload). Replayed as logged,
-        # a short history wraps dozens of times in a sweep and walks past the gateway's clock into
-        # its future-skew bound (INVALID_ARGUMENT, 78 requests at 800 req/s): the log is moved to
-        # start REPLAY_YEARS ago, as old as the gateway accepts (no past bound by default).
+        # a short history wraps dozens of times in a sweep and would walk past the gateway's clock
+        # into its future-skew bound (INVALID_ARGUMENT): the log is moved to start REPLAY_YEARS ago,
+        # which the gateway accepts (no past bound by default).
         shift = int(time.time() * 1000) - REPLAY_YEARS * 365 * DAY_MS - t_min
         users = list(by_user.items())
         for _, evs in users:
